@@ -1,0 +1,1 @@
+"""Search strategies over a supernet's space under a latency target (slimming, Optuna)."""

@@ -1,0 +1,1 @@
+"""Structured pruning: importance criteria (Taylor, magnitude), budgets, and surgery."""

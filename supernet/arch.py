@@ -1,0 +1,211 @@
+"""The arch config: one versioned, human-readable dict (and YAML file) that describes any network
+vitslim builds, searches, prunes or exports; validation with errors that name key, value and
+expectation.
+
+Vocabulary shared by every family (see README "Arch config"):
+
+    version: 1
+    family: efficientformer | efficientvit | shvit | deit | swin
+    input_size: 224          # square input side in pixels
+    in_chans: 3
+    num_classes: 1000
+    distillation: false      # a second (distillation) head, averaged with the first at eval
+    stem: {...}              # family-specific widths of the stem / patch embedding
+    stages:                  # one entry per resolution
+      - width: 48
+        downsample: null | {type: ..., ...}   # what enters the stage (null for the first)
+        blocks:
+          - {type: meta4d, ffn_hidden: 192}   # every width that can differ, per block
+
+Attention blocks all use the same words: `heads`, `qk_dim` (per head), `v_dim` (per head),
+`ffn_hidden`. A family validates its own block types on top of the common checks here.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+from numbers import Integral
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import ArchError, bad
+
+ARCH_VERSION = 1
+COMMON_KEYS = ("version", "family", "input_size", "in_chans", "num_classes", "distillation", "stem", "stages")
+
+
+# ---------------------------------------------------------------- field checks
+def is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def req(d: Mapping, key: str, path: str):
+    if not isinstance(d, Mapping):
+        raise bad(path, d, "a mapping")
+    if key not in d:
+        raise ArchError(f"{path}.{key}: missing, expected a value" if path else f"{key}: missing, expected a value")
+    return d[key]
+
+
+def check_int(v, path: str, lo: int | None = 1, hi: int | None = None) -> int:
+    if not is_int(v):
+        raise bad(path, v, "an integer")
+    if lo is not None and v < lo:
+        raise bad(path, v, f"an integer >= {lo}")
+    if hi is not None and v > hi:
+        raise bad(path, v, f"an integer <= {hi}")
+    return int(v)
+
+
+def check_bool(v, path: str) -> bool:
+    if not isinstance(v, bool):
+        raise bad(path, v, "true or false")
+    return v
+
+
+def check_choice(v, path: str, choices: Iterable) -> Any:
+    choices = list(choices)
+    if v not in choices:
+        raise bad(path, v, "one of " + ", ".join(repr(c) for c in choices))
+    return v
+
+
+def check_list(v, path: str, length: int | None = None, nonempty: bool = True) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise bad(path, v, "a list")
+    if nonempty and len(v) == 0:
+        raise bad(path, v, "a non-empty list")
+    if length is not None and len(v) != length:
+        raise bad(path, v, f"a list of {length} items")
+    return list(v)
+
+
+def check_divides(d: int, n: int, path: str, what: str) -> None:
+    if n % d:
+        raise bad(path, d, f"a divisor of {what} ({n})")
+
+
+def check_keys(d: Mapping, path: str, allowed: Iterable[str]) -> None:
+    """Unknown keys are an error: a typo must not silently fall back to a default."""
+    allowed = set(allowed)
+    for k in d:
+        if k not in allowed:
+            raise ArchError(f"{path + '.' if path else ''}{k}: unknown key, expected one of {', '.join(sorted(allowed))}")
+
+
+# ---------------------------------------------------------------- whole config
+def validate(arch) -> dict:
+    """Check an arch config and return a normalised deep copy (defaults filled in).
+
+    Common keys are checked here, then the family's own `validate` checks stems, stages and
+    blocks. Raises ArchError naming the first offending key.
+    """
+    from .registry import get_family  # late: families register themselves on import
+
+    if not isinstance(arch, Mapping):
+        raise ArchError(f"arch config: got {type(arch).__name__}, expected a mapping of keys to values")
+    a = copy.deepcopy(dict(arch))
+    version = a.setdefault("version", ARCH_VERSION)
+    if not is_int(version) or version != ARCH_VERSION:
+        raise bad("version", version, f"{ARCH_VERSION} (this vitslim reads arch configs of version {ARCH_VERSION})")
+    fam = get_family(req(a, "family", ""))
+    check_int(a.setdefault("input_size", fam.default_input_size), "input_size", lo=16)
+    check_int(a.setdefault("in_chans", 3), "in_chans")
+    check_int(a.setdefault("num_classes", 1000), "num_classes")
+    check_bool(a.setdefault("distillation", False), "distillation")
+    stages = check_list(req(a, "stages", ""), "stages")
+    for i, st in enumerate(stages):
+        p = f"stages[{i}]"
+        if not isinstance(st, Mapping):
+            raise bad(p, st, "a mapping with width and blocks")
+        check_int(req(st, "width", p), p + ".width")
+        blocks = check_list(req(st, "blocks", p), p + ".blocks", nonempty=False)
+        for j, b in enumerate(blocks):
+            bp = f"{p}.blocks[{j}]"
+            if not isinstance(b, Mapping):
+                raise bad(bp, b, "a mapping with a 'type'")
+            check_choice(req(b, "type", bp), bp + ".type", fam.block_types)
+    a = fam.validate(a)
+    order = {k: i for i, k in enumerate(COMMON_KEYS)}
+    return dict(sorted(a.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+# ---------------------------------------------------------------- YAML
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _repr_dict(dumper, data):
+    # A block or downsample spec of scalars reads best on one line: `- {type: meta4d, ffn_hidden: 192}`.
+    flat = all(not isinstance(v, (dict, list, tuple)) or
+               (isinstance(v, (list, tuple)) and all(not isinstance(x, (dict, list, tuple)) for x in v))
+               for v in data.values())
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=flat and len(data) <= 12)
+
+
+def _repr_list(dumper, data):
+    flat = all(not isinstance(x, (dict, list, tuple)) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(dict, _repr_dict)
+_Dumper.add_representer(list, _repr_list)
+_Dumper.add_representer(tuple, _repr_list)
+
+
+def to_yaml(arch: Mapping) -> str:
+    a = dict(arch)
+    head = f"# vitslim arch config (version {a.get('version', ARCH_VERSION)}): build with vitslim.build_model(path)\n"
+    # The top level stays block style so the file reads top to bottom.
+    out = io.StringIO()
+    out.write(head)
+    for k, v in a.items():
+        out.write(yaml.dump({k: v}, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100))
+    return out.getvalue()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write then rename, so a crash never leaves a half-written file under the real name."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_arch(arch: Mapping, path: str) -> dict:
+    a = validate(arch)
+    atomic_write_text(path, to_yaml(a))
+    return a
+
+
+def load_arch(path: str) -> dict:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ArchError(f"{path}: no such file, expected an arch config .yaml")
+    with open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArchError(f"{path}: not valid YAML ({first}), expected an arch config") from None
+    if not isinstance(data, Mapping):
+        raise ArchError(f"{path}: got a YAML {type(data).__name__}, expected a mapping (an arch config)")
+    try:
+        return validate(data)
+    except ArchError as e:
+        raise ArchError(f"{path}: {e}") from None
+
+
+def blocks(arch: Mapping):
+    """Yield (stage index, block index, block dict) over every block, in forward order."""
+    for i, st in enumerate(arch["stages"]):
+        for j, b in enumerate(st["blocks"]):
+            yield i, j, b

@@ -1,0 +1,133 @@
+"""Reading and writing checkpoints: vitslim's one-file format, and the official / timm layouts of
+every family, with the architecture read from tensor shapes."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from typing import Dict, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+from .arch import validate
+from .errors import ArchError, CheckpointError
+from .registry import FAMILIES, _load_families, get_family
+
+FORMAT = "vitslim-checkpoint"
+VERSION = 1
+_WRAPPERS = ("model", "state_dict", "model_ema", "module", "net")
+
+
+def read_file(path) -> object:
+    """torch.load with weights_only=True and errors that say what is wrong with the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file, expected a checkpoint (.pt/.pth)")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file, expected a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise CheckpointError(f"{path}: needs pickle to load (it stores Python objects, not only tensors); "
+                                  "refusing to run code from a file, expected a plain state dict") from None
+        raise CheckpointError(f"{path}: not a readable torch file ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt ({type(e).__name__}), expected a complete torch checkpoint") from None
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({first})") from None
+
+
+def unwrap_state_dict(obj, path="checkpoint") -> Dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for k in _WRAPPERS:
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path}: got {type(obj).__name__}, expected a state dict (a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict: entries {', '.join(map(repr, bad[:3]))} are not name -> tensor")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError naming the first few missing, unexpected or mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} ({len(missing)} in all)")
+    if unexpected:
+        parts.append(f"unexpected keys {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''} ({len(unexpected)} in all)")
+    if shapes:
+        parts.append(f"wrong shapes {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''} (file vs expected)")
+    if parts:
+        raise CheckpointError(f"{where}: does not fit the architecture: " + "; ".join(parts))
+
+
+def _build_loaded(arch: dict, sd: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+    fam = get_family(arch["family"])
+    model = fam.build(arch)
+    check_fit(model, sd, where)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    return model
+
+
+def load_checkpoint(path) -> Tuple[nn.Module, dict]:
+    """(model in eval mode, arch config) from a vitslim, official or timm checkpoint file."""
+    path = os.fspath(path)
+    obj = read_file(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        ver = obj.get("version")
+        if ver != VERSION:
+            raise CheckpointError(f"{path}: vitslim checkpoint version {ver!r}, expected {VERSION}")
+        try:
+            arch = validate(obj.get("arch"))
+        except ArchError as e:
+            raise CheckpointError(f"{path}: arch: {e}") from None
+        sd = unwrap_state_dict(obj.get("state_dict"), path)
+        return _build_loaded(arch, sd, path), arch
+    sd = unwrap_state_dict(obj, path)
+    _load_families()
+    for fam in FAMILIES.values():
+        if fam.match_state_dict(sd):
+            try:
+                arch, sd2 = fam.convert_state_dict(sd)
+                arch = validate(arch)
+            except (ArchError, KeyError, IndexError, ValueError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({e})") from None
+            return _build_loaded(arch, sd2, path), arch
+    keys = list(sd)[:4]
+    raise CheckpointError(f"{path}: unrecognised checkpoint layout (first keys {', '.join(keys)}), expected a state dict "
+                          f"of one of the supported families: {', '.join(sorted(FAMILIES))}")
+
+
+def save_checkpoint(model: nn.Module, arch: Mapping, path, extra: Mapping | None = None) -> None:
+    """One file: {"format", "version", "arch", "state_dict"}; written atomically."""
+    arch = validate(arch)
+    obj = {"format": FORMAT, "version": VERSION, "arch": arch,
+           "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+    if extra:
+        obj["extra"] = dict(extra)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,50 @@
+"""Parameters and multiply-accumulates of a network, counted the way the papers' tables are:
+parameters of the training graph (BN unfused), MACs = torch's FLOP counter / 2 over one image
+(matmuls and convolutions, attention products included)."""
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _macs(model: nn.Module, input_size: int, in_chans: int, device) -> int:
+    x = torch.zeros(1, in_chans, input_size, input_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(fc.get_total_flops()) // 2
+
+
+def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = None) -> dict:
+    """{"params": int, "macs": int} for a module or an arch config (one image, eval mode)."""
+    from .arch import validate
+    from .registry import get_family
+
+    if isinstance(model_or_arch, nn.Module):
+        model = model_or_arch
+        arch = getattr(model, "arch", None) or {}
+        size = input_size or arch.get("input_size", 224)
+        chans = arch.get("in_chans", 3)
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return {"params": count_params(model), "macs": _macs(model, size, chans, dev)}
+    arch = validate(model_or_arch)
+    size = input_size or arch["input_size"]
+    fam = get_family(arch["family"])
+    try:  # on the meta device nothing is allocated or computed: a preset counts in milliseconds
+        with torch.device("meta"):
+            model = fam.build(arch)
+        return {"params": count_params(model), "macs": _macs(model, size, arch["in_chans"], "meta")}
+    except (NotImplementedError, RuntimeError):
+        model = fam.build(arch)
+        return {"params": count_params(model), "macs": _macs(model, size, arch["in_chans"], "cpu")}

@@ -1,0 +1,131 @@
+"""Layers shared by the families, and BatchNorm folding for deployment.
+
+Fusion protocol: a module that can fold its BatchNorms defines `fuse()` returning its deploy
+replacement (an nn.Module computing the same function in eval mode). `fuse_model` applies it
+bottom-up, and also folds Conv/Linear -> BatchNorm pairs that sit next to each other in an
+nn.Sequential (the EfficientFormer stem, say).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A new Conv2d/Linear equal to `bn(layer(x))` in eval mode."""
+    std = (bn.running_var + bn.eps).sqrt()
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    scale = gamma / std
+    w = layer.weight
+    b = layer.bias if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if isinstance(layer, nn.Conv2d):
+        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                        layer.padding, layer.dilation, layer.groups, bias=True, padding_mode=layer.padding_mode)
+    elif isinstance(layer, nn.Linear):
+        new = nn.Linear(layer.in_features, layer.out_features, bias=True)
+    else:
+        raise TypeError(f"cannot fold BatchNorm into {type(layer).__name__}")
+    new = new.to(device=w.device, dtype=w.dtype)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    with torch.no_grad():
+        new.weight.copy_(w * scale.reshape(shape))
+        new.bias.copy_((b - bn.running_mean) * scale + beta)
+    return new
+
+
+def fold_linear_after_bn(bn: nn.BatchNorm1d, lin: nn.Linear) -> nn.Linear:
+    """A Linear equal to `lin(bn(x))` in eval mode (EfficientViT's BN + Linear head)."""
+    std = (bn.running_var + bn.eps).sqrt()
+    s = bn.weight / std
+    t = bn.bias - bn.running_mean * s
+    new = nn.Linear(lin.in_features, lin.out_features, bias=True).to(lin.weight)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight * s[None, :])
+        b = lin.bias if lin.bias is not None else torch.zeros_like(new.bias)
+        new.bias.copy_(b + lin.weight @ t)
+    return new
+
+
+class ConvBN(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm2d, the unit of EfficientViT/SHViT; keys `c.*`, `bn.*`."""
+
+    def __init__(self, cin, cout, k=1, stride=1, pad=0, groups=1, bn_weight_init=1.0):
+        super().__init__()
+        self.add_module("c", nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False))
+        bn = nn.BatchNorm2d(cout)
+        nn.init.constant_(bn.weight, bn_weight_init)
+        nn.init.zeros_(bn.bias)
+        self.add_module("bn", bn)
+
+    @torch.no_grad()
+    def fuse(self):
+        return fold_bn_into(self.c, self.bn)
+
+
+class BNLinear(nn.Sequential):
+    """BatchNorm1d + Linear, EfficientViT/SHViT's classifier; keys `bn.*`, `l.*`."""
+
+    def __init__(self, cin, cout, bias=True, std=0.02):
+        super().__init__()
+        self.add_module("bn", nn.BatchNorm1d(cin))
+        self.add_module("l", nn.Linear(cin, cout, bias=bias))
+        nn.init.trunc_normal_(self.l.weight, std=std)
+        if bias:
+            nn.init.zeros_(self.l.bias)
+
+    @torch.no_grad()
+    def fuse(self):
+        return fold_linear_after_bn(self.bn, self.l)
+
+
+def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
+    mods = list(seq._modules.items())
+    out, i, changed = [], 0, False
+    while i < len(mods):
+        name, m = mods[i]
+        nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(nxt, (nn.BatchNorm2d, nn.BatchNorm1d)) \
+                and nxt.track_running_stats and nxt.running_var is not None:
+            out.append((name, fold_bn_into(m, nxt)))
+            out.append((mods[i + 1][0], nn.Identity()))  # keep indices so key names stay stable
+            i += 2
+            changed = True
+            continue
+        out.append((name, m))
+        i += 1
+    if not changed:
+        return seq
+    new = nn.Sequential()
+    for n, m in out:
+        new.add_module(n, m)
+    return new
+
+
+@torch.no_grad()
+def fuse_model(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with every BatchNorm folded into its neighbour."""
+    model = copy.deepcopy(model).eval()
+
+    def visit(mod: nn.Module) -> nn.Module:
+        for name, child in list(mod._modules.items()):
+            if child is None:
+                continue
+            new = visit(child)
+            if new is not child:
+                setattr(mod, name, new)
+        if type(mod) is nn.Sequential:
+            mod = _fold_sequential(mod)
+        fuse = getattr(mod, "fuse", None)
+        if callable(fuse) and mod is not model:
+            mod = fuse()
+        return mod
+
+    model = visit(model)
+    if callable(getattr(model, "fuse", None)) and not isinstance(model, nn.Sequential):
+        model = model.fuse()
+    model.eval()
+    model.fused = True
+    return model

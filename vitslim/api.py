@@ -1,0 +1,79 @@
+"""The few public functions users script against (see README and interface.md)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Tuple, Union
+
+import torch.nn as nn
+
+from supernet import arch as _arch
+from supernet import checkpoint as _ckpt
+from supernet.count import count as _count
+from supernet.errors import ArchError
+from supernet.layers import fuse_model
+from supernet.registry import get_family, get_preset as _get_preset, preset_names
+
+ArchLike = Union[str, os.PathLike, Mapping]
+
+
+def list_presets() -> list:
+    """Names of every preset arch, sorted."""
+    return preset_names()
+
+
+def get_preset(name: str) -> dict:
+    """The arch config (a plain dict) of a preset, validated and with defaults filled in."""
+    return _arch.validate(_get_preset(name))
+
+
+def resolve_arch(target: ArchLike) -> dict:
+    """An arch config from a dict, a preset name or a path to an arch .yaml."""
+    if isinstance(target, Mapping):
+        return _arch.validate(target)
+    if isinstance(target, (str, os.PathLike)):
+        s = os.fspath(target)
+        if s in preset_names():
+            return get_preset(s)
+        if s.endswith((".yaml", ".yml")) or os.path.isfile(s):
+            return _arch.load_arch(s)
+        return get_preset(s)  # raises with the list of presets and near matches
+    raise ArchError(f"arch: got {type(target).__name__}, expected a dict, a preset name or a path to an arch .yaml")
+
+
+def build_model(target: ArchLike) -> nn.Module:
+    """A freshly initialised nn.Module for an arch config, preset name or arch .yaml path."""
+    a = resolve_arch(target)
+    model = get_family(a["family"]).build(a)
+    model.arch = a
+    return model
+
+
+def load_checkpoint(path) -> Tuple[nn.Module, dict]:
+    """(model in eval mode, arch) from an official, timm or vitslim checkpoint; no hint needed."""
+    return _ckpt.load_checkpoint(path)
+
+
+def save_checkpoint(model: nn.Module, arch: Mapping, path) -> None:
+    """Write one file that `load_checkpoint` reads back (arch config + state dict)."""
+    _ckpt.save_checkpoint(model, arch, path)
+
+
+def count(model_or_arch, input_size: int | None = None) -> dict:
+    """{"params": int, "macs": int} of a module, arch config, preset name or arch .yaml."""
+    if not isinstance(model_or_arch, nn.Module):
+        model_or_arch = resolve_arch(model_or_arch)
+    return _count(model_or_arch, input_size)
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """An inference copy with BatchNorm folded into the neighbouring conv/linear, as deployed."""
+    return fuse_model(model)
+
+
+def save_arch(arch: Mapping, path) -> dict:
+    """Validate and write an arch config as YAML (atomically); returns the normalised config."""
+    return _arch.save_arch(arch, path)
+
+
+def load_arch(path) -> dict:
+    return _arch.load_arch(path)

@@ -1,0 +1,139 @@
+"""`vitslim <command>`: the command line. Each command is a (add_arguments, run) pair registered in
+COMMANDS; bad input becomes one line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+from supernet.errors import VitslimError
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_m(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _target_arch_and_model(target: str):
+    """(arch, model or None) for a preset name, arch .yaml or checkpoint file."""
+    from . import api
+    if os.path.isfile(target) and not target.endswith((".yaml", ".yml")):
+        model, arch = api.load_checkpoint(target)
+        return arch, model
+    return api.resolve_arch(target), None
+
+
+# ------------------------------------------------------------------ info
+def _info_args(p):
+    p.add_argument("target", help="preset name, arch .yaml or checkpoint (.pt/.pth)")
+    p.add_argument("--input-size", type=int, default=None, help="count at this input side (default: the arch's)")
+    p.add_argument("--json", action="store_true", help='print {"family", "params", "macs", "input_size"}')
+
+
+def _info(args):
+    from . import api
+    from supernet.registry import get_family
+    if args.input_size is not None and args.input_size < 16:
+        raise VitslimError(f"--input-size: got {args.input_size}, expected an integer >= 16")
+    arch, model = _target_arch_and_model(args.target)
+    size = args.input_size or arch["input_size"]
+    c = api.count(model if model is not None else arch, input_size=size)
+    if args.json:
+        print(json.dumps({"family": arch["family"], "params": c["params"], "macs": c["macs"], "input_size": size}))
+        return 0
+    print(f"{args.target}: {arch['family']}, input {size}x{size}, {arch['num_classes']} classes"
+          f"{', distillation head' if arch.get('distillation') else ''}")
+    print(f"params {_fmt_int(c['params'])} ({_fmt_m(c['params'])}), MACs {_fmt_int(c['macs'])} ({c['macs'] / 1e6:.0f}M)")
+    rows = get_family(arch["family"]).stage_summary(arch)
+    if rows:
+        cols = list(rows[0])
+        w = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in cols}
+        print("  ".join(k.ljust(w[k]) for k in cols))
+        for r in rows:
+            print("  ".join(str(r[k]).ljust(w[k]) for k in cols))
+    return 0
+
+
+# ------------------------------------------------------------------ presets
+def _presets_args(p):
+    p.add_argument("--json", action="store_true", help="print a JSON list of {name, family, params, macs}")
+
+
+def _presets(args):
+    from . import api
+    rows = []
+    for name in api.list_presets():
+        a = api.get_preset(name)
+        c = api.count(a)
+        rows.append({"name": name, "family": a["family"], "input_size": a["input_size"], **c})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'preset':<20} {'family':<16} {'input':>5} {'params':>14} {'MACs (M)':>9}")
+    for r in rows:
+        print(f"{r['name']:<20} {r['family']:<16} {r['input_size']:>5} {_fmt_int(r['params']):>14} {r['macs'] / 1e6:>9.0f}")
+    return 0
+
+
+COMMANDS = {
+    "info": (_info_args, _info, "params, MACs and per-stage summary of a preset, arch .yaml or checkpoint",
+             "vitslim info efficientformer_l1\n  vitslim info run/arch.yaml --input-size 256 --json"),
+    "presets": (_presets_args, _presets, "list presets with params and MACs", "vitslim presets"),
+}
+
+
+def register_command(name, add_arguments, run, help_text, example):
+    """Later packages (latency, search, prune, export) add their commands here."""
+    COMMANDS[name] = (add_arguments, run, help_text, example)
+
+
+def _load_extra_commands():
+    import importlib
+    for mod in ("vitslim.cmd_latency", "vitslim.cmd_supernet", "vitslim.cmd_search", "vitslim.cmd_prune",
+                "vitslim.cmd_export"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_extra_commands()
+    parser = argparse.ArgumentParser(
+        prog="vitslim", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Find and make fast vision transformers for a target device.",
+        epilog="example:\n  vitslim presets\n  vitslim info efficientformer_l1 --json")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_args, run, help_text, example) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="example:\n" + textwrap.indent(example.strip(), "  "))
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except VitslimError as e:
+        print(f"vitslim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitslim {args.command}: interrupted (state saved so far is kept; re-run to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
