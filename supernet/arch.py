@@ -162,7 +162,10 @@ def to_yaml(arch: Mapping) -> str:
     out = io.StringIO()
     out.write(head)
     for k, v in a.items():
-        out.write(yaml.dump({k: v}, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100))
+        if isinstance(v, (dict, list, tuple)):
+            out.write(yaml.dump({k: v}, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100))
+        else:  # a scalar must not go through the flow-style dict representer
+            out.write(yaml.safe_dump({k: v}, sort_keys=False, default_flow_style=False))
     return out.getvalue()
 
 

@@ -35,11 +35,17 @@ def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = Non
         model = model_or_arch
         arch = getattr(model, "arch", None) or {}
         size = input_size or arch.get("input_size", 224)
+        if arch and size != arch.get("input_size"):
+            # Some families fix grids by input size (attention bias tables): count the same widths at the new size.
+            return {"params": count_params(model), "macs": count(dict(arch, input_size=size))["macs"]}
         chans = arch.get("in_chans", 3)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         return {"params": count_params(model), "macs": _macs(model, size, chans, dev)}
-    arch = validate(model_or_arch)
-    size = input_size or arch["input_size"]
+    arch = dict(model_or_arch) if isinstance(model_or_arch, Mapping) else model_or_arch
+    if input_size and isinstance(arch, dict):
+        arch["input_size"] = input_size
+    arch = validate(arch)
+    size = arch["input_size"]
     fam = get_family(arch["family"])
     try:  # on the meta device nothing is allocated or computed: a preset counts in milliseconds
         with torch.device("meta"):
