@@ -1,37 +1,12 @@
-"""Shared test helpers: golden files written in their shipped layout and loaded with no hint."""
-import os
-
+"""Fixtures shared by every test folder."""
 import pytest
-import torch
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
-
-
-def golden(name):
-    return torch.load(os.path.join(GOLDEN, name + ".pt"), weights_only=True)
-
-
-def write_shipped(g, path, wrap_model_key):
-    """Write the golden state dict as the real release files are: official repos wrap it as
-    {"model": sd}; timm files are the bare state dict."""
-    sd = g["state_dict"]
-    torch.save({"model": sd} if wrap_model_key else sd, path)
-    return path
-
-
-def assert_golden_logits(model, g):
-    model.eval()
-    with torch.no_grad():
-        out = model(g["input"])
-    ref = g["logits"]
-    assert out.shape == ref.shape
-    err = (out - ref).abs().max().item()
-    tol = 1e-4 * ref.abs().max().item()
-    assert err <= tol, f"max |diff| {err:.3g} > {tol:.3g}"
+from golden_utils import golden, write_shipped
 
 
 @pytest.fixture
 def golden_file(tmp_path):
+    """(golden dict, path of its state dict written as the real release files are)."""
     def make(name, wrap_model_key):
         g = golden(name)
         p = write_shipped(g, str(tmp_path / f"{name}.pth"), wrap_model_key)

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import vitslim
-from conftest import assert_golden_logits, golden
+from golden_utils import assert_golden_logits, golden
 from supernet.arch import to_yaml
 from supernet.families.efficientformer import Attention, Meta3D, _layout
 from supernet.registry import get_family

@@ -10,7 +10,7 @@ import vitslim
 from supernet.arch import to_yaml
 from supernet.registry import get_family
 
-from conftest import golden
+from golden_utils import golden
 
 # model: (exact params, published MACs in M, input size), from seeds.md
 TABLE = {
@@ -75,7 +75,7 @@ def test_presets_use_official_widths_and_partial_dims():
 
 # ---------------------------------------------------------------- 2. golden file
 def test_golden_official_checkpoint_loads_without_hint_and_matches_logits(golden_file):
-    from conftest import assert_golden_logits
+    from golden_utils import assert_golden_logits
     g, path = golden_file("shvit_tiny", wrap_model_key=True)
     model, arch = vitslim.load_checkpoint(path)
     assert arch["family"] == "shvit"

@@ -1,0 +1,30 @@
+"""Golden-file helpers shared by the family tests (import as `golden_utils`: a unique module name, so
+folder conftests never shadow it)."""
+import os
+
+import torch
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
+
+
+def golden(name):
+    return torch.load(os.path.join(GOLDEN, name + ".pt"), weights_only=True)
+
+
+def write_shipped(g, path, wrap_model_key):
+    """Write the golden state dict as the real release files are: official repos wrap it as
+    {"model": sd}; timm files are the bare state dict."""
+    sd = g["state_dict"]
+    torch.save({"model": sd} if wrap_model_key else sd, path)
+    return path
+
+
+def assert_golden_logits(model, g):
+    model.eval()
+    with torch.no_grad():
+        out = model(g["input"])
+    ref = g["logits"]
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    tol = 1e-4 * ref.abs().max().item()
+    assert err <= tol, f"max |diff| {err:.3g} > {tol:.3g}"

@@ -1,0 +1,100 @@
+"""The arch config: validation errors name key, value and expectation; YAML round trips."""
+import os
+
+import pytest
+import yaml
+
+import vitslim
+from supernet import arch as A
+
+
+def test_unknown_family_names_value_and_choices():
+    with pytest.raises(vitslim.ArchError) as e:
+        A.validate({"family": "resnet", "stages": [{"width": 8, "blocks": []}]})
+    msg = str(e.value)
+    assert "'resnet'" in msg and "deit" in msg and "efficientformer" in msg
+
+
+def test_non_mapping_config_is_rejected():
+    with pytest.raises(vitslim.ArchError, match="expected a mapping"):
+        A.validate(["family", "deit"])
+
+
+def test_wrong_version_is_rejected():
+    a = vitslim.get_preset("deit_tiny")
+    a["version"] = 99
+    with pytest.raises(vitslim.ArchError, match=r"version: got 99"):
+        A.validate(a)
+
+
+def test_bad_common_field_names_path():
+    a = vitslim.get_preset("deit_tiny")
+    a["stages"][0]["width"] = -3
+    with pytest.raises(vitslim.ArchError, match=r"stages\[0\]\.width: got -3"):
+        A.validate(a)
+    a = vitslim.get_preset("deit_tiny")
+    a["stages"][0]["blocks"][2]["type"] = "meta4d"
+    with pytest.raises(vitslim.ArchError, match=r"stages\[0\]\.blocks\[2\]\.type: got 'meta4d'"):
+        A.validate(a)
+
+
+def test_unknown_preset_suggests_near_names():
+    with pytest.raises(vitslim.ArchError) as e:
+        vitslim.get_preset("deit_tiney")
+    assert "deit_tiny" in str(e.value) and "did you mean" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "efficientvit_m2", "shvit_s1", "deit_small", "swin_tiny"])
+def test_every_family_preset_round_trips_through_yaml(tmp_path, name):
+    a = vitslim.get_preset(name)
+    p = tmp_path / "arch.yaml"
+    vitslim.save_arch(a, p)
+    text = p.read_text()
+    assert text.startswith("# vitslim arch config")
+    assert yaml.safe_load(text) == a
+    assert vitslim.load_arch(p) == a
+    assert vitslim.count(str(p)) == vitslim.count(a)
+
+
+def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(vitslim.ArchError, match="expected a mapping"):
+        vitslim.build_model(str(p))
+
+
+def test_invalid_yaml_is_one_clear_error(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text("family: [deit\n")
+    with pytest.raises(vitslim.ArchError, match="not valid YAML"):
+        vitslim.load_arch(p)
+
+
+def test_yaml_error_prefixes_the_file(tmp_path):
+    a = vitslim.get_preset("deit_tiny")
+    a["num_classes"] = "ten"
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(a))
+    with pytest.raises(vitslim.ArchError) as e:
+        vitslim.load_arch(p)
+    assert str(p) in str(e.value) and "num_classes: got 'ten'" in str(e.value)
+
+
+def test_save_arch_is_atomic_and_leaves_no_temp_files(tmp_path):
+    a = vitslim.get_preset("deit_tiny")
+    p = tmp_path / "arch.yaml"
+    vitslim.save_arch(a, p)
+    before = p.read_text()
+    bad = dict(a, num_classes=0)
+    with pytest.raises(vitslim.ArchError):
+        vitslim.save_arch(bad, p)
+    assert p.read_text() == before  # invalid config never touches the file
+    assert os.listdir(tmp_path) == ["arch.yaml"]
+
+
+def test_presets_cover_interface_names():
+    names = set(vitslim.list_presets())
+    want = {"efficientformer_l1", "efficientformer_l3", "efficientformer_l7", "deit_tiny", "deit_small",
+            "deit_base", "swin_tiny", "swin_small", "swin_base"}
+    want |= {f"efficientvit_m{i}" for i in range(6)} | {f"shvit_s{i}" for i in range(1, 5)}
+    assert want <= names

@@ -1,0 +1,99 @@
+"""Bad checkpoint files get one clear error; vitslim's own format round-trips."""
+import pickle
+
+import pytest
+import torch
+
+import vitslim
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.pt"
+    p.write_bytes(b"")
+    with pytest.raises(vitslim.CheckpointError, match="empty file"):
+        vitslim.load_checkpoint(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(vitslim.CheckpointError, match="no such file"):
+        vitslim.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_truncated_file(tmp_path):
+    m = vitslim.build_model(_tiny_deit())
+    p = tmp_path / "full.pt"
+    torch.save(m.state_dict(), p)
+    data = p.read_bytes()
+    q = tmp_path / "cut.pt"
+    q.write_bytes(data[: len(data) // 2])
+    with pytest.raises(vitslim.CheckpointError, match="truncated"):
+        vitslim.load_checkpoint(q)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_file_needing_pickle_is_refused(tmp_path, capsys):
+    p = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, p)
+    with pytest.raises(vitslim.CheckpointError, match="needs pickle"):
+        vitslim.load_checkpoint(p)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_not_a_state_dict(tmp_path):
+    p = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], p)
+    with pytest.raises(vitslim.CheckpointError, match="expected a state dict"):
+        vitslim.load_checkpoint(p)
+    p2 = tmp_path / "mixed.pt"
+    torch.save({"a": torch.zeros(1), "epoch": 3}, p2)
+    with pytest.raises(vitslim.CheckpointError, match="'epoch'"):
+        vitslim.load_checkpoint(p2)
+
+
+def test_unrecognised_layout_names_supported_families(tmp_path):
+    p = tmp_path / "other.pt"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}, p)
+    with pytest.raises(vitslim.CheckpointError) as e:
+        vitslim.load_checkpoint(p)
+    msg = str(e.value)
+    for fam in ("deit", "swin", "efficientformer", "efficientvit", "shvit"):
+        assert fam in msg
+
+
+def _tiny_deit():
+    a = vitslim.get_preset("deit_tiny")
+    a["input_size"] = 32
+    a["num_classes"] = 5
+    a["stem"]["patch_size"] = 8
+    a["stages"][0]["blocks"] = a["stages"][0]["blocks"][:2]
+    return a
+
+
+def test_vitslim_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    a = _tiny_deit()
+    m = vitslim.build_model(a).eval()
+    p = tmp_path / "m.pt"
+    vitslim.save_checkpoint(m, a, p)
+    raw = torch.load(p, weights_only=True)
+    assert raw["format"] == "vitslim-checkpoint" and raw["version"] == 1 and raw["arch"] == vitslim.resolve_arch(a)
+    m2, a2 = vitslim.load_checkpoint(p)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+    assert a2 == vitslim.resolve_arch(a)
+
+
+def test_vitslim_checkpoint_with_wrong_shape_names_key(tmp_path):
+    a = _tiny_deit()
+    m = vitslim.build_model(a)
+    sd = m.state_dict()
+    sd["blocks.1.mlp.fc1.weight"] = torch.zeros(7, 7)
+    p = tmp_path / "m.pt"
+    torch.save({"format": "vitslim-checkpoint", "version": 1, "arch": vitslim.resolve_arch(a), "state_dict": sd}, p)
+    with pytest.raises(vitslim.CheckpointError, match=r"blocks\.1\.mlp\.fc1\.weight"):
+        vitslim.load_checkpoint(p)

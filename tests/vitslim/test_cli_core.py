@@ -1,0 +1,72 @@
+"""The command line: JSON outputs, help with examples, and one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import vitslim
+from vitslim.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_json_matches_count(capsys):
+    code, out, err = run(capsys, "info", "efficientvit_m0", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d == {"family": "efficientvit", "input_size": 224, **vitslim.count("efficientvit_m0")}
+
+
+def test_info_input_size_changes_macs(capsys):
+    _, out1, _ = run(capsys, "info", "deit_tiny", "--json")
+    _, out2, _ = run(capsys, "info", "deit_tiny", "--json", "--input-size", "112")
+    assert json.loads(out2)["macs"] < json.loads(out1)["macs"]
+    assert json.loads(out2)["input_size"] == 112
+
+
+def test_info_human_output_has_stage_rows(capsys):
+    code, out, _ = run(capsys, "info", "efficientformer_l1")
+    assert code == 0
+    assert "12,289,928" in out and "stage" in out
+
+
+def test_info_reads_checkpoint_and_yaml(capsys, tmp_path):
+    a = vitslim.get_preset("shvit_s1")
+    vitslim.save_arch(a, tmp_path / "a.yaml")
+    code, out, _ = run(capsys, "info", str(tmp_path / "a.yaml"), "--json")
+    assert code == 0 and json.loads(out)["params"] == 6330808
+
+
+def test_presets_lists_every_preset(capsys):
+    code, out, _ = run(capsys, "presets", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == vitslim.list_presets()
+    assert {r["name"]: r["params"] for r in rows}["deit_base"] == 86567656
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["info", "nosuchpreset"], "preset: got 'nosuchpreset'"),
+    (["info", "deit_tiny", "--input-size", "0"], "--input-size: got 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_bad_checkpoint_via_cli(capsys, tmp_path):
+    p = tmp_path / "x.pt"
+    p.write_bytes(b"not a checkpoint at all")
+    code, _, err = run(capsys, "info", str(p))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "x.pt" in err
+
+
+def test_console_script_help_has_example():
+    r = subprocess.run([sys.executable, "-m", "vitslim", "info", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "example:" in r.stdout and "vitslim info" in r.stdout

@@ -1,0 +1,87 @@
+"""`vitslim export`: each format is written atomically, checked against PyTorch, and refuses to
+overwrite unless asked."""
+import json
+import os
+
+import pytest
+import torch
+
+import vitslim
+from vitslim.cli import main
+
+
+def tiny_arch(name="deit_tiny"):
+    a = vitslim.get_preset(name)
+    if a["family"] == "deit":
+        a.update(input_size=32, num_classes=5)
+        a["stem"]["patch_size"] = 8
+        a["stages"][0]["blocks"] = a["stages"][0]["blocks"][:2]
+    return a
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    a = tiny_arch()
+    m = vitslim.build_model(a)
+    p = tmp_path / "m.pt"
+    vitslim.save_checkpoint(m, a, p)
+    return p
+
+
+def test_yaml_export_writes_config_and_weights(ckpt, tmp_path):
+    out = tmp_path / "out" / "arch.yaml"
+    res = vitslim.export_model(str(ckpt), "yaml", out)
+    assert vitslim.load_arch(out) == vitslim.resolve_arch(tiny_arch())
+    m1, _ = vitslim.load_checkpoint(ckpt)
+    m2, _ = vitslim.load_checkpoint(res["checkpoint"])
+    for (k1, v1), (k2, v2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(ckpt, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    out = tmp_path / "m.onnx"
+    res = vitslim.export_model(str(ckpt), "onnx", out, batch=2)
+    assert res["max_rel_error"] <= 1e-4
+    m, a = vitslim.load_checkpoint(ckpt)
+    x = torch.randn(3, 3, 32, 32)  # another batch size: the batch axis is dynamic
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_torchscript_export_round_trips(ckpt, tmp_path):
+    out = tmp_path / "m.ts"
+    res = vitslim.export_model(str(ckpt), "torchscript", out)
+    assert res["max_rel_error"] <= 1e-5 and os.path.isfile(out)
+
+
+def test_coreml_export_writes_mlpackage(tmp_path):
+    out = tmp_path / "m.mlpackage"
+    res = vitslim.export_model(tiny_arch(), "coreml", out)
+    assert os.path.isdir(out) and os.path.isfile(out / "Manifest.json") and res["format"] == "coreml"
+
+
+def test_existing_output_is_refused_and_untouched(ckpt, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"precious")
+    with pytest.raises(vitslim.VitslimError, match="already exists"):
+        vitslim.export_model(str(ckpt), "onnx", out)
+    assert out.read_bytes() == b"precious"
+    vitslim.export_model(str(ckpt), "onnx", out, overwrite=True)
+    assert out.read_bytes() != b"precious"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt"]  # no temp files left behind
+
+
+def test_cli_export_bad_suffix_is_one_line(capsys, ckpt, tmp_path):
+    code = main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.txt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "expected a path ending in .onnx" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_export_json(capsys, ckpt, tmp_path):
+    code = main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["format"] == "torchscript"

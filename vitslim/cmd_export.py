@@ -1,0 +1,33 @@
+"""`vitslim export`: deployable artefacts of a preset, arch .yaml or checkpoint."""
+import json
+
+from .cli import register_command
+
+
+def _args(p):
+    p.add_argument("target", help="preset name, arch .yaml, or checkpoint (official, timm or vitslim)")
+    p.add_argument("--format", required=True, choices=["yaml", "onnx", "coreml", "torchscript"])
+    p.add_argument("--out", required=True, help="output path (.yaml, .onnx, .mlpackage, .pt/.ts)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the traced example (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the artefact's outputs with PyTorch")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run(args):
+    from .export import export
+    res = export(args.target, args.format, args.out, batch=args.batch, overwrite=args.overwrite,
+                 check=not args.no_check)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        extra = f" (max relative error {res['max_rel_error']:.1e} vs PyTorch)" if "max_rel_error" in res else ""
+        print(f"wrote {res['path']}{extra}" + (f" and {res['checkpoint']}" if "checkpoint" in res else ""))
+        if args.format == "coreml" and not res.get("predicted"):
+            print("note: Core ML converted here; it runs only on macOS/iOS (check it there, e.g. Xcode's performance report)")
+    return 0
+
+
+register_command("export", _args, _run, "write a network as arch .yaml (+ weights), ONNX, Core ML or TorchScript",
+                 "vitslim export efficientformer_l1 --format onnx --out l1.onnx\n"
+                 "vitslim export run/model.pt --format coreml --out l1.mlpackage")

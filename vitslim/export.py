@@ -1,0 +1,192 @@
+"""Deployable artefacts of one network: its arch config (+ weights), ONNX (checked with
+onnxruntime), Core ML (.mlpackage; converts on any OS, runs only on Apple's), TorchScript.
+
+Every artefact is of the fused network (BatchNorm folded), as latency is measured, and is written
+under a temporary name first and renamed, so an interrupted export never leaves half a file."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+from supernet.errors import VitslimError
+
+FORMATS = ("yaml", "onnx", "coreml", "torchscript")
+_SUFFIX = {"yaml": (".yaml", ".yml"), "onnx": (".onnx",), "coreml": (".mlpackage",), "torchscript": (".pt", ".ts", ".torchscript")}
+
+
+class ExportError(VitslimError):
+    pass
+
+
+def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
+    """(model, arch, has_trained_weights) from a module, checkpoint, arch .yaml, preset or dict."""
+    from . import api
+    if isinstance(target, nn.Module):
+        arch = getattr(target, "arch", None)
+        if arch is None:
+            raise ExportError("model: has no .arch (build it with vitslim.build_model or load_checkpoint)")
+        return target, arch, True
+    if isinstance(target, (str, os.PathLike)) and os.path.isfile(target) and not os.fspath(target).endswith((".yaml", ".yml")):
+        model, arch = api.load_checkpoint(target)
+        return model, arch, True
+    arch = api.resolve_arch(target)
+    torch.manual_seed(0)
+    return api.build_model(arch), arch, False
+
+
+def _example(arch: Mapping, batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, arch["in_chans"], arch["input_size"], arch["input_size"], generator=g)
+
+
+def _tmp_beside(out: str, is_dir: bool = False) -> str:
+    d = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(d, exist_ok=True)
+    base = os.path.basename(out)
+    if is_dir:
+        return tempfile.mkdtemp(prefix=f".{base}.", dir=d)
+    fd, p = tempfile.mkstemp(prefix=f".{base}.", dir=d)
+    os.close(fd)
+    return p
+
+
+def _commit(tmp: str, out: str, overwrite: bool) -> None:
+    if os.path.exists(out):
+        if not overwrite:
+            raise ExportError(f"{out}: already exists, expected a new path (or pass overwrite=True / --overwrite)")
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check: bool = True,
+           opset: int = 17) -> dict:
+    """Write `target` as `fmt` to `out`; returns {"format", "path", ...check figures}."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
+    out = os.fspath(out)
+    if not out.endswith(_SUFFIX[fmt]):
+        raise ExportError(f"--out: got {out!r}, expected a path ending in {' or '.join(_SUFFIX[fmt])} for format {fmt}")
+    if os.path.exists(out) and not overwrite:
+        raise ExportError(f"{out}: already exists, expected a new path (or pass --overwrite)")
+    if batch < 1:
+        raise ExportError(f"batch: got {batch}, expected an integer >= 1")
+    model, arch, trained = resolve_source(target)
+    return {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript}[fmt](
+        model, arch, trained, out, batch=batch, overwrite=overwrite, check=check, opset=opset)
+
+
+def _yaml(model, arch, trained, out, overwrite, **_):
+    from supernet.arch import to_yaml, validate
+    from supernet.checkpoint import save_checkpoint
+    tmp = _tmp_beside(out)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(to_yaml(validate(arch)))
+    res = {"format": "yaml", "path": out}
+    if trained:  # weights travel beside the config: arch.yaml + arch.pt
+        wpath = os.path.splitext(out)[0] + ".pt"
+        if os.path.exists(wpath) and not overwrite:
+            os.remove(tmp)
+            raise ExportError(f"{wpath}: already exists, expected a new path (or pass --overwrite)")
+        save_checkpoint(model, arch, wpath)
+        res["checkpoint"] = wpath
+    _commit(tmp, out, overwrite)
+    return res
+
+
+def _deploy(model, arch, batch):
+    from supernet.layers import fuse_model
+    fused = fuse_model(model).float()
+    x = _example(arch, batch)
+    with torch.no_grad():
+        ref = fused(x)
+    return fused, x, ref
+
+
+def _rel_err(a, b) -> float:
+    a = torch.as_tensor(a, dtype=torch.float32)
+    b = torch.as_tensor(b, dtype=torch.float32)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
+    fused, x, ref = _deploy(model, arch, batch)
+    tmp = _tmp_beside(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fused, (x,), tmp, input_names=["image"], output_names=["logits"], opset_version=opset,
+                          dynamo=False, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    res = {"format": "onnx", "path": out, "opset": opset}
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            os.remove(tmp)
+            raise ExportError("onnx check: onnxruntime is not installed, expected `pip install vitslim[export]` "
+                              "(or pass --no-check)") from None
+        sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"image": x.numpy()})[0]
+        err = _rel_err(got, ref)
+        if err > 1e-4:
+            os.remove(tmp)
+            raise ExportError(f"onnx check: onnxruntime output differs from PyTorch by {err:.2e} (relative), expected <= 1e-4")
+        res["max_rel_error"] = err
+    _commit(tmp, out, overwrite)
+    return res
+
+
+def _torchscript(model, arch, trained, out, batch, overwrite, check, **_):
+    fused, x, ref = _deploy(model, arch, batch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fused, x)
+    tmp = _tmp_beside(out)
+    torch.jit.save(traced, tmp)
+    res = {"format": "torchscript", "path": out}
+    if check:
+        with torch.no_grad():
+            got = torch.jit.load(tmp)(x)
+        err = _rel_err(got, ref)
+        if err > 1e-5:
+            os.remove(tmp)
+            raise ExportError(f"torchscript check: output differs by {err:.2e} (relative), expected <= 1e-5")
+        res["max_rel_error"] = err
+    _commit(tmp, out, overwrite)
+    return res
+
+
+def to_coreml(model: nn.Module, example: torch.Tensor):
+    """A converted (not yet saved) Core ML mlprogram of a fused eval model."""
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise ExportError("coreml: coremltools is not installed, expected `pip install vitslim[export]`") from None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example)
+        return ct.convert(traced, inputs=[ct.TensorType(name="image", shape=tuple(example.shape))],
+                          outputs=[ct.TensorType(name="logits")], convert_to="mlprogram",
+                          minimum_deployment_target=ct.target.iOS16)
+
+
+def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
+    import sys
+    fused, x, ref = _deploy(model, arch, batch)
+    ml = to_coreml(fused, x)
+    tmpdir = _tmp_beside(out, is_dir=True)
+    pkg = os.path.join(tmpdir, os.path.basename(out))
+    ml.save(pkg)
+    res = {"format": "coreml", "path": out, "predicted": False}
+    if check and sys.platform == "darwin":  # Core ML predicts only on Apple's OSes
+        got = ml.predict({"image": x.numpy()})["logits"]
+        res["max_rel_error"] = _rel_err(got, ref)
+        res["predicted"] = True
+    _commit(pkg, out, overwrite)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    return res
