@@ -35,8 +35,10 @@ def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = Non
         model = model_or_arch
         arch = getattr(model, "arch", None) or {}
         size = input_size or arch.get("input_size", 224)
-        if arch and size != arch.get("input_size"):
-            # Some families fix grids by input size (attention bias tables): count the same widths at the new size.
+        if arch:
+            # MACs from the arch on the meta device: the same figure as count(arch), and it includes
+            # attention products that fused CPU kernels hide from the FLOP counter. Some families
+            # also fix grids by input size (attention bias tables), so another size is a rebuild.
             return {"params": count_params(model), "macs": count(dict(arch, input_size=size))["macs"]}
         chans = arch.get("in_chans", 3)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -95,8 +95,20 @@ class Attention(nn.Module):
         v = v.unflatten(-1, (h, dv)).transpose(-3, -2)  # (..., h, N, dv)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        # softmax(q k^T * scale + bias) v, the same numbers as timm's explicit path (to ~1e-6)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        # softmax(q k^T * scale + bias) v, the same numbers as timm's explicit path (to ~1e-6).
+        # PyTorch's fused CPU kernel needs qk_dim == v_dim and otherwise falls back to a slow path:
+        # for pruned blocks, explicit attention is faster at small batch and zero-padding q, k up
+        # to v_dim (q.k unchanged) faster at large batch (benchmarks/attention_dispatch.py).
+        if dq == dv:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        elif dq < dv and q.dim() > 3 and q.shape[0] >= 4:
+            pad = (0, dv - dq)
+            x = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), v, attn_mask=attn_bias, scale=self.scale)
+        else:
+            a = (q @ k.transpose(-2, -1)) * self.scale
+            if attn_bias is not None:
+                a = a + attn_bias
+            x = a.softmax(dim=-1) @ v
         return self.proj(x.transpose(-3, -2).flatten(-2))  # (..., N, h * dv)
 
 
