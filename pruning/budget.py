@@ -1,0 +1,690 @@
+"""Budgets and the choice of what to keep: cost models (params, MACs, latency from a table, or any
+`cost(arch) -> float`) and the two global selections, ranking by importance per unit of cost and
+a knapsack under the budget (HALP).
+
+Both selections work on the same moves (`Network`): in each block, remove the least important
+remaining head, Q/K slice (one pair from every kept head), V slice, or FFN channel (units.py); with
+embedding pruning, also a stage's least important residual channel. A move's importance is the
+Taylor (or magnitude) estimate of what it removes; its cost is the exact change of the network's
+cost at the current widths (heads and Q/K widths interact: a Q/K slice is cheaper once heads are
+gone; a residual channel is priced through every block of its stage). Ranking is global across
+blocks and unit kinds, with no per-layer normalisation (Molchanov et al.), so a cheap unit survives
+when its importance per unit of cost is high. A per-block floor (`Floor`) keeps every kind from
+being emptied unless asked.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .units import EMBED, KINDS, BlockInfo, BlockKeep, Plan, PruneError, block_infos
+
+Widths = Tuple[int, int, int, int]  # (heads, qk_dim, v_dim, ffn_hidden)
+
+
+# ---------------------------------------------------------------- cost models
+class CostModel:
+    """What a network costs. `total(arch)` is exact; `block(info, widths)` is the part of it one
+    block accounts for (the rest of the network does not depend on the block's widths)."""
+    name = ""
+    unit = ""
+    linear = True  # cost linear in each width: a one-unit lookahead is exact
+
+    def total(self, arch: Mapping) -> float:
+        raise NotImplementedError
+
+    def block(self, info: BlockInfo, w: Widths) -> float:
+        raise NotImplementedError
+
+    def base(self, arch: Mapping, infos: Sequence[BlockInfo]) -> float:
+        """Cost of everything but the prunable blocks."""
+        return self.total(arch) - sum(self.block(i, (i.heads, i.qk_dim, i.v_dim, i.ffn_hidden)) for i in infos)
+
+    def base_at(self, arch: Mapping, dims: Sequence[int]) -> float:
+        """Cost of everything but the blocks when the stages' residual widths are `dims`: by default
+        the cost of the network with those widths and every block emptied (memoised)."""
+        memo = self.__dict__.setdefault("_base_memo", {})
+        key = (id(arch), tuple(dims))
+        if key not in memo:
+            memo[key] = float(self.total(emptied(arch, dims)))
+        return memo[key]
+
+
+def emptied(arch: Mapping, dims: Sequence[int]) -> dict:
+    """`arch` with stage widths `dims` and every block's branches removed (heads 0, ffn_hidden 0)."""
+    a = copy.deepcopy(dict(arch))
+    for st, d in zip(a["stages"], dims):
+        st["width"] = int(d)
+        st["blocks"] = [{"type": b["type"], "heads": 0, "qk_dim": 0, "v_dim": 0, "ffn_hidden": 0} for b in st["blocks"]]
+    return a
+
+
+def _stem_head(arch: Mapping, dims: Sequence[int]):
+    """(params, MACs) of everything outside the blocks of a DeiT or Swin arch at residual widths
+    `dims` (patch embedding, tokens and position embedding, patch merging, final norm, classifier)."""
+    p, cin, k = arch["stem"]["patch_size"], arch["in_chans"], arch["num_classes"]
+    g = arch["input_size"] // p
+    if arch["family"] == "deit":
+        c = dims[0]
+        heads = 2 if arch.get("distillation") else 1
+        prefix = heads
+        params = c * cin * p * p + c + prefix * c + (g * g + prefix) * c + 2 * c + heads * (c * k + k)
+        macs = g * g * c * cin * p * p + heads * c * k
+        return params, macs
+    from supernet.families.swin import stage_resolutions
+    res = stage_resolutions(arch)
+    c0 = dims[0]
+    params = c0 * cin * p * p + c0 + 2 * c0
+    macs = g * g * c0 * cin * p * p
+    for i, st in enumerate(arch["stages"]):
+        if i and st["downsample"] is not None:
+            params += 2 * 4 * dims[i - 1] + 4 * dims[i - 1] * dims[i]
+            macs += res[i] * res[i] * 4 * dims[i - 1] * dims[i]
+    cl = dims[-1]
+    params += 2 * cl + cl * k + k
+    macs += cl * k
+    return params, macs
+
+
+class ParamsCost(CostModel):
+    """Parameters (supernet.count; the training graph)."""
+    name, unit = "params", "parameters"
+
+    def total(self, arch):
+        from supernet.count import count
+        return float(count(arch)["params"])
+
+    def base_at(self, arch, dims):
+        return float(_stem_head(arch, dims)[0])
+
+    def block(self, info, w):
+        h, q, v, f = w
+        c = info.dim
+        n = 0
+        if h:
+            width = h * (2 * q + v)
+            n += 2 * c + c * width + width + h * v * c + c + info.bias_rows * h
+        if f:
+            n += 2 * c + c * f + f + f * c + c
+        return float(n)
+
+
+class MacsCost(CostModel):
+    """Multiply-accumulates of one image, counted as supernet.count counts them (matmuls, attention
+    products included)."""
+    name, unit = "macs", "MACs"
+
+    def total(self, arch):
+        from supernet.count import count
+        return float(count(arch)["macs"])
+
+    def base_at(self, arch, dims):
+        return float(_stem_head(arch, dims)[1])
+
+    def block(self, info, w):
+        h, q, v, f = w
+        c, t = info.dim, info.attn_tokens
+        n = 0
+        if h:
+            n += t * c * h * (2 * q + v) + t * info.window_tokens * h * (q + v) + t * h * v * c
+        if f:
+            n += 2 * info.tokens * c * f
+        return float(n)
+
+
+class ArchCost(CostModel):
+    """Any additive `cost(arch) -> float` (a latency table's predict, a measured model, ...).
+    A block's cost is cost(arch with that block at the widths) - cost(arch with that block empty),
+    memoised; the network is assumed to be a sum over blocks plus a rest that does not change."""
+
+    linear = False
+
+    def __init__(self, fn: Callable[[Mapping], float], arch: Mapping, name: str = "cost", unit: str = ""):
+        self.fn, self.name, self.unit = fn, name, unit
+        self.arch = copy.deepcopy(dict(arch))
+        self._memo: Dict[tuple, float] = {}
+        self._empty: Dict[tuple, float] = {}
+
+    def total(self, arch):
+        return float(self.fn(arch))
+
+    def _with(self, info: BlockInfo, w: Widths) -> dict:
+        a = copy.deepcopy(self.arch)
+        a["stages"][info.stage]["width"] = info.dim
+        b = a["stages"][info.stage]["blocks"][info.index]
+        b.update(heads=w[0], qk_dim=w[1] if w[0] else 0, v_dim=w[2] if w[0] else 0, ffn_hidden=w[3])
+        b.pop("scale", None)
+        return a
+
+    def block(self, info, w):
+        if not w[0]:
+            w = (0, 0, 0, w[3])
+        k = (info.key, info.dim, w)
+        if k not in self._memo:
+            e = (info.key, info.dim)
+            if e not in self._empty:
+                self._empty[e] = float(self.fn(self._with(info, (0, 0, 0, 0))))
+            self._memo[k] = float(self.fn(self._with(info, w))) - self._empty[e]
+        return self._memo[k]
+
+
+class LatencyCost(ArchCost):
+    """Predicted milliseconds from a latency table. A block is priced by its own table entry (the
+    key of the block in `latency_tables.segments.decompose(arch)`, with the widths replaced;
+    widths the table has no entry for are interpolated), times the table's fitted overhead scale;
+    the rest of `LatencyTable.predict` (stem, downsampling, head, intercept) does not change."""
+
+    FFN_STEP = 8
+
+    def __init__(self, table, arch: Mapping, interpolate: bool = True):
+        from latency_tables.segments import decompose
+        self.table, self.interpolate = table, interpolate
+        super().__init__(lambda a: table.predict(a, interpolate=interpolate), arch, "latency", "ms")
+        self._keys = {s.path: dict(s.key) for s in decompose(arch) if s.path}
+        self._scale = 1.0 + float(table.overhead.get("scale", 0.0))
+
+    def block(self, info, w):
+        key0 = self._keys.get(info.path)
+        if key0 is None:  # a block the decomposition skipped (both branches already pruned)
+            return super().block(info, w)
+        if not w[0]:
+            w = (0, 0, 0, w[3])
+        if not w[0] and not w[3]:
+            return 0.0  # the block is the identity: no entry
+        step = self.FFN_STEP
+        if w[3] % step and w[3] > step:
+            # FFN widths between multiples of FFN_STEP: linear between the two (the table interpolates
+            # linearly in MACs, which are linear in ffn_hidden): 8x fewer entries to estimate
+            lo = w[3] - w[3] % step
+            c0, c1 = self.block(info, w[:3] + (lo,)), self.block(info, w[:3] + (lo + step,))
+            return c0 + (c1 - c0) * (w[3] - lo) / step
+        k = (info.key, info.dim, w)
+        if k not in self._memo:
+            key = dict(key0, dim=info.dim, heads=w[0], qk_dim=w[1], v_dim=w[2], ffn_hidden=w[3])
+            if "shifted" in key:  # Swin: a block with no attention has no windows to shift
+                key["shifted"] = bool(key0["shifted"]) and w[0] > 0
+            self._memo[k] = self._scale * float(self.table.lookup(key, interpolate=self.interpolate).ms)
+        return self._memo[k]
+
+
+# ---------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """`params=F`, `macs=F` (fractions kept, in (0, 1]) or `latency=MS`."""
+    kind: str
+    value: float
+
+    def __str__(self):
+        return f"{self.kind}={self.value:g}"
+
+    @property
+    def is_fraction(self) -> bool:
+        return self.kind in ("params", "macs")
+
+
+def parse_target(s: str) -> Target:
+    if not isinstance(s, str) or "=" not in s:
+        raise PruneError(f"--target: got {s!r}, expected params=F, macs=F (fraction kept, in (0, 1]) or latency=MS")
+    kind, val = s.split("=", 1)
+    kind = kind.strip().lower()
+    if kind not in ("params", "macs", "latency"):
+        raise PruneError(f"--target: got {kind!r}, expected params, macs or latency (as in macs=0.5)")
+    try:
+        v = float(val)
+    except ValueError:
+        raise PruneError(f"--target {s}: {val!r} is not a number") from None
+    if not math.isfinite(v):
+        raise PruneError(f"--target {s}: expected a finite number")
+    if kind != "latency" and not 0 < v <= 1:
+        raise PruneError(f"--target {s}: got {v:g}, expected a fraction kept in (0, 1] (0.5 keeps half the {kind})")
+    if kind == "latency" and v <= 0:
+        raise PruneError(f"--target {s}: got {v:g} ms, expected a positive number of milliseconds")
+    return Target(kind, v)
+
+
+# ---------------------------------------------------------------- floor
+@dataclass
+class Floor:
+    """Each block keeps at least ceil(fraction * n) of each unit kind: heads, Q/K and V channels per
+    head, FFN channels. With fraction > 0 that is at least one of each; with 0 a block may lose its
+    whole attention (heads 0) or MLP (ffn_hidden 0), and the report lists it. A kept head always
+    keeps one Q/K pair and one V channel (the arch has no narrower head)."""
+    fraction: float = 0.1
+    original: Optional[Dict[Tuple[int, int], BlockInfo]] = None  # widths the fraction is of
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:
+            raise PruneError(f"--min-keep: got {self.fraction:g}, expected a fraction in [0, 1]")
+
+    def of(self, infos: Sequence[BlockInfo]) -> "Floor":
+        """The same floor, as fractions of these (the unpruned) widths: iterative steps do not
+        compound it."""
+        return Floor(self.fraction, {i.key: i for i in infos})
+
+    def _min(self, n: int, n0: int, at_least: int) -> int:
+        if n == 0:
+            return 0
+        return min(n, max(at_least, math.ceil(self.fraction * n0 - 1e-9)))
+
+    def mins(self, info: BlockInfo) -> Dict[str, int]:
+        one = 1 if self.fraction > 0 else 0
+        o = (self.original or {}).get(info.key, info)
+        return {"head": self._min(info.heads, o.heads, one), "qk": self._min(info.qk_dim, o.qk_dim, 1),
+                "v": self._min(info.v_dim, o.v_dim, 1), "ffn": self._min(info.ffn_hidden, o.ffn_hidden, one)}
+
+
+# ---------------------------------------------------------------- the state a selection works on
+class BlockState:
+    """Counts kept of each kind in one block, and which units those are (the most important).
+    `info` carries the block's current residual width (it changes when the embedding is pruned)."""
+
+    def __init__(self, info: BlockInfo, scores: Mapping[str, np.ndarray], floor: Floor):
+        self.info = info
+        self.s = scores
+        self.mins = floor.mins(info)
+        self.head_order = np.argsort(scores["head"], kind="stable") if info.heads else np.zeros(0, int)
+        self.qk_order = np.argsort(scores["qk"], axis=1, kind="stable") if info.heads else None
+        self.v_order = np.argsort(scores["v"], axis=1, kind="stable") if info.heads else None
+        self.ffn_order = np.argsort(scores["ffn"], kind="stable") if info.ffn_hidden else np.zeros(0, int)
+        self.n = {"head": info.heads, "qk": info.qk_dim, "v": info.v_dim, "ffn": info.ffn_hidden}
+        self.k = dict(self.n)  # kept counts
+        self.version = 0
+
+    @property
+    def widths(self) -> Widths:
+        k = self.k
+        if k["head"] == 0:
+            return (0, 0, 0, k["ffn"])
+        return (k["head"], k["qk"], k["v"], k["ffn"])
+
+    def kept_heads(self) -> np.ndarray:
+        return self.head_order[self.n["head"] - self.k["head"]:]
+
+    def can_remove(self, kind: str) -> int:
+        """How many more units of `kind` may go."""
+        if kind in ("qk", "v") and self.k["head"] == 0:
+            return 0
+        return self.k[kind] - self.mins[kind]
+
+    def step_importance(self, kind: str, steps: int) -> np.ndarray:
+        """Importance of each of the next `steps` removals of `kind` (what each takes away)."""
+        k, n = self.k[kind], self.n[kind]
+        if kind == "head":
+            return self.s["head"][self.head_order[n - k:n - k + steps]]
+        if kind == "ffn":
+            return self.s["ffn"][self.ffn_order[n - k:n - k + steps]]
+        order, imp = (self.qk_order, self.s["qk"]) if kind == "qk" else (self.v_order, self.s["v"])
+        heads = self.kept_heads()
+        cols = order[heads, n - k:n - k + steps]             # (kept heads, steps) channel indices
+        return imp[heads[:, None], cols].sum(axis=0)
+
+    def widths_after(self, kind: str, steps: int) -> Widths:
+        k = dict(self.k)
+        k[kind] -= steps
+        if k["head"] == 0:
+            return (0, 0, 0, k["ffn"])
+        return (k["head"], k["qk"], k["v"], k["ffn"])
+
+    def keep(self) -> BlockKeep:
+        info = self.info
+        heads = sorted(int(h) for h in self.kept_heads()) if info.heads else []
+        qk = {h: sorted(int(c) for c in self.qk_order[h, info.qk_dim - self.k["qk"]:]) for h in heads}
+        v = {h: sorted(int(c) for c in self.v_order[h, info.v_dim - self.k["v"]:]) for h in heads}
+        ffn = sorted(int(c) for c in self.ffn_order[info.ffn_hidden - self.k["ffn"]:]) if info.ffn_hidden else []
+        return BlockKeep(heads, qk, v, ffn)
+
+
+class EmbedState:
+    """Kept residual channels of one stage (embedding pruning)."""
+
+    def __init__(self, stage: int, width: int, scores: np.ndarray, floor: Floor, original: int):
+        self.stage, self.n, self.k, self.s = stage, width, width, np.asarray(scores, dtype=float)
+        self.order = np.argsort(self.s, kind="stable")
+        self.min = min(width, max(1, math.ceil(floor.fraction * original - 1e-9)))
+        self.version = 0
+
+    def can_remove(self) -> int:
+        return self.k - self.min
+
+    def step_importance(self, steps: int) -> np.ndarray:
+        return self.s[self.order[self.n - self.k:self.n - self.k + steps]]
+
+    def keep(self) -> List[int]:
+        return sorted(int(c) for c in self.order[self.n - self.k:])
+
+
+class Network:
+    """What a selection works on: the blocks' kept counts, optionally the stages' kept residual
+    widths, and the cost model that prices them. `total()` is the cost of the network they describe."""
+
+    def __init__(self, arch: Mapping, scores, cost: CostModel, floor: Floor, embed: bool = False):
+        from .importance import Scores
+        self.arch, self.cost, self.floor = arch, cost, floor
+        blocks = scores.blocks if isinstance(scores, Scores) else scores
+        self.infos = block_infos(arch)
+        self.blocks = [BlockState(i, blocks[i.key], floor) for i in self.infos]
+        self.widths0 = [st["width"] for st in arch["stages"]]
+        self.embeds: Dict[int, EmbedState] = {}
+        if embed:
+            if not isinstance(scores, Scores) or not scores.embed:
+                raise ValueError("embedding pruning needs scores with embed= (Importance.score(..., embed=True))")
+            orig = floor.original or {}
+            for i, w in enumerate(self.widths0):
+                w0 = max((o.dim for o in orig.values() if o.stage == i), default=w)
+                self.embeds[i] = EmbedState(i, w, scores.embed[i], floor, w0)
+        self.stage_blocks = {i: [b for b, st in enumerate(self.blocks) if st.info.stage == i]
+                             for i in range(len(self.widths0))}
+        self._base = cost.base(arch, self.infos)
+
+    # ------------------------------------------------------------ pricing
+    def dims(self, change: Optional[Tuple[int, int]] = None) -> Tuple[int, ...]:
+        d = [self.embeds[i].k if i in self.embeds else w for i, w in enumerate(self.widths0)]
+        if change:
+            d[change[0]] = change[1]
+        return tuple(d)
+
+    def base(self, dims: Optional[Tuple[int, ...]] = None) -> float:
+        if not self.embeds:
+            return self._base
+        return self.cost.base_at(self.arch, dims or self.dims())
+
+    def total(self) -> float:
+        return self.base() + sum(self.cost.block(st.info, st.widths) for st in self.blocks)
+
+    def block_delta(self, bi: int, kind: str, m: int) -> float:
+        """Cost saved by removing m units of `kind` in block bi (at its current widths)."""
+        st = self.blocks[bi]
+        return self.cost.block(st.info, st.widths) - self.cost.block(st.info, st.widths_after(kind, m))
+
+    def embed_delta(self, stage: int, m: int) -> float:
+        """Cost saved by removing m residual channels of `stage` (every block of it gets narrower)."""
+        e = self.embeds[stage]
+        new = e.k - m
+        d = self.base() - self.base(self.dims((stage, new)))
+        for bi in self.stage_blocks[stage]:
+            st = self.blocks[bi]
+            d += self.cost.block(st.info, st.widths) - self.cost.block(replace(st.info, dim=new), st.widths)
+        return d
+
+    def set_embed(self, stage: int, k: int) -> None:
+        self.embeds[stage].k = k
+        self.embeds[stage].version += 1
+        for bi in self.stage_blocks[stage]:
+            st = self.blocks[bi]
+            st.info = replace(st.info, dim=k)
+            st.version += 1
+
+    # ------------------------------------------------------------ results
+    def plan(self) -> Plan:
+        return Plan({st.info.key: st.keep() for st in self.blocks},
+                    {i: e.keep() for i, e in self.embeds.items() if e.k < e.n})
+
+    def removed_importance(self) -> float:
+        """Importance removed by the current counts, priced step by step from the full block (heads
+        first: Q/K and V slices are then priced over the heads that stay)."""
+        tot = 0.0
+        for st in self.blocks:
+            probe = BlockState(st.info, st.s, Floor(0.0))
+            for kind in ("head", "qk", "v", "ffn"):
+                m = probe.k[kind] - st.k[kind]
+                if m > 0 and (kind not in ("qk", "v") or probe.k["head"] > 0):
+                    tot += float(probe.step_importance(kind, m).sum())
+                probe.k[kind] = st.k[kind]
+        for e in self.embeds.values():
+            tot += float(e.s[e.order[:e.n - e.k]].sum())
+        return tot
+
+    def counts(self):
+        return [dict(st.k) for st in self.blocks], {i: e.k for i, e in self.embeds.items()}
+
+    def set_counts(self, counts) -> None:
+        blocks, embeds = counts
+        for i, k in embeds.items():
+            self.set_embed(i, k)
+        for st, k in zip(self.blocks, blocks):
+            st.k = dict(k)
+            st.version += 1
+
+
+# ---------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    plan: Plan
+    cost: float            # predicted by the cost model
+    removed_importance: float
+    method: str
+
+
+def _lookahead(cost: CostModel, kind: str) -> int:
+    return 1 if cost.linear else (4 if kind in ("qk", "v", "head") else 8)
+
+
+def _best(imps: np.ndarray, deltas: Sequence[float]):
+    """(ratio, steps, importance, cost saved) of the best prefix of a run of removals."""
+    best = None
+    cum = np.cumsum(imps)
+    for m, dc in enumerate(deltas, start=1):
+        if dc <= 0:
+            continue
+        r = float(cum[m - 1]) / dc
+        if best is None or r < best[0]:
+            best = (r, m, float(cum[m - 1]), dc)
+    return best
+
+
+def select_ratio(net: Network, budget: float) -> Selection:
+    """Global greedy: repeatedly remove the move with the least importance per unit of cost saved
+    (a block's head, Q/K slice, V slice or FFN channel, or a stage's residual channel), re-pricing
+    the moves its removal changes, until the cost fits the budget; then add back what the last
+    removal's overshoot can pay for."""
+    total = net.total()
+    heap: list = []
+    epoch = {i: 0 for i in net.embeds}
+
+    def push_block(bi: int):
+        st = net.blocks[bi]
+        for kind in KINDS:
+            avail = st.can_remove(kind)
+            if avail <= 0:
+                continue
+            L = min(avail, _lookahead(net.cost, kind))
+            mv = _best(st.step_importance(kind, L), [net.block_delta(bi, kind, m) for m in range(1, L + 1)])
+            if mv is not None:
+                heapq.heappush(heap, (mv[0], 0, bi, kind, st.version, mv[1], mv[2], mv[3]))
+
+    def push_embed(i: int):
+        e = net.embeds[i]
+        avail = e.can_remove()
+        if avail <= 0:
+            return
+        L = min(avail, 1 if net.cost.linear else 8)
+        mv = _best(e.step_importance(L), [net.embed_delta(i, m) for m in range(1, L + 1)])
+        if mv is not None:
+            heapq.heappush(heap, (mv[0], 1, i, EMBED, epoch[i], mv[1], mv[2], mv[3]))
+
+    for bi in range(len(net.blocks)):
+        push_block(bi)
+    for i in net.embeds:
+        push_embed(i)
+    while total > budget and heap:
+        r, is_embed, idx, kind, ver, steps, dimp, dc = heapq.heappop(heap)
+        if is_embed:
+            if ver != epoch[idx]:
+                continue
+            net.set_embed(idx, net.embeds[idx].k - steps)
+            for bi in net.stage_blocks[idx]:
+                push_block(bi)
+            for i in net.embeds:  # patch merging couples neighbouring stages' widths
+                epoch[i] += 1
+                push_embed(i)
+        else:
+            st = net.blocks[idx]
+            if ver != st.version:
+                continue
+            st.k[kind] -= steps
+            st.version += 1
+            push_block(idx)
+            i = st.info.stage
+            if i in net.embeds:
+                epoch[i] += 1
+                push_embed(i)
+        total -= dc
+    if total <= budget:
+        total = grow(net, budget)
+    return Selection(net.plan(), total, net.removed_importance(), "ratio")
+
+
+def grow(net: Network, budget: float) -> float:
+    """Add back, one at a time, the removed unit with the most importance per unit of cost that
+    still fits the budget; returns the final cost."""
+    total = net.total()
+    while True:
+        best = None
+        for bi, st in enumerate(net.blocks):
+            for kind in KINDS:
+                if st.k[kind] >= st.n[kind] or (kind in ("qk", "v") and st.k["head"] == 0):
+                    continue
+                st.k[kind] += 1
+                gain = float(st.step_importance(kind, 1)[0])
+                dc = net.block_delta(bi, kind, 1)
+                st.k[kind] -= 1
+                if total + dc <= budget:
+                    r = gain / dc if dc > 0 else float("inf")
+                    if best is None or r > best[0]:
+                        best = (r, bi, kind, dc)
+        for i, e in net.embeds.items():
+            if e.k >= e.n:
+                continue
+            net.set_embed(i, e.k + 1)
+            gain, dc = float(e.step_importance(1)[0]), net.embed_delta(i, 1)
+            net.set_embed(i, e.k - 1)
+            if total + dc <= budget:
+                r = gain / dc if dc > 0 else float("inf")
+                if best is None or r > best[0]:
+                    best = (r, -1 - i, EMBED, dc)
+        if best is None:
+            return total
+        _, bi, kind, dc = best
+        if kind == EMBED:
+            net.set_embed(-1 - bi, net.embeds[-1 - bi].k + 1)
+        else:
+            net.blocks[bi].k[kind] += 1
+        total += dc
+
+
+def _options(avail: int, linear: bool, max_options: int) -> np.ndarray:
+    if linear or avail + 1 <= max_options:
+        return np.arange(avail + 1)
+    return np.unique(np.linspace(0, avail, max_options).round().astype(int))
+
+
+def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int = 3,
+                    max_options: int = 64) -> Selection:
+    """HALP's latency-saliency knapsack as a multiple-choice knapsack: for every (block, kind), and
+    every stage's residual width when it is pruned, choose how many units to remove, minimising the
+    importance removed subject to the summed cost. Costs are linearised around the current widths
+    (one group's cost with the others held) and re-linearised around the solution `rounds` times;
+    a final greedy pass repairs any excess the linearisation left, and adds back the most important
+    units the slack can pay for (costs are rounded to `bins` steps of the budget)."""
+    if net.total() <= budget:
+        return Selection(net.plan(), net.total(), 0.0, "knapsack")
+    start = net.counts()
+    candidates = []
+    for _ in range(rounds):
+        groups = []  # (kind, index, option counts, importance removed, cost saved)
+        for bi, st in enumerate(net.blocks):
+            for kind in KINDS:
+                avail = st.can_remove(kind)
+                if avail <= 0:
+                    continue
+                ms = _options(avail, net.cost.linear, max_options)
+                cum = np.concatenate([[0.0], np.cumsum(st.step_importance(kind, avail))])
+                saved = np.array([net.block_delta(bi, kind, int(m)) if m else 0.0 for m in ms])
+                groups.append((kind, bi, ms, cum[ms], saved))
+        for i, e in net.embeds.items():
+            avail = e.can_remove()
+            if avail <= 0:
+                continue
+            ms = _options(avail, False, max_options)  # each option prices every block of the stage
+            cum = np.concatenate([[0.0], np.cumsum(e.step_importance(avail))])
+            saved = np.array([net.embed_delta(i, int(m)) if m else 0.0 for m in ms])
+            groups.append((EMBED, i, ms, cum[ms], saved))
+        now = net.total()
+        # linearised: cost = now - sum of savings; keep it <= budget, i.e. sum of (max saving - saving) <= cap
+        top = [float(np.max(g[4])) for g in groups]
+        cap = budget - now + sum(top)
+        if cap < 0 or not groups:
+            break
+        unit = max(cap / bins, 1e-12)
+        dp = np.zeros(bins + 1)
+        choice = np.zeros((len(groups), bins + 1), dtype=np.int32)
+        weights = []
+        for gi, (kind, idx, ms, imps, saved) in enumerate(groups):
+            w = np.round(np.maximum(top[gi] - saved, 0) / unit).astype(np.int64)
+            weights.append(w)
+            new = np.full(bins + 1, np.inf)
+            arg = np.zeros(bins + 1, dtype=np.int32)
+            for o in range(len(ms)):
+                wo = int(w[o])
+                if wo > bins:
+                    continue
+                cand = dp[:bins + 1 - wo] + imps[o]
+                better = cand < new[wo:]
+                new[wo:][better] = cand[better]
+                arg[wo:][better] = o
+            dp, choice[gi] = new, arg
+        if not np.isfinite(dp[bins]):
+            break
+        c, picks = bins, [0] * len(groups)
+        for gi in range(len(groups) - 1, -1, -1):
+            o = int(choice[gi, c])
+            picks[gi] = int(groups[gi][2][o])
+            c -= int(weights[gi][o])
+        blocks, embeds = net.counts()
+        for (kind, idx, _, _, _), m in zip(groups, picks):
+            if kind == EMBED:
+                embeds[idx] -= m
+            else:
+                blocks[idx][kind] -= m
+        net.set_counts(start)
+        net.set_counts((blocks, embeds))
+        candidates.append((net.total(), net.removed_importance(), net.counts()))
+    if not candidates:  # nothing fitted the linearised budget: greedy from the full network
+        net.set_counts(start)
+        sel = select_ratio(net, budget)
+        return Selection(sel.plan, sel.cost, sel.removed_importance, "knapsack")
+    feasible = [c for c in candidates if c[0] <= budget]
+    total, _, counts = min(feasible, key=lambda c: c[1]) if feasible else min(candidates, key=lambda c: c[0])
+    net.set_counts(start)
+    net.set_counts(counts)
+    if total > budget:  # the linearisation left an excess: remove greedily from there
+        select_ratio(net, budget)
+    total = grow(net, budget)
+    return Selection(net.plan(), total, net.removed_importance(), "knapsack")
+
+
+def floor_cost(infos: Sequence[BlockInfo], cost: CostModel, base: float, floor: Floor) -> float:
+    """The cheapest network the floor allows (residual widths as they are)."""
+    tot = base
+    for i in infos:
+        m = floor.mins(i)
+        w = (m["head"], m["qk"], m["v"], m["ffn"]) if m["head"] else (0, 0, 0, m["ffn"])
+        tot += cost.block(i, w)
+    return tot
+
+
+def floor_cost_embed(arch: Mapping, cost: CostModel, floor: Floor) -> float:
+    """The cheapest network the floor allows with every residual width at its floor too."""
+    infos = block_infos(arch)
+    dims = tuple(max(1, math.ceil(floor.fraction * st["width"] - 1e-9)) for st in arch["stages"])
+    tot = cost.base_at(arch, dims)
+    for i in infos:
+        m = floor.mins(i)
+        w = (m["head"], m["qk"], m["v"], m["ffn"]) if m["head"] else (0, 0, 0, m["ffn"])
+        tot += cost.block(replace(i, dim=dims[i.stage]), w)
+    return tot

@@ -1,0 +1,404 @@
+"""The pruning driver: calibration data, one-shot or iterative pruning (score -> select -> surgery
+-> optional fine-tuning, with knowledge distillation from the unpruned model as an option).
+
+The driver decides and applies; it computes gradients only through an `Importance` (scoring) and
+in fine-tuning, never inside surgery.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from supernet.count import count
+
+from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Selection, Target,
+                     floor_cost, floor_cost_embed, parse_target, select_knapsack, select_ratio)
+from .importance import Importance, Scores, default_loss, get_importance
+from .surgery import apply_plan
+from .units import PruneError, block_infos, check_family
+
+Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+# ---------------------------------------------------------------- calibration data
+def check_images(x: torch.Tensor, arch: Mapping, what: str = "calibration data") -> None:
+    want = (arch["in_chans"], arch["input_size"], arch["input_size"])
+    if x.dim() != 4 or tuple(x.shape[1:]) != want:
+        got = "x".join(map(str, x.shape[1:])) if x.dim() == 4 else f"a tensor of shape {tuple(x.shape)}"
+        raise PruneError(f"{what}: images are {got} (channels x height x width), expected "
+                         f"{'x'.join(map(str, want))} (the model's in_chans x input_size x input_size)")
+
+
+@dataclass
+class DataSource:
+    """Where calibration and fine-tuning images come from: 'synthetic' (supernet.data.SyntheticShapes
+    at the model's input size), an ImageFolder directory (resized to the model's input size, as the
+    eval transform does), or a .pt file holding an image tensor (N, C, H, W) or {"images", "labels"}.
+    `labels_valid`: the labels are classes of the model (otherwise the model's own top-1 is used)."""
+    spec: str
+    arch: Mapping
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise PruneError(f"--batch-size: got {self.batch_size!r}, expected an integer >= 1")
+        a = self.arch
+        self.kind, self._train, self._held, self.labels_valid = self._open(a)
+
+    def _open(self, a):
+        from supernet.data import DataError, ImageFolder, SyntheticShapes, scan_image_folder, synthetic_classes
+        size, n_cls = a["input_size"], a["num_classes"]
+        spec = os.fspath(self.spec)
+        if spec == "synthetic":
+            k = min(max(n_cls, 2), len(synthetic_classes(60)))  # 60: every class the generator has
+            kw = dict(num_classes=k, image_size=size, seed=self.seed)
+            return ("synthetic", SyntheticShapes(length=20000, split="train", **kw),
+                    SyntheticShapes(length=1000, split="heldout", **kw), k == n_cls)
+        if os.path.isdir(spec):
+            try:
+                classes, samples, _ = scan_image_folder(spec)
+            except DataError as e:
+                raise PruneError(f"--data: {e}") from None
+            train = ImageFolder(spec, image_size=size, train=True, samples=samples, classes=classes, seed=self.seed)
+            held = ImageFolder(spec, image_size=size, train=False, samples=samples, classes=classes, seed=self.seed)
+            return "imagefolder", train, held, len(classes) == n_cls
+        if os.path.isfile(spec) and spec.endswith((".pt", ".pth")):
+            obj = torch.load(spec, map_location="cpu", weights_only=True)
+            if isinstance(obj, Mapping):
+                x, y = obj.get("images"), obj.get("labels")
+            else:
+                x, y = obj, None
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise PruneError(f"--data {spec}: expected an image tensor (N, C, H, W) or {{'images', 'labels'}}")
+            ds = torch.utils.data.TensorDataset(x.float(), y.long() if y is not None else torch.full((len(x),), -1))
+            return "tensor", ds, ds, y is not None and int(y.max()) < n_cls and int(y.min()) >= 0
+        raise PruneError(f"--data: got {spec!r}, expected 'synthetic', an ImageFolder directory (root/<class>/<images>) "
+                         "or a .pt file with an image tensor")
+
+    def _batches(self, ds, n: int, start: int, shuffle: bool) -> Iterator[Batch]:
+        from supernet.data import make_loader
+        loader = make_loader(ds, self.batch_size, start + n, seed=self.seed, start_step=start, shuffle=shuffle)
+        first = True
+        for x, y in loader:
+            if first:
+                self.check(x)
+                first = False
+            yield x, (y if self.labels_valid else None)
+
+    def check(self, x: torch.Tensor) -> None:
+        check_images(x, self.arch, f"--data {self.spec}")
+
+    def calibration(self, n: int) -> List[Batch]:
+        """The first n batches of the training split (fixed: every scoring pass sees the same)."""
+        return list(self._batches(self._train, n, 0, shuffle=True))
+
+    def heldout(self, n: int) -> List[Batch]:
+        return list(self._batches(self._held, n, 0, shuffle=False))
+
+    def training(self, steps: int, start: int = 1000) -> Iterator[Batch]:
+        """Fine-tuning batches (later steps of the training order than calibration uses)."""
+        return self._batches(self._train, steps, start, shuffle=True)
+
+
+# ---------------------------------------------------------------- training helpers
+def _logits(out):
+    return (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float = 1e-4, weight_decay: float = 0.05,
+             teacher: Optional[nn.Module] = None, kd_weight: float = 0.5, temperature: float = 1.0,
+             progress: bool = False, desc: str = "fine-tune") -> dict:
+    """AdamW with cosine decay for `steps` batches. Loss: cross-entropy on the labels, mixed with KD
+    (KL to the teacher's softened outputs) when a teacher is given; without labels, KD alone (or,
+    without a teacher, the model's own top-1 at the start as labels)."""
+    if steps <= 0:
+        return {"steps": 0}
+    from tqdm import tqdm
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    losses = []
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    for step, (x, y) in enumerate(itertools.islice(batches, steps)):
+        out = _logits(model(x))
+        t_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = _logits(teacher(x))
+        if y is not None and t_out is not None:
+            loss = (1 - kd_weight) * F.cross_entropy(out, y) + kd_weight * kd_loss(out, t_out, temperature)
+        elif t_out is not None:
+            loss = kd_loss(out, t_out, temperature)
+        else:
+            loss = default_loss(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    for p in params:
+        p.grad = None
+    return {"steps": len(losses), "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], reference: Optional[nn.Module] = None) -> dict:
+    """Mean cross-entropy and top-1 on the batches; without labels both are against `reference`'s
+    top-1 (agreement with the unpruned model)."""
+    was = model.training
+    model.eval()
+    tot, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        out = _logits(model(x))
+        if y is None:
+            y = _logits(reference(x)).argmax(-1) if reference is not None else out.argmax(-1)
+        tot += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(-1) == y).sum())
+        n += len(x)
+    model.train(was)
+    return {"loss": tot / max(n, 1), "top1": correct / max(n, 1), "images": n}
+
+
+# ---------------------------------------------------------------- cost models
+def make_cost(target: Target, arch: Mapping, table=None, cost_fn: Optional[Callable] = None) -> CostModel:
+    if cost_fn is not None:
+        return ArchCost(cost_fn, arch, target.kind)
+    if target.kind == "params":
+        return ParamsCost()
+    if target.kind == "macs":
+        return MacsCost()
+    if table is None:
+        raise PruneError(f"--target {target}: a latency target needs --table (a latency table of the device)")
+    return LatencyCost(table, arch)
+
+
+def check_table(table, arch: Mapping) -> None:
+    """A table must hold entries of this family's operators (and the latency machinery must be able
+    to cut this family into entries)."""
+    from latency_tables.segments import SegmentError, decompose
+    fam = arch["family"]
+    try:
+        need = {s.key["op"] for s in decompose(arch)}
+    except SegmentError:
+        need = set()
+    have = {e.key["op"] for e in table.entries.values()}
+    if not need & have:
+        bf = table.built_for or {}
+        made_for = bf.get("family") or bf.get("families") or bf.get("space") or \
+            (f"ops {', '.join(sorted(have)[:4])}" if have else "no entries")
+        why = f"it has no entry for {', '.join(sorted(need))}" if need else \
+            f"latency tables cannot yet cut a {fam} network into entries"
+        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: built for {made_for}, not for this {fam} "
+                         f"model ({why}); build one for it with `vitslim latency build`")
+
+
+# ---------------------------------------------------------------- the pruner
+@dataclass
+class PruneConfig:
+    target: Union[str, Target]
+    criterion: str = "taylor"           # taylor | magnitude
+    selection: str = "auto"             # knapsack | ratio | auto (both; keep the lower held-out loss)
+    iterative_steps: int = 1
+    finetune_steps: int = 0             # in all, spread evenly over the iterative steps
+    kd: bool = False
+    kd_weight: float = 0.5
+    kd_temperature: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    min_keep: float = 0.1
+    prune_embed: bool = False           # also prune each stage's residual (embedding) width
+    momentum: float = 0.9               # smoothing of scores across iterative steps
+    calib_batches: int = 8
+    eval_batches: int = 4
+    seed: int = 0
+
+    def check(self) -> "PruneConfig":
+        if isinstance(self.target, str):
+            self.target = parse_target(self.target)
+        if self.selection not in ("knapsack", "ratio", "auto"):
+            raise PruneError(f"--selection: got {self.selection!r}, expected knapsack, ratio or auto")
+        get_importance(self.criterion)
+        for k, lo in (("iterative_steps", 1), ("finetune_steps", 0), ("calib_batches", 1), ("eval_batches", 0)):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise PruneError(f"--{k.replace('_', '-')}: got {v!r}, expected an integer >= {lo}")
+        if not 0 <= self.momentum < 1:
+            raise PruneError(f"momentum: got {self.momentum!r}, expected a number in [0, 1)")
+        Floor(self.min_keep)
+        return self
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    arch: dict
+    report: dict
+
+
+def block_widths(arch: Mapping) -> List[dict]:
+    return [{"stage": i.stage, "block": i.index, "heads": i.heads, "qk_dim": i.qk_dim, "v_dim": i.v_dim,
+             "ffn_hidden": i.ffn_hidden} for i in block_infos(arch)]
+
+
+def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[DataSource] = None,
+          calibration: Optional[List[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
+          progress: bool = False, importance: Optional[Importance] = None) -> PruneResult:
+    """Prune `model` (not modified) to `config.target`; returns the smaller model, its arch and the
+    report (report.py adds the file-level fields). Calibration batches come from `calibration` or
+    `data`; fine-tuning batches from `data`."""
+    from tqdm import tqdm
+    cfg = config.check()
+    arch = dict(arch)
+    check_family(arch)
+    target: Target = cfg.target
+    torch.manual_seed(cfg.seed)
+    imp = importance or get_importance(cfg.criterion)
+    if cfg.finetune_steps and data is None:
+        raise PruneError("--finetune-steps: fine-tuning needs training images (--data)")
+    if calibration is None:
+        if data is None and imp.needs_data:
+            raise PruneError("calibration data: none given, expected --data synthetic or an ImageFolder directory")
+        calibration = data.calibration(cfg.calib_batches) if data is not None else []
+    else:
+        calibration = list(calibration)
+        for x, _ in calibration[:1]:
+            check_images(x, arch)
+    heldout = data.heldout(cfg.eval_batches) if (data is not None and cfg.eval_batches) else calibration[:cfg.eval_batches]
+    if table is not None:
+        check_table(table, arch)
+    cost0 = make_cost(target, arch, table, cost_fn)
+    c0 = cost0.total(arch)
+    goal = target.value * c0 if target.is_fraction else target.value
+    infos0 = block_infos(arch)
+    floor = Floor(cfg.min_keep).of(infos0)
+    lowest = floor_cost_embed(arch, cost0, floor) if cfg.prune_embed else \
+        floor_cost(infos0, cost0, cost0.base(arch, infos0), floor)
+    if goal < lowest - 1e-9 * max(abs(lowest), 1):
+        if target.is_fraction:
+            raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}="
+                             f"{lowest / c0:.3f} with --min-keep {cfg.min_keep:g}); raise the target or lower --min-keep")
+        raise PruneError(f"--target {target}: below what the table can reach for this model (floor {lowest:.3f} ms "
+                         f"with --min-keep {cfg.min_keep:g}; unpruned {c0:.3f} ms)")
+    before = count(arch)
+    teacher = None
+    if cfg.kd and cfg.finetune_steps > 0:
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    reference = copy.deepcopy(model).eval()
+    cur, cur_arch = copy.deepcopy(model).eval(), copy.deepcopy(arch)
+    prev: Optional[Scores] = None
+    steps_report = []
+    K = cfg.iterative_steps
+    ft_per = [cfg.finetune_steps // K + (1 if k < cfg.finetune_steps % K else 0) for k in range(K)]
+    ft_start = 1000
+    scoring_seconds = 0.0
+    for step in range(K):
+        budget = c0 - (c0 - goal) * (step + 1) / K
+        infos = block_infos(cur_arch)
+        bar = tqdm(total=len(calibration) if imp.needs_data else 0, desc=f"score {step + 1}/{K}",
+                   disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        scores = imp.score(cur, cur_arch, calibration, progress=bar, embed=cfg.prune_embed)
+        scoring_seconds += time.perf_counter() - t0
+        bar.close()
+        scores = scores.blend(prev, cfg.momentum)
+        cost = make_cost(target, cur_arch, table, cost_fn)
+        methods = ["ratio", "knapsack"] if cfg.selection == "auto" else [cfg.selection]
+        cands = {}
+        for m in methods:
+            fn = select_ratio if m == "ratio" else select_knapsack
+            net = Network(cur_arch, scores, cost, floor, embed=cfg.prune_embed)
+            sel: Selection = fn(net, budget)
+            pm, pa = apply_plan(cur, cur_arch, sel.plan)
+            ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
+            cands[m] = (sel, pm, pa, ev)
+        chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
+        sel, cur, cur_arch, ev = cands[chosen]
+        prev = scores.restrict(infos, sel.plan)
+        ft = {"steps": 0}
+        if ft_per[step]:
+            ft = finetune(cur, data.training(ft_per[step], ft_start), ft_per[step], cfg.lr, cfg.weight_decay,
+                          teacher, cfg.kd_weight, cfg.kd_temperature, progress, desc=f"fine-tune {step + 1}/{K}")
+            ft_start += ft_per[step]
+        steps_report.append({
+            "step": step + 1, "budget": budget, "cost": cost.total(cur_arch), "selection": chosen,
+            "candidates": {m: {"predicted_cost": c[0].cost, "removed_importance": c[0].removed_importance,
+                               "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
+                           for m, c in cands.items()},
+            "finetune": ft})
+    cur.eval()
+    after = count(cur_arch)
+    final_cost = make_cost(target, cur_arch, table, cost_fn).total(cur_arch)
+    rep = {
+        "target": str(target), "target_kind": target.kind, "target_value": target.value,
+        "cost_unit": cost0.unit, "cost_before": c0, "cost_after": final_cost, "cost_goal": goal,
+        "params_before": before["params"], "params_after": after["params"],
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "params_kept": after["params"] / before["params"], "macs_kept": after["macs"] / before["macs"],
+        "criterion": imp.name, "selection": cfg.selection, "iterative_steps": K,
+        "finetune_steps": cfg.finetune_steps, "kd": bool(cfg.kd), "min_keep": cfg.min_keep,
+        "prune_embed": bool(cfg.prune_embed),
+        "stages": [{"stage": i, "width": st1["width"], "width_before": st0["width"]}
+                   for i, (st0, st1) in enumerate(zip(arch["stages"], cur_arch["stages"]))],
+        "momentum": cfg.momentum, "calib_batches": len(calibration),
+        "calib_images": sum(len(x) for x, _ in calibration),
+        "scoring_seconds": scoring_seconds,
+        "steps": steps_report,
+        "blocks": per_block(arch, cur_arch),
+    }
+    if table is not None:
+        rep["latency_before_ms"] = float(table.predict(arch, interpolate=True))
+        rep["latency_after_ms"] = float(table.predict(cur_arch, interpolate=True))
+    if heldout:
+        rep["heldout_before"] = evaluate(reference, heldout, reference)
+        rep["heldout_after"] = evaluate(cur, heldout, reference)
+    rep["emptied"] = [f"stages[{b['stage']}].blocks[{b['block']}].{what}" for b in rep["blocks"]
+                      for what, k in (("attention", "heads"), ("mlp", "ffn_hidden")) if b[k] == 0 and b[k + "_before"] > 0]
+    return PruneResult(cur, cur_arch, rep)
+
+
+def per_block(arch_before: Mapping, arch_after: Mapping) -> List[dict]:
+    """Kept widths per block, with the originals and the kept fraction of every unit kind (Q/K and V
+    as channels in all: heads x per-head width)."""
+    rows = []
+    for b0, b1 in zip(block_widths(arch_before), block_widths(arch_after)):
+        r = {"stage": b0["stage"], "block": b0["block"]}
+        r["dim"], r["dim_before"] = (arch_after["stages"][b0["stage"]]["width"],
+                                     arch_before["stages"][b0["stage"]]["width"])
+        for k in ("heads", "qk_dim", "v_dim", "ffn_hidden"):
+            r[k] = b1[k]
+            r[k + "_before"] = b0[k]
+        qk0, qk1 = b0["heads"] * b0["qk_dim"], b1["heads"] * b1["qk_dim"]
+        v0, v1 = b0["heads"] * b0["v_dim"], b1["heads"] * b1["v_dim"]
+        r["kept"] = {"heads": _frac(b1["heads"], b0["heads"]), "qk": _frac(qk1, qk0), "v": _frac(v1, v0),
+                     "ffn": _frac(b1["ffn_hidden"], b0["ffn_hidden"]), "embed": _frac(r["dim"], r["dim_before"])}
+        rows.append(r)
+    return rows
+
+
+def _frac(a, b):
+    return (a / b) if b else None

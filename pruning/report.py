@@ -1,0 +1,95 @@
+"""The run directory of `vitslim prune`: arch.yaml, model.pt (a vitslim checkpoint), report.json and
+the reallocation plot (kept fraction per block for each unit kind, the figure EfficientViT drew
+for Swin-T and DeiT-T). Written into a temporary directory beside the target, then renamed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Mapping, Optional
+
+import torch.nn as nn
+
+from .units import PruneError
+
+KIND_LABELS = (("qk", "Q/K channels"), ("v", "V channels"), ("heads", "heads"), ("ffn", "FFN channels"))
+
+
+def check_out_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise PruneError(f"--out {out}: already exists, expected a new directory (or pass --overwrite)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PruneError(f"--out {out}: is a file, expected a directory")
+
+
+def plot_reallocation(report: Mapping, path: str) -> Optional[str]:
+    """Kept fraction per block (x) of Q/K, V, heads and FFN; returns the path, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    blocks = report["blocks"]
+    xs = list(range(len(blocks)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(blocks) + 2), 3.6), dpi=120)
+    markers = {"qk": "o", "v": "s", "heads": "^", "ffn": "D", "embed": "x"}
+    kinds = list(KIND_LABELS) + ([("embed", "embedding width")] if report.get("prune_embed") else [])
+    for k, label in kinds:
+        ys = [b["kept"].get(k) if b["kept"].get(k) is not None else float("nan") for b in blocks]
+        ax.plot(xs, ys, marker=markers[k], label=label, linewidth=1.5, markersize=4)
+    stages = [b["stage"] for b in blocks]
+    for j in range(1, len(stages)):
+        if stages[j] != stages[j - 1]:
+            ax.axvline(j - 0.5, color="0.8", linewidth=0.8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{b['stage']}.{b['block']}" for b in blocks], fontsize=7, rotation=90 if len(xs) > 16 else 0)
+    ax.set_xlabel("block (stage.block)")
+    ax.set_ylabel("kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{report.get('family', '')} pruned to {report.get('target', '')}: "
+                 f"params {report['params_after'] / report['params_before']:.2f}, "
+                 f"MACs {report['macs_after'] / report['macs_before']:.2f}", fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite: bool = False) -> dict:
+    """Write the run directory atomically; returns {"arch", "model", "report", "plot"} paths."""
+    from supernet.arch import save_arch
+    from supernet.checkpoint import save_checkpoint
+    out = os.fspath(out)
+    check_out_dir(out, overwrite)
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    try:
+        save_arch(arch, os.path.join(tmp, "arch.yaml"))
+        save_checkpoint(model, arch, os.path.join(tmp, "model.pt"))
+        plot = plot_reallocation(report, os.path.join(tmp, "reallocation.png"))
+        report = dict(report)
+        report["files"] = {"arch": "arch.yaml", "model": "model.pt", "report": "report.json",
+                           "plot": "reallocation.png" if plot else None}
+        if not plot:
+            report["plot_note"] = "matplotlib is not installed: the plot's data is blocks[*].kept (pip install matplotlib)"
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
+            os.rmdir(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {k: (os.path.join(out, v) if v else None) for k, v in report["files"].items()}

@@ -1,0 +1,136 @@
+"""Cost models price a network exactly, both global selections meet their budgets, the floor keeps
+blocks from being emptied, and Q/K and V get different widths when their importances differ."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import vitslim
+from pruning.budget import (ArchCost, Floor, MacsCost, Network, ParamsCost, floor_cost, parse_target,
+                            select_knapsack, select_ratio)
+from pruning.importance import TaylorImportance
+from pruning.pruner import PruneConfig, prune
+from pruning.surgery import apply_plan
+from pruning.units import PruneError, block_infos
+
+from pruning_nets import batches, build, tiny_deit, tiny_swin
+
+
+@pytest.mark.parametrize("make", [tiny_deit, tiny_swin, lambda: tiny_deit(distillation=True)])
+def test_cost_models_match_supernet_count_at_any_widths(make):
+    arch = make()
+    rnd = random.Random(0)
+    for trial in range(4):
+        a = {**arch, "stages": [dict(st, blocks=[dict(b) for b in st["blocks"]]) for st in arch["stages"]]}
+        for st in a["stages"]:
+            for b in st["blocks"]:
+                h = rnd.randint(0 if trial else 1, b["heads"])
+                b.update(heads=h, qk_dim=rnd.randint(1, 9) if h else 0, v_dim=rnd.randint(1, 9) if h else 0,
+                         ffn_hidden=rnd.randint(0, 40))
+        a = vitslim.resolve_arch(a)
+        infos = block_infos(a)
+        truth = vitslim.count(a)
+        for cost, key in ((ParamsCost(), "params"), (MacsCost(), "macs")):
+            base = cost.base(arch, block_infos(arch))  # the rest of the network does not change
+            pred = base + sum(cost.block(i, (i.heads, i.qk_dim, i.v_dim, i.ffn_hidden)) for i in infos)
+            assert pred == truth[key], (key, trial)
+
+
+def scores_for(model, arch, embed=False):
+    return TaylorImportance().score(model, arch, batches(arch, 2), embed=embed)
+
+
+@pytest.mark.parametrize("select", [select_ratio, select_knapsack])
+@pytest.mark.parametrize("make", [tiny_deit, tiny_swin])
+def test_both_selections_meet_params_and_macs_budgets(make, select):
+    arch = make()
+    model = build(arch)
+    infos = block_infos(arch)
+    sc = scores_for(model, arch)
+    for cost in (ParamsCost(), MacsCost()):
+        total = cost.total(arch)
+        lowest = floor_cost(infos, cost, cost.base(arch, infos), Floor(0.1)) / total
+        for frac in (0.6, lowest + 0.05):
+            sel = select(Network(arch, sc, cost, Floor(0.1)), frac * total)
+            _, small = apply_plan(model, arch, sel.plan)
+            real = cost.total(small)
+            assert real == sel.cost
+            assert real <= frac * total
+            assert real >= 0.85 * frac * total  # no needless over-pruning
+
+
+def test_knapsack_meets_a_nonlinear_cost_budget():
+    arch = tiny_swin()
+    model = build(arch)
+    infos = block_infos(arch)
+    # a made-up additive "latency": steps every 8 FFN channels, per-head costs that are not linear
+    def ms(a):
+        t = 1.0
+        for st in a["stages"]:
+            for b in st["blocks"]:
+                t += 0.3 * np.ceil(b["ffn_hidden"] / 8) + (0.5 * b["heads"] + 0.05 * b["heads"] * (b["qk_dim"] + b["v_dim"]) ** 1.2
+                                                          if b["heads"] else 0)
+        return float(t)
+    cost = ArchCost(ms, arch, "latency", "ms")
+    sc = scores_for(model, arch)
+    for select in (select_ratio, select_knapsack):
+        sel = select(Network(arch, sc, cost, Floor(0.1)), 0.6 * ms(arch))
+        _, small = apply_plan(model, arch, sel.plan)
+        assert ms(small) <= 0.6 * ms(arch) + 1e-9
+
+
+def test_qk_and_v_get_different_widths_when_their_importances_differ():
+    """Q and K weights scaled down: attention is nearly uniform, the logits (what Q/K pairs make)
+    barely matter while V carries everything; the pruner must shrink Q/K and keep V."""
+    arch = tiny_deit(qk=8, v=8, heads=3, ffn=64)
+    model = build(arch)
+    with torch.no_grad():
+        for blk in model.blocks:
+            n = blk.attn.heads * blk.attn.qk_dim
+            blk.attn.qkv.weight[:2 * n] *= 1e-3
+            blk.attn.qkv.bias[:2 * n] *= 1e-3
+    res = prune(model, arch, PruneConfig(target="macs=0.7", selection="ratio", calib_batches=2, eval_batches=0),
+                calibration=batches(arch, 2))
+    for b in res.report["blocks"]:
+        assert b["qk_dim"] < b["v_dim"], b
+        assert b["qk_dim"] == 1 and b["v_dim"] >= 6
+
+
+def test_floor_keeps_every_block_and_kind_alive():
+    arch = tiny_deit()
+    model = build(arch)
+    res = prune(model, arch, PruneConfig(target="macs=0.45", min_keep=0.25, calib_batches=1, eval_batches=0),
+                calibration=batches(arch, 1))
+    for b in res.report["blocks"]:
+        assert b["heads"] >= 1 and b["qk_dim"] >= 2 and b["v_dim"] >= 2 and b["ffn_hidden"] >= 16
+    assert res.report["emptied"] == []
+    with pytest.raises(PruneError, match="below what the floor allows.*min-keep"):
+        prune(model, arch, PruneConfig(target="macs=0.3", min_keep=0.25, calib_batches=1),
+              calibration=batches(arch, 1))
+
+
+def test_floor_zero_may_empty_a_branch_and_the_report_says_so():
+    arch = tiny_deit()
+    model = build(arch)
+    res = prune(model, arch, PruneConfig(target="macs=0.28", min_keep=0.0, calib_batches=1, eval_batches=0),
+                calibration=batches(arch, 1))
+    assert res.report["emptied"], res.report["blocks"]
+    assert res.report["macs_after"] <= 0.28 * res.report["macs_before"]
+
+
+def test_floor_does_not_compound_over_iterative_steps():
+    arch = tiny_deit()
+    model = build(arch)
+    res = prune(model, arch, PruneConfig(target="macs=0.45", min_keep=0.25, iterative_steps=3, calib_batches=1,
+                                         eval_batches=0), calibration=batches(arch, 1))
+    for b in res.report["blocks"]:
+        assert b["ffn_hidden"] >= 16 and b["qk_dim"] >= 2 and b["v_dim"] >= 2
+    assert res.report["macs_after"] <= 0.45 * res.report["macs_before"]
+
+
+@pytest.mark.parametrize("s,msg", [("macs=0", r"\(0, 1\]"), ("params=1.5", r"\(0, 1\]"), ("flops=0.5", "params, macs"),
+                                   ("latency=-1", "positive"), ("macs", "expected params=F")])
+def test_bad_targets_are_one_line_errors(s, msg):
+    with pytest.raises(PruneError, match=msg):
+        parse_target(s)

@@ -1,0 +1,149 @@
+"""`vitslim prune` end to end on a tiny checkpoint with synthetic data, and every bad input as a
+one-line error with exit code 2."""
+import json
+import os
+
+import pytest
+import torch
+
+import vitslim
+from vitslim.cli import main
+
+from pruning_nets import build, fake_table, tiny_deit, tiny_swin
+
+FAST = ["--calib-batches", "2", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture
+def deit_ckpt(tmp_path):
+    arch = tiny_deit()
+    p = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, p)
+    return str(p)
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_prune_writes_a_run_that_loads_counts_and_exports(deit_ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = run(["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
+                           "--out", str(out), "--finetune-steps", "2", "--kd"] + FAST, capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(out)) == ["arch.yaml", "model.pt", "reallocation.png", "report.json"]
+    rep = json.load(open(out / "report.json"))
+    for k in ("params_before", "params_after", "macs_before", "macs_after", "target", "blocks"):
+        assert k in rep
+    assert rep["macs_after"] <= 0.5 * rep["macs_before"]
+    for b in rep["blocks"]:
+        for k in ("heads", "qk_dim", "v_dim", "ffn_hidden"):
+            assert k in b and k + "_before" in b
+        assert set(b["kept"]) == {"heads", "qk", "v", "ffn", "embed"}
+    model, arch = vitslim.load_checkpoint(str(out / "model.pt"))
+    assert arch == vitslim.load_arch(str(out / "arch.yaml"))
+    assert vitslim.count(model) == {"params": rep["params_after"], "macs": rep["macs_after"]}
+    res = vitslim.export_model(str(out / "model.pt"), "onnx", str(tmp_path / "pruned.onnx"))
+    assert os.path.isfile(res["path"])
+    assert "pruned" in stdout and "macs=0.5" in stdout
+
+
+def test_prune_zero_percent_reproduces_the_input_model(tmp_path, capsys):
+    arch = tiny_swin()
+    model = build(arch)
+    ck = tmp_path / "swin.pt"
+    vitslim.save_checkpoint(model, arch, ck)
+    rc, _, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "params=1",
+                      "--out", str(tmp_path / "run")] + FAST, capsys)
+    assert rc == 0, err
+    pruned, parch = vitslim.load_checkpoint(str(tmp_path / "run" / "model.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), pruned(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert parch["stages"] == arch["stages"]
+
+
+def one_line_error(capsys, argv, pattern):
+    rc, _, err = run(argv, capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unsupported_family_names_the_supported_ones(tmp_path, capsys):
+    arch = vitslim.get_preset("efficientvit_m0")
+    ck = tmp_path / "evit.pt"
+    vitslim.save_checkpoint(vitslim.build_model(arch), arch, ck)
+    one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.5",
+                            "--out", str(tmp_path / "r")] + FAST, "expected one of deit, swin")
+
+
+@pytest.mark.parametrize("target,pattern", [("macs=0", "(0, 1]"), ("params=1.2", "(0, 1]"), ("macs=-0.5", "(0, 1]"),
+                                            ("latency=2", "needs --table"), ("speed=2", "params, macs or latency")])
+def test_bad_target(deit_ckpt, tmp_path, capsys, target, pattern):
+    one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", target,
+                            "--out", str(tmp_path / "r")] + FAST, pattern)
+
+
+def test_target_below_the_floor_names_the_floor(deit_ckpt, tmp_path, capsys):
+    line = one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.1",
+                                   "--out", str(tmp_path / "r")] + FAST, "below what the floor allows")
+    assert "at best macs=0.3" in line
+
+
+def test_latency_below_what_the_table_reaches_names_the_floor():
+    from pruning.pruner import PruneConfig, prune
+    from pruning.units import PruneError
+    arch = tiny_deit()
+    ms = lambda a: 1.0 + sum(0.01 * b["ffn_hidden"] + 0.2 * b["heads"] for b in a["stages"][0]["blocks"])
+    with pytest.raises(PruneError, match=r"below what the table can reach for this model \(floor 1\.\d+ ms"):
+        prune(build(arch), arch, PruneConfig(target="latency=0.5"), calibration=[], cost_fn=ms)
+
+
+def test_latency_below_what_the_table_reaches_on_the_command_line(tmp_path, capsys, quick_tables):
+    arch = tiny_deit()
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    t = fake_table(arch)
+    t.save(str(tmp_path / "t.yaml"))
+    line = one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "latency=0.01",
+                                   "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "r")] + FAST,
+                          "below what the table can reach for this model (floor ")
+    assert "ms" in line
+
+
+def test_table_of_another_family(deit_ckpt, tmp_path, capsys):
+    from latency_tables.table import LatencyTable
+    t = LatencyTable({"backend": "torch-cpu", "device": "cpu", "threads": 1, "batch_size": 1},
+                     built_for={"family": "efficientformer"})
+    t.set({"op": "meta4d", "res": 7, "dim": 48, "ffn_hidden": 192}, 1.0, 0.9, 1.1, 10)
+    path = str(tmp_path / "ef.yaml")
+    t.save(path)
+    one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "latency=1",
+                            "--table", path, "--out", str(tmp_path / "r")] + FAST, "built for efficientformer, not for this deit")
+
+
+def test_calibration_images_of_the_wrong_size(deit_ckpt, tmp_path, capsys):
+    p = tmp_path / "imgs.pt"
+    torch.save({"images": torch.randn(8, 3, 48, 48), "labels": torch.zeros(8, dtype=torch.long)}, p)
+    one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", str(p), "--target", "macs=0.5",
+                            "--out", str(tmp_path / "r")] + FAST, "images are 3x48x48")
+
+
+def test_calibration_images_with_the_wrong_channel_count(tmp_path, capsys):
+    arch = tiny_deit(in_chans=1)
+    ck = tmp_path / "gray.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.5",
+                            "--out", str(tmp_path / "r")] + FAST, "expected 1x32x32")
+
+
+def test_output_directory_that_exists(deit_ckpt, tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
+                            "--out", str(tmp_path / "r")] + FAST, "already exists")

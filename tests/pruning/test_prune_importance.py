@@ -1,0 +1,92 @@
+"""Importance criteria score without touching the network, and Taylor scores are exactly the
+squared derivative of the loss with respect to a gate on each unit."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pruning.importance import MagnitudeImportance, TaylorImportance
+from pruning.units import block_infos, block_module
+
+from pruning_nets import batches, build, tiny_deit, tiny_swin
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m).__name__) for n, m in model.named_modules()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()))
+
+
+@pytest.mark.parametrize("crit", [TaylorImportance, MagnitudeImportance])
+def test_scoring_leaves_parameters_structure_grads_and_mode_untouched(net, crit):
+    model, arch = net
+    model.train()
+    sd, mods, hooks = snapshot(model)
+    scores = crit().score(model, arch, batches(arch, 2))
+    sd2, mods2, hooks2 = snapshot(model)
+    assert mods == mods2 and hooks == hooks2
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+    for info in block_infos(arch):
+        s = scores[info.key]
+        assert s["qk"].shape == (info.heads, info.qk_dim) and s["v"].shape == (info.heads, info.v_dim)
+        assert s["head"].shape == (info.heads,) and s["ffn"].shape == (info.ffn_hidden,)
+        assert all(np.all(s[k] >= 0) for k in s)
+
+
+def gate_grads(model, arch, x, y):
+    """dL/dg for an explicit gate of value 1 on every unit (q channel, v channel, head output,
+    FFN channel), by autograd through hooks that multiply the activations by the gates."""
+    gates, hs = {}, []
+    for info in block_infos(arch):
+        blk = block_module(model, info)
+        H, dq, dv = info.heads, info.qk_dim, info.v_dim
+        gq = torch.ones(H, dq, requires_grad=True)
+        gv = torch.ones(H, dv, requires_grad=True)
+        gh = torch.ones(H, requires_grad=True)
+        gf = torch.ones(info.ffn_hidden, requires_grad=True)
+        gates[info.key] = (gq, gv, gh, gf)
+
+        def qkv_hook(m, a, out, gq=gq, gv=gv, gh=gh, H=H, dq=dq, dv=dv):
+            q, k, v = out.split([H * dq, H * dq, H * dv], -1)
+            return torch.cat([q * gq.reshape(-1), k, v * (gv * gh[:, None]).reshape(-1)], -1)
+
+        hs.append(blk.attn.qkv.register_forward_hook(qkv_hook))
+        hs.append(blk.mlp.fc2.register_forward_pre_hook(lambda m, a, gf=gf: (a[0] * gf,)))
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    for h in hs:
+        h.remove()
+    return {k: tuple(g.grad.double().numpy() for g in v) for k, v in gates.items()}
+
+
+@pytest.mark.parametrize("make", [tiny_deit, tiny_swin])
+def test_taylor_is_the_squared_gate_derivative_averaged_over_batches(make):
+    arch = make()
+    model = build(arch)
+    data = batches(arch, 2)
+    expect = {}
+    for x, y in data:
+        g = gate_grads(model, arch, x, y)
+        for key, (gq, gv, gh, gf) in g.items():
+            e = expect.setdefault(key, {"qk": 0, "v": 0, "head": 0, "ffn": 0})
+            e["qk"] = e["qk"] + gq ** 2 / 2
+            e["v"] = e["v"] + gv ** 2 / 2
+            e["head"] = e["head"] + gh ** 2 / 2
+            e["ffn"] = e["ffn"] + gf ** 2 / 2
+    scores = TaylorImportance().score(model, arch, data)
+    for key, e in expect.items():
+        for k in e:
+            np.testing.assert_allclose(scores[key][k], e[k], rtol=1e-3, atol=1e-12, err_msg=f"{key} {k}")
+
+
+def test_momentum_blends_scores_of_surviving_units():
+    arch = tiny_deit()
+    model = build(arch)
+    a = TaylorImportance().score(model, arch, batches(arch, 1, seed=0))
+    b = TaylorImportance().score(model, arch, batches(arch, 1, seed=1))
+    c = b.blend(a, 0.9)
+    key = block_infos(arch)[0].key
+    np.testing.assert_allclose(c[key]["ffn"], 0.9 * a[key]["ffn"] + 0.1 * b[key]["ffn"])

@@ -1,0 +1,116 @@
+"""Surgery builds a real smaller network whose outputs are exactly those of the unpruned network
+with the removed units gated to zero."""
+import random
+
+import torch
+
+import vitslim
+from pruning.surgery import apply_plan
+from pruning.units import BlockKeep, Plan, block_infos, block_module
+
+from pruning_nets import batches, build, tiny_deit, tiny_swin
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def random_plan(arch, seed=0, empty=False):
+    rnd = random.Random(seed)
+    keep = {}
+    for info in block_infos(arch):
+        H = info.heads
+        nh = 0 if empty else rnd.randint(1, H)
+        heads = sorted(rnd.sample(range(H), nh))
+        dq, dv = rnd.randint(1, info.qk_dim), rnd.randint(1, info.v_dim)
+        qk = {h: sorted(rnd.sample(range(info.qk_dim), dq)) for h in heads}
+        v = {h: sorted(rnd.sample(range(info.v_dim), dv)) for h in heads}
+        nf = 0 if empty else rnd.randint(1, info.ffn_hidden)
+        keep[info.key] = BlockKeep(heads, qk, v, sorted(rnd.sample(range(info.ffn_hidden), nf)))
+    return Plan(keep)
+
+
+def gated(model, arch, plan, zero_branch_bias=False):
+    """Hooks that zero, in the unpruned model, exactly the activations of the removed units."""
+    handles = []
+    for info in block_infos(arch):
+        k = plan.get(info)
+        blk = block_module(model, info)
+        H, dq, dv = info.heads, info.qk_dim, info.v_dim
+        mask = torch.ones(H * (2 * dq + dv))
+        for h in range(H):
+            for c in range(dq):
+                if h not in k.heads or c not in k.qk[h]:
+                    mask[h * dq + c] = 0  # gating q alone removes the pair's term q_c k_c
+            for c in range(dv):
+                if h not in k.heads or c not in k.v[h]:
+                    mask[2 * H * dq + h * dv + c] = 0
+        handles.append(blk.attn.qkv.register_forward_hook(lambda m, a, out, mask=mask: out * mask))
+        fmask = torch.zeros(info.ffn_hidden)
+        fmask[k.ffn] = 1
+        handles.append(blk.mlp.fc2.register_forward_pre_hook(lambda m, a, fmask=fmask: (a[0] * fmask,)))
+        if zero_branch_bias:  # a removed branch also loses its output bias
+            if not k.heads:
+                handles.append(blk.attn.proj.register_forward_hook(lambda m, a, out: out - m.bias))
+            if not k.ffn:
+                handles.append(blk.mlp.fc2.register_forward_hook(lambda m, a, out: out - m.bias))
+    return handles
+
+
+def test_nothing_pruned_reproduces_outputs_exactly(net):
+    model, arch = net
+    x = batches(arch, 1)[0][0]
+    new, new_arch = apply_plan(model, arch, Plan.full(block_infos(arch)))
+    with torch.no_grad():
+        assert rel_err(new(x), model(x)) <= 1e-5
+    assert new_arch["stages"] == arch["stages"]
+
+
+def test_surgery_equals_gating_the_removed_units_to_zero(net):
+    model, arch = net
+    x = batches(arch, 1)[0][0]
+    for seed in range(2):
+        plan = random_plan(arch, seed)
+        small, small_arch = apply_plan(model, arch, plan)
+        hs = gated(model, arch, plan)
+        with torch.no_grad():
+            ref = model(x)
+        for h in hs:
+            h.remove()
+        with torch.no_grad():
+            out = small(x)
+        assert rel_err(out, ref) <= 1e-5, seed
+        assert vitslim.count(small)["params"] < vitslim.count(model)["params"]
+        # Q/K and V widths are independent and the trained scale is kept
+        for info, b in zip(block_infos(arch), [b for st in small_arch["stages"] for b in st["blocks"]]):
+            k = plan.get(info)
+            assert (b["heads"], b["qk_dim"], b["v_dim"], b["ffn_hidden"]) == tuple(k.widths.values())
+            if b["qk_dim"] != info.qk_dim:
+                assert b["scale"] == info.scale
+
+
+def test_emptied_branches_equal_gating_plus_their_output_bias():
+    arch = tiny_deit()
+    model = build(arch)
+    x = batches(arch, 1)[0][0]
+    plan = random_plan(arch, 0, empty=True)
+    small, small_arch = apply_plan(model, arch, plan)
+    assert all(b["heads"] == 0 and b["ffn_hidden"] == 0 for b in small_arch["stages"][0]["blocks"])
+    assert small.blocks[0].attn is None and small.blocks[0].mlp is None
+    hs = gated(model, arch, plan, zero_branch_bias=True)
+    with torch.no_grad():
+        ref = model(x)
+    for h in hs:
+        h.remove()
+    with torch.no_grad():
+        assert rel_err(small(x), ref) <= 1e-5
+
+
+def test_surgery_keeps_the_input_model_and_its_mode():
+    arch = tiny_swin()
+    model = build(arch).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, _ = apply_plan(model, arch, random_plan(arch, 1))
+    assert small.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

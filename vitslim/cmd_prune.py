@@ -1,0 +1,101 @@
+"""`vitslim prune`: Taylor structured pruning of a DeiT or Swin checkpoint to a params, MACs or
+latency target; writes a run directory (arch.yaml, model.pt, report.json, reallocation.png)."""
+import json
+import os
+
+from .cli import register_command
+
+
+def _args(p):
+    p.add_argument("--checkpoint", required=True, help="DeiT or Swin checkpoint (official, timm or vitslim)")
+    p.add_argument("--data", required=True,
+                   help="calibration / fine-tuning images: 'synthetic', an ImageFolder directory root/<class>/<images>, "
+                        "or a .pt file with an image tensor (N, C, H, W) or {images, labels}")
+    p.add_argument("--target", required=True,
+                   help="params=F or macs=F (fraction kept, in (0, 1]) or latency=MS (with --table)")
+    p.add_argument("--table", default=None, help="latency table .yaml of the device (for latency=MS)")
+    p.add_argument("--criterion", default="taylor", choices=["taylor", "magnitude"],
+                   help="unit importance (default taylor: first-order, gate form)")
+    p.add_argument("--selection", default="auto", choices=["knapsack", "ratio", "auto"],
+                   help="global choice of units: knapsack under the budget (HALP), ranking by importance per "
+                        "unit of cost, or auto: both, keeping the one with the lower held-out loss (default)")
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for scoring (default 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--iterative-steps", type=int, default=1, help="prune in K steps (default 1: one-shot)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="fine-tuning batches in all, spread over the steps (default 0)")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
+    p.add_argument("--kd", action="store_true", help="fine-tune with knowledge distillation from the unpruned model")
+    p.add_argument("--min-keep", type=float, default=0.1,
+                   help="per-block floor: keep at least this fraction of each unit kind (default 0.1; 0 lets a "
+                        "block lose its attention or MLP entirely)")
+    p.add_argument("--momentum", type=float, default=0.9, help="score smoothing across iterative steps (default 0.9)")
+    p.add_argument("--prune-embed", action="store_true",
+                   help="also prune each stage's embedding (residual) width; unlike the other units this is not "
+                        "exactly gating (LayerNorms then normalise over fewer channels): fine-tune after it")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print report.json's summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run(args):
+    from supernet.checkpoint import load_checkpoint
+    from pruning.budget import parse_target
+    from pruning.pruner import DataSource, PruneConfig, prune
+    from pruning.report import check_out_dir, write_run
+    from pruning.units import PruneError, check_family
+
+    target = parse_target(args.target)
+    check_out_dir(args.out, args.overwrite)
+    table = None
+    if target.kind == "latency":
+        if not args.table:
+            raise PruneError(f"--target {target}: a latency target needs --table (a latency table of the device)")
+    if args.table:
+        from latency_tables.table import LatencyTable
+        table = LatencyTable.load(args.table)
+    model, arch = load_checkpoint(args.checkpoint)
+    check_family(arch)
+    cfg = PruneConfig(target=target, criterion=args.criterion, selection=args.selection,
+                      iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
+                      lr=args.lr, min_keep=args.min_keep, prune_embed=args.prune_embed, momentum=args.momentum, calib_batches=args.calib_batches,
+                      seed=args.seed).check()
+    data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed)
+    res = prune(model, arch, cfg, data=data, table=table if target.kind == "latency" or table else None,
+                progress=not args.quiet)
+    rep = res.report
+    rep.update({"checkpoint": os.path.abspath(args.checkpoint), "family": arch["family"], "data": args.data,
+                "table": os.path.abspath(args.table) if args.table else None, "seed": args.seed,
+                "batch_size": args.batch_size})
+    paths = write_run(args.out, res.model, res.arch, rep, overwrite=args.overwrite)
+    if args.json:
+        keys = ("target", "params_before", "params_after", "macs_before", "macs_after", "cost_before", "cost_after")
+        print(json.dumps({k: rep[k] for k in keys} | {"out": os.path.abspath(args.out)}))
+        return 0
+    print(f"pruned {args.checkpoint} to {target}: params {rep['params_before']:,} -> {rep['params_after']:,} "
+          f"({rep['params_kept']:.2f}), MACs {rep['macs_before']:,} -> {rep['macs_after']:,} ({rep['macs_kept']:.2f})")
+    if "latency_after_ms" in rep:
+        print(f"predicted latency {rep['latency_before_ms']:.3f} -> {rep['latency_after_ms']:.3f} ms")
+    if "heldout_after" in rep:
+        print(f"held-out top-1 {rep['heldout_before']['top1']:.3f} -> {rep['heldout_after']['top1']:.3f}"
+              f" (selection: {rep['steps'][-1]['selection']})")
+    if args.prune_embed:
+        print("embedding widths: " + ", ".join(f"stage {s['stage']} {s['width']}/{s['width_before']}" for s in rep["stages"]))
+    print(f"{'block':<8} {'heads':>9} {'qk_dim':>9} {'v_dim':>9} {'ffn':>11}")
+    for b in rep["blocks"]:
+        print(f"{b['stage']}.{b['block']:<6} {b['heads']:>4}/{b['heads_before']:<4} {b['qk_dim']:>4}/{b['qk_dim_before']:<4} "
+              f"{b['v_dim']:>4}/{b['v_dim_before']:<4} {b['ffn_hidden']:>5}/{b['ffn_hidden_before']:<5}")
+    if rep["emptied"]:
+        print("removed entirely: " + ", ".join(rep["emptied"]))
+    print(f"wrote {args.out}/ (arch.yaml, model.pt, report.json" + (", reallocation.png)" if paths["plot"] else
+                                                                      "; no plot: matplotlib is not installed)"))
+    return 0
+
+
+register_command("prune", _args, _run,
+                 "Taylor structured pruning of a DeiT or Swin checkpoint (Q/K, V, heads and FFN widths each their own)",
+                 "vitslim prune --checkpoint deit_tiny.pth --data synthetic --target macs=0.5 --out run/deit_half\n"
+                 "vitslim prune --checkpoint swin.pt --data imagenet/val --target latency=4.0 --table cpu.yaml "
+                 "--iterative-steps 4 --finetune-steps 400 --kd --out run/swin_4ms")
