@@ -1,0 +1,278 @@
+"""The on-device path for phones: `export_coreml` writes one Core ML package per table entry (plus
+optional whole networks for the overhead) and a manifest; after timing them on the device,
+`import_csv` reads the medians back into a latency table.
+
+CSV (one row per package; header required; extra columns ignored):
+
+    name,median_ms,p10_ms,p90_ms,samples
+    e0001_meta4d,0.412,0.405,0.431,50
+    net00,3.912,,,
+
+`name` is the package's name in the manifest (with or without `.mlpackage`) or the entry's key
+text (`meta4d|dim=48|ffn_hidden=192|res=56`); `median_ms` is required, the others optional.
+Rows named `net..` are whole networks: they fit the table's overhead.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .backends import BackendError
+from .build import fit_overhead
+from .measure import build_network, deploy
+from .segments import build_segment, check_key, decompose, key_str, SegmentError
+from .table import LatencyError, LatencyTable, atomic_write, now_iso
+
+MANIFEST_FORMAT = "vitslim-coreml-manifest"
+MANIFEST_VERSION = 1
+
+
+class CSVImportError(LatencyError):
+    """A CSV of on-device times that does not fit its manifest."""
+
+
+def _coremltools():
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise BackendError("coreml export: coremltools is not installed (pip install coremltools; it converts on "
+                           "Linux and macOS)") from None
+    return ct
+
+
+def convert_coreml(module: nn.Module, x: torch.Tensor, compute_units=None, precision: str = "float16"):
+    """An ML program (mlprogram) of `module` traced on `x`; input named 'x'."""
+    ct = _coremltools()
+    module = module.float().eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, x)
+        kw = {}
+        if compute_units is not None:
+            kw["compute_units"] = compute_units
+        prec = ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32
+        import contextlib
+        import io
+        import logging
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(io.StringIO()):  # coremltools' own per-pass progress bars
+            return ct.convert(traced, inputs=[ct.TensorType(name="x", shape=tuple(x.shape))], convert_to="mlprogram",
+                              compute_precision=prec, **kw)
+
+
+def _save_package(mlmodel, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=d)
+    try:
+        p = os.path.join(tmp, os.path.basename(path))
+        mlmodel.save(p)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(p, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def entry_name(i: int, key: Mapping) -> str:
+    return f"e{i:04d}_{key['op']}"
+
+
+def export_coreml(keys: Sequence[Mapping], out_dir: str, networks: Sequence[Mapping] = (), batch_size: int = 1,
+                  precision: str = "float16", built_for: Optional[Mapping] = None, progress=None) -> dict:
+    """Write `out_dir/<name>.mlpackage` per entry (and per network), `manifest.json` and a
+    `times_template.csv` to fill with on-device medians. Re-running skips packages already written."""
+    ct = _coremltools()
+    os.makedirs(out_dir, exist_ok=True)
+    man_path = os.path.join(out_dir, "manifest.json")
+    old = {}
+    if os.path.exists(man_path):
+        old_m = read_manifest(man_path)
+        old = {r["key_str"]: r for r in old_m["entries"]}
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created": now_iso(),
+                "batch_size": batch_size, "dtype": "float32 inputs, " + precision + " compute", "fused": True,
+                "coremltools": ct.__version__, "torch": torch.__version__, "built_for": dict(built_for or {}),
+                "entries": [], "networks": []}
+    used = {r["name"] for r in old.values()}
+    n_next = 1 + max([int(m.group(1)) for m in (re.match(r"e(\d+)_", u) for u in used) if m] or [0])
+
+    def write_manifest():
+        atomic_write(man_path, json.dumps(manifest, indent=1) + "\n")
+
+    for key in keys:
+        k = check_key(key)
+        s = key_str(k)
+        if s in old and os.path.isdir(os.path.join(out_dir, old[s]["package"])):
+            manifest["entries"].append(old[s])
+        else:
+            name = entry_name(n_next, k)
+            n_next += 1
+            module, shape = build_segment(k)
+            x = torch.randn((batch_size,) + tuple(shape))
+            ml = convert_coreml(deploy(module, True), x, precision=precision)
+            _save_package(ml, os.path.join(out_dir, name + ".mlpackage"))
+            manifest["entries"].append({"name": name, "key": k, "key_str": s, "package": name + ".mlpackage",
+                                        "input_shape": list(x.shape)})
+        write_manifest()
+        if progress is not None:
+            progress.update(1)
+    for i, a in enumerate(networks):
+        name = f"net{i:02d}"
+        model = build_network(a)
+        arch = model.arch
+        x = torch.randn(batch_size, arch["in_chans"], arch["input_size"], arch["input_size"])
+        pkg = os.path.join(out_dir, name + ".mlpackage")
+        ml = convert_coreml(deploy(model, True), x, precision=precision)
+        _save_package(ml, pkg)
+        manifest["networks"].append({"name": name, "arch": arch, "package": name + ".mlpackage",
+                                     "input_shape": list(x.shape)})
+        write_manifest()
+        if progress is not None:
+            progress.update(1)
+    write_manifest()
+    with open(os.path.join(out_dir, "times_template.csv"), "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "median_ms", "p10_ms", "p90_ms", "samples", "key"])
+        for r in manifest["entries"]:
+            w.writerow([r["name"], "", "", "", "", r["key_str"]])
+        for r in manifest["networks"]:
+            w.writerow([r["name"], "", "", "", "", "network"])
+    return manifest
+
+
+def read_manifest(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CSVImportError(f"{path}: no such file, expected the manifest.json written by `vitslim latency export-coreml`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CSVImportError(f"{path}: not valid JSON ({e}), expected a manifest from export-coreml") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise CSVImportError(f"{path}: format: got {m.get('format') if isinstance(m, dict) else m!r}, "
+                           f"expected {MANIFEST_FORMAT!r}")
+    if m.get("version") != MANIFEST_VERSION:
+        raise CSVImportError(f"{path}: version: got {m.get('version')!r}, expected {MANIFEST_VERSION}")
+    for r in m.get("entries", []):
+        try:
+            r["key"] = check_key(r["key"])
+        except (SegmentError, KeyError, TypeError) as e:
+            raise CSVImportError(f"{path}: entry {r.get('name', '?')}: {e}") from None
+    m.setdefault("networks", [])
+    return m
+
+
+def _number(v: str, where: str, what: str, required: bool) -> Optional[float]:
+    v = (v or "").strip()
+    if not v:
+        if required:
+            raise CSVImportError(f"{where}: {what}: missing, expected a time in milliseconds")
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        raise CSVImportError(f"{where}: {what}: got {v!r}, expected a number of milliseconds") from None
+    if not math.isfinite(x) or x < 0:
+        raise CSVImportError(f"{where}: {what}: got {v!r}, expected a finite time >= 0 ms")
+    return x
+
+
+def read_times_csv(path: str, manifest: Mapping) -> Dict[str, dict]:
+    """{name: {"ms", "p10", "p90", "n"}} for every row, every row checked against the manifest."""
+    if not os.path.isfile(path):
+        raise CSVImportError(f"{path}: no such file, expected a CSV of on-device times (name,median_ms,...)")
+    names = {}
+    for r in manifest["entries"]:
+        names[r["name"]] = r["name"]
+        names[r["package"]] = r["name"]
+        names[r["key_str"]] = r["name"]
+    for r in manifest["networks"]:
+        names[r["name"]] = r["name"]
+        names[r["package"]] = r["name"]
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if "name" not in cols or "median_ms" not in cols:
+            raise CSVImportError(f"{path}: header: got {cols}, expected at least name,median_ms "
+                               "(optional p10_ms,p90_ms,samples)")
+        out: Dict[str, dict] = {}
+        unknown = []
+        for i, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in row.items()}
+            raw = row.get("name", "").strip()
+            if not raw:
+                continue
+            name = names.get(raw) or names.get(raw + ".mlpackage")
+            if name is None:
+                unknown.append(f"{raw!r} (line {i})")
+                continue
+            where = f"{path} line {i} ({raw})"
+            ms = _number(row.get("median_ms", ""), where, "median_ms", True)
+            p10 = _number(row.get("p10_ms", ""), where, "p10_ms", False)
+            p90 = _number(row.get("p90_ms", ""), where, "p90_ms", False)
+            n_raw = (row.get("samples") or "").strip()
+            if n_raw and not re.fullmatch(r"\d+", n_raw):
+                raise CSVImportError(f"{where}: samples: got {n_raw!r}, expected a count (integer >= 0)")
+            p10 = ms if p10 is None else p10
+            p90 = ms if p90 is None else p90
+            if not p10 <= ms <= p90:
+                raise CSVImportError(f"{where}: got p10 {p10}, median {ms}, p90 {p90}, expected p10 <= median <= p90")
+            if name in out:
+                raise CSVImportError(f"{where}: {name} appears twice, expected one row per package")
+            out[name] = {"ms": ms, "p10": p10, "p90": p90, "n": int(n_raw) if n_raw else 0}
+    if unknown:
+        raise CSVImportError(f"{path}: {len(unknown)} row(s) name no package of the manifest: {', '.join(unknown[:5])}"
+                           f"{' ...' if len(unknown) > 5 else ''} (expected names from manifest.json)")
+    if not out:
+        raise CSVImportError(f"{path}: no rows with times, expected one row per package")
+    return out
+
+
+def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, compute_units: str = "ALL",
+               runtime: Optional[Mapping] = None) -> LatencyTable:
+    """Read on-device medians into the table at `out_path` (created, or merged into if it exists and is for
+    the same device). Everything is checked before anything is written: on error the file is untouched."""
+    m = read_manifest(manifest_path)
+    times = read_times_csv(csv_path, m)
+    dev = {"backend": "coreml", "device": device, "threads": None, "batch_size": int(m.get("batch_size", 1)),
+           "dtype": m.get("dtype", "float16"), "fused": bool(m.get("fused", True)), "compute_units": compute_units,
+           "runtime": dict(runtime or {"coremltools": m.get("coremltools")}), "platform": "on-device (imported)"}
+    if os.path.exists(out_path):
+        table = LatencyTable.load(out_path)
+        diffs = table.matches({k: dev[k] for k in ("backend", "device", "batch_size")})
+        if diffs:
+            raise CSVImportError(f"{out_path}: a table for another device ({'; '.join(diffs)}); import into a new --out")
+    else:
+        table = LatencyTable(dev, measurement={"procedure": "imported from on-device measurements (CSV)",
+                                               "manifest": os.path.abspath(manifest_path)},
+                             built_for=m.get("built_for") or {})
+    by_name = {r["name"]: r for r in m["entries"]}
+    for name, t in times.items():
+        if name in by_name:
+            table.set(by_name[name]["key"], t["ms"], t["p10"], t["p90"], t["n"], "imported")
+    nets = [r for r in m["networks"] if r["name"] in times]
+    if nets:
+        sums, meas, counts = [], [], []
+        for r in nets:
+            miss = table.missing(r["arch"])
+            if miss:
+                raise CSVImportError(f"{csv_path}: network {r['name']} needs entries with no time: "
+                                   f"{', '.join(key_str(k) for k in miss[:4])}")
+            segs = decompose(r["arch"])
+            sums.append(sum(table.entries[s.id].ms for s in segs))
+            counts.append(len(segs))
+            meas.append(times[r["name"]]["ms"])
+        over = fit_overhead(sums, meas, counts)
+        over["provenance"] = "imported"
+        table.overhead = over
+    table.save(out_path)
+    return table

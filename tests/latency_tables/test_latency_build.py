@@ -1,0 +1,188 @@
+"""Building: only missing entries are measured (a re-run resumes), the table is saved after every
+entry, a table of another device is never resumed into, and the overhead fit is right."""
+import os
+
+import pytest
+
+from latency_tables import Backend, BackendError, LatencyError, LatencyTable, get_backend
+from latency_tables.build import (covering_archs, fit_overhead, measure_entries, measure_in_context, middle_arch,
+                                  needed_keys, open_table, table_reference)
+from latency_tables.segments import decompose, key_str
+from latency_tables.measure import Procedure
+
+QUICK = Procedure(time_per_item=0.001, min_samples=3, max_samples=5, warmup=0.0)
+
+
+class CountingBackend(Backend):
+    """Runs nothing; counts how many entries it was asked to prepare."""
+
+    name = "torch-cpu"
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.prepared = 0
+        self.fail_after = fail_after
+
+    def device_name(self):
+        return "Fake CPU 3000"
+
+    def prepare_fn(self, module, input_shape):
+        if self.fail_after is not None and self.prepared >= self.fail_after:
+            raise KeyboardInterrupt
+        self.prepared += 1
+        return (lambda x: x), None
+
+
+def test_rerun_measures_only_what_is_missing(tmp_path, tiny_space):
+    keys = needed_keys(tiny_space)[:24]
+    p = str(tmp_path / "t.yaml")
+    b = CountingBackend()
+    t = open_table(p, b)
+    assert measure_entries(t, keys[:10], b, QUICK, group=4) == 10
+    assert b.prepared == 10 and len(LatencyTable.load(p)) == 10
+    b2 = CountingBackend()
+    t2 = open_table(p, b2)
+    assert measure_entries(t2, keys, b2, QUICK, group=4) == len(keys) - 10
+    assert b2.prepared == len(keys) - 10
+    b3 = CountingBackend()
+    assert measure_entries(open_table(p, b3), keys, b3, QUICK) == 0 and b3.prepared == 0
+    assert len(LatencyTable.load(p)) == len(keys)
+
+
+def test_covering_networks_contain_every_entry_in_several_contexts(tiny_space):
+    keys = needed_keys(tiny_space)
+    nets = covering_archs(tiny_space, keys, contexts=2)
+    seen = {}
+    for a in nets:
+        for s in decompose(a):
+            seen[s.id] = seen.get(s.id, 0) + 1
+    assert all(seen.get(key_str(k), 0) >= 2 for k in keys)
+
+
+def test_in_context_rerun_measures_only_what_is_missing(tmp_path, tiny_space):
+    keys = needed_keys(tiny_space)
+    p = str(tmp_path / "t.yaml")
+    b = CountingBackend()
+    t = open_table(p, b)
+    first = keys[:20]
+    n = measure_in_context(t, first, covering_archs(tiny_space, first), b, QUICK, group=4)
+    assert n == 20 and set(LatencyTable.load(p).entries) == {key_str(k) for k in first}
+    b2 = CountingBackend()
+    t2 = open_table(p, b2)
+    rest = t2.missing(keys)
+    assert measure_in_context(t2, keys, covering_archs(tiny_space, rest), b2, QUICK, group=4) == len(keys) - 20
+    assert len(LatencyTable.load(p)) == len(keys)
+    b3 = CountingBackend()
+    assert measure_in_context(open_table(p, b3), keys, covering_archs(tiny_space, keys), b3, QUICK) == 0
+    assert b3.prepared == 0  # nothing missing: no network is even built
+
+
+def test_interrupted_in_context_build_continues_where_it_stopped(tmp_path, tiny_space):
+    keys = needed_keys(tiny_space)
+    nets = covering_archs(tiny_space, keys, contexts=2)
+    p = str(tmp_path / "t.yaml")
+    per_net = [len(decompose(a)) for a in nets]
+    b = CountingBackend(fail_after=sum(per_net[:6]) + 1)  # dies while building the 7th network
+    with pytest.raises(KeyboardInterrupt):
+        measure_in_context(open_table(p, b), keys, nets, b, QUICK, group=3)
+    assert os.path.exists(p + ".partial.json")
+    b2 = CountingBackend()
+    t2 = open_table(p, b2)
+    measure_in_context(t2, keys, nets, b2, QUICK, group=3)
+    assert b2.prepared <= sum(per_net[6:])  # the first two groups were not run again
+    assert not t2.missing(keys) and not os.path.exists(p + ".partial.json")
+
+
+def test_drift_reference_is_a_middle_member_stored_with_the_table(tmp_path, tiny_space):
+    keys = needed_keys(tiny_space)[:10]
+    p = str(tmp_path / "t.yaml")
+    b = CountingBackend()
+    t = open_table(p, b)
+    ref = table_reference(t, b, True, tiny_space)
+    measure_in_context(t, keys, covering_archs(tiny_space, keys), b, QUICK, reference=ref)
+    stored = LatencyTable.load(p).measurement["reference"]
+    assert stored["arch"] == middle_arch(tiny_space) and "ms" in stored
+    again = table_reference(LatencyTable.load(p), b)  # validation reuses the same network and level
+    assert again.arch == stored["arch"] and again.ms == stored["ms"]
+
+
+def test_in_context_entries_are_medians_of_real_steps(tmp_path, tiny_space):
+    b = get_backend("torch-cpu")
+    t = open_table(str(tmp_path / "t.yaml"), b)
+    arch = tiny_space.to_arch(tiny_space.largest_choice())
+    keys = [s.key for s in decompose(arch)]
+    measure_in_context(t, keys, [arch], b, Procedure(0.001, 3, 5, 0.0, clock="thread"))
+    assert not t.missing(arch)
+    for k in keys:
+        e = t.get(k)
+        assert e.n >= 3 and 0 < e.p10 <= e.ms <= e.p90
+
+
+def test_interrupted_build_keeps_every_finished_entry(tmp_path, tiny_space):
+    keys = needed_keys(tiny_space)
+    p = str(tmp_path / "t.yaml")
+    b = CountingBackend(fail_after=6)
+    with pytest.raises(KeyboardInterrupt):
+        measure_entries(open_table(p, b), keys, b, QUICK, group=4)
+    assert len(LatencyTable.load(p)) == 4  # the first group finished and was saved; the second was not
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_resuming_a_table_of_another_device_is_refused_and_leaves_it(tmp_path, tiny_space):
+    p = str(tmp_path / "t.yaml")
+    b = CountingBackend()
+    measure_entries(open_table(p, b), needed_keys(tiny_space)[:3], b, QUICK)
+    before = open(p, "rb").read()
+    other = get_backend("onnxruntime")
+    with pytest.raises(LatencyError, match="backend 'torch-cpu' vs 'onnxruntime'"):
+        open_table(p, other)
+    assert open(p, "rb").read() == before
+
+
+def test_overhead_fit_recovers_scale_and_intercept():
+    sums = [1.0, 2.0, 5.0, 9.0]
+    over = fit_overhead(sums, [1.2 * s + 0.3 for s in sums])
+    assert over["scale"] == pytest.approx(0.2, abs=1e-6) and over["intercept_ms"] == pytest.approx(0.3, abs=1e-6)
+    assert over["mape_fitted"] == pytest.approx(0.0, abs=1e-6) and over["provenance"] == "measured"
+    few = fit_overhead([1.0, 2.0], [1.5, 2.5])
+    assert few["scale"] == 0.0 and few["intercept_ms"] == pytest.approx(0.5)
+    sums, counts = [1.0, 2.0, 5.0, 9.0, 3.0, 7.0], [4, 9, 6, 12, 20, 5]
+    three = fit_overhead(sums, [1.1 * s + 0.2 + 0.03 * c for s, c in zip(sums, counts)], counts)
+    assert three["scale"] == pytest.approx(0.1, abs=1e-6) and three["per_segment_ms"] == pytest.approx(0.03, abs=1e-6)
+    assert three["intercept_ms"] == pytest.approx(0.2, abs=1e-6)
+
+
+def test_torch_cpu_measures_real_entries(tmp_path, tiny_space):
+    b = get_backend("torch-cpu")
+    d = b.describe()
+    assert d["backend"] == "torch-cpu" and d["threads"] == 1 and d["fused"] is True and d["runtime"]["torch"]
+    t = open_table(str(tmp_path / "t.yaml"), b)
+    keys = [k for k in needed_keys(tiny_space) if k["op"] in ("meta4d", "meta3d")][:2]
+    measure_entries(t, keys, b, Procedure(0.001, 3, 5, 0.0, clock="thread"))
+    for k in keys:
+        e = t.get(k)
+        assert e.n >= 3 and 0 < e.p10 <= e.ms <= e.p90 and e.source == "measured"
+
+
+def test_onnxruntime_backend_runs_an_entry(tiny_space):
+    pytest.importorskip("onnxruntime")
+    from latency_tables.measure import entry_runner
+    b = get_backend("onnxruntime")
+    key = next(k for k in needed_keys(tiny_space) if k["op"] == "meta3d")
+    entry_runner(b, key)()  # exports, opens a session, runs once
+    assert b.describe()["runtime"]["onnxruntime"]
+
+
+def test_unknown_backend_and_bad_settings_are_clear_errors():
+    with pytest.raises(BackendError, match="expected one of torch-cpu, torch-cuda, onnxruntime, coreml"):
+        get_backend("tpu")
+    with pytest.raises(BackendError, match="threads"):
+        get_backend("torch-cpu", threads=0)
+
+
+def test_cuda_backend_without_a_gpu_says_so():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(BackendError, match="no CUDA device"):
+        get_backend("torch-cuda").check_available()

@@ -1,0 +1,97 @@
+"""`vitslim latency ...`: JSON outputs, and one-line errors (exit 2) that leave table files untouched."""
+import json
+
+import pytest
+
+import vitslim
+from vitslim.cli import main
+from lat_helpers import TINY, fake_table
+from latency_tables.segments import arch_keys
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def table_file(tmp_path, tiny_keys):
+    keys = tiny_keys + arch_keys(vitslim.get_preset("efficientformer_l1"))
+    p = tmp_path / "t.yaml"
+    fake_table(keys).save(str(p))
+    return p
+
+
+def test_predict_json_has_total_and_stages(capsys, table_file):
+    code, out, err = run(capsys, "latency", "predict", "--table", table_file, "efficientformer_l1", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert set(d) >= {"predicted_ms", "stages", "overhead_ms", "estimated", "device"}
+    assert d["predicted_ms"] == pytest.approx(sum(d["stages"].values()) + d["overhead_ms"])
+    from latency_tables import LatencyTable
+    assert d["predicted_ms"] == pytest.approx(LatencyTable.load(str(table_file)).predict(vitslim.get_preset("efficientformer_l1")))
+
+
+def test_predict_reads_arch_yaml_and_prints_stages(capsys, table_file, tmp_path, tiny_space):
+    vitslim.save_arch(tiny_space.to_arch(tiny_space.largest_choice()), tmp_path / "a.yaml")
+    code, out, _ = run(capsys, "latency", "predict", "--table", table_file, tmp_path / "a.yaml")
+    assert code == 0 and "ms predicted on torch-cpu / Fake CPU 3000" in out and "stage3" in out
+
+
+def test_show_and_dry_run(capsys, table_file, tmp_path):
+    code, out, _ = run(capsys, "latency", "show", "--table", table_file, "--json")
+    assert code == 0 and json.loads(out)["entries"] > 70
+    code, out, _ = run(capsys, "latency", "build", "--space", TINY, "--out", tmp_path / "new.yaml", "--dry-run")
+    assert code == 0 and "74 entries needed, 0 present, 74 to measure" in out
+    assert not (tmp_path / "new.yaml").exists()
+
+
+def test_validate_json_keys_are_fractions(capsys, table_file):
+    code, out, err = run(capsys, "latency", "validate", "--table", table_file, "--space", TINY, "--samples", 2,
+                         "--time-per-network", 0.001, "--min-samples", 3, "--no-presets", "--no-drift-reference",
+                         "--allow-device-mismatch", "--json", "--quiet")
+    assert code == 0, err
+    d = json.loads(out)
+    assert {"samples", "mape", "within_5", "within_10", "spearman"} <= set(d)
+    assert d["samples"] == 2 and 0 <= d["within_5"] <= d["within_10"] <= 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["predict", "--table", "{t}", "efficientformer_l1", "--backend", "onnxruntime"], "backend 'torch-cpu' vs 'onnxruntime'"),
+    (["validate", "--table", "{t}", "--space", TINY, "--samples", "1"], "measured on torch-cpu / Fake CPU 3000"),
+    (["predict", "--table", "{t}", "deit_tiny"], "entries the table lacks: vit_embed"),
+    (["predict", "--table", "{t}", "nosuchpreset"], "preset: got 'nosuchpreset'"),
+    (["predict", "--table", "{bad}", "efficientformer_l1"], "entries[0]"),
+    (["predict", "--table", "{t}.missing", "efficientformer_l1"], "no such file"),
+    (["build", "--out", "{t}"], "expected --space"),
+    (["build", "--space", TINY, "--out", "{t}", "--backend", "onnxruntime"], "would mix devices"),
+    (["export-coreml", "--out", "{t}.d"], "expected --space"),
+    (["import", "--manifest", "{t}.json", "--csv", "{t}.csv", "--out", "{t}", "--device", "x"], "no such file"),
+])
+def test_bad_input_is_one_line_exit_2_and_the_table_is_untouched(capsys, table_file, tmp_path, argv, needle):
+    bad = tmp_path / "bad.yaml"
+    text = table_file.read_text()
+    bad.write_text(text.replace("{key: {op: ", "{key: {opp: ", 1))
+    before, before_bad = table_file.read_bytes(), bad.read_bytes()
+    argv = [a.format(t=table_file, bad=bad) for a in argv]
+    code, out, err = run(capsys, "latency", *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert table_file.read_bytes() == before and bad.read_bytes() == before_bad
+
+
+def test_latency_without_subcommand_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "latency")
+    assert code == 2 and "expected a subcommand" in err
+
+
+def test_coreml_backend_off_macos_is_one_line_pointing_to_export(capsys, tmp_path):
+    import platform
+    if platform.system() == "Darwin":
+        pytest.skip("Core ML runs here")
+    code, _, err = run(capsys, "latency", "build", "--space", TINY, "--backend", "coreml", "--out", tmp_path / "t.yaml")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "only on macOS" in lines[0] and "export-coreml" in lines[0]
+    assert not (tmp_path / "t.yaml").exists()

@@ -1,0 +1,159 @@
+"""The phone path: every block kind converts to a Core ML package listed in a manifest; on-device
+times read back from a CSV give the table (and its overhead); bad CSVs leave the table untouched.
+The Core ML backend itself says clearly that it only runs on macOS."""
+import csv
+import json
+import os
+import platform
+
+import pytest
+
+from latency_tables import BackendError, LatencyTable, get_backend
+from latency_tables.coreml_io import CSVImportError, export_coreml, import_csv
+from latency_tables.segments import OPS, decompose, key_str
+
+# one small key per operator kind the tables know (every block of every family covered)
+KINDS = [
+    {"op": "efficientformer_stem", "res_in": 32, "cin": 3, "c1": 8, "c2": 16},
+    {"op": "efficientformer_downsample", "res_in": 8, "cin": 16, "cout": 32},
+    {"op": "meta4d", "res": 8, "dim": 16, "ffn_hidden": 64},
+    {"op": "efficientformer_to_tokens", "res": 4, "dim": 32},
+    {"op": "meta3d", "tokens": 16, "dim": 32, "heads": 2, "qk_dim": 8, "v_dim": 16, "ffn_hidden": 64},
+    {"op": "efficientformer_to_map", "res": 4, "dim": 32},
+    {"op": "efficientformer_head", "res": 2, "dim": 32, "classes": 10, "distillation": True, "from_map": False},
+    {"op": "vit_embed", "res_in": 32, "cin": 3, "patch": 8, "dim": 32, "prefix": 2},
+    {"op": "vit_block", "tokens": 18, "dim": 32, "heads": 2, "qk_dim": 8, "v_dim": 16, "ffn_hidden": 64},
+    {"op": "vit_head", "tokens": 18, "dim": 32, "classes": 10, "distillation": True},
+    {"op": "swin_embed", "res_in": 32, "cin": 3, "patch": 4, "dim": 16},
+    {"op": "swin_patch_merging", "res_in": 8, "cin": 16, "cout": 32},
+    {"op": "swin_block", "res": 8, "dim": 16, "heads": 2, "qk_dim": 8, "v_dim": 8, "ffn_hidden": 32, "window": 4,
+     "shifted": True},
+    {"op": "swin_head", "res": 4, "dim": 32, "classes": 10},
+    {"op": "staged_stem", "res_in": 64, "cin": 3, "widths": "4-8-16-32"},
+    {"op": "staged_downsample", "res_in": 4, "cin": 32, "cout": 48, "hidden": 64, "se_hidden": 16, "ffn_hidden": 64,
+     "ffn2_hidden": 96},
+    {"op": "cga_block", "res": 4, "dim": 32, "heads": 2, "qk_dim": 8, "v_dim": 16, "kernels": "5-3", "ffn_hidden": 64,
+     "ffn2_hidden": 64, "window": 7},
+    {"op": "shvit_conv_block", "res": 4, "dim": 32, "ffn_hidden": 64},
+    {"op": "shsa_block", "res": 2, "dim": 48, "pdim": 16, "qk_dim": 8, "ffn_hidden": 96},
+    {"op": "staged_head", "res": 2, "dim": 48, "classes": 10, "distillation": True},
+]
+
+NET = {"version": 1, "family": "efficientformer", "input_size": 32, "in_chans": 3, "num_classes": 10,
+       "distillation": True, "stem": {"widths": [8, 16]},
+       "stages": [{"width": 16, "downsample": None, "blocks": [{"type": "meta4d", "ffn_hidden": 64}]},
+                  {"width": 32, "downsample": {"type": "conv"}, "blocks": [{"type": "meta4d", "ffn_hidden": 64}]},
+                  {"width": 32, "downsample": {"type": "conv"}, "blocks": [
+                      {"type": "meta3d", "heads": 2, "qk_dim": 8, "v_dim": 16, "ffn_hidden": 64}]}]}
+
+
+def test_every_op_kind_is_covered_here():
+    assert {k["op"] for k in KINDS} == set(OPS)
+
+
+def test_coreml_backend_off_macos_points_to_export_and_import():
+    if platform.system() == "Darwin":
+        pytest.skip("on macOS the Core ML backend runs")
+    with pytest.raises(BackendError) as e:
+        get_backend("coreml").check_available()
+    msg = str(e.value)
+    assert "only on macOS" in msg and "export-coreml" in msg and "latency import" in msg
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pytest.importorskip("coremltools")
+    import torch
+    torch.set_num_threads(1)
+    out = str(tmp_path_factory.mktemp("coreml"))
+    needed = KINDS + [s.key for s in decompose(NET) if key_str(s.key) not in {key_str(k) for k in KINDS}]
+    manifest = export_coreml(needed, out, networks=[NET])
+    return out, manifest
+
+
+def test_every_block_kind_converts_to_an_mlpackage(exported):
+    out, manifest = exported
+    ops = {r["key"]["op"] for r in manifest["entries"]}
+    assert ops == set(OPS)
+    for r in manifest["entries"] + manifest["networks"]:
+        assert os.path.isdir(os.path.join(out, r["package"])), r["package"]
+        assert os.path.exists(os.path.join(out, r["package"], "Manifest.json"))
+    on_disk = json.load(open(os.path.join(out, "manifest.json")))
+    assert [r["name"] for r in on_disk["entries"]] == [r["name"] for r in manifest["entries"]]
+    rows = list(csv.DictReader(open(os.path.join(out, "times_template.csv"))))
+    assert len(rows) == len(manifest["entries"]) + 1 and rows[-1]["name"] == "net00"
+
+
+def _write_csv(path, rows, header=("name", "median_ms", "p10_ms", "p90_ms", "samples")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def _fake_times(manifest):
+    return {r["name"]: 0.1 + 0.01 * i for i, r in enumerate(manifest["entries"])}
+
+
+def test_import_round_trip_gives_the_table_and_overhead(exported, tmp_path):
+    out, manifest = exported
+    times = _fake_times(manifest)
+    rows = [[n, f"{ms:.4f}", f"{ms * 0.9:.4f}", f"{ms * 1.2:.4f}", 50] for n, ms in times.items()]
+    net_sum = sum(times[next(r["name"] for r in manifest["entries"] if r["key_str"] == s.id)] for s in decompose(NET))
+    rows.append(["net00.mlpackage", f"{net_sum + 0.5:.4f}", "", "", ""])  # package names work too
+    csv_path = _write_csv(tmp_path / "times.csv", rows)
+    table = import_csv(os.path.join(out, "manifest.json"), csv_path, str(tmp_path / "t.yaml"), "iPhone 12 (A14)")
+    t = LatencyTable.load(str(tmp_path / "t.yaml"))
+    assert t.device["backend"] == "coreml" and t.device["device"] == "iPhone 12 (A14)"
+    assert len(t) == len(manifest["entries"])
+    for r in manifest["entries"]:
+        e = t.get(r["key"])
+        assert e.source == "imported" and e.n == 50 and e.ms == pytest.approx(times[r["name"]], abs=1e-4)
+    assert t.overhead["provenance"] == "imported"
+    assert t.predict(NET) == pytest.approx(net_sum + 0.5, abs=1e-3)  # one network: the residual is the overhead
+    assert len(table) == len(t)
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ([["e9999_meta4d", "1.0", "", "", ""]], "name no package"),
+    ([["{first}", "-0.5", "", "", ""]], "expected a finite time >= 0"),
+    ([["{first}", "fast", "", "", ""]], "expected a number of milliseconds"),
+    ([["{first}", "nan", "", "", ""]], "expected a finite time >= 0"),
+    ([["{first}", "", "", "", ""]], "median_ms: missing"),
+    ([["{first}", "1.0", "", "", "many"]], "samples"),
+    ([["{first}", "1.0", "1.5", "", ""]], "p10 <= median <= p90"),
+    ([["{first}", "1.0", "", "", ""], ["{first}", "1.1", "", "", ""]], "appears twice"),
+])
+def test_bad_csv_is_refused_and_the_table_left_untouched(exported, tmp_path, rows, needle):
+    out, manifest = exported
+    first = manifest["entries"][0]["name"]
+    t_path = str(tmp_path / "t.yaml")
+    good = _write_csv(tmp_path / "good.csv", [[first, "0.5", "", "", ""]])
+    import_csv(os.path.join(out, "manifest.json"), good, t_path, "iPhone 12")
+    before = open(t_path, "rb").read()
+    bad = _write_csv(tmp_path / "bad.csv", [[c.format(first=first) for c in r] for r in rows])
+    with pytest.raises(CSVImportError) as e:
+        import_csv(os.path.join(out, "manifest.json"), bad, t_path, "iPhone 12")
+    assert needle in str(e.value)
+    assert open(t_path, "rb").read() == before
+
+
+def test_csv_without_the_required_columns_is_refused(exported, tmp_path):
+    out, _ = exported
+    bad = _write_csv(tmp_path / "bad.csv", [["x", "1"]], header=("package", "time"))
+    with pytest.raises(CSVImportError, match="expected at least name,median_ms"):
+        import_csv(os.path.join(out, "manifest.json"), bad, str(tmp_path / "t.yaml"), "iPhone 12")
+    assert not os.path.exists(tmp_path / "t.yaml")
+
+
+def test_import_into_a_table_of_another_device_is_refused(exported, tmp_path):
+    out, manifest = exported
+    first = manifest["entries"][0]["name"]
+    t_path = str(tmp_path / "t.yaml")
+    good = _write_csv(tmp_path / "good.csv", [[first, "0.5", "", "", ""]])
+    import_csv(os.path.join(out, "manifest.json"), good, t_path, "iPhone 12")
+    before = open(t_path, "rb").read()
+    with pytest.raises(CSVImportError, match="another device"):
+        import_csv(os.path.join(out, "manifest.json"), good, t_path, "iPhone 15 Pro")
+    assert open(t_path, "rb").read() == before

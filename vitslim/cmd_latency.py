@@ -1,0 +1,401 @@
+"""`vitslim latency build | predict | validate | export-coreml | import | show`: per-device latency
+lookup tables (see latency_tables/ and the README, 'Latency tables')."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from supernet.errors import VitslimError
+
+from .cli import register_command
+
+
+# ------------------------------------------------------------------ helpers
+def _arch_of(target: str) -> dict:
+    from . import api
+    if os.path.isfile(target) and not target.endswith((".yaml", ".yml")):
+        _, arch = api.load_checkpoint(target)
+        return arch
+    return api.resolve_arch(target)
+
+
+def _space(path):
+    from supernet.space import load_space
+    return load_space(path)
+
+
+def _bar(total: int, what: str, quiet: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit=what, file=sys.stderr, disable=quiet, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]")
+
+
+def _positive(name, v, lo=1):
+    if v < lo:
+        raise VitslimError(f"{name}: got {v}, expected a number >= {lo}")
+    return v
+
+
+def _backend_args(p, default_backend="torch-cpu", table_defaults=False):
+    from latency_tables.backends import BACKENDS
+    d = None if table_defaults else default_backend
+    p.add_argument("--backend", choices=list(BACKENDS), default=d,
+                   help=f"where to measure (default: {'the table' + chr(39) + 's' if table_defaults else default_backend})")
+    p.add_argument("--threads", type=int, default=None if table_defaults else 1,
+                   help="intra-op threads (default: " + ("the table's" if table_defaults else "1: the steadiest for batch 1") + ")")
+    p.add_argument("--batch", type=int, default=None if table_defaults else 1, help="batch size (default: "
+                   + ("the table's" if table_defaults else "1") + ")")
+    p.add_argument("--dtype", default=None if table_defaults else "float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--clock", default=None if table_defaults else "auto", choices=["auto", "wall", "thread"],
+                   help="auto: the calling thread's CPU time for 1-thread CPU backends (right on a shared machine), "
+                        "else wall time")
+
+
+def _make_backend(args, table=None):
+    from latency_tables.backends import get_backend
+    dev = table.device if table is not None else {}
+    name = args.backend or dev.get("backend") or "torch-cpu"
+    threads = args.threads or dev.get("threads") or 1
+    batch = args.batch or dev.get("batch_size") or 1
+    dtype = args.dtype or dev.get("dtype") or "float32"
+    fused = dev.get("fused", True) if table is not None else not getattr(args, "no_fuse", False)
+    _positive("--threads", threads)
+    _positive("--batch", batch)
+    return get_backend(name, threads=threads, batch_size=batch, dtype=dtype, fused=fused)
+
+
+def _proc(args, backend, time_per_item, table=None):
+    from latency_tables.measure import Procedure, resolve_clock
+    m = (table.measurement if table is not None else {}) or {}
+    clock = args.clock or m.get("clock") or "auto"
+    if time_per_item <= 0:
+        raise VitslimError(f"time per item: got {time_per_item}, expected seconds > 0")
+    return Procedure(time_per_item=time_per_item, min_samples=_positive("--min-samples", args.min_samples),
+                     max_samples=m.get("max_samples", 2000), warmup=m.get("warmup_s", 0.05),
+                     clock=resolve_clock(clock, backend))
+
+
+# ------------------------------------------------------------------ build
+def _build_args(p):
+    p.add_argument("--space", help="search space .yaml: every candidate block at every width and resolution")
+    p.add_argument("--arch", action="append", default=[], metavar="ARCH",
+                   help="preset, arch .yaml or checkpoint whose entries to add (repeatable)")
+    p.add_argument("--out", required=True, help="table .yaml (resumed if it exists: only missing entries are measured)")
+    _backend_args(p)
+    p.add_argument("--no-fuse", action="store_true", help="measure with BatchNorm unfused (default: fused, as deployed)")
+    p.add_argument("--procedure", choices=["in-context", "isolated"], default="in-context",
+                   help="in-context (default): time every entry as a step of whole networks that contain it; "
+                        "isolated: time each entry alone")
+    p.add_argument("--contexts", type=int, default=2,
+                   help="in-context: networks each entry is timed in, at least (default 2)")
+    p.add_argument("--time-per-network", type=float, default=0.4,
+                   help="in-context and calibration: seconds of timed runs per network (default 0.4)")
+    p.add_argument("--time-per-entry", type=float, default=0.5, help="isolated: seconds of timed calls per entry (default 0.5)")
+    p.add_argument("--min-samples", type=int, default=15, help="timed runs per entry or network at least (default 15)")
+    p.add_argument("--group", type=int, default=8, help="networks (or isolated entries) interleaved at a time (default 8)")
+    p.add_argument("--calibrate", type=int, default=10,
+                   help="networks measured end to end to fit the overhead (default 10; 0: none)")
+    p.add_argument("--recalibrate", action="store_true", help="refit the overhead even if no entry was added")
+    p.add_argument("--no-drift-reference", action="store_true",
+                   help="do not correct for machine-load drift with the reference network")
+    p.add_argument("--dry-run", action="store_true", help="only print how many entries are needed and missing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _build(args):
+    from latency_tables.build import (calibrate, calibration_archs, covering_archs, measure_entries,
+                                      measure_in_context, needed_keys, open_table, table_reference)
+    if not args.space and not args.arch:
+        raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)")
+    _positive("--group", args.group)
+    _positive("--calibrate", args.calibrate, 0)
+    _positive("--contexts", args.contexts)
+    space = _space(args.space) if args.space else None
+    archs = [_arch_of(a) for a in args.arch]
+    keys = needed_keys(space, archs)
+    backend = _make_backend(args)
+    if not args.dry_run:
+        backend.check_available()
+    in_context = args.procedure == "in-context"
+    proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry)
+    proc_nets = _proc(args, backend, args.time_per_network)
+    built_for = {}
+    if space is not None:
+        built_for.update({"space": space.name, "space_file": os.path.relpath(os.path.abspath(args.space)),
+                          "input_size": space.input_size})
+    if args.arch:
+        built_for["archs"] = list(args.arch)
+    table = open_table(args.out, backend, built_for, proc)
+    if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):
+        raise VitslimError(f"{args.out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
+                           f"not {args.procedure}: entries of both kinds would not add up (use a new --out)")
+    missing = table.missing(keys)
+    print(f"{args.out}: {len(keys)} entries needed, {len(keys) - len(missing)} present, {len(missing)} to measure "
+          f"on {backend.name} ({backend.device_name()}, {backend.threads} thread(s), batch {backend.batch_size}, "
+          f"clock {proc.clock})")
+    if args.dry_run:
+        return 0
+    backend.check_available()
+    if not table.measurement.get("procedure"):
+        table.measurement.update(proc.to_dict(in_context))
+    if table.built_for != built_for:
+        merged = dict(table.built_for)
+        merged.update(built_for)
+        table.built_for = merged
+    ref = table_reference(table, backend, not args.no_drift_reference, space)
+    if missing and in_context:
+        # covering networks of every entry, not only the missing ones: the same list on every re-run,
+        # so an interrupted build skips the networks it already ran (see measure_in_context)
+        nets = covering_archs(space, keys, archs, contexts=args.contexts)
+        print(f"timing {len(missing)} entries inside {len(nets)} networks")
+        with _bar(len(nets), "networks", args.quiet) as bar:
+            measure_in_context(table, missing, nets, backend, proc, group=args.group, progress=bar, reference=ref)
+    elif missing:
+        with _bar(len(missing), "entries", args.quiet) as bar:
+            measure_entries(table, keys, backend, proc, group=args.group, progress=bar, reference=ref)
+    table.save(args.out)
+    calib_done = (table.overhead or {}).get("provenance") == "measured"
+    if args.calibrate and (missing or args.recalibrate or not calib_done):
+        nets = calibration_archs(space, archs, n=args.calibrate)
+        with _bar(len(nets), "networks", args.quiet) as bar:
+            over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref)
+        print(f"overhead: e2e = (1 {over['scale']:+.4f}) * sum {over['intercept_ms']:+.4f} ms on {over['networks']} "
+              f"networks (MAPE sum only {over['mape_sum_only']:.2%}, fitted {over['mape_fitted']:.2%})")
+    table.save(args.out)
+    print(f"wrote {args.out}: {len(table)} entries")
+    return 0
+
+
+# ------------------------------------------------------------------ predict
+def _load_table(args, device=None):
+    from latency_tables import LatencyTable
+    return LatencyTable.load(args.table, device=device, allow_mismatch=getattr(args, "allow_device_mismatch", False))
+
+
+def _predict_args(p):
+    p.add_argument("arch", metavar="ARCH", help="preset, arch .yaml or checkpoint")
+    p.add_argument("--table", required=True, help="latency table .yaml")
+    p.add_argument("--interpolate", action="store_true", help="estimate missing entries across widths (flagged)")
+    p.add_argument("--backend", default=None, help="fail unless the table was measured on this backend")
+    p.add_argument("--allow-device-mismatch", action="store_true", help="use a table of another backend/device anyway")
+    p.add_argument("--json", action="store_true",
+                   help='print {"predicted_ms", "stages", "overhead_ms", "estimated", "device"}')
+
+
+def _predict(args):
+    from latency_tables.table import describe_device
+    table = _load_table(args, {"backend": args.backend} if args.backend else None)
+    arch = _arch_of(args.arch)
+    st = table.predict_stages(arch, interpolate=args.interpolate)
+    parts = {k: v for k, v in st.items() if k not in ("total", "overhead", "estimated")}
+    if args.json:
+        print(json.dumps({"arch": args.arch, "predicted_ms": st["total"], "stages": parts, "overhead_ms": st["overhead"],
+                          "estimated": st["estimated"], "device": describe_device(table.device)}))
+        return 0
+    print(f"{args.arch}: {st['total']:.3f} ms predicted on {describe_device(table.device)}")
+    for k, v in parts.items():
+        print(f"  {k:<10} {v:9.3f} ms  {v / st['total']:6.1%}")
+    print(f"  {'overhead':<10} {st['overhead']:9.3f} ms  {st['overhead'] / st['total']:6.1%}")
+    if st["estimated"]:
+        print(f"  estimated (interpolated) entries: {len(st['estimated'])}: " + "; ".join(st["estimated"][:4]))
+    return 0
+
+
+# ------------------------------------------------------------------ validate
+def _validate_args(p):
+    p.add_argument("--table", required=True, help="latency table .yaml")
+    p.add_argument("--space", help="search space .yaml to sample networks from (default: the one the table was built for)")
+    p.add_argument("--samples", type=int, default=50, help="networks sampled from the space (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--arch", action="append", default=[], metavar="ARCH", help="also validate this arch (repeatable)")
+    p.add_argument("--no-presets", action="store_true", help="leave out the presets the table covers")
+    _backend_args(p, table_defaults=True)
+    p.add_argument("--time-per-network", type=float, default=1.0, help="seconds of timed calls per network (default 1)")
+    p.add_argument("--min-samples", type=int, default=15, help="timed calls per network at least (default 15)")
+    p.add_argument("--group", type=int, default=16, help="networks interleaved at a time (default 16)")
+    p.add_argument("--noise", action="store_true", help="measure every network twice and report the noise floor")
+    p.add_argument("--interpolate", action="store_true", help="estimate missing entries across widths (flagged)")
+    p.add_argument("--no-drift-reference", action="store_true", help="no drift correction (raw times)")
+    p.add_argument("--allow-device-mismatch", action="store_true", help="validate a table of another device here anyway")
+    p.add_argument("--report", help="also write the full report (every network) to this .json")
+    p.add_argument("--json", action="store_true",
+                   help='print {"samples", "mape", "within_5", "within_10", "spearman", ...} (fractions)')
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _validate(args):
+    from latency_tables.build import table_reference
+    from latency_tables.table import atomic_write, describe_device
+    from latency_tables.validate import fitting_presets, sample_archs, validate_table
+    from latency_tables import LatencyTable
+    _positive("--samples", args.samples, 0)
+    _positive("--group", args.group)
+    table = LatencyTable.load(args.table)
+    backend = _make_backend(args, table)
+    table.check_device(backend.describe(), args.allow_device_mismatch, what=args.table)
+    backend.check_available()
+    proc = _proc(args, backend, args.time_per_network, table)
+    space_path = args.space or table.built_for.get("space_file")
+    if space_path and not os.path.isfile(space_path) and not args.space:
+        space_path = None
+    space = _space(space_path) if space_path else None
+    archs, names = [], []
+    if space is not None and args.samples:
+        archs += sample_archs(space, args.samples, args.seed)
+        names += [f"sample{i}" for i in range(args.samples)]
+    if not args.no_presets:
+        for n in fitting_presets(table, space):
+            archs.append(_arch_of(n))
+            names.append(n)
+    for a in args.arch:
+        archs.append(_arch_of(a))
+        names.append(a)
+    if not archs:
+        raise VitslimError("validate: no networks to measure (pass --space with --samples N, or --arch ARCH)")
+    if not args.interpolate:
+        for n, a in zip(names, archs):
+            miss = table.missing(a)
+            if miss:
+                from latency_tables.table import MissingEntriesError
+                raise MissingEntriesError(miss, f"{n}")
+    use_ref = not args.no_drift_reference and (table.measurement.get("reference") or {}).get("ms") is not None
+    ref = table_reference(table, backend, use_ref)
+    passes = 2 if args.noise else 1
+    with _bar(len(archs) * passes, "networks", args.quiet) as bar:
+        rep = validate_table(table, backend, archs, proc, names=names, noise=args.noise, interpolate=args.interpolate,
+                             group=args.group, progress=bar, reference=ref)
+    rep["table"] = args.table
+    rep["device"] = describe_device(table.device)
+    rep["drift_corrected"] = ref is not None
+    if args.report:
+        atomic_write(args.report, json.dumps(rep, indent=1) + "\n")
+    if args.json:
+        print(json.dumps({k: v for k, v in rep.items() if k != "networks"}))
+        return 0
+    print(f"{args.table} on {rep['device']}: {rep['samples']} networks"
+          f"{' (drift-corrected)' if rep['drift_corrected'] else ''}")
+    _print_metrics("prediction vs measured", rep)
+    if "noise_floor" in rep:
+        _print_metrics("noise floor (re-measured vs measured)", rep["noise_floor"])
+    return 0
+
+
+def _print_metrics(title, m):
+    rho = "n/a" if m["spearman"] is None else f"{m['spearman']:.4f}"
+    print(f"  {title}: MAPE {m['mape']:.2%}, max {m['max_error']:.2%}, within 5% {m['within_5']:.1%}, "
+          f"within 10% {m['within_10']:.1%}, Spearman {rho}")
+
+
+# ------------------------------------------------------------------ show
+def _show_args(p):
+    p.add_argument("--table", required=True, help="latency table .yaml")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _show(args):
+    table = _load_table(args)
+    s = table.summary()
+    s["overhead"] = {k: v for k, v in table.overhead.items() if k != "points"}
+    s["built_for"] = table.built_for
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"{args.table}: {s['entries']} entries on {s['device']}")
+    print("  sources: " + ", ".join(f"{k} {v}" for k, v in sorted(s["sources"].items())))
+    print("  ops: " + ", ".join(f"{k} {v}" for k, v in sorted(s["ops"].items())))
+    o = s["overhead"]
+    print(f"  overhead: scale {o.get('scale', 0):+.4f}, intercept {o.get('intercept_ms', 0):+.4f} ms "
+          f"({o.get('provenance', 'none')}, {o.get('networks', 0)} networks)")
+    return 0
+
+
+# ------------------------------------------------------------------ Core ML
+def _export_args(p):
+    p.add_argument("--space", help="search space .yaml: a package for each of its entries")
+    p.add_argument("--arch", action="append", default=[], metavar="ARCH", help="a package for each entry of ARCH (repeatable)")
+    p.add_argument("--out", required=True, help="folder for the .mlpackage files, manifest.json and times_template.csv")
+    p.add_argument("--networks", type=int, default=4,
+                   help="also export this many whole networks, timed on device to fit the overhead (default 4)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--precision", choices=["float16", "float32"], default="float16",
+                   help="Core ML compute precision (default float16, as the Neural Engine runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _export_coreml(args):
+    from latency_tables.build import calibration_archs, needed_keys
+    from latency_tables.coreml_io import export_coreml
+    if not args.space and not args.arch:
+        raise VitslimError("export-coreml: expected --space SPACE.yaml and/or --arch ARCH")
+    _positive("--networks", args.networks, 0)
+    _positive("--batch", args.batch)
+    space = _space(args.space) if args.space else None
+    archs = [_arch_of(a) for a in args.arch]
+    keys = needed_keys(space, archs)
+    nets = calibration_archs(space, archs, n=args.networks)[:args.networks] if args.networks else []
+    built_for = {"space": space.name} if space is not None else {"archs": list(args.arch)}
+    with _bar(len(keys) + len(nets), "packages", args.quiet) as bar:
+        m = export_coreml(keys, args.out, nets, batch_size=args.batch, precision=args.precision,
+                          built_for=built_for, progress=bar)
+    print(f"wrote {len(m['entries'])} entry and {len(m['networks'])} network packages, "
+          f"{os.path.join(args.out, 'manifest.json')} and {os.path.join(args.out, 'times_template.csv')}")
+    print("next: time each package on the device (e.g. Xcode > Open Developer Tool > Core ML performance report), "
+          "fill median_ms in a copy of times_template.csv, then `vitslim latency import`")
+    return 0
+
+
+def _import_args(p):
+    p.add_argument("--manifest", required=True, help="manifest.json written by export-coreml")
+    p.add_argument("--csv", required=True, help="on-device times: name,median_ms[,p10_ms,p90_ms,samples]")
+    p.add_argument("--out", required=True, help="table .yaml to create (or add to, if it is for the same device)")
+    p.add_argument("--device", required=True, help='what the times were measured on, e.g. "iPhone 12 (A14), iOS 17"')
+    p.add_argument("--compute-units", default="ALL", choices=["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"])
+
+
+def _import(args):
+    from latency_tables.coreml_io import import_csv
+    t = import_csv(args.manifest, args.csv, args.out, args.device, compute_units=args.compute_units)
+    print(f"wrote {args.out}: {len(t)} entries for coreml on {args.device}")
+    return 0
+
+
+# ------------------------------------------------------------------ the command
+SUB = {
+    "build": (_build_args, _build, "measure a table for a search space or arch (resumable)"),
+    "predict": (_predict_args, _predict, "predicted ms of an arch, per stage"),
+    "validate": (_validate_args, _validate, "measure sampled networks end to end and compare with the table"),
+    "show": (_show_args, _show, "summary of a table: device, entries, overhead"),
+    "export-coreml": (_export_args, _export_coreml, "one Core ML package per entry + manifest, to time on a device"),
+    "import": (_import_args, _import, "read on-device times (CSV) back into a table"),
+}
+
+EXAMPLE = """vitslim latency build --space experiments/spaces/tiny.yaml --out latency_tables/cpu_torch_tiny.yaml
+  vitslim latency predict --table latency_tables/cpu_torch_efficientformer_l1.yaml efficientformer_l1
+  vitslim latency show --table latency_tables/cpu_torch_tiny.yaml
+  vitslim latency validate --table latency_tables/cpu_torch_tiny.yaml --samples 50 --noise --json
+  vitslim latency export-coreml --space experiments/spaces/tiny.yaml --out coreml_tiny/
+  vitslim latency import --manifest coreml_tiny/manifest.json --csv times.csv --device "iPhone 12" --out t.yaml"""
+
+
+def _args(p):
+    import argparse
+    sub = p.add_subparsers(dest="latency_command", metavar="SUBCOMMAND")
+    for name, (add, run, help_text) in SUB.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="example:\n  " + next((l.strip() for l in EXAMPLE.splitlines() if f" {name} " in l),
+                                                          "vitslim latency " + name + " --help"))
+        add(sp)
+        sp.set_defaults(_latency_run=run)
+
+
+def _run(args):
+    run = getattr(args, "_latency_run", None)
+    if run is None:
+        raise VitslimError("latency: expected a subcommand: " + ", ".join(SUB))
+    return run(args)
+
+
+register_command("latency", _args, _run, "latency lookup tables: build, predict, validate, Core ML export/import",
+                 EXAMPLE)
