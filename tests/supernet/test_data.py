@@ -1,0 +1,130 @@
+"""Training data: the synthetic task is deterministic and needs layout, ImageFolder skips what it
+cannot read, and the loader's order depends only on (seed, step)."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from supernet.data import (DataConfig, DataError, ImageFolder, StepBatchSampler, SyntheticShapes, build_datasets,
+                           heldout_batches, make_loader, scan_image_folder, synthetic_classes)
+from supernet.errors import VitslimError
+
+
+def test_synthetic_is_a_function_of_seed_split_and_index():
+    a, b = SyntheticShapes(10, 32, length=50, seed=3), SyntheticShapes(10, 32, length=50, seed=3)
+    for i in (0, 7, 49):
+        xa, ya = a[i]
+        xb, yb = b[i]
+        assert torch.equal(xa, xb) and ya == yb
+    assert not torch.equal(a[5][0], SyntheticShapes(10, 32, length=50, seed=4)[5][0])
+    assert not torch.equal(a[5][0], SyntheticShapes(10, 32, length=50, seed=3, split="heldout")[5][0])
+    assert a[5][0].shape == (3, 32, 32) and a[5][0].dtype == torch.float32
+
+
+def test_synthetic_labels_are_balanced_and_classes_need_order_and_orientation():
+    ds = SyntheticShapes(12, 32, length=120)
+    counts = np.bincount([ds[i][1] for i in range(120)], minlength=12)
+    assert (counts == 10).all()
+    classes = synthetic_classes(12)
+    for a, b, lay in classes:  # every class has a twin with the same two shapes: shapes alone never decide
+        assert any(c != (a, b, lay) and {c[0], c[1]} == {a, b} for c in classes)
+
+
+def test_synthetic_class_is_not_its_colour():
+    ds = SyntheticShapes(4, 32, length=400, distractors=0)
+    means = np.stack([np.stack([ds.render(i).mean((0, 1)) for i in range(k, 400, 4)]).mean(0) for k in range(4)])
+    assert np.abs(means - means.mean(0)).max() < 0.05  # per-class mean colours agree
+
+
+def test_synthetic_rejects_unsupported_class_count():
+    with pytest.raises(DataError, match="num_classes: got 1000"):
+        SyntheticShapes(1000, 32)
+
+
+def _write_folder(root, n_per_class=3, corrupt=0, size=(40, 30)):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for k in range(n_per_class):
+            arr = (rng.uniform(0, 255, (size[1], size[0], 3))).astype(np.uint8)
+            Image.fromarray(arr).save(os.path.join(root, c, f"{k}.png"))
+    for k in range(corrupt):
+        with open(os.path.join(root, "cat", f"bad{k}.jpg"), "wb") as f:
+            f.write(b"not a jpeg at all" * 3)
+
+
+def test_image_folder_skips_unreadable_files_with_a_warning_and_count(tmp_path):
+    _write_folder(tmp_path, n_per_class=2, corrupt=2)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable image file"):
+        ds = ImageFolder(str(tmp_path), image_size=24)
+    assert len(ds) == 4 and ds.classes == ["cat", "dog"] and ds.skipped == 2
+    x, y = ds[1]
+    assert x.shape == (3, 24, 24) and y in (0, 1)
+    assert torch.equal(ds[1][0], ds[1][0])  # the crop is drawn from (seed, epoch, index)
+    assert not torch.equal(ds[1][0], ds[1 + len(ds)][0])  # the next epoch crops differently
+
+
+def test_image_folder_fails_when_nothing_readable_remains(tmp_path):
+    os.makedirs(tmp_path / "a")
+    with open(tmp_path / "a" / "x.png", "wb") as f:
+        f.write(b"\x89PNG garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="all 1 image files are unreadable"):
+            scan_image_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize("layout,needle", [("empty", "no class sub-directories"), ("noimages", "no image files"),
+                                           ("missing", "no such directory")])
+def test_image_folder_without_images_is_an_error(tmp_path, layout, needle):
+    root = tmp_path / "data"
+    if layout != "missing":
+        os.makedirs(root)
+    if layout == "noimages":
+        os.makedirs(root / "a")
+        (root / "a" / "readme.txt").write_text("hi")
+    with pytest.raises(VitslimError, match=needle):
+        scan_image_folder(str(root))
+
+
+def test_image_folder_eval_transform_and_heldout_fraction(tmp_path):
+    _write_folder(tmp_path, n_per_class=5)
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "val_fraction": 0.2})
+    tr, ho = build_datasets(cfg, image_size=16, num_classes=2, seed=1)
+    assert len(tr) == 8 and len(ho) == 2 and not set(tr.samples) & set(ho.samples)
+    tr2, ho2 = build_datasets(cfg, image_size=16, num_classes=2, seed=1)
+    assert ho2.samples == ho.samples
+    assert not ho.train and torch.equal(ho[0][0], ho[0][0]) and ho[0][0].shape == (3, 16, 16)
+    with pytest.raises(DataError, match="has 2 classes, expected 5"):
+        build_datasets(cfg, image_size=16, num_classes=5)
+
+
+def test_batch_order_depends_only_on_seed_and_step():
+    full = list(StepBatchSampler(25, 8, steps=10, seed=5))
+    resumed = list(StepBatchSampler(25, 8, steps=10, seed=5, start=4))
+    assert full[4:] == resumed
+    idx = [i % 25 for b in full[:3] for i in b]  # an epoch is a permutation (25 items, 3 batches of 8 = 24)
+    assert len(set(idx)) == 24
+    shards = [list(StepBatchSampler(25, 8, steps=10, seed=5, rank=r, world_size=2)) for r in (0, 1)]
+    assert all(a + b == g for a, b, g in zip(shards[0], shards[1], full))
+    with pytest.raises(DataError, match="multiple of the number of processes"):
+        StepBatchSampler(25, 7, steps=2, world_size=2)
+
+
+def test_loader_resumes_on_the_same_batches():
+    ds = SyntheticShapes(4, 32, length=40, seed=0)
+    a = [y for _, y in make_loader(ds, 8, steps=6, seed=1)]
+    b = [y for _, y in make_loader(ds, 8, steps=6, seed=1, start_step=3)]
+    assert len(a) == 6 and all(torch.equal(x, y) for x, y in zip(a[3:], b))
+    held = list(heldout_batches(ds, 16, max_batches=2))
+    assert [len(y) for _, y in held] == [16, 16]
+
+
+def test_data_config_names_the_bad_key():
+    with pytest.raises(DataError, match="data.colour: unknown key"):
+        DataConfig.from_dict({"colour": 1})
+    with pytest.raises(DataError, match="data.train_dir: missing"):
+        DataConfig.from_dict({"type": "imagefolder"})

@@ -1,0 +1,241 @@
+"""The MetaPath supernet: extraction equals the supernet, hard mode runs one path, soft mode is
+the paper's mixture, elastic widths use weight prefixes, channel sorting keeps the function."""
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitslim
+from supernet.errors import ArchError
+from supernet.space import SearchSpace
+from supernet.supernet import MetaPathSupernet, recalibrate_bn
+
+SPACE = {"version": 1, "name": "t", "family": "efficientformer", "input_size": 64, "num_classes": 7,
+         "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 16},
+         "stages": [{"max_depth": 1, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]},
+                    {"max_depth": 2, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]},
+                    {"max_depth": 3, "max_width": 48, "min_width": 16, "candidates": ["meta4d", "meta3d", "identity"]},
+                    {"max_depth": 2, "max_width": 64, "min_width": 32, "candidates": ["meta4d", "meta3d", "identity"]}]}
+
+
+def randomised(space=SPACE, seed=0):
+    """A supernet whose LayerScales, norms and BN statistics are far from their init, so that
+    every block and every channel changes the output."""
+    torch.manual_seed(seed)
+    sn = MetaPathSupernet(space)
+    with torch.no_grad():
+        for n, p in sn.named_parameters():
+            if n.startswith("alphas"):
+                continue
+            if "layer_scale" in n or (n.endswith("weight") and p.dim() == 1):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1 or n.endswith("attention_biases"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, p[0].numel() ** -0.5)
+        for n, b in sn.named_buffers():
+            if n.endswith("running_mean"):
+                b.normal_(0, 0.2)
+            elif n.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+    return sn.eval()
+
+
+def close(a, b):
+    tol = 1e-4 * b.abs().max().item()
+    return (a - b).abs().max().item() <= tol
+
+
+FIXED_CHOICES = [
+    {"widths": [32, 32, 48, 64], "blocks": [["meta4d"], ["meta4d", "meta4d"], ["meta4d", "meta4d", "meta4d"], ["meta4d", "meta4d"]]},
+    {"widths": [16, 32, 32, 48], "blocks": [["identity"], ["meta4d", "identity"], ["meta4d", "meta3d", "meta3d"], ["identity", "meta3d"]]},
+    {"widths": [32, 16, 48, 32], "blocks": [["meta4d"], ["identity", "identity"], ["meta3d", "identity", "meta3d"], ["meta4d", "identity"]]},
+    {"widths": [16, 16, 16, 32], "blocks": [["identity"], ["identity", "identity"], ["identity", "identity", "identity"], ["identity", "identity"]]},
+]
+
+
+@pytest.mark.parametrize("k", range(len(FIXED_CHOICES) + 4))
+def test_extracted_model_equals_the_supernet(k):
+    sn = randomised()
+    choice = FIXED_CHOICES[k] if k < len(FIXED_CHOICES) else sn.space.sample(random.Random(k))
+    model, arch = sn.extract(choice)
+    assert arch == sn.space.to_arch(choice) and arch["family"] == "efficientformer"
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert close(model(x), sn(x, mode="fixed", choice=choice))
+    assert vitslim.count(model)["params"] == vitslim.count(arch)["params"]
+
+
+def test_extracted_model_saves_and_loads_as_a_vitslim_checkpoint(tmp_path):
+    space = dict(SPACE, distillation=True)
+    sn = randomised(space)
+    choice = FIXED_CHOICES[1]
+    model, arch = sn.extract(choice)
+    vitslim.save_checkpoint(model, arch, tmp_path / "m.pt")
+    loaded, arch2 = vitslim.load_checkpoint(tmp_path / "m.pt")
+    assert arch2 == arch and arch2["distillation"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert close(loaded(x), sn(x, mode="fixed", choice=choice))
+
+
+def test_hard_mode_runs_only_the_sampled_path_and_samples_valid_choices():
+    sn = randomised().train()
+    calls = []
+    for n, m in sn.named_modules():
+        if n.endswith((".meta4d", ".meta3d")):
+            m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append(n))
+    # meta4d_forward / meta3d_forward call the module itself at full width
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        calls.clear()
+        sn(torch.randn(2, 3, 64, 64), mode="hard", generator=g)
+        c = sn.space.check_choice(sn.last_choice)  # raises on a Meta4D after a Meta3D
+        ran = {f"stages.{i}.blocks.{j}.{t}" for i, bl in enumerate(c["blocks"]) for j, t in enumerate(bl) if t != "identity"}
+        assert set(calls) == ran
+        seen.add(str(c["blocks"]))
+    assert len(seen) > 20
+
+
+def test_hard_mode_gives_alphas_gradients_and_unsampled_paths_none():
+    sn = randomised().train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))
+    noise = [torch.zeros_like(a) for a in sn.alphas]
+    with torch.no_grad():  # make stage 3 position 0 prefer meta3d, everything else meta4d
+        for a in sn.alphas:
+            a[:, 0] = 1.0
+        sn.alphas[2][0, 1] = 2.0
+    F.cross_entropy(sn(x, mode="hard", noise=noise, tau=1.0), y).backward()
+    assert sn.last_choice["blocks"][2] == ["meta3d", "meta3d", "meta3d"]  # meta4d masked after meta3d
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in sn.alphas)
+    blk = sn.stages[2].blocks
+    assert blk[0].meta4d.mlp.fc1.weight.grad is None and blk[0].meta3d.token_mixer.qkv.weight.grad is not None
+    # with the same path fixed, the value is the plain subnet's (the straight-through weight is 1)
+    sn.eval()
+    with torch.no_grad():
+        assert close(sn(x, mode="hard", noise=noise), sn(x, mode="fixed", choice=sn.last_choice))
+
+
+def test_soft_mode_is_the_mixture_and_a_peaked_mixture_is_the_fixed_net():
+    sn = randomised()
+    choice = FIXED_CHOICES[2]
+    with torch.no_grad():
+        for i, (a, bl) in enumerate(zip(sn.alphas, choice["blocks"])):
+            a.fill_(-40.0)
+            for j, t in enumerate(bl):
+                a[j, sn.space.stages[i].candidates.index(t)] = 40.0
+    x = torch.randn(2, 3, 64, 64)
+    noise = [torch.zeros_like(a) for a in sn.alphas]
+    with torch.no_grad():
+        assert close(sn(x, mode="soft", noise=noise, widths=choice["widths"]), sn(x, mode="fixed", choice=choice))
+    sn.train()
+    with torch.no_grad():
+        for a in sn.alphas:
+            a.zero_()
+    out = sn(x, mode="soft", generator=torch.Generator().manual_seed(1), tau=2.0)
+    out.sum().backward()
+    assert all(a.grad.abs().sum() > 0 for a in sn.alphas)
+    assert all(p.grad is not None for n, p in sn.named_weight_parameters())  # every candidate ran
+
+
+def test_reduced_width_trains_the_prefix_only():
+    sn = MetaPathSupernet(SPACE).train()
+    before = sn.stages[1].downsample.norm.running_mean.clone()
+    out = sn(torch.randn(4, 3, 64, 64), mode="hard", widths=[16, 16, 32, 32], generator=torch.Generator().manual_seed(0))
+    out.sum().backward()
+    after = sn.stages[1].downsample.norm.running_mean
+    assert not torch.equal(after[:16], before[:16]) and torch.equal(after[16:], before[16:])
+    g = sn.stages[1].downsample.conv.weight.grad
+    assert g[:16, :16].abs().sum() > 0 and g[16:].abs().sum() == 0 and g[:, 16:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("criterion", ["l1", "norm"])
+def test_sort_channels_keeps_the_full_width_function(criterion):
+    sn = randomised()
+    x = torch.randn(2, 3, 64, 64)
+    noise = [torch.randn_like(a) for a in sn.alphas]
+    with torch.no_grad():
+        ref = [sn(x, mode="fixed", choice=c) for c in FIXED_CHOICES[:1]] + [sn(x, mode="soft", noise=noise)]
+        full3d = {"widths": sn.max_widths, "blocks": [["meta4d"], ["meta4d", "identity"], ["meta4d", "meta3d", "meta3d"], ["meta3d", "meta3d"]]}
+        ref.append(sn(x, mode="fixed", choice=full3d))
+    perms = sn.sort_channels(criterion)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    with torch.no_grad():
+        new = [sn(x, mode="fixed", choice=c) for c in FIXED_CHOICES[:1]] + [sn(x, mode="soft", noise=noise)]
+        new.append(sn(x, mode="fixed", choice=full3d))
+    assert all(close(a, b) for a, b in zip(new, ref))
+    scores = sn.channel_scores(criterion)
+    for name in ("stage0", "stage3", "stem", "stage2.block1.meta3d"):
+        s = scores[name]
+        assert torch.all(s[:-1] >= s[1:] - 1e-5), name  # the prefix now holds the highest scores
+
+
+def test_sort_channels_permutes_the_optimiser_state_with_the_weights():
+    sn = randomised().train()
+    opt = torch.optim.AdamW(sn.weight_parameters(), lr=1e-3)
+    sn(torch.randn(2, 3, 64, 64), mode="hard", generator=torch.Generator().manual_seed(0)).sum().backward()
+    opt.step()
+    w = sn.stages[3].downsample.norm.weight
+    m_before = opt.state[w]["exp_avg"].clone()
+    perms = sn.sort_channels("l1", optimizers=[opt])
+    assert torch.equal(opt.state[w]["exp_avg"], m_before[perms["stage3"]])
+
+
+def test_importance_is_the_papers_ratio_and_stage_sum():
+    sn = MetaPathSupernet(SPACE)
+    with torch.no_grad():
+        sn.alphas[0][0] = torch.log(torch.tensor([3.0, 1.0]))          # p(4D) = .75, p(I) = .25 -> 3
+        sn.alphas[2][1] = torch.log(torch.tensor([1.0, 1.0, 2.0]))     # p(I) = .5 -> (p4D + p3D) / p(I) = 1
+    imp = sn.importance()
+    assert imp["metapath"][0][0] == pytest.approx(3.0)
+    assert imp["metapath"][2][1] == pytest.approx(1.0)
+    assert imp["metapath"][2][0] == pytest.approx(2.0)                  # uniform over 3: 2/3 / 1/3
+    assert imp["stage"][2] == pytest.approx(2.0 + 1.0 + 2.0)
+    assert imp["candidates"][2] == ["meta4d", "meta3d", "identity"]
+
+
+def test_best_choice_never_puts_meta4d_after_meta3d():
+    sn = MetaPathSupernet(SPACE)
+    with torch.no_grad():
+        sn.alphas[2][0] = torch.tensor([0.0, 5.0, 0.0])   # meta3d
+        sn.alphas[2][1] = torch.tensor([5.0, 0.0, 1.0])   # meta4d most probable, but after a meta3d
+    c = sn.best_choice()
+    assert c["blocks"][2][:2] == ["meta3d", "identity"]
+
+
+def test_recalibrate_bn_reestimates_statistics_of_the_running_width():
+    sn = randomised()
+    choice = FIXED_CHOICES[1]
+    batches = [torch.randn(4, 3, 64, 64) for _ in range(3)]
+    recalibrate_bn(sn, batches, forward=lambda x: sn(x, mode="fixed", choice=choice))
+    assert not sn.training
+    rm = sn.stages[1].downsample.norm.running_mean
+    assert rm[:32].abs().sum() > 0 and torch.isfinite(rm).all()
+
+
+@pytest.mark.parametrize("patch,needle", [
+    ({"width_step": 16, "stages": [dict(SPACE["stages"][0], max_width=40)] + SPACE["stages"][1:]},
+     "stages[0].max_width: got 40, expected a multiple of width_step (16)"),
+    ({"stages": [dict(SPACE["stages"][0], candidates=["identity"])] + SPACE["stages"][1:]}, "an empty stage"),
+    ({"stages": [dict(SPACE["stages"][0], candidates=[])] + SPACE["stages"][1:]}, "stages[0].candidates: got []"),
+    ({"stages": [dict(SPACE["stages"][0], max_depth=0)] + SPACE["stages"][1:]}, "stages[0].max_depth: got 0"),
+    ({"stages": [dict(SPACE["stages"][0], candidates=["meta4d", "meta4d"])] + SPACE["stages"][1:]}, "listed twice"),
+])
+def test_bad_search_spaces_are_refused_naming_the_value(patch, needle):
+    with pytest.raises(ArchError) as e:
+        SearchSpace.from_dict({**SPACE, **patch})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_3d_block_before_a_4d_one_is_refused():
+    sn = MetaPathSupernet(SPACE)
+    bad = copy.deepcopy(FIXED_CHOICES[0])
+    bad["blocks"][2] = ["meta3d", "meta4d", "identity"]
+    with pytest.raises(ArchError, match=r"choice.blocks\[2\]\[1\]: got 'meta4d'.*3D blocks only after 4D"):
+        sn.extract(bad)
+    with pytest.raises(ArchError, match="widths\\[3\\]: got 40"):
+        sn(torch.randn(1, 3, 64, 64), mode="hard", widths=[32, 32, 48, 40])

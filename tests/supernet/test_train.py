@@ -1,0 +1,186 @@
+"""Supernet training: config validation, exact resume, refusal to resume a different config,
+alphas that move, distillation, and the run directory the CLI reads."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+import vitslim
+from supernet.errors import VitslimError
+from supernet.train import ConfigError, TrainConfig, config_diff, load_config, load_supernet, read_run, train
+from vitslim.cli import main
+
+SPACE = {"version": 1, "family": "efficientformer", "input_size": 32, "num_classes": 4, "width_step": 16,
+         "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
+         "stages": [{"max_depth": 1, "max_width": 16, "min_width": 16, "candidates": ["meta4d", "identity"]},
+                    {"max_depth": 1, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]},
+                    {"max_depth": 2, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "meta3d", "identity"]},
+                    {"max_depth": 2, "max_width": 48, "min_width": 32, "candidates": ["meta4d", "meta3d", "identity"]}]}
+
+
+def config(**over):
+    d = {"version": 1, "space": SPACE, "seed": 0, "steps": 6, "batch_size": 8, "mode": "hard", "widths": "random",
+         "data": {"type": "synthetic", "train_size": 64, "heldout_size": 16},
+         "optimizer": {"lr": 0.002, "warmup_steps": 2, "grad_clip": 5.0},
+         "alpha": {"lr": 0.05, "start_step": 1}, "temperature": {"start": 3.0, "end": 1.0},
+         "checkpoint_every": 2, "log_every": 1, "eval_batches": 1}
+    d.update(over)
+    return d
+
+
+def write_config(path, **over):
+    with open(path, "w") as f:
+        yaml.safe_dump(config(**over), f)
+    return str(path)
+
+
+def losses(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, mode):
+    cfg = TrainConfig.from_dict(config(mode=mode))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(cfg, a, progress=False)
+    rep = train(cfg, b, progress=False, stop_at=3)
+    assert rep["step"] == 3 and not rep["finished"] and read_run(b)["step"] == 3
+    train(cfg, b, resume=True, progress=False)
+    assert losses(a) == losses(b) and [s for s, _ in losses(b)] == list(range(1, 7))
+    sa, sb = read_run(a)["model"], read_run(b)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_refuses_a_different_config_and_says_what_differs(tmp_path):
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    other = TrainConfig.from_dict(config(steps=2, optimizer={"lr": 0.01, "warmup_steps": 2, "grad_clip": 5.0}))
+    with pytest.raises(ConfigError, match=r"cannot resume .*optimizer.lr: 0.002 -> 0.01"):
+        train(other, run, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run .* pass --resume"):
+        train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    # logging frequency may change on resume: it changes no number
+    assert config_diff({"log_every": 1, "seed": 0}, {"log_every": 5, "seed": 0}) == []
+
+
+def test_alphas_move_and_importance_is_saved_with_the_run(tmp_path):
+    run = str(tmp_path / "run")
+    rep = train(TrainConfig.from_dict(config(steps=12, widths="max", alpha={"lr": 0.1, "start_step": 0})), run,
+                progress=False)
+    model, obj = load_supernet(run)
+    assert max(a.abs().max().item() for a in model.alphas) > 1e-3  # Adam: any gradient moves an alpha by ~lr
+    assert rep["alpha_dev"] > 0 and rep["finished"] and "heldout_acc_best" in rep
+    with open(os.path.join(run, "importance.json")) as f:
+        imp = json.load(f)
+    assert imp == obj["importance"] and imp["step"] == 12
+    assert imp["probabilities"] != [[[1 / len(c)] * len(c)] * len(p) for c, p in zip(imp["candidates"], imp["probabilities"])]
+    assert len(imp["stage"]) == 4 and all(s > 0 for s in imp["stage"])
+    with open(os.path.join(run, "report.json")) as f:
+        assert json.load(f)["best_choice"] == model.best_choice()
+
+
+def test_alphas_stay_uniform_before_their_start_step(tmp_path):
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(steps=3, alpha={"lr": 0.1, "start_step": 10})), run, progress=False)
+    model, _ = load_supernet(run)
+    assert all(torch.equal(a, torch.zeros_like(a)) for a in model.alphas)
+
+
+def test_distillation_from_a_teacher_checkpoint(tmp_path):
+    from supernet.supernet import MetaPathSupernet
+    space = dict(SPACE, distillation=True)
+    teacher, arch = MetaPathSupernet(space).extract(MetaPathSupernet(space).space.largest_choice())
+    vitslim.save_checkpoint(teacher, arch, tmp_path / "teacher.pt")
+    cfg = write_config(tmp_path / "c.yaml", space=space, steps=2,
+                       distillation={"teacher": "teacher.pt", "weight": 0.5, "kind": "hard"})
+    rep = train(load_config(cfg), str(tmp_path / "run"), progress=False)
+    assert rep["finished"]
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"mode": "mixed"}, "mode: got 'mixed'"),
+    ({"steps": 0}, "steps: got 0"),
+    ({"optimizer": {"learning_rate": 1}}, "optimizer.learning_rate: unknown key"),
+    ({"temperature": {"schedule": "step"}}, "temperature.schedule: got 'step'"),
+    ({"extra": 1}, "extra: unknown key"),
+    ({"data": {"type": "imagefolder"}}, "data.train_dir: missing"),
+    ({"distillation": {"weight": 0.5}}, "distillation.teacher: got None"),
+])
+def test_bad_config_names_the_key(tmp_path, over, needle):
+    with pytest.raises(VitslimError) as e:
+        load_config(write_config(tmp_path / "c.yaml", **over))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_train_show_extract(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", steps=4)
+    run = str(tmp_path / "run")
+    assert main(["supernet", "train", "--config", cfg, "--out", run, "--no-progress", "--stop-at", "2"]) == 0
+    assert main(["supernet", "train", "--out", run, "--resume", "--no-progress"]) == 0  # config from the run
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]
+    capsys.readouterr()
+    assert main(["supernet", "show", run]) == 0
+    out = capsys.readouterr().out
+    assert "stage 4: importance" in out and "block 2:" in out and "3D" in out
+    assert main(["supernet", "show", run, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    pytest.importorskip("matplotlib")
+    assert main(["supernet", "show", run, "--plot", str(tmp_path / "imp.png")]) == 0
+    assert os.path.getsize(tmp_path / "imp.png") > 1000
+
+
+def test_cli_extract_writes_a_model_equal_to_the_supernet(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    choice = {"widths": [16, 16, 32, 32], "blocks": [["identity"], ["meta4d"], ["meta4d", "meta3d"], ["meta3d", "identity"]]}
+    out = str(tmp_path / "sub")
+    assert main(["supernet", "extract", run, "--choice", json.dumps(choice), "--out", out]) == 0
+    model, arch = vitslim.load_checkpoint(os.path.join(out, "model.pt"))
+    assert vitslim.load_arch(os.path.join(out, "arch.yaml")) == arch
+    sn, _ = load_supernet(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = sn(x, mode="fixed", choice=choice)
+        assert (model(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert main(["supernet", "extract", run, "--choice", "best", "--widths", "16,16,16,32", "--out", out]) == 0
+    assert main(["supernet", "extract", run, "--arch", os.path.join(out, "arch.yaml"), "--out", str(tmp_path / "s2")]) == 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["supernet", "extract", "RUN", "--choice", '{"widths": [16, 16, 32, 32], "blocks": [["meta4d"], ["meta4d"], '
+      '["meta3d", "meta4d"], ["meta4d", "meta4d"]]}', "--out", "OUT"], "choice.blocks[2][1]: got 'meta4d'"),
+    (["supernet", "extract", "RUN", "--choice", "{nope", "--out", "OUT"], "--choice: got '{nope'"),
+    (["supernet", "show", "NORUN"], "no such run directory"),
+    (["supernet", "train", "--out", "NORUN"], "--config: missing"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    run = str(tmp_path / "run")
+    if "RUN" in argv:
+        train(TrainConfig.from_dict(config(steps=1)), run, progress=False)
+    argv = [a.replace("NORUN", str(tmp_path / "none")).replace("RUN", run).replace("OUT", str(tmp_path / "o")) for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_cli_data_directory_without_images_fails_in_one_line(tmp_path, capsys):
+    os.makedirs(tmp_path / "imgs" / "a")
+    (tmp_path / "imgs" / "a" / "x.txt").write_text("no image")
+    cfg = write_config(tmp_path / "c.yaml", data={"type": "imagefolder", "train_dir": "imgs"})
+    capsys.readouterr()
+    assert main(["supernet", "train", "--config", cfg, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no image files" in err[0]
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("name", ["supernet_tiny.yaml", "supernet_l1_imagenet.yaml"])
+def test_shipped_configs_are_valid(name):
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
+    cfg = load_config(os.path.join(root, name))
+    assert cfg.steps > 0 and cfg.space.family == "efficientformer"
+    assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # what a run saves loads back

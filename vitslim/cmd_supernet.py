@@ -1,0 +1,195 @@
+"""`vitslim supernet train|show|extract`: train a MetaPath supernet, look at its importance scores,
+and cut a standalone model out of it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+
+from supernet.errors import VitslimError
+
+from .cli import register_command
+
+EXAMPLES = {
+    "train": """vitslim supernet train --config experiments/supernet_tiny.yaml --out runs/tiny
+vitslim supernet train --out runs/tiny --resume          # continue where it stopped
+torchrun --nproc_per_node 2 -m vitslim supernet train --config experiments/supernet_tiny.yaml --out runs/ddp""",
+    "show": """vitslim supernet show runs/tiny
+vitslim supernet show runs/tiny --json
+vitslim supernet show runs/tiny --plot runs/tiny/importance.png""",
+    "extract": """vitslim supernet extract runs/tiny --choice best --out runs/tiny/best
+vitslim supernet extract runs/tiny --choice '{"widths": [32, 48, 64, 96], "blocks": [...]}' --out DIR
+vitslim supernet extract runs/tiny --arch arch.yaml --out DIR""",
+}
+EXAMPLE = "\n".join(EXAMPLES.values())
+
+_SHORT = {"meta4d": "4D", "meta3d": "3D", "identity": "I"}
+
+
+def _args(p):
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    t = sub.add_parser("train", help="train a supernet (resumable; works under torchrun)", description="train a supernet (resumable; works under torchrun)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n" + textwrap.indent(EXAMPLES["train"], "  "))
+    t.add_argument("--config", help="training config .yaml (with --resume: defaults to RUN/config.yaml)")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP steps with a checkpoint written (resume later)")
+    t.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("show", help="per-block choice probabilities and stage importance of a run", description="per-block choice probabilities and stage importance of a run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n" + textwrap.indent(EXAMPLES["show"], "  "))
+    s.add_argument("run", help="run directory")
+    s.add_argument("--json", action="store_true", help="print importance.json")
+    s.add_argument("--plot", metavar="PNG", help="also draw the probabilities and importance (needs matplotlib)")
+    e = sub.add_parser("extract", help="a standalone EfficientFormer (arch.yaml + model.pt) cut from a run", description="a standalone EfficientFormer (arch.yaml + model.pt) cut from a run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n" + textwrap.indent(EXAMPLES["extract"], "  "))
+    e.add_argument("run", help="run directory")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--choice", help="'best' (most probable valid arch), 'largest', or a Choice as JSON")
+    g.add_argument("--arch", help="an arch config .yaml inside the run's search space")
+    e.add_argument("--widths", help="comma-separated stage widths for --choice best/largest (default: maximum)")
+    e.add_argument("--out", required=True, help="output directory")
+
+
+def _run(args):
+    action = getattr(args, "action", None)
+    if action == "train":
+        return _train(args)
+    if action == "show":
+        return _show(args)
+    if action == "extract":
+        return _extract(args)
+    raise VitslimError("supernet: expected an action: train, show or extract (see vitslim supernet --help)")
+
+
+def _train(args):
+    from supernet.train import ConfigError, load_config, train
+    cfg_path = args.config
+    if cfg_path is None:
+        if not args.resume:
+            raise ConfigError("--config: missing, expected a training config .yaml (only --resume may omit it)")
+        cfg_path = os.path.join(args.out, "config.yaml")
+        if not os.path.isfile(cfg_path):
+            raise ConfigError(f"{args.out}: no config.yaml to resume from, expected a run directory")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at: got {args.stop_at}, expected a step >= 1")
+    cfg = load_config(cfg_path)
+    rep = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at,
+                device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        msg = f"supernet: {rep['step']}/{rep['steps']} steps in {args.out}"
+        if "heldout_acc_best" in rep:
+            msg += f", held-out accuracy of the most probable arch {rep['heldout_acc_best']:.3f}"
+        print(msg)
+    return 0
+
+
+def _load_importance(run):
+    from supernet.train import read_run
+    path = os.path.join(run, "importance.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError:
+                pass  # fall back on the checkpoint's copy
+    return read_run(run)["importance"]
+
+
+def _show(args):
+    imp = _load_importance(args.run)
+    if args.json:
+        print(json.dumps(imp, indent=1))
+    else:
+        print(f"{args.run}: step {imp.get('step')}, temperature {imp.get('tau', float('nan')):.3f}")
+        print("importance of a MetaPath = P(non-identity) / P(identity); of a stage = the sum (EfficientFormer)")
+        for i, (cands, probs, mp, st) in enumerate(zip(imp["candidates"], imp["probabilities"], imp["metapath"], imp["stage"])):
+            st_s = "n/a (no identity candidate)" if st is None else f"{st:.3f}"
+            print(f"stage {i + 1}: importance {st_s}")
+            for j, (p, s) in enumerate(zip(probs, mp)):
+                cells = "  ".join(f"{_SHORT.get(c, c):>2} {q:.3f} {'#' * int(round(q * 20)):<20}" for c, q in zip(cands, p))
+                s_s = "  -" if s is None else f"{s:6.3f}"
+                print(f"  block {j + 1}: {cells}  MP {s_s}")
+    if args.plot:
+        _plot(imp, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(imp, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise VitslimError("--plot: needs matplotlib (pip install matplotlib, or pip install 'vitslim[plot]')") from None
+    n = len(imp["stage"])
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.2))
+    for i in range(n):
+        ax = axes[i]
+        probs, cands = imp["probabilities"][i], imp["candidates"][i]
+        bottom = [0.0] * len(probs)
+        for k, c in enumerate(cands):
+            vals = [p[k] for p in probs]
+            ax.bar(range(1, len(probs) + 1), vals, bottom=bottom, label=_SHORT.get(c, c))
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"stage {i + 1}")
+        ax.set_xlabel("block")
+        ax.set_ylim(0, 1)
+        if i == 0:
+            ax.set_ylabel("softmax(alpha)")
+        ax.legend(fontsize=7)
+    st = [s if s is not None else 0.0 for s in imp["stage"]]
+    axes[n].bar(range(1, n + 1), st)
+    axes[n].set_title("stage importance")
+    axes[n].set_xlabel("stage")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_widths(s):
+    if s is None:
+        return None
+    try:
+        return [int(v) for v in s.split(",")]
+    except ValueError:
+        raise VitslimError(f"--widths: got {s!r}, expected comma-separated integers, one per stage") from None
+
+
+def _extract(args):
+    import supernet.arch as A
+    from supernet.checkpoint import save_checkpoint
+    from supernet.train import load_supernet
+    model, obj = load_supernet(args.run)
+    sp = model.space
+    if args.arch:
+        choice = sp.choice_from_arch(A.load_arch(args.arch))
+    elif args.choice in ("best", "largest"):
+        widths = _parse_widths(args.widths)
+        choice = model.best_choice(widths) if args.choice == "best" else \
+            sp.check_choice({**sp.largest_choice(), **({"widths": widths} if widths else {})})
+    else:
+        try:
+            choice = json.loads(args.choice)
+        except json.JSONDecodeError:
+            raise VitslimError(f"--choice: got {args.choice!r}, expected 'best', 'largest' or a JSON "
+                               '{"widths": [...], "blocks": [[...], ...]}') from None
+        choice = sp.check_choice(choice)
+    net, arch = model.extract(choice)
+    os.makedirs(args.out, exist_ok=True)
+    A.save_arch(arch, os.path.join(args.out, "arch.yaml"))
+    save_checkpoint(net, arch, os.path.join(args.out, "model.pt"),
+                    extra={"source": "supernet", "run_step": int(obj["step"])})
+    A.atomic_write_text(os.path.join(args.out, "choice.json"), json.dumps(choice) + "\n")
+    print(f"extracted {json.dumps(choice)} -> {args.out}/arch.yaml, {args.out}/model.pt")
+    return 0
+
+
+register_command("supernet", _args, _run, "train a MetaPath supernet; show its importance; extract subnets", EXAMPLE)
