@@ -1,0 +1,291 @@
+"""A search run end to end: check the inputs (supernet run, latency table, target, output directory),
+build the evaluation context, run a strategy, and write the run directory:
+
+    arch.yaml          the found network's arch config
+    model.pt           a vitslim checkpoint with the supernet's (inherited) weights, fine-tuned if asked
+    report.json        target_ms, predicted_ms, params, macs, accuracy, latency_split, ... (written last)
+    trajectory.jsonl   slimming's log (resume) / study.journal or study.db: the Optuna study (resume)
+    trajectory.png     slimming: predicted ms and accuracy per step / pareto.json + pareto.png: Optuna
+
+report.json is the mark of a finished run: a directory holding one is refused unless overwrite;
+a directory holding only a log is resumed from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Mapping, Optional
+
+import torch
+
+from latency_tables import LatencyTable
+from latency_tables.table import LatencyError, MissingEntriesError
+from supernet.arch import atomic_write_text, save_arch
+from supernet.checkpoint import save_checkpoint
+from supernet.count import count
+from supernet.data import build_datasets, make_loader
+from supernet.errors import CheckpointError
+from supernet.train import TrainConfig, read_run
+from supernet.supernet import MetaPathSupernet
+
+from .evaluator import HeldoutEvaluator, stack_batches
+from .finetune import finetune as finetune_model
+from .optuna_search import OptunaSearch
+from .random_search import RandomSearch, UniformShrink
+from .slimming import LatencySlimming
+from .strategy import SearchContext, SearchError, SearchResult, check_target, describe_blocks
+
+RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "study.journal",
+             "study.db", "pareto.json", "pareto.png", "eval_cache.json")
+STRATEGIES = {"slim": LatencySlimming, "optuna": OptunaSearch, "random": RandomSearch, "uniform": UniformShrink}
+
+
+# ---------------------------------------------------------------- inputs
+def load_supernet_run(run_dir: str):
+    """(MetaPathSupernet in eval mode, TrainConfig, run checkpoint); refuses an unfinished run."""
+    try:
+        obj = read_run(run_dir)
+    except CheckpointError as e:
+        raise SearchError(f"--supernet: {e}") from None
+    step, steps = int(obj.get("step", 0)), int(obj["config"]["steps"])
+    if step < steps:
+        raise SearchError(f"--supernet {run_dir}: the run is incomplete (step {step} of {steps}); finish it with "
+                          f"`vitslim supernet train --out {run_dir} --resume`")
+    cfg = TrainConfig.from_dict(obj["config"])
+    model = MetaPathSupernet(obj["config"]["space"])
+    model.load_state_dict(obj["model"])
+    return model.eval(), cfg, obj
+
+
+def load_table(path: str, space, interpolate: bool = False):
+    """(LatencyTable, CompiledTable for `space`); names what the table lacks for the space."""
+    if not os.path.isfile(os.fspath(path)):
+        raise SearchError(f"--table {path}: no such file, expected a latency table .yaml "
+                          "(build one with `vitslim latency build --space SPACE.yaml --out T.yaml`)")
+    try:
+        table = LatencyTable.load(path)
+    except LatencyError as e:
+        raise SearchError(f"--table {path}: {e}") from None
+    try:
+        return table, table.compile(space, interpolate=interpolate)
+    except MissingEntriesError as e:
+        raise SearchError(f"--table {path} does not cover the supernet's search space: {e}") from None
+    except LatencyError as e:
+        raise SearchError(f"--table {path}: {e}") from None
+
+
+def prepare_out(out: str, overwrite: bool) -> str:
+    """'fresh' or 'resume'; refuses a finished run unless overwrite (then clears vitslim's files)."""
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SearchError(f"--out {out}: exists and is not a directory")
+    if os.path.isfile(os.path.join(out, "report.json")):
+        if not overwrite:
+            raise SearchError(f"--out {out}: already holds a finished search run (report.json); "
+                              "pass --overwrite to replace it, or choose another --out")
+    if overwrite and os.path.isdir(out):
+        for f in RUN_FILES:
+            p = os.path.join(out, f)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(out, exist_ok=True)
+    return "resume" if any(os.path.exists(os.path.join(out, f)) for f in ("trajectory.jsonl", "study.journal",
+                                                                          "study.db")) else "fresh"
+
+
+def make_evaluator(supernet, cfg: TrainConfig, eval_images: int = 512, bn_batches: int = 0, batch_size: int = 256,
+                   seed: int = 0, device: str = "cpu"):
+    """(HeldoutEvaluator on the first `eval_images` held-out images of the supernet run's data, train set)."""
+    if eval_images < 1:
+        raise SearchError(f"--eval-images: got {eval_images}, expected an integer >= 1")
+    if bn_batches < 0:
+        raise SearchError(f"--bn-batches: got {bn_batches}, expected an integer >= 0")
+    space = supernet.space
+    train_set, held = build_datasets(cfg.data, space.input_size, space.num_classes, seed=cfg.seed)
+    if len(held) == 0:
+        raise SearchError("the supernet run's data has no held-out split to score candidates on "
+                          "(set data.val_dir or data.val_fraction in its config)")
+    heldout = stack_batches(held, eval_images, batch_size)
+    calib = []
+    if bn_batches:
+        calib = list(make_loader(train_set, min(batch_size, cfg.batch_size), bn_batches, seed=seed + 1))
+    return HeldoutEvaluator(supernet, heldout, calib, bn_batches=bn_batches, device=device), train_set
+
+
+def make_strategy(name: str, run_args: Mapping, trials: int = 100, sampler: str = "nsga2",
+                  storage: str = "journal", budget: int = 50):
+    if name == "slim":
+        return LatencySlimming(run_args=run_args)
+    if name == "optuna":
+        return OptunaSearch(n_trials=trials, sampler=sampler, storage=storage, run_args=run_args)
+    if name == "random":
+        return RandomSearch(budget=budget)
+    if name == "uniform":
+        return UniformShrink()
+    raise SearchError(f"--strategy: got {name!r}, expected one of {', '.join(STRATEGIES)}")
+
+
+# ---------------------------------------------------------------- the run
+def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "slim", seed: int = 0,
+               eval_images: int = 512, bn_batches: int = 0, eval_batch_size: int = 256, finetune: int = 0,
+               finetune_lr: float = 1e-3, trials: int = 100, sampler: str = "nsga2", storage: str = "journal",
+               budget: int = 50, overwrite: bool = False, progress: bool = True, interpolate: bool = False,
+               device: str = "cpu") -> dict:
+    """Search `supernet` (a run directory) under `target_ms` on `table` and write the run directory
+    `out`; returns the report."""
+    target = check_target(target_ms)
+    if finetune < 0:
+        raise SearchError(f"--finetune: got {finetune}, expected a number of steps >= 0")
+    model, cfg, obj = load_supernet_run(supernet)
+    tab, compiled = load_table(table, model.space, interpolate)
+    existed = os.path.isdir(out)
+    prepare_out(out, overwrite)
+    try:
+        return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
+                    eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,
+                    supernet, device)
+    except BaseException:
+        if not existed and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # a search refused before it started leaves nothing behind
+        raise
+
+
+def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches, eval_batch_size,
+         finetune, finetune_lr, trials, sampler, storage, budget, progress, table, supernet, device) -> dict:
+    torch.manual_seed(seed)
+    t_setup = time.perf_counter()
+    evaluator, train_set = make_evaluator(model, cfg, eval_images, bn_batches, eval_batch_size, seed, device)
+    run_args = {"supernet": os.path.abspath(supernet), "supernet_step": int(obj["step"]),
+                "table": os.path.abspath(table), "eval_images": evaluator.n_images, "bn_batches": evaluator.bn_batches}
+    strat = make_strategy(strategy, run_args, trials=trials, sampler=sampler, storage=storage, budget=budget)
+    ctx = SearchContext(space=model.space, supernet=model, table=tab, compiled=compiled, evaluator=evaluator,
+                        target_ms=target, seed=seed, progress=progress, log_dir=out)
+    setup_s = time.perf_counter() - t_setup
+    t0 = time.perf_counter()
+    result = strat.search(ctx)
+    search_s = time.perf_counter() - t0
+    report = write_run(out, ctx, result, run_args, search_s=search_s, setup_s=setup_s, finetune_steps=finetune,
+                       finetune_lr=finetune_lr, train_set=train_set, batch_size=cfg.batch_size,
+                       label_smoothing=cfg.label_smoothing, progress=progress, device=device)
+    return report
+
+
+def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapping, search_s: float = 0.0,
+              setup_s: float = 0.0, finetune_steps: int = 0, finetune_lr: float = 1e-3, train_set=None,
+              batch_size: int = 64, label_smoothing: float = 0.1, progress: bool = False, device: str = "cpu") -> dict:
+    os.makedirs(out, exist_ok=True)
+    choice = ctx.space.check_choice(result.choice)
+    model, arch = ctx.evaluator.model(choice)
+    ft = None
+    if finetune_steps > 0:
+        before = ctx.evaluator.score_model(model)
+        t0 = time.perf_counter()
+        finetune_model(model, train_set, finetune_steps, batch_size=batch_size, lr=finetune_lr,
+                       label_smoothing=label_smoothing, seed=ctx.seed, progress=progress, device=device)
+        after = ctx.evaluator.score_model(model)
+        ft = {"steps": finetune_steps, "lr": finetune_lr, "acc_before": before["acc"], "acc_after": after["acc"],
+              "loss_before": before["loss"], "loss_after": after["loss"], "seconds": time.perf_counter() - t0}
+    save_arch(arch, os.path.join(out, "arch.yaml"))
+    save_checkpoint(model.cpu(), arch, os.path.join(out, "model.pt"),
+                    extra={"search": {"strategy": result.strategy, "target_ms": ctx.target_ms}})
+    split = ctx.table.predict_stages(arch, interpolate=bool(ctx.compiled.estimated))
+    c = count(arch)
+    ev_s = ctx.evaluator.seconds
+    report = {
+        "target_ms": ctx.target_ms, "predicted_ms": float(result.predicted_ms), "params": c["params"], "macs": c["macs"],
+        "accuracy": result.acc, "heldout_loss": result.loss,
+        "accuracy_note": "top-1 on the held-out images with the supernet's inherited weights"
+                         + (" (BatchNorm recalibrated)" if ctx.evaluator.bn_batches else ""),
+        "latency_split": {k: v for k, v in split.items() if k != "estimated"},
+        "latency_estimated_entries": split.get("estimated", []),
+        "strategy": result.strategy, "seed": ctx.seed,
+        "choice": choice, "blocks": describe_blocks(choice),
+        "supernet": run_args.get("supernet"), "supernet_step": run_args.get("supernet_step"),
+        "table": run_args.get("table"), "device": dict(ctx.table.device),
+        "evaluation": {"images": ctx.evaluator.n_images, "bn_batches": ctx.evaluator.bn_batches,
+                       "evaluations": ctx.evaluator.evaluations, "cached": len(ctx.evaluator.cache)},
+        "search": {"seconds": search_s, "setup_seconds": setup_s, "eval_seconds": ev_s,
+                   "lookup_seconds": ctx.lookup_seconds,
+                   "overhead_fraction": (max(0.0, search_s - ev_s) / search_s) if search_s > 0 else 0.0,
+                   **{k: v for k, v in result.extra.items() if k not in ("trial_rows", "trajectory")}},
+        "finetune": ft,
+        "files": ["arch.yaml", "model.pt", "report.json"],
+    }
+    if "trajectory" in result.extra:
+        report["trajectory"] = result.extra["trajectory"]
+        report["files"].append("trajectory.jsonl")
+        if plot_trajectory(result.extra["trajectory"], ctx.target_ms, os.path.join(out, "trajectory.png")):
+            report["files"].append("trajectory.png")
+    if "trial_rows" in result.extra:
+        rows = result.extra["trial_rows"]
+        front = set(result.extra["pareto"])
+        pj = {"target_ms": ctx.target_ms, "best_trial": result.extra["best_trial"],
+              "pareto": [r for r in rows if r["number"] in front],
+              "trials": [{k: r[k] for k in ("number", "acc", "ms", "loss", "feasible")} for r in rows]}
+        atomic_write_text(os.path.join(out, "pareto.json"), json.dumps(pj, indent=1) + "\n")
+        report["files"].append("pareto.json")
+        if plot_pareto(rows, front, ctx.target_ms, result.extra["best_trial"], os.path.join(out, "pareto.png")):
+            report["files"].append("pareto.png")
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------- plots (matplotlib optional)
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except Exception:  # noqa: BLE001 - plots are a convenience
+        return None
+
+
+def _save(fig, plt, path):
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_trajectory(traj, target_ms, path) -> bool:
+    plt = _plt()
+    if plt is None or not traj:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ms = [t["predicted_ms"] for t in traj]
+    acc = [t["acc"] for t in traj]
+    ax.plot(ms, acc, "o-", ms=3)
+    for t in traj[1:]:
+        ax.annotate({"to_identity": "I", "meta3d_to_meta4d": "4D", "shrink": "w"}.get(t["action"], "?"),
+                    (t["predicted_ms"], t["acc"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvline(target_ms, color="r", ls="--", label=f"target {target_ms:g} ms")
+    ax.invert_xaxis()
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("held-out accuracy (supernet weights)")
+    ax.set_title("latency-driven slimming (I: to identity, 4D: meta3d->meta4d, w: -16 channels)", fontsize=8)
+    ax.legend(fontsize=8)
+    _save(fig, plt, path)
+    return True
+
+
+def plot_pareto(rows, front, target_ms, best, path) -> bool:
+    plt = _plt()
+    if plt is None or not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["ms"] for r in rows], [r["acc"] for r in rows], s=8, c="0.6", label="trials")
+    pf = sorted((r for r in rows if r["number"] in front), key=lambda r: r["ms"])
+    ax.plot([r["ms"] for r in pf], [r["acc"] for r in pf], "o-", ms=4, label="Pareto front")
+    b = next(r for r in rows if r["number"] == best)
+    ax.scatter([b["ms"]], [b["acc"]], marker="*", s=120, c="r", zorder=5, label="chosen")
+    ax.axvline(target_ms, color="r", ls="--", label=f"target {target_ms:g} ms")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("held-out accuracy (supernet weights)")
+    ax.legend(fontsize=8)
+    _save(fig, plt, path)
+    return True

@@ -1,0 +1,228 @@
+"""EfficientFormer's latency-driven slimming (Li et al., NeurIPS 2022, Sec. 4.2; never released),
+rebuilt. From the largest subnet, each step considers three actions:
+
+  a) `to_identity`:  the least important MetaPath still running a block becomes Identity;
+  b) `meta3d_to_meta4d`: the first Meta3D (network order) becomes a Meta4D ("remove the first MB3D");
+  c) `shrink`: the least important stage that is above its minimum width loses `width_step` channels;
+
+scores each with its held-out accuracy drop (supernet weights, `HeldoutEvaluator`) per millisecond
+saved (latency table), takes the smallest, and repeats until the predicted latency meets the target.
+
+Choices the paper leaves open, decided here:
+- start: every position keeps its most probable non-identity MetaPath (meta4d excluded after a
+  meta3d), every stage at maximum width (`strategy.largest_choice`);
+- "remove the first Meta3D" turns it into a Meta4D: the first 3D block of a stage is preceded only
+  by 4D or identity blocks, so the 4D-then-3D order stays valid, and dropping the block entirely is
+  already action (a). Where meta4d is not a candidate it becomes identity instead;
+- importance: `MetaPathSupernet.importance()` (fixed for the run); a stage's importance is the sum
+  over its positions that still run a block (a stage whose blocks are gone costs only its
+  downsample and is shrunk first); stages without an identity candidate rank last;
+- accuracy drop = held-out top-1 before minus after; the loss increase per ms breaks ties (top-1 on
+  a small split is coarse), then the action order a, b, c; actions that save no time are skipped,
+  and if none saves time before the target is met the search stops with an error.
+
+Every step is one JSON line in trajectory.jsonl (the chosen action, every candidate with its ms,
+accuracy, loss and score). Re-running with the same arguments continues from the last complete
+line; the logged numbers are reused, so a resumed run ends exactly where an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import List, Mapping, Optional, Tuple
+
+from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy, describe_blocks, largest_choice,
+                       unreachable)
+
+ACTIONS = ("to_identity", "meta3d_to_meta4d", "shrink")
+LOG_VERSION = 1
+
+
+class TrajectoryLog:
+    """Append-only JSON lines, one fsync'd line per record; a torn last line (an interrupt mid-write)
+    is dropped on reading."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def read(self) -> List[dict]:
+        if not self.path or not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        recs, good = [], []
+        for n, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                recs.append(json.loads(line))
+                good.append(line)
+            except json.JSONDecodeError:
+                if any(x.strip() for x in lines[n + 1:]):
+                    raise SearchError(f"{self.path}: line {n + 1} is not JSON (a corrupt log; remove the run "
+                                      "directory or pass --overwrite)") from None
+                tmp = f"{self.path}.tmp.{os.getpid()}"  # drop the torn line, atomically
+                with open(tmp, "w", encoding="utf-8") as g:
+                    g.write("".join(x + "\n" for x in good))
+                os.replace(tmp, self.path)
+        return recs
+
+    def append(self, rec: Mapping) -> None:
+        if not self.path:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def args_diff(old: Mapping, new: Mapping, prefix: str = "") -> List[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += args_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: was {a!r}, now {b!r}")
+    return out
+
+
+class LatencySlimming(SearchStrategy):
+    name = "slim"
+    log_file = "trajectory.jsonl"
+
+    def __init__(self, max_steps: int = 10_000, run_args: Optional[Mapping] = None):
+        self.max_steps = int(max_steps)
+        self.run_args = dict(run_args or {})   # what else a resume must match (supernet, table, eval)
+
+    def args(self) -> dict:
+        return {"strategy": self.name, **self.run_args}
+
+    # ------------------------------------------------------------ the three actions
+    @staticmethod
+    def candidates(ctx: SearchContext, choice: Mapping, imp: Mapping) -> List[Tuple[str, str, dict]]:
+        space = ctx.space
+        out = []
+        mp = imp["metapath"]
+        # a) least important MetaPath -> Identity
+        pos = [(mp[i][j], i, j) for i, st in enumerate(space.stages) if "identity" in st.candidates
+               for j in range(st.max_depth) if choice["blocks"][i][j] != "identity" and mp[i][j] is not None]
+        if pos:
+            _, i, j = min(pos)
+            c = copy.deepcopy(choice)
+            c["blocks"][i][j] = "identity"
+            out.append(("to_identity", f"stage{i}.block{j}", c))
+        # b) the first Meta3D -> Meta4D (identity where meta4d is not a candidate)
+        first = next(((i, j) for i, bl in enumerate(choice["blocks"]) for j, t in enumerate(bl) if t == "meta3d"), None)
+        if first is not None:
+            i, j = first
+            cands = space.stages[i].candidates
+            to = "meta4d" if "meta4d" in cands else ("identity" if "identity" in cands else None)
+            if to is not None:
+                c = copy.deepcopy(choice)
+                c["blocks"][i][j] = to
+                out.append(("meta3d_to_meta4d" if to == "meta4d" else "to_identity", f"stage{i}.block{j}", c))
+        # c) least important stage above its minimum width -> 16 channels fewer
+        st_rank = []
+        for i, st in enumerate(space.stages):
+            if choice["widths"][i] - space.width_step < st.min_width:
+                continue
+            scores = [mp[i][j] for j in range(st.max_depth) if choice["blocks"][i][j] != "identity"]
+            s = math.inf if any(v is None for v in scores) else float(sum(scores))
+            st_rank.append((s, i))
+        if st_rank:
+            _, i = min(st_rank)
+            c = copy.deepcopy(choice)
+            c["widths"][i] -= space.width_step
+            out.append(("shrink", f"stage{i}", c))
+        return [(a, w, space.check_choice(c)) for a, w, c in out]
+
+    # ------------------------------------------------------------ the loop
+    def search(self, ctx: SearchContext) -> SearchResult:
+        msg = unreachable(ctx)
+        if msg:
+            raise SearchError(msg)
+        log = TrajectoryLog(os.path.join(ctx.log_dir, self.log_file) if ctx.log_dir else None)
+        args = {**self.args(), "target_ms": ctx.target_ms, "seed": ctx.seed}
+        recs = log.read()
+        imp = ctx.supernet.importance()
+        if recs:
+            head = recs[0]
+            if head.get("type") != "header":
+                raise SearchError(f"{log.path}: first line is not a header (not a slimming log)")
+            diff = args_diff(head.get("args", {}), json.loads(json.dumps(args)))
+            if diff:
+                raise SearchError(f"cannot resume {log.path}: the arguments differ from the logged run's: "
+                                  f"{'; '.join(diff[:3])} (use the same arguments, another --out, or --overwrite)")
+            for r in recs:  # the logged numbers are reused verbatim
+                if "choice" in r and "acc" in r:
+                    ctx.evaluator.prime(r["choice"], r)
+                for c in r.get("candidates", ()):
+                    ctx.evaluator.prime(c["choice"], c)
+            steps = [r for r in recs if r.get("type") == "step"]
+            cur = (steps[-1] if steps else next(r for r in recs if r.get("type") == "start"))["choice"]
+        else:
+            start = largest_choice(ctx.supernet)
+            ev = ctx.evaluator(start)
+            recs = [{"type": "header", "version": LOG_VERSION, "args": args},
+                    {"type": "start", "choice": start, "predicted_ms": ctx.latency(start), **ev}]
+            for r in recs:
+                log.append(r)
+            steps = []
+            cur = start
+        cur = ctx.space.check_choice(cur)
+        done = next((r for r in recs if r.get("type") == "done"), None)
+        bar = None
+        if ctx.progress and done is None:
+            from tqdm import tqdm
+            bar = tqdm(desc="slimming", unit="step", initial=len(steps), dynamic_ncols=True)
+        try:
+            while done is None:
+                ms = ctx.latency(cur)
+                ev = ctx.evaluator(cur)
+                if ms <= ctx.target_ms:
+                    done = {"type": "done", "choice": cur, "predicted_ms": ms, **ev, "steps": len(steps)}
+                    log.append(done)
+                    break
+                if len(steps) >= self.max_steps:
+                    raise SearchError(f"slimming: {self.max_steps} steps without meeting {ctx.target_ms:g} ms "
+                                      f"(at {ms:.4g} ms); raise max_steps")
+                cands = self.candidates(ctx, cur, imp)
+                lat = ctx.latencies([c for _, _, c in cands]) if cands else []
+                rows = []
+                for k, ((action, where, c), cms) in enumerate(zip(cands, lat)):
+                    e = ctx.evaluator(c)
+                    saved = ms - float(cms)
+                    drop, dloss = ev["acc"] - e["acc"], e["loss"] - ev["loss"]
+                    feasible = saved > 1e-12
+                    rows.append({"action": action, "where": where, "choice": c, "predicted_ms": float(cms),
+                                 "acc": e["acc"], "loss": e["loss"], "ms_saved": saved, "drop": drop,
+                                 "score": drop / saved if feasible else None,
+                                 "loss_per_ms": dloss / saved if feasible else None, "feasible": feasible})
+                ok = [(r["score"], r["loss_per_ms"], k) for k, r in enumerate(rows) if r["feasible"]]
+                if not ok:
+                    raise SearchError(f"slimming stopped at {ms:.4g} ms (target {ctx.target_ms:g} ms): no action "
+                                      f"saves time from widths {cur['widths']}, blocks {describe_blocks(cur)}")
+                best = rows[min(ok)[2]]
+                rec = {"type": "step", "step": len(steps) + 1, "action": best["action"], "where": best["where"],
+                       "choice": best["choice"], "predicted_ms": best["predicted_ms"], "acc": best["acc"],
+                       "loss": best["loss"], "ms_saved": best["ms_saved"], "drop": best["drop"],
+                       "score": best["score"], "candidates": rows}
+                log.append(rec)
+                steps.append(rec)
+                cur = best["choice"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(ms=f"{best['predicted_ms']:.3f}", acc=f"{best['acc']:.3f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        start_rec = next(r for r in recs if r.get("type") == "start")
+        traj = [{"step": 0, "action": "start", "predicted_ms": start_rec["predicted_ms"], "acc": start_rec["acc"]}]
+        traj += [{"step": r["step"], "action": r["action"], "where": r["where"], "predicted_ms": r["predicted_ms"],
+                  "acc": r["acc"]} for r in steps]
+        return SearchResult(self.name, done["choice"], float(done["predicted_ms"]), float(done["acc"]),
+                            float(done["loss"]), evaluations=ctx.evaluator.evaluations,
+                            extra={"steps": len(steps), "trajectory": traj})

@@ -1,0 +1,60 @@
+"""Optuna search: the flat encoding always decodes to a valid Choice and round-trips, a study resumes
+from its storage (trials split across two calls add up), and the Pareto front is saved."""
+import json
+import os
+import random
+
+import pytest
+
+from nas.optuna_search import FlatEncoding, pareto_front
+from nas.run import run_search
+from supernet.space import load_space
+
+from conftest import SPACE
+
+
+def test_every_point_of_the_flat_encoding_decodes_to_a_valid_choice():
+    space = load_space(SPACE)
+    enc = FlatEncoding(space)
+    rng = random.Random(0)
+    for _ in range(300):
+        p = {n: rng.randrange(lo, hi + 1, s) for n, lo, hi, s in enc.params()}
+        c = enc.decode(p)
+        assert space.check_choice(c) == c
+        assert enc.decode(enc.encode(c)) == c
+    for _ in range(100):  # every Choice of the space is reachable
+        c = space.sample(rng)
+        assert enc.decode(enc.encode(c)) == c
+
+
+def test_pareto_front_keeps_the_non_dominated():
+    rows = [{"acc": 0.5, "ms": 2.0}, {"acc": 0.6, "ms": 3.0}, {"acc": 0.4, "ms": 2.5}, {"acc": 0.6, "ms": 2.9}]
+    assert pareto_front(rows) == [0, 3]
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_study_resumes_from_its_storage(supernet_run, table_path, tmp_path, storage):
+    out = str(tmp_path / "opt")
+    kw = dict(strategy="optuna", storage=storage, eval_images=16, progress=False, seed=3)
+    target = 4.0
+    os.makedirs(out)
+    from nas.optuna_search import OptunaSearch
+    from nas.run import load_supernet_run, load_table, make_evaluator
+    from nas.strategy import SearchContext
+    # first worker: 3 trials, then "interrupted" (no report written)
+    model, cfg, obj = load_supernet_run(supernet_run)
+    tab, comp = load_table(table_path, model.space)
+    ev, _ = make_evaluator(model, cfg, eval_images=16)
+    ctx = SearchContext(model.space, model, tab, comp, ev, target, seed=3, progress=False, log_dir=out)
+    run_args = {"supernet": os.path.abspath(supernet_run), "supernet_step": int(obj["step"]),
+                "table": os.path.abspath(table_path), "eval_images": ev.n_images, "bn_batches": 0}
+    OptunaSearch(n_trials=3, storage=storage, run_args=run_args).search(ctx)
+    rep = run_search(supernet_run, table_path, target, out, trials=7, **kw)
+    assert rep["search"]["trials"] == 7
+    assert rep["predicted_ms"] <= target
+    with open(os.path.join(out, "pareto.json")) as f:
+        pj = json.load(f)
+    assert len(pj["trials"]) == 7 and pj["pareto"]
+    assert os.path.isfile(os.path.join(out, "study.journal" if storage == "journal" else "study.db"))
+    best = max((t for t in pj["trials"] if t["feasible"]), key=lambda t: t["acc"])
+    assert rep["accuracy"] == best["acc"]

@@ -1,0 +1,57 @@
+"""`vitslim search` on bad input: one line on stderr and exit code 2, naming what is wrong."""
+import os
+
+import pytest
+import torch
+
+from vitslim.cli import main
+
+from conftest import SPACE, fake_table
+
+
+def run_cli(capsys, *argv):
+    rc = main(["search", *argv, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_negative_target_is_one_line(supernet_run, table_path, tmp_path, capsys):
+    rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", table_path, "--target-ms", "-1",
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2 and len(err.splitlines()) == 1 and "target-ms: got -1" in err
+
+
+def test_table_that_misses_entries_names_them(supernet_run, tmp_path, capsys):
+    t = str(tmp_path / "partial.yaml")
+    fake_table(SPACE, drop=3).save(t)
+    rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", t, "--target-ms", "3", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "does not cover the supernet's search space" in err and "lacks:" in err and "|" in err
+
+
+def test_incomplete_supernet_run_is_refused(supernet_run, tmp_path, table_path, capsys):
+    run = str(tmp_path / "half")  # as `supernet train --stop-at 2` leaves it
+    os.makedirs(run)
+    obj = torch.load(os.path.join(supernet_run, "checkpoint.pt"), weights_only=True)
+    obj["step"] = 2
+    torch.save(obj, os.path.join(run, "checkpoint.pt"))
+    rc, err = run_cli(capsys, "--supernet", run, "--table", table_path, "--target-ms", "3", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "incomplete (step 2 of 4)" in err and "--resume" in err
+
+
+def test_missing_supernet_run_is_refused(tmp_path, table_path, capsys):
+    rc, err = run_cli(capsys, "--supernet", str(tmp_path / "nope"), "--table", table_path, "--target-ms", "3",
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2 and "no such run directory" in err
+
+
+def test_cli_writes_a_run_and_refuses_to_overwrite_it(supernet_run, table_path, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    args = ["--supernet", supernet_run, "--table", table_path, "--target-ms", "4", "--out", out,
+            "--eval-images", "16", "--strategy", "uniform"]
+    rc, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert {"arch.yaml", "model.pt", "report.json"} <= set(os.listdir(out))
+    rc, err = run_cli(capsys, *args)
+    assert rc == 2 and "--overwrite" in err
+    rc, err = run_cli(capsys, *args, "--overwrite", "--finetune", "1")
+    assert rc == 0, err

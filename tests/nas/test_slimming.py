@@ -1,0 +1,143 @@
+"""Latency-driven slimming: meets the target per the table, takes the best drop-per-ms action at every
+step (checked on its own log), is deterministic, resumes from a torn log to the same end, and refuses
+targets it cannot meet."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import vitslim
+from nas.run import load_supernet_run, load_table, run_search
+from nas.slimming import ACTIONS
+from nas.strategy import SearchError, largest_choice
+
+REPORT_KEYS = {"target_ms", "predicted_ms", "params", "macs", "accuracy", "latency_split", "strategy", "choice"}
+
+
+def start_ms(supernet_run, table_path):
+    model, _, _ = load_supernet_run(supernet_run)
+    _, compiled = load_table(table_path, model.space)
+    return float(compiled.score_choices([largest_choice(model)])[0])
+
+
+def read_log(out):
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def slim_run(supernet_run, table_path, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("slim") / "run")
+    target = 0.5 * start_ms(supernet_run, table_path)
+    rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False)
+    return out, rep, target
+
+
+def test_slimming_meets_the_target_on_the_table(slim_run, table_path):
+    out, rep, target = slim_run
+    assert rep["predicted_ms"] <= target
+    table = vitslim.api.resolve_arch  # noqa: F841 - the public path below
+    from latency_tables import LatencyTable
+    arch = vitslim.load_arch(os.path.join(out, "arch.yaml"))
+    assert LatencyTable.load(table_path).predict(arch) == pytest.approx(rep["predicted_ms"], rel=1e-6)
+    assert REPORT_KEYS <= set(rep)
+    assert rep["latency_split"]["total"] == pytest.approx(rep["predicted_ms"], rel=1e-6)
+
+
+def test_every_step_takes_the_smallest_accuracy_drop_per_ms(slim_run):
+    out, rep, target = slim_run
+    recs = read_log(out)
+    assert [r["type"] for r in recs[:2]] == ["header", "start"] and recs[-1]["type"] == "done"
+    steps = [r for r in recs if r["type"] == "step"]
+    assert len(steps) >= 2
+    prev_ms = recs[1]["predicted_ms"]
+    for s in steps:
+        assert s["action"] in ACTIONS
+        ok = [c for c in s["candidates"] if c["feasible"]]
+        best = min(ok, key=lambda c: (c["score"], c["loss_per_ms"]))
+        assert (s["score"], s["where"], s["action"]) == (best["score"], best["where"], best["action"])
+        assert s["predicted_ms"] < prev_ms
+        prev_ms = s["predicted_ms"]
+    assert steps[-1]["predicted_ms"] <= target < steps[-2]["predicted_ms"]
+
+
+def test_slimming_is_deterministic(slim_run, supernet_run, table_path, tmp_path):
+    out, rep, target = slim_run
+    again = str(tmp_path / "again")
+    run_search(supernet_run, table_path, target, again, eval_images=16, progress=False)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "args"} for r in recs]  # noqa: E731
+    assert strip(read_log(again)) == strip(read_log(out))
+
+
+def test_resume_from_a_torn_log_ends_where_an_uninterrupted_run_does(slim_run, supernet_run, table_path, tmp_path):
+    out, rep, target = slim_run
+    part = tmp_path / "part"
+    part.mkdir()
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        lines = f.read().splitlines()
+    steps_at = [k for k, line in enumerate(lines) if json.loads(line)["type"] == "step"]
+    # header, start, the first step, then half of the second step's line (killed mid-write)
+    kept = lines[:steps_at[0] + 1] + [lines[steps_at[1]][: len(lines[steps_at[1]]) // 2]]
+    (part / "trajectory.jsonl").write_text("\n".join(kept))
+    rep2 = run_search(supernet_run, table_path, target, str(part), eval_images=16, progress=False)
+    assert rep2["choice"] == rep["choice"] and rep2["accuracy"] == rep["accuracy"]
+    assert read_log(str(part))[2:] == read_log(out)[2:]
+
+
+def test_resume_with_other_arguments_is_refused(slim_run, supernet_run, table_path, tmp_path):
+    out, rep, target = slim_run
+    part = tmp_path / "part"
+    part.mkdir()
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        (part / "trajectory.jsonl").write_text("".join(f.readlines()[:3]))
+    with pytest.raises(SearchError, match="eval_images: was 16, now 8"):
+        run_search(supernet_run, table_path, target, str(part), eval_images=8, progress=False)
+
+
+def test_unreachable_target_names_the_fastest_network(supernet_run, table_path, tmp_path):
+    with pytest.raises(SearchError, match=r"unreachable: the fastest network .* predicted at [0-9.]+ ms"):
+        run_search(supernet_run, table_path, 0.01, str(tmp_path / "r"), eval_images=16, progress=False)
+
+
+@pytest.mark.parametrize("target", [0, -1.5, float("nan")])
+def test_zero_or_negative_target_is_refused(supernet_run, table_path, tmp_path, target):
+    with pytest.raises(SearchError, match="target-ms: got .*expected a number of milliseconds > 0"):
+        run_search(supernet_run, table_path, target, str(tmp_path / "r"), progress=False)
+
+
+def test_run_directory_loads_and_matches_the_supernet(slim_run, supernet_run):
+    out, rep, target = slim_run
+    for f in ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    with open(os.path.join(out, "report.json")) as f:
+        assert json.load(f)["predicted_ms"] == rep["predicted_ms"]
+    model, arch = vitslim.load_checkpoint(os.path.join(out, "model.pt"))
+    sn, _, _ = load_supernet_run(supernet_run)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model.eval()(x)
+        b = sn.eval()(x, mode="fixed", choice=rep["choice"])
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_finished_run_is_refused_unless_overwrite(slim_run, supernet_run, table_path, tmp_path):
+    out, rep, target = slim_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    with pytest.raises(SearchError, match="already holds a finished search run.*--overwrite"):
+        run_search(supernet_run, table_path, target, copy, eval_images=16, progress=False)
+    rep2 = run_search(supernet_run, table_path, target, copy, eval_images=16, progress=False, overwrite=True,
+                      strategy="uniform")
+    assert rep2["strategy"] == "uniform" and not os.path.exists(os.path.join(copy, "trajectory.jsonl"))
+
+
+def test_baselines_meet_the_target_behind_the_same_interface(supernet_run, table_path, tmp_path):
+    target = 0.5 * start_ms(supernet_run, table_path)
+    rep = run_search(supernet_run, table_path, target, str(tmp_path / "u"), strategy="uniform", eval_images=16,
+                     progress=False)
+    assert rep["predicted_ms"] <= target and len(set(rep["choice"]["widths"])) >= 1
+    rep = run_search(supernet_run, table_path, target, str(tmp_path / "r"), strategy="random", budget=3,
+                     eval_images=16, progress=False)
+    assert rep["predicted_ms"] <= target and rep["evaluation"]["evaluations"] == 3

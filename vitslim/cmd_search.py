@@ -1,0 +1,222 @@
+"""`vitslim search`: latency-constrained search of a trained supernet (slimming or Optuna) into a run
+directory; `vitslim run PIPELINE.yaml`: the whole path (train a supernet, build or reuse a latency
+table, search to a target, export), each stage resumable."""
+from __future__ import annotations
+
+import json
+import os
+
+import yaml
+
+from supernet.errors import VitslimError
+
+from .cli import register_command
+
+SEARCH_EXAMPLE = """vitslim search --supernet runs/supernet_tiny --table runs/quickstart/table.yaml --target-ms 2.5 --out runs/slim
+  vitslim search --supernet runs/supernet_tiny --table T.yaml --target-ms 2.5 --strategy optuna --trials 200 --out runs/opt
+  vitslim search ... --finetune 300      # then train the found network for 300 steps"""
+
+
+def _search_args(p):
+    p.add_argument("--supernet", required=True, help="a finished supernet run directory (vitslim supernet train)")
+    p.add_argument("--table", required=True, help="latency table .yaml covering the supernet's search space")
+    p.add_argument("--target-ms", required=True, type=float, help="latency target in milliseconds (> 0)")
+    p.add_argument("--out", required=True, help="run directory (arch.yaml, model.pt, report.json, logs); "
+                                                "an interrupted run in it is resumed")
+    p.add_argument("--strategy", choices=["slim", "optuna", "random", "uniform"], default="slim",
+                   help="slim (EfficientFormer's slimming, default), optuna (multi-objective), "
+                        "random / uniform (baselines)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-images", type=int, default=512, help="held-out images each candidate is scored on (default 512)")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--bn-batches", type=int, default=0,
+                   help="re-estimate BatchNorm statistics of each candidate on N training batches (default 0)")
+    p.add_argument("--trials", type=int, default=100, help="optuna: trials in total, across resumes (default 100)")
+    p.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2", help="optuna sampler (default nsga2)")
+    p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
+                   help="optuna study storage in --out: journal file (default; several workers) or SQLite")
+    p.add_argument("--budget", type=int, default=50, help="random: networks evaluated (default 50)")
+    p.add_argument("--finetune", type=int, default=0, metavar="N", help="train the found network for N steps")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--interpolate", action="store_true", help="estimate entries the table lacks from neighbouring widths")
+    p.add_argument("--device", default="cpu", help="where candidates are evaluated (cpu, cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--json", action="store_true", help="print report.json")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _print_report(rep, out):
+    print(f"{out}: {rep['strategy']} -> {rep['blocks']} widths {rep['choice']['widths']}")
+    print(f"  predicted {rep['predicted_ms']:.4g} ms (target {rep['target_ms']:g} ms), held-out accuracy "
+          f"{rep['accuracy']:.4f}, params {rep['params']:,}, MACs {rep['macs'] / 1e6:.1f}M")
+    s = rep["search"]
+    print(f"  {rep['evaluation']['evaluations']} evaluations in {s['seconds']:.1f} s "
+          f"(overhead {s['overhead_fraction']:.2%} beside evaluation)")
+    if rep.get("finetune"):
+        f = rep["finetune"]
+        print(f"  fine-tuned {f['steps']} steps: accuracy {f['acc_before']:.4f} -> {f['acc_after']:.4f}")
+
+
+def _search(args):
+    from nas.run import run_search
+    rep = run_search(args.supernet, args.table, args.target_ms, args.out, strategy=args.strategy, seed=args.seed,
+                     eval_images=args.eval_images, bn_batches=args.bn_batches, eval_batch_size=args.eval_batch_size,
+                     finetune=args.finetune, finetune_lr=args.finetune_lr, trials=args.trials, sampler=args.sampler,
+                     storage=args.storage, budget=args.budget, overwrite=args.overwrite,
+                     progress=not args.no_progress, interpolate=args.interpolate, device=args.device)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        _print_report(rep, args.out)
+    return 0
+
+
+# ------------------------------------------------------------------ run PIPELINE.yaml
+PIPELINE_KEYS = ("version", "supernet", "table", "search", "export")
+
+
+def _bad(key, value, expected):
+    return VitslimError(f"{key}: got {value!r}, expected {expected}")
+
+
+def load_pipeline(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise VitslimError(f"{path}: no such file, expected a pipeline .yaml (e.g. experiments/quickstart.yaml)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise VitslimError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise _bad(path, d, "a mapping with supernet, table, search, export")
+    for k in d:
+        if k not in PIPELINE_KEYS:
+            raise VitslimError(f"{path}: unknown key {k!r}, expected one of {', '.join(PIPELINE_KEYS)}")
+    if d.get("version", 1) != 1:
+        raise _bad("version", d.get("version"), "1")
+    s = d.get("search") or {}
+    if ("target_ms" in s) == ("target_fraction" in s):
+        raise VitslimError("search: expected exactly one of target_ms (milliseconds) or target_fraction "
+                           "(of the start network's predicted latency)")
+    return d
+
+
+def _supernet_stage(d, base, out, progress):
+    from supernet.train import TrainConfig, read_run, train
+    sn = dict(d.get("supernet") or {})
+    cfg_path = sn.pop("config", None)
+    if not cfg_path:
+        raise VitslimError("supernet.config: missing, expected a supernet training config .yaml")
+    cfg_path = os.path.normpath(os.path.join(base, cfg_path))
+    with open(cfg_path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    raw.update(sn)  # overrides: steps, widths, ...
+    cfg = TrainConfig.from_dict(raw, base_dir=os.path.dirname(cfg_path))
+    run = os.path.join(out, "supernet")
+    ck = os.path.join(run, "checkpoint.pt")
+    if os.path.isfile(ck) and int(read_run(run)["step"]) >= cfg.steps:
+        print(f"[1/4] supernet: reusing {run}")
+    else:
+        print(f"[1/4] supernet: training {cfg.steps} steps into {run}")
+        train(cfg, run, resume=os.path.isfile(ck), progress=progress)  # cuda when available
+    return run, cfg
+
+
+def _table_stage(d, base, out, cfg, progress):
+    from latency_tables import LatencyTable
+    from latency_tables.backends import cpu_model
+    from supernet.arch import atomic_write_text
+    from .cli import main as cli_main
+    t = dict(d.get("table") or {})
+    reuse = t.get("reuse")
+    if reuse:
+        reuse = os.path.normpath(os.path.join(base, reuse))
+        if os.path.isfile(reuse):
+            tab = LatencyTable.load(reuse)
+            if tab.device.get("device") == cpu_model() and not tab.missing(_space_keys(cfg.space)):
+                print(f"[2/4] latency table: reusing {reuse}")
+                return reuse
+            print(f"[2/4] latency table: {reuse} is for another device or space; building one for this machine")
+    path = os.path.join(out, "table.yaml")
+    space_file = os.path.join(out, "space.yaml")
+    atomic_write_text(space_file, yaml.safe_dump(cfg.space.to_dict(), sort_keys=False))
+    argv = ["latency", "build", "--space", space_file, "--out", path, "--backend", str(t.get("backend", "torch-cpu")),
+            "--time-per-network", str(t.get("time_per_network", 0.1)), "--min-samples", str(t.get("min_samples", 5)),
+            "--calibrate", str(t.get("calibrate", 6))]
+    if not progress:
+        argv.append("--quiet")
+    print(f"[2/4] latency table: measuring {path} (resumable)")
+    rc = cli_main(argv)
+    if rc:
+        raise VitslimError(f"latency table build failed (exit {rc}); re-run to resume it")
+    return path
+
+
+def _space_keys(space):
+    from latency_tables.segments import space_keys
+    return space_keys(space)
+
+
+def _run_args(p):
+    p.add_argument("pipeline", help="pipeline .yaml (experiments/quickstart.yaml)")
+    p.add_argument("--out", required=True, help="output directory: supernet/, table.yaml, search/, export/")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run(args):
+    from nas.run import load_supernet_run, load_table, run_search
+    from nas.strategy import largest_choice
+    from .export import export
+    d = load_pipeline(args.pipeline)
+    base = os.path.dirname(os.path.abspath(args.pipeline))
+    progress = not args.no_progress
+    os.makedirs(args.out, exist_ok=True)
+    run, cfg = _supernet_stage(d, base, args.out, progress)
+    table = _table_stage(d, base, args.out, cfg, progress)
+    s = dict(d.get("search") or {})
+    search_dir = os.path.join(args.out, "search")
+    if "target_fraction" in s:
+        frac = float(s.pop("target_fraction"))
+        if not 0 < frac <= 1:
+            raise _bad("search.target_fraction", frac, "a number in (0, 1]")
+        model, _, _ = load_supernet_run(run)
+        _, compiled = load_table(table, model.space)
+        target = round(frac * float(compiled.score_choices([largest_choice(model)])[0]), 4)
+        print(f"[3/4] search: target {frac:g} x the start network's {target / frac:.4g} ms = {target:g} ms")
+    else:
+        target = float(s.pop("target_ms"))
+        print(f"[3/4] search: target {target:g} ms")
+    allowed = ("strategy", "seed", "eval_images", "bn_batches", "eval_batch_size", "finetune", "finetune_lr", "trials",
+               "sampler", "storage", "budget", "interpolate", "device")
+    for k in s:
+        if k not in allowed:
+            raise VitslimError(f"search.{k}: unknown key, expected one of target_ms, target_fraction, {', '.join(allowed)}")
+    if os.path.isfile(os.path.join(search_dir, "report.json")):
+        with open(os.path.join(search_dir, "report.json")) as f:
+            rep = json.load(f)
+        print(f"  reusing {search_dir}")
+    else:
+        rep = run_search(run, table, target, search_dir, progress=progress, **s)
+    _print_report(rep, search_dir)
+    fmts = d.get("export") or []
+    suffix = {"onnx": ".onnx", "torchscript": ".ts", "coreml": ".mlpackage", "yaml": ".yaml"}
+    for i, fmt in enumerate(fmts):
+        if fmt not in suffix:
+            raise _bad(f"export[{i}]", fmt, "one of " + ", ".join(suffix))
+    print(f"[4/4] export: {', '.join(fmts) or 'nothing'}")
+    for fmt in fmts:
+        dst = os.path.join(args.out, "export", "model" + suffix[fmt])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.exists(dst):
+            print(f"  {dst} exists")
+            continue
+        res = export(os.path.join(search_dir, "model.pt"), fmt, dst)
+        err = f" (max relative error {res['max_rel_error']:.1e} vs PyTorch)" if "max_rel_error" in res else ""
+        print(f"  wrote {res['path']}{err}")
+    return 0
+
+
+register_command("search", _search_args, _search, "latency-constrained search of a supernet (slimming or Optuna)",
+                 SEARCH_EXAMPLE)
+register_command("run", _run_args, _run, "the whole pipeline of a .yaml: supernet, latency table, search, export",
+                 "vitslim run experiments/quickstart.yaml --out runs/quickstart")
