@@ -10,7 +10,14 @@ from nas.optuna_search import FlatEncoding, pareto_front
 from nas.run import run_search
 from supernet.space import load_space
 
-from conftest import SPACE
+import importlib.util as _ilu
+import os as _os
+
+# the folder's conftest by path: a bare `import conftest` may find another folder's
+_spec = _ilu.spec_from_file_location("nas_conftest", _os.path.join(_os.path.dirname(__file__), "conftest.py"))
+_nas = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_nas)
+SPACE = _nas.SPACE
 
 
 def test_every_point_of_the_flat_encoding_decodes_to_a_valid_choice():

@@ -6,7 +6,15 @@ import torch
 
 from vitslim.cli import main
 
-from conftest import SPACE, fake_table
+import importlib.util as _ilu
+import os as _os
+
+# the folder's conftest by path: a bare `import conftest` may find another folder's
+_spec = _ilu.spec_from_file_location("nas_conftest", _os.path.join(_os.path.dirname(__file__), "conftest.py"))
+_nas = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_nas)
+SPACE = _nas.SPACE
+fake_table = _nas.fake_table
 
 
 def run_cli(capsys, *argv):
