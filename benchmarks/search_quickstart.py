@@ -1,14 +1,17 @@
 """Search benchmark on the quickstart task (results in BENCHMARKS.md, "Search").
 
-Takes a finished `vitslim run experiments/quickstart.yaml --out RUN` (supernet, table, slimming run)
-and, under the same target, the same held-out evaluation and the same short fine-tuning, runs
-  - random search with the evaluation budget slimming used,
-  - uniform width shrinking of slimming's start network;
-then measures the three networks end to end on the table's backend (the table's procedure and drift
-reference) and reports measured / target, held-out accuracy before and after fine-tuning, and the
-search overhead beside evaluation.
+For each seed: runs the README's first command (`vitslim run experiments/quickstart.yaml`, with the
+supernet and search seeded) and times it; then, under the same target, the same held-out evaluation,
+the same end-to-end verification and the same short fine-tuning, runs
+  - random search with the evaluation budget slimming used, sampling only networks predicted within
+    10% under the target (latency-matched), and
+  - uniform shrinking of slimming's start network (widths, then depth);
+measures the three networks end to end on the table's backend in one interleaved group (the table's
+procedure and drift reference), and scores the fine-tuned networks on test images no search saw
+(held-out split indices after the ones the search scored candidates on).
 
-    python benchmarks/search_quickstart.py --run runs/quickstart [--json benchmarks/results/search_quickstart.json]
+    python benchmarks/search_quickstart.py --out runs/bench_search --seeds 0 1 2 \
+        --json benchmarks/results/search_quickstart.json
 """
 from __future__ import annotations
 
@@ -16,13 +19,17 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+QUICKSTART = os.path.join(ROOT, "experiments", "quickstart.yaml")
 
 
-def measure(table, archs, seconds: float):
+def measure(table, archs, seconds: float, seed: int = 0):
     from latency_tables.backends import get_backend
     from latency_tables.build import table_reference
     from latency_tables.measure import Procedure, resolve_clock, time_networks
@@ -32,69 +39,159 @@ def measure(table, archs, seconds: float):
                           fused=bool(d.get("fused", True)))
     m = table.measurement or {}
     proc = Procedure(time_per_item=seconds, min_samples=30, max_samples=m.get("max_samples", 2000),
-                     warmup=m.get("warmup_s", 0.05), clock=resolve_clock(m.get("clock") or "auto", backend))
+                     warmup=m.get("warmup_s", 0.05), seed=seed, clock=resolve_clock(m.get("clock") or "auto", backend))
     ref = table_reference(table, backend, True)
     return [t.ms for t in time_networks(backend, archs, proc, reference=ref)]
 
 
-def main(argv=None):
+def test_accuracy(model_path: str, data_cfg: dict, space, first: int, n: int, batch: int = 256) -> float:
+    """Top-1 of a saved network on held-out images [first, first + n): images the search never scored."""
+    import torch
+    import vitslim
+    from supernet.data import SyntheticShapes
+    model, _ = vitslim.load_checkpoint(model_path)
+    ds = SyntheticShapes(num_classes=space.num_classes, image_size=space.input_size, length=first + n,
+                         split="heldout", seed=int(data_cfg["seed"]), distractors=int(data_cfg.get("distractors", 2)))
+    correct = 0
+    with torch.no_grad():
+        for s in range(first, first + n, batch):
+            idx = range(s, min(s + batch, first + n))
+            x = torch.stack([torch.as_tensor(ds[i][0]) for i in idx])
+            y = torch.tensor([ds[i][1] for i in idx])
+            out = model(x)
+            if isinstance(out, tuple):
+                out = (out[0] + out[1]) / 2
+            correct += int((out.argmax(1) == y).sum())
+    return correct / n
+
+
+def run_quickstart(seed: int, out: str) -> dict:
+    """The README's first command with the supernet and search seeded; wall and CPU time of it."""
+    import yaml
+    with open(QUICKSTART) as f:
+        d = yaml.safe_load(f)
+    base = os.path.dirname(QUICKSTART)
+    d["supernet"]["config"] = os.path.join(base, d["supernet"]["config"])
+    d["supernet"]["seed"] = seed
+    if d.get("table", {}).get("reuse"):
+        d["table"]["reuse"] = os.path.normpath(os.path.join(base, d["table"]["reuse"]))
+    d["search"]["seed"] = seed
+    os.makedirs(out, exist_ok=True)
+    pipe = os.path.join(out, "pipeline.yaml")
+    with open(pipe, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    timing_file = os.path.join(out, "timing.json")
+    if os.path.isfile(os.path.join(out, "search", "report.json")) and os.path.isfile(timing_file):
+        with open(timing_file) as f:
+            return json.load(f)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vitslim", "run", pipe, "--out", out, "--no-progress"], check=True,
+                   cwd=ROOT)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = {"wall_s": wall, "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+         "loadavg_1min_before": load0, "loadavg_1min_after": os.getloadavg()[0]}
+    with open(timing_file, "w") as f:
+        json.dump(t, f)
+    return t
+
+
+def one_seed(seed: int, out: str, seconds: float, test_images: int) -> dict:
     from latency_tables import LatencyTable
-    from latency_tables.backends import cpu_model
-    from nas.run import run_search
+    from nas.run import load_supernet_run, run_search
     from supernet.arch import load_arch
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="output of `vitslim run experiments/quickstart.yaml --out RUN`")
-    p.add_argument("--json", default=None, help="write the figures here")
-    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per network (default 1)")
-    a = p.parse_args(argv)
-    run = a.run
-    with open(os.path.join(run, "search", "report.json")) as f:
+    timing = run_quickstart(seed, out)
+    with open(os.path.join(out, "search", "report.json")) as f:
         slim = json.load(f)
-    table_path = slim["table"]
-    sn = os.path.join(run, "supernet")
+    with open(os.path.join(out, "pipeline.yaml")) as f:
+        import yaml
+        pipe = yaml.safe_load(f)
+    sn = os.path.join(out, "supernet")
+    supernet, cfg, _ = load_supernet_run(sn)
+    s = pipe["search"]
     ft = slim.get("finetune") or {}
     common = dict(eval_images=slim["evaluation"]["images"], bn_batches=slim["evaluation"]["bn_batches"],
-                  finetune=ft.get("steps", 0), finetune_lr=ft.get("lr", 1e-3), seed=slim["seed"], progress=False)
-    budget = slim["evaluation"]["evaluations"]
+                  finetune=ft.get("steps", 0), finetune_lr=ft.get("lr", 1e-3), seed=slim["seed"], progress=False,
+                  verify=s.get("verify", "auto"), tolerance=s.get("tolerance", 0.05),
+                  verify_seconds=s.get("verify_seconds", 1.0))
     reports = {"slim": slim}
-    for name, kw in (("random", {"budget": budget}), ("uniform", {})):
-        out = os.path.join(run, "bench", name)
-        if os.path.isfile(os.path.join(out, "report.json")):
-            with open(os.path.join(out, "report.json")) as f:
+    dirs = {"slim": os.path.join(out, "search")}
+    for name, kw in (("random", {"budget": slim["evaluation"]["evaluations"], "band": 0.1}), ("uniform", {})):
+        d = dirs[name] = os.path.join(out, "bench", name)
+        if os.path.isfile(os.path.join(d, "report.json")):
+            with open(os.path.join(d, "report.json")) as f:
                 reports[name] = json.load(f)
         else:
-            reports[name] = run_search(sn, table_path, slim["target_ms"], out, strategy=name, **common, **kw)
-    table = LatencyTable.load(table_path)
-    dirs = {"slim": os.path.join(run, "search"), "random": os.path.join(run, "bench", "random"),
-            "uniform": os.path.join(run, "bench", "uniform")}
+            reports[name] = run_search(sn, slim["table"], slim["target_ms"], d, strategy=name, **common, **kw)
+    table = LatencyTable.load(slim["table"])
     archs = [load_arch(os.path.join(dirs[k], "arch.yaml")) for k in reports]
-    measured = measure(table, archs, a.seconds)
+    measured = measure(table, archs, seconds, seed=seed)
+    data_cfg = {"seed": cfg.seed, "distractors": cfg.data.distractors}
     rows = []
     for (name, r), ms in zip(reports.items(), measured):
         f = r.get("finetune") or {}
+        v = r.get("verification") or {}
+        acc_test = test_accuracy(os.path.join(dirs[name], "model.pt"), data_cfg, supernet.space,
+                                 r["evaluation"]["images"], test_images)
         rows.append({"strategy": name, "blocks": r["blocks"], "widths": r["choice"]["widths"],
-                     "target_ms": r["target_ms"], "predicted_ms": r["predicted_ms"], "measured_ms": ms,
-                     "measured_over_target": ms / r["target_ms"], "measured_over_predicted": ms / r["predicted_ms"],
+                     "target_ms": r["target_ms"], "bound_ms": r.get("bound_ms"), "predicted_ms": r["predicted_ms"],
+                     "verify_measured_ms": v.get("measured_ms"), "verify_rounds": len(v.get("rounds", [])),
+                     "measured_ms": ms, "measured_over_target": ms / r["target_ms"],
                      "params": r["params"], "macs": r["macs"], "evaluations": r["evaluation"]["evaluations"],
-                     "acc_supernet_weights": r["accuracy"], "acc_before_finetune": f.get("acc_before"),
-                     "acc_after_finetune": f.get("acc_after"), "finetune_steps": f.get("steps"),
+                     "acc_supernet_weights": r["accuracy"], "acc_after_finetune": f.get("acc_after"),
+                     "test_acc_after_finetune": acc_test, "finetune_steps": f.get("steps"),
                      "search_seconds": r["search"]["seconds"], "eval_seconds": r["search"]["eval_seconds"],
                      "lookup_seconds": r["search"]["lookup_seconds"],
                      "overhead_fraction": r["search"]["overhead_fraction"]})
+    sn_report = os.path.join(sn, "report.json")
+    sn_acc = None
+    if os.path.isfile(sn_report):
+        with open(sn_report) as f:
+            sn_acc = json.load(f).get("heldout_acc_best")
+    return {"seed": seed, "quickstart": timing, "supernet_heldout_acc": sn_acc, "rows": rows}
+
+
+def main(argv=None):
+    from latency_tables.backends import cpu_model
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="working directory (one quickstart run per seed; resumable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per network in the final measurement")
+    p.add_argument("--test-images", type=int, default=3000)
+    p.add_argument("--json", default=None, help="write the figures here")
+    a = p.parse_args(argv)
+    seeds = [one_seed(s, os.path.join(a.out, f"seed{s}"), a.seconds, a.test_images) for s in a.seeds]
+    summary = {}
+    for name in ("slim", "random", "uniform"):
+        rows = [r for s in seeds for r in s["rows"] if r["strategy"] == name]
+        summary[name] = {k: sum(r[k] for r in rows) / len(rows)
+                         for k in ("test_acc_after_finetune", "acc_after_finetune", "acc_supernet_weights",
+                                   "measured_over_target", "overhead_fraction")}
+        summary[name]["max_measured_over_target"] = max(r["measured_over_target"] for r in rows)
     res = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
-           "table": table_path, "heldout_images": slim["evaluation"]["images"], "rows": rows}
-    print(f"{'strategy':<8} {'blocks':<14} {'widths':<18} {'pred ms':>8} {'meas ms':>8} {'meas/tgt':>8} "
-          f"{'evals':>5} {'acc sn':>7} {'acc ft':>7} {'overhead':>8}")
-    for r in rows:
-        acc_ft = r["acc_after_finetune"]
-        print(f"{r['strategy']:<8} {r['blocks']:<14} {str(r['widths']):<18} {r['predicted_ms']:>8.3f} "
-              f"{r['measured_ms']:>8.3f} {r['measured_over_target']:>8.3f} {r['evaluations']:>5} "
-              f"{r['acc_supernet_weights']:>7.4f} {acc_ft if acc_ft is None else f'{acc_ft:.4f}':>7} "
-              f"{r['overhead_fraction']:>8.2%}")
+           "seeds": seeds, "mean_over_seeds": summary}
+    print(f"{'seed':<4} {'strategy':<8} {'blocks':<14} {'widths':<18} {'pred ms':>8} {'meas ms':>8} {'meas/tgt':>8} "
+          f"{'evals':>5} {'acc sn':>7} {'acc ft':>7} {'test ft':>7} {'overhead':>8}")
+    for s in seeds:
+        for r in s["rows"]:
+            print(f"{s['seed']:<4} {r['strategy']:<8} {r['blocks']:<14} {str(r['widths']):<18} "
+                  f"{r['predicted_ms']:>8.3f} {r['measured_ms']:>8.3f} {r['measured_over_target']:>8.3f} "
+                  f"{r['evaluations']:>5} {r['acc_supernet_weights']:>7.4f} {r['acc_after_finetune'] or 0:>7.4f} "
+                  f"{r['test_acc_after_finetune']:>7.4f} {r['overhead_fraction']:>8.2%}")
+        q = s["quickstart"]
+        print(f"     quickstart: {q['wall_s']:.0f} s wall, {q['cpu_s']:.0f} s CPU, load {q['loadavg_1min_before']:.1f}"
+              f" -> {q['loadavg_1min_after']:.1f}; supernet held-out {s['supernet_heldout_acc']}")
+    for name, m in summary.items():
+        print(f"mean {name:<8} test acc {m['test_acc_after_finetune']:.4f}  measured/target {m['measured_over_target']:.3f}"
+              f" (max {m['max_measured_over_target']:.3f})  overhead {m['overhead_fraction']:.2%}")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
+        os.replace(tmp, a.json)
     return res
 
 

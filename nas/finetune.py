@@ -48,7 +48,7 @@ def finetune(model, train_set, steps: int, batch_size: int = 64, lr: float = 1e-
             sched.step()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:
         if bar is not None:
             bar.close()

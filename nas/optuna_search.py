@@ -182,12 +182,12 @@ class OptunaSearch(SearchStrategy):
                            gc_after_trial=False)
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         rows = [{"number": t.number, "acc": t.values[0], "ms": t.values[1], "loss": t.user_attrs["loss"],
-                 "feasible": t.values[1] <= ctx.target_ms, "choice": t.user_attrs["choice"]} for t in trials]
+                 "feasible": t.values[1] <= ctx.bound_ms, "choice": t.user_attrs["choice"]} for t in trials]
         front = [rows[k]["number"] for k in pareto_front(rows)]
         feas = [r for r in rows if r["feasible"]]
         if not feas:
             best_ms = min(r["ms"] for r in rows)
-            raise SearchError(f"optuna: none of {len(rows)} trials meets {ctx.target_ms:g} ms (fastest {best_ms:.4g} ms); "
+            raise SearchError(f"optuna: none of {len(rows)} trials meets {ctx.bound_ms:g} ms (fastest {best_ms:.4g} ms); "
                               "run more trials (same command with a larger --trials resumes the study)")
         best = min(feas, key=lambda r: (-r["acc"], r["loss"], r["ms"], r["number"]))
         return SearchResult(self.name, best["choice"], float(best["ms"]), float(best["acc"]), float(best["loss"]),

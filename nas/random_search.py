@@ -1,5 +1,6 @@
 """Baselines behind the same interface: `RandomSearch` (uniform samples of the space that meet the
-target, the most accurate of `budget` evaluations) and `UniformShrink` (slimming's start network with
+target, optionally only those within `band` under it (a latency-matched baseline), the most accurate
+of `budget` evaluations) and `UniformShrink` (slimming's start network with
 every stage's width scaled by one factor until the target is met; blocks untouched)."""
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy,
 class RandomSearch(SearchStrategy):
     name = "random"
 
-    def __init__(self, budget: int = 50, max_draws: int = 200_000, batch: int = 2048):
+    def __init__(self, budget: int = 50, max_draws: int = 200_000, batch: int = 2048, band: float = 0.0):
         if budget < 1:
             raise SearchError(f"budget: got {budget}, expected an integer >= 1")
-        self.budget, self.max_draws, self.batch = int(budget), int(max_draws), int(batch)
+        if not 0 <= band < 1:
+            raise SearchError(f"band: got {band}, expected a fraction in [0, 1) (0.1: only networks predicted "
+                              "within 10% under the target)")
+        self.budget, self.max_draws, self.batch, self.band = int(budget), int(max_draws), int(batch), float(band)
 
     def args(self) -> dict:
-        return {"strategy": self.name, "budget": self.budget}
+        return {"strategy": self.name, "budget": self.budget, "band": self.band}
 
     def sample_feasible(self, ctx: SearchContext) -> List[dict]:
         rng = random.Random(ctx.seed)
@@ -27,15 +31,18 @@ class RandomSearch(SearchStrategy):
         while len(out) < self.budget and draws < self.max_draws:
             batch = [ctx.space.sample(rng) for _ in range(self.batch)]
             draws += len(batch)
+            lo = ctx.bound_ms * (1 - self.band) if self.band else -1.0
             for c, ms in zip(batch, ctx.latencies(batch)):
                 k = choice_key(c)
-                if ms <= ctx.target_ms and k not in seen:
+                if lo <= ms <= ctx.bound_ms and k not in seen:
                     seen.add(k)
                     out.append(c)
                     if len(out) == self.budget:
                         break
         if not out:
-            raise SearchError(f"random search: none of {draws} samples meets {ctx.target_ms:g} ms")
+            within = f" and {ctx.bound_ms * (1 - self.band):g} ms or more" if self.band else ""
+            raise SearchError(f"random search: none of {draws} samples is predicted at {ctx.bound_ms:g} ms or less"
+                              f"{within}")
         return out
 
     def search(self, ctx: SearchContext) -> SearchResult:
@@ -84,10 +91,10 @@ class UniformShrink(SearchStrategy):
                           for s in space.stages]
                 c = space.check_choice({"widths": widths, "blocks": blocks})
                 ms = ctx.latency(c)
-                if ms <= ctx.target_ms:
+                if ms <= ctx.bound_ms:
                     e = ctx.evaluator(c)
                     return SearchResult(self.name, c, ms, e["acc"], e["loss"], evaluations=ctx.evaluator.evaluations,
                                         extra={"factor": f, "blocks_dropped_per_stage": k})
         msg = unreachable(ctx)
         raise SearchError(msg or f"uniform shrink: at minimum widths with one block per stage the start network "
-                                 f"takes {ms:.4g} ms, over the target {ctx.target_ms:g} ms")
+                                 f"takes {ms:.4g} ms, over the bound {ctx.bound_ms:g} ms")

@@ -5,6 +5,7 @@ build the evaluation context, run a strategy, and write the run directory:
     model.pt           a vitslim checkpoint with the supernet's (inherited) weights, fine-tuned if asked
     report.json        target_ms, predicted_ms, params, macs, accuracy, latency_split, ... (written last)
     trajectory.jsonl   slimming's log (resume) / study.journal or study.db: the Optuna study (resume)
+    verify.json        the found network measured end to end on the table's backend, per round (nas/verify.py)
     trajectory.png     slimming: predicted ms and accuracy per step / pareto.json + pareto.png: Optuna
 
 report.json is the mark of a finished run: a directory holding one is refused unless overwrite;
@@ -36,9 +37,10 @@ from .optuna_search import OptunaSearch
 from .random_search import RandomSearch, UniformShrink
 from .slimming import LatencySlimming
 from .strategy import SearchContext, SearchError, SearchResult, check_target, describe_blocks
+from .verify import MODES as VERIFY_MODES, VERIFY_FILE, Verifier, unavailable_reason
 
 RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "study.journal",
-             "study.db", "pareto.json", "pareto.png", "eval_cache.json")
+             "study.db", "pareto.json", "pareto.png", "eval_cache.json", "verify.json")
 STRATEGIES = {"slim": LatencySlimming, "optuna": OptunaSearch, "random": RandomSearch, "uniform": UniformShrink}
 
 
@@ -117,13 +119,13 @@ def make_evaluator(supernet, cfg: TrainConfig, eval_images: int = 512, bn_batche
 
 
 def make_strategy(name: str, run_args: Mapping, trials: int = 100, sampler: str = "nsga2",
-                  storage: str = "journal", budget: int = 50):
+                  storage: str = "journal", budget: int = 50, band: float = 0.0):
     if name == "slim":
         return LatencySlimming(run_args=run_args)
     if name == "optuna":
         return OptunaSearch(n_trials=trials, sampler=sampler, storage=storage, run_args=run_args)
     if name == "random":
-        return RandomSearch(budget=budget)
+        return RandomSearch(budget=budget, band=band)
     if name == "uniform":
         return UniformShrink()
     raise SearchError(f"--strategy: got {name!r}, expected one of {', '.join(STRATEGIES)}")
@@ -134,20 +136,42 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
                eval_images: int = 512, bn_batches: int = 0, eval_batch_size: int = 256, finetune: int = 0,
                finetune_lr: float = 1e-3, trials: int = 100, sampler: str = "nsga2", storage: str = "journal",
                budget: int = 50, overwrite: bool = False, progress: bool = True, interpolate: bool = False,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", verify: str = "auto", tolerance: float = 0.05, verify_seconds: float = 1.0,
+               verify_rounds: int = 4, measure=None, band: float = 0.0) -> dict:
     """Search `supernet` (a run directory) under `target_ms` on `table` and write the run directory
-    `out`; returns the report."""
+    `out`; returns the report.
+
+    verify: "auto" measures the found network end to end on the table's backend when it runs here
+    (same CPU model / GPU) and searches again under a tightened bound while it runs more than
+    `tolerance` over the target (at most `verify_rounds` measurements, `verify_seconds` of timed runs
+    each); "on" requires the measurement; "off" trusts the table. `measure(arch) -> {"ms": ...}`
+    replaces the measurement (a remote device, tests)."""
     target = check_target(target_ms)
     if finetune < 0:
         raise SearchError(f"--finetune: got {finetune}, expected a number of steps >= 0")
+    if verify not in VERIFY_MODES:
+        raise SearchError(f"--verify: got {verify!r}, expected one of {', '.join(VERIFY_MODES)}")
     model, cfg, obj = load_supernet_run(supernet)
     tab, compiled = load_table(table, model.space, interpolate)
+    verifier, skipped = None, None
+    if verify != "off":
+        reason = None if measure is not None else unavailable_reason(tab)
+        if reason and verify == "on":
+            raise SearchError(f"--verify on: cannot measure the found network here: {reason} "
+                              "(use --verify auto or off, or run the search on the table's device)")
+        skipped = reason
+        if not reason:
+            verifier = Verifier(tab, tolerance=tolerance, seconds=verify_seconds, max_rounds=verify_rounds,
+                                measure=measure)
     existed = os.path.isdir(out)
     prepare_out(out, overwrite)
+    if verifier is not None:
+        verifier.path = os.path.join(out, VERIFY_FILE)
+        verifier.rounds = verifier._read()
     try:
         return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
                     eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,
-                    supernet, device)
+                    supernet, device, verifier, skipped, band)
     except BaseException:
         if not existed and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)  # a search refused before it started leaves nothing behind
@@ -155,28 +179,74 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
 
 
 def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches, eval_batch_size,
-         finetune, finetune_lr, trials, sampler, storage, budget, progress, table, supernet, device) -> dict:
+         finetune, finetune_lr, trials, sampler, storage, budget, progress, table, supernet, device,
+         verifier=None, skipped=None, band=0.0) -> dict:
     torch.manual_seed(seed)
     t_setup = time.perf_counter()
     evaluator, train_set = make_evaluator(model, cfg, eval_images, bn_batches, eval_batch_size, seed, device)
     run_args = {"supernet": os.path.abspath(supernet), "supernet_step": int(obj["step"]),
                 "table": os.path.abspath(table), "eval_images": evaluator.n_images, "bn_batches": evaluator.bn_batches}
-    strat = make_strategy(strategy, run_args, trials=trials, sampler=sampler, storage=storage, budget=budget)
+    strat = make_strategy(strategy, run_args, trials=trials, sampler=sampler, storage=storage, budget=budget,
+                          band=band)
     ctx = SearchContext(space=model.space, supernet=model, table=tab, compiled=compiled, evaluator=evaluator,
                         target_ms=target, seed=seed, progress=progress, log_dir=out)
     setup_s = time.perf_counter() - t_setup
     t0 = time.perf_counter()
     result = strat.search(ctx)
     search_s = time.perf_counter() - t0
+    verification = {"skipped": skipped} if skipped else None
+    if verifier is not None:
+        t1 = time.perf_counter()
+        result, verification = verify_result(strat, ctx, result, verifier)
+        verification["seconds"] = time.perf_counter() - t1
     report = write_run(out, ctx, result, run_args, search_s=search_s, setup_s=setup_s, finetune_steps=finetune,
                        finetune_lr=finetune_lr, train_set=train_set, batch_size=cfg.batch_size,
-                       label_smoothing=cfg.label_smoothing, progress=progress, device=device)
+                       label_smoothing=cfg.label_smoothing, progress=progress, device=device,
+                       verification=verification)
     return report
+
+
+def verify_result(strat, ctx: SearchContext, result: SearchResult, verifier: Verifier):
+    """Measure the found network; while it runs over target * (1 + tolerance), search again under a
+    tightened bound (see nas/verify.py). Returns (the result to report, the verification record)."""
+    target = ctx.target_ms
+    note = None
+    for n in range(verifier.max_rounds):
+        arch = ctx.space.to_arch(ctx.space.check_choice(result.choice))
+        rec = verifier.check(n, result.choice, arch, result.predicted_ms, ctx.bound_ms, target)
+        if rec["met"] or n == verifier.max_rounds - 1:
+            break
+        bound = Verifier.next_bound(rec, ctx.bound_ms, target)
+        if ctx.progress:
+            print(f"verify: measured {rec['ms']:.4g} ms, {rec['over_target']:+.1%} over the target {target:g} ms "
+                  f"(predicted {rec['predicted_ms']:.4g} ms); searching again under {bound:.4g} ms predicted")
+        old = ctx.limit_ms
+        ctx.limit_ms = bound
+        try:
+            result = strat.search(ctx)
+        except SearchError as e:
+            ctx.limit_ms = old
+            note = f"could not tighten further: {e}"
+            break
+    last = verifier.rounds[-1]
+    met = bool(last["met"])
+    if not met and note is None:
+        note = (f"still {last['over_target']:+.1%} over the target after {len(verifier.rounds)} measurements; "
+                "rebuild the table with more time per network, or raise --verify-rounds")
+    rep = {"backend": dict(ctx.table.device).get("backend"), "tolerance": verifier.tolerance,
+         "seconds_per_measurement": verifier.seconds, "bound_ms": ctx.bound_ms, "measured_ms": last["ms"],
+         "raw_ms": last.get("raw_ms", last["ms"]), "drift_factor": last.get("drift_factor", 1.0),
+         "over_target": last["over_target"], "met": met,
+         "rounds": [{k: x for k, x in r.items() if k != "key"} for r in verifier.rounds]}
+    if note:
+        rep["note"] = note
+    return result, rep
 
 
 def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapping, search_s: float = 0.0,
               setup_s: float = 0.0, finetune_steps: int = 0, finetune_lr: float = 1e-3, train_set=None,
-              batch_size: int = 64, label_smoothing: float = 0.1, progress: bool = False, device: str = "cpu") -> dict:
+              batch_size: int = 64, label_smoothing: float = 0.1, progress: bool = False, device: str = "cpu",
+              verification: Optional[Mapping] = None) -> dict:
     os.makedirs(out, exist_ok=True)
     choice = ctx.space.check_choice(result.choice)
     model, arch = ctx.evaluator.model(choice)
@@ -196,7 +266,8 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
     c = count(arch)
     ev_s = ctx.evaluator.seconds
     report = {
-        "target_ms": ctx.target_ms, "predicted_ms": float(result.predicted_ms), "params": c["params"], "macs": c["macs"],
+        "target_ms": ctx.target_ms, "predicted_ms": float(result.predicted_ms), "bound_ms": ctx.bound_ms,
+        "measured_ms": (verification or {}).get("measured_ms"), "params": c["params"], "macs": c["macs"],
         "accuracy": result.acc, "heldout_loss": result.loss,
         "accuracy_note": "top-1 on the held-out images with the supernet's inherited weights"
                          + (" (BatchNorm recalibrated)" if ctx.evaluator.bn_batches else ""),
@@ -213,7 +284,9 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
                    "overhead_fraction": (max(0.0, search_s - ev_s) / search_s) if search_s > 0 else 0.0,
                    **{k: v for k, v in result.extra.items() if k not in ("trial_rows", "trajectory")}},
         "finetune": ft,
-        "files": ["arch.yaml", "model.pt", "report.json"],
+        "verification": dict(verification) if verification else None,
+        "files": ["arch.yaml", "model.pt", "report.json"] + (["verify.json"] if verification and "rounds" in verification
+                                                                else []),
     }
     if "trajectory" in result.extra:
         report["trajectory"] = result.extra["trajectory"]

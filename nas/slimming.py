@@ -21,6 +21,10 @@ Choices the paper leaves open, decided here:
   a small split is coarse), then the action order a, b, c; actions that save no time are skipped,
   and if none saves time before the target is met the search stops with an error.
 
+When verification (nas/verify.py) finds the network slower than promised, the search is called
+again with a tighter bound (`ctx.bound_ms`): slimming logs a `retarget` line and continues from the
+network it stopped at.
+
 Every step is one JSON line in trajectory.jsonl (the chosen action, every candidate with its ms,
 accuracy, loss and score). Re-running with the same arguments continues from the last complete
 line; the logged numbers are reused, so a resumed run ends exactly where an uninterrupted one does.
@@ -173,7 +177,26 @@ class LatencySlimming(SearchStrategy):
             steps = []
             cur = start
         cur = ctx.space.check_choice(cur)
-        done = next((r for r in recs if r.get("type") == "done"), None)
+        bound = ctx.bound_ms
+        # the greedy path does not depend on the bound, only where it stops: the first logged point that
+        # meets the bound is where an uninterrupted run would have stopped
+        start_rec = next(r for r in recs if r.get("type") == "start")
+        path = [start_rec] + steps
+        hit = next((k for k, r in enumerate(path) if float(r["predicted_ms"]) <= bound), None)
+        done = None
+        if hit is not None:
+            r = path[hit]
+            steps = steps[:hit]
+            done = {"type": "done", "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]),
+                    **ctx.evaluator(r["choice"]), "steps": hit, "bound_ms": bound}
+            if not any(x.get("type") == "done" and abs(float(x.get("bound_ms", ctx.target_ms)) - bound) < 1e-9
+                       for x in recs):
+                log.append(done)
+        elif hit is None and any(r.get("type") == "done" for r in recs):
+            # verification tightened the bound: continue from where the last pass stopped
+            if not any(r.get("type") == "retarget" and abs(float(r["bound_ms"]) - bound) < 1e-9 for r in recs):
+                log.append({"type": "retarget", "bound_ms": bound, "from_ms": float(path[-1]["predicted_ms"]),
+                            "step": len(steps)})
         bar = None
         if ctx.progress and done is None:
             from tqdm import tqdm
@@ -182,12 +205,13 @@ class LatencySlimming(SearchStrategy):
             while done is None:
                 ms = ctx.latency(cur)
                 ev = ctx.evaluator(cur)
-                if ms <= ctx.target_ms:
-                    done = {"type": "done", "choice": cur, "predicted_ms": ms, **ev, "steps": len(steps)}
+                if ms <= bound:
+                    done = {"type": "done", "choice": cur, "predicted_ms": ms, **ev, "steps": len(steps),
+                            "bound_ms": bound}
                     log.append(done)
                     break
                 if len(steps) >= self.max_steps:
-                    raise SearchError(f"slimming: {self.max_steps} steps without meeting {ctx.target_ms:g} ms "
+                    raise SearchError(f"slimming: {self.max_steps} steps without meeting {bound:g} ms "
                                       f"(at {ms:.4g} ms); raise max_steps")
                 cands = self.candidates(ctx, cur, imp)
                 lat = ctx.latencies([c for _, _, c in cands]) if cands else []
@@ -203,7 +227,7 @@ class LatencySlimming(SearchStrategy):
                                  "loss_per_ms": dloss / saved if feasible else None, "feasible": feasible})
                 ok = [(r["score"], r["loss_per_ms"], k) for k, r in enumerate(rows) if r["feasible"]]
                 if not ok:
-                    raise SearchError(f"slimming stopped at {ms:.4g} ms (target {ctx.target_ms:g} ms): no action "
+                    raise SearchError(f"slimming stopped at {ms:.4g} ms (bound {bound:g} ms): no action "
                                       f"saves time from widths {cur['widths']}, blocks {describe_blocks(cur)}")
                 best = rows[min(ok)[2]]
                 rec = {"type": "step", "step": len(steps) + 1, "action": best["action"], "where": best["where"],

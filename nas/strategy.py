@@ -32,6 +32,12 @@ class SearchContext:
     progress: bool = True
     log_dir: Optional[str] = None   # where a strategy keeps its resumable log / storage
     lookup_seconds: float = 0.0     # time in table look-ups (the overhead figure)
+    limit_ms: Optional[float] = None  # a tighter bound on predicted latency (set by verification; None: the target)
+
+    @property
+    def bound_ms(self) -> float:
+        """What the predicted latency must meet: the target, or the bound verification tightened it to."""
+        return float(self.target_ms if self.limit_ms is None else self.limit_ms)
 
     def latency(self, choice: Mapping) -> float:
         return float(self.latencies([choice])[0])
@@ -129,8 +135,12 @@ def unreachable(ctx: SearchContext) -> Optional[str]:
     """None if the target can be met, else the error text naming the fastest network."""
     fast = fastest_choice(ctx)
     ms = ctx.latency(fast)
-    if ms <= ctx.target_ms:
+    if ms <= ctx.bound_ms:
         return None
+    if ctx.limit_ms is not None:
+        return (f"the tightened bound {ctx.bound_ms:.4g} ms (target {ctx.target_ms:g} ms corrected by the table's "
+                f"measured error) is unreachable: the fastest network this space and table allow is predicted at "
+                f"{ms:.4g} ms (widths {fast['widths']}, blocks {describe_blocks(fast)})")
     return (f"target {ctx.target_ms:g} ms is unreachable: the fastest network this space and table allow is "
             f"predicted at {ms:.4g} ms (widths {fast['widths']}, blocks {describe_blocks(fast)}); "
             f"ask for at least {ms:.4g} ms, or use a table of a faster device")

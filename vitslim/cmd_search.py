@@ -36,10 +36,21 @@ def _search_args(p):
     p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
                    help="optuna study storage in --out: journal file (default; several workers) or SQLite")
     p.add_argument("--budget", type=int, default=50, help="random: networks evaluated (default 50)")
+    p.add_argument("--band", type=float, default=0.0,
+                   help="random: sample only networks predicted within this fraction under the target "
+                        "(0.1: a latency-matched baseline; default 0: anything under it)")
     p.add_argument("--finetune", type=int, default=0, metavar="N", help="train the found network for N steps")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--interpolate", action="store_true", help="estimate entries the table lacks from neighbouring widths")
     p.add_argument("--device", default="cpu", help="where candidates are evaluated (cpu, cuda)")
+    p.add_argument("--verify", choices=["auto", "on", "off"], default="auto",
+                   help="measure the found network end to end on the table's backend and search again under a "
+                        "tightened bound while it runs over the target (auto: when the table's device is this "
+                        "machine; on: required; off: trust the table)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="how far over the target the measured network may run (default 0.05 = 5%%)")
+    p.add_argument("--verify-seconds", type=float, default=1.0, help="timed seconds per measurement (default 1)")
+    p.add_argument("--verify-rounds", type=int, default=4, help="measurements at most (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--json", action="store_true", help="print report.json")
     p.add_argument("--no-progress", action="store_true")
@@ -52,6 +63,14 @@ def _print_report(rep, out):
     s = rep["search"]
     print(f"  {rep['evaluation']['evaluations']} evaluations in {s['seconds']:.1f} s "
           f"(overhead {s['overhead_fraction']:.2%} beside evaluation)")
+    v = rep.get("verification") or {}
+    if "rounds" in v:
+        print(f"  measured {v['measured_ms']:.4g} ms on {v['backend']} ({v['over_target']:+.1%} vs target, "
+              f"{len(v['rounds'])} measurement(s)){'' if v['met'] else ': NOT within ' + format(v['tolerance'], '.0%')}")
+        if v.get("note"):
+            print(f"  note: {v['note']}")
+    elif v.get("skipped"):
+        print(f"  not measured: {v['skipped']}")
     if rep.get("finetune"):
         f = rep["finetune"]
         print(f"  fine-tuned {f['steps']} steps: accuracy {f['acc_before']:.4f} -> {f['acc_after']:.4f}")
@@ -63,7 +82,9 @@ def _search(args):
                      eval_images=args.eval_images, bn_batches=args.bn_batches, eval_batch_size=args.eval_batch_size,
                      finetune=args.finetune, finetune_lr=args.finetune_lr, trials=args.trials, sampler=args.sampler,
                      storage=args.storage, budget=args.budget, overwrite=args.overwrite,
-                     progress=not args.no_progress, interpolate=args.interpolate, device=args.device)
+                     progress=not args.no_progress, interpolate=args.interpolate, device=args.device,
+                     verify=args.verify, tolerance=args.tolerance, verify_seconds=args.verify_seconds,
+                     verify_rounds=args.verify_rounds, band=args.band)
     if args.json:
         print(json.dumps(rep))
     else:
@@ -73,6 +94,9 @@ def _search(args):
 
 # ------------------------------------------------------------------ run PIPELINE.yaml
 PIPELINE_KEYS = ("version", "supernet", "table", "search", "export")
+SEARCH_KEYS = ("strategy", "seed", "eval_images", "bn_batches", "eval_batch_size", "finetune", "finetune_lr", "trials",
+               "sampler", "storage", "budget", "interpolate", "device", "verify", "tolerance", "verify_seconds",
+               "verify_rounds", "band")
 
 
 def _bad(key, value, expected):
@@ -95,6 +119,14 @@ def load_pipeline(path: str) -> dict:
     if d.get("version", 1) != 1:
         raise _bad("version", d.get("version"), "1")
     s = d.get("search") or {}
+    for k in s:  # checked before anything is trained
+        if k not in SEARCH_KEYS + ("target_ms", "target_fraction"):
+            raise VitslimError(f"search.{k}: unknown key, expected one of target_ms, target_fraction, "
+                               f"{', '.join(SEARCH_KEYS)}")
+    if "verify" in s and s["verify"] not in ("auto", "on", "off"):
+        raise _bad("search.verify", s["verify"], "auto, on or off")
+    if "tolerance" in s and not (isinstance(s["tolerance"], (int, float)) and 0 <= s["tolerance"] < 1):
+        raise _bad("search.tolerance", s["tolerance"], "a fraction in [0, 1) (0.05 = 5%)")
     if ("target_ms" in s) == ("target_fraction" in s):
         raise VitslimError("search: expected exactly one of target_ms (milliseconds) or target_fraction "
                            "(of the start network's predicted latency)")
@@ -186,11 +218,6 @@ def _run(args):
     else:
         target = float(s.pop("target_ms"))
         print(f"[3/4] search: target {target:g} ms")
-    allowed = ("strategy", "seed", "eval_images", "bn_batches", "eval_batch_size", "finetune", "finetune_lr", "trials",
-               "sampler", "storage", "budget", "interpolate", "device")
-    for k in s:
-        if k not in allowed:
-            raise VitslimError(f"search.{k}: unknown key, expected one of target_ms, target_fraction, {', '.join(allowed)}")
     if os.path.isfile(os.path.join(search_dir, "report.json")):
         with open(os.path.join(search_dir, "report.json")) as f:
             rep = json.load(f)

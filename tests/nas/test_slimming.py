@@ -141,3 +141,13 @@ def test_baselines_meet_the_target_behind_the_same_interface(supernet_run, table
     rep = run_search(supernet_run, table_path, target, str(tmp_path / "r"), strategy="random", budget=3,
                      eval_images=16, progress=False)
     assert rep["predicted_ms"] <= target and rep["evaluation"]["evaluations"] == 3
+
+
+def test_latency_matched_random_search_samples_only_near_the_target(supernet_run, table_path, tmp_path):
+    target = 0.5 * start_ms(supernet_run, table_path)
+    rep = run_search(supernet_run, table_path, target, str(tmp_path / "r"), strategy="random", budget=3, band=0.1,
+                     eval_images=16, progress=False)
+    assert 0.9 * target <= rep["predicted_ms"] <= target
+    with pytest.raises(SearchError, match="band: got 1.5"):
+        run_search(supernet_run, table_path, target, str(tmp_path / "bad"), strategy="random", band=1.5,
+                   eval_images=16, progress=False)

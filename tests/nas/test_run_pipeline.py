@@ -1,0 +1,66 @@
+"""`vitslim run PIPELINE.yaml` (the README's first command) end to end on a tiny pipeline: trains the
+supernet, reuses a table measured "on this CPU", slims, measures the found network here for real,
+fine-tunes, exports; a re-run reuses every stage; bad pipelines are one-line errors."""
+import importlib.util
+import json
+import os
+
+import pytest
+import yaml
+
+from latency_tables.backends import cpu_model
+from vitslim.cli import main
+
+_spec = importlib.util.spec_from_file_location("nas_conftest", os.path.join(os.path.dirname(__file__), "conftest.py"))
+nas_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nas_conftest)
+
+
+def write_pipeline(tmp_path, **search):
+    sn = {"version": 1, "space": nas_conftest.SPACE, "seed": 0, "steps": 6, "batch_size": 8, "mode": "hard",
+          "widths": "random", "data": {"type": "synthetic", "train_size": 64, "heldout_size": 48},
+          "optimizer": {"lr": 0.002, "warmup_steps": 1}, "alpha": {"lr": 0.3, "start_step": 0},
+          "temperature": {"start": 3.0, "end": 1.0}, "checkpoint_every": 0, "log_every": 1, "eval_batches": 1}
+    (tmp_path / "sn.yaml").write_text(yaml.safe_dump(sn))
+    table = nas_conftest.fake_table(nas_conftest.SPACE)
+    table.device["device"] = cpu_model()        # "measured on this CPU": reused, and the result measured here
+    table.save(str(tmp_path / "table.yaml"))
+    s = {"strategy": "slim", "target_fraction": 0.6, "eval_images": 16, "finetune": 2, "verify": "auto",
+         "verify_seconds": 0.05, "verify_rounds": 2, "seed": 0}
+    s.update(search)
+    pipe = {"version": 1, "supernet": {"config": "sn.yaml", "steps": 6, "threads": 1},
+            "table": {"reuse": "table.yaml"}, "search": s, "export": ["torchscript"]}
+    p = tmp_path / "pipe.yaml"
+    p.write_text(yaml.safe_dump(pipe))
+    return str(p)
+
+
+def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
+    pipe = write_pipeline(tmp_path)
+    out = str(tmp_path / "run")
+    assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "reusing" in text and "measured" in text
+    with open(os.path.join(out, "search", "report.json")) as f:
+        rep = json.load(f)
+    v = rep["verification"]
+    assert rep["predicted_ms"] <= rep["bound_ms"] <= rep["target_ms"]
+    assert 1 <= len(v["rounds"]) <= 2 and v["measured_ms"] > 0 and rep["finetune"]["steps"] == 2
+    assert os.path.isfile(os.path.join(out, "export", "model.ts"))
+    # a second run reuses everything: nothing is trained, measured or exported again
+    before = os.path.getmtime(os.path.join(out, "search", "report.json"))
+    assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "supernet: reusing" in text and "model.ts exists" in text
+    assert os.path.getmtime(os.path.join(out, "search", "report.json")) == before
+
+
+@pytest.mark.parametrize("search,msg", [({"tolerance": -0.1}, "search.tolerance: got -0.1"),
+                                        ({"verify": "maybe"}, "search.verify: got 'maybe'"),
+                                        ({"colour": "red"}, "search.colour: unknown key")])
+def test_bad_search_settings_in_a_pipeline_are_refused_before_training(tmp_path, capsys, search, msg):
+    pipe = write_pipeline(tmp_path, **search)
+    rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run" / "supernet")
