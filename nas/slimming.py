@@ -19,7 +19,11 @@ Choices the paper leaves open, decided here:
   downsample and is shrunk first); stages without an identity candidate rank last;
 - accuracy drop = held-out top-1 before minus after; the loss increase per ms breaks ties (top-1 on
   a small split is coarse), then the action order a, b, c; actions that save no time are skipped,
-  and if none saves time before the target is met the search stops with an error.
+  and if none saves time before the target is met the search stops with an error;
+- the last step: when some actions already reach the target, the one with the smallest accuracy
+  drop (then loss increase) among them is taken, not the best drop per ms: time saved beyond the
+  target buys nothing, and the best-per-ms action is often a large one that overshoots (a whole
+  block where 16 channels would do).
 
 When verification (nas/verify.py) finds the network slower than promised, the search is called
 again with a tighter bound (`ctx.bound_ms`): slimming logs a `retarget` line and continues from the
@@ -229,7 +233,11 @@ class LatencySlimming(SearchStrategy):
                 if not ok:
                     raise SearchError(f"slimming stopped at {ms:.4g} ms (bound {bound:g} ms): no action "
                                       f"saves time from widths {cur['widths']}, blocks {describe_blocks(cur)}")
-                best = rows[min(ok)[2]]
+                # the last step: milliseconds saved beyond the bound buy nothing, so among the actions
+                # that reach it the most accurate wins (not the best drop per ms)
+                reach = [(r["drop"], r["loss"] - ev["loss"], k) for k, r in enumerate(rows)
+                         if r["feasible"] and r["predicted_ms"] <= bound]
+                best = rows[min(reach)[2] if reach else min(ok)[2]]
                 rec = {"type": "step", "step": len(steps) + 1, "action": best["action"], "where": best["where"],
                        "choice": best["choice"], "predicted_ms": best["predicted_ms"], "acc": best["acc"],
                        "loss": best["loss"], "ms_saved": best["ms_saved"], "drop": best["drop"],
