@@ -20,10 +20,11 @@ Choices the paper leaves open, decided here:
 - accuracy drop = held-out top-1 before minus after; the loss increase per ms breaks ties (top-1 on
   a small split is coarse), then the action order a, b, c; actions that save no time are skipped,
   and if none saves time before the target is met the search stops with an error;
-- the last step: when some actions already reach the target, the one with the smallest accuracy
-  drop (then loss increase) among them is taken, not the best drop per ms: time saved beyond the
-  target buys nothing, and the best-per-ms action is often a large one that overshoots (a whole
-  block where 16 channels would do).
+- the result: the path follows the paper's rule until it meets the target, but the network returned
+  is the most accurate (then lowest loss, then slowest) of every network evaluated on the way that
+  meets the target: the path's end, or a candidate action of an earlier step that already reached
+  it. The best-per-ms action is often a large one that overshoots (a whole block where 16 channels
+  would do), and time saved beyond the target buys nothing; these candidates were evaluated anyway.
 
 When verification (nas/verify.py) finds the network slower than promised, the search is called
 again with a tighter bound (`ctx.bound_ms`): slimming logs a `retarget` line and continues from the
@@ -147,6 +148,17 @@ class LatencySlimming(SearchStrategy):
             out.append(("shrink", f"stage{i}", c))
         return [(a, w, space.check_choice(c)) for a, w, c in out]
 
+    @staticmethod
+    def _final(ctx: SearchContext, end: Mapping, steps: List[Mapping], bound: float) -> dict:
+        """The done record: the most accurate network evaluated on the way that meets `bound` (the
+        path's `end`, or a candidate of one of `steps`); ties: lower loss, then slower (closer to it)."""
+        pool = [("end", end)] + [(f"step{s['step']}.{c['action']}", c) for s in steps for c in s.get("candidates", ())
+                                 if c.get("feasible") and float(c["predicted_ms"]) <= bound]
+        where, best = min(pool, key=lambda t: (-float(t[1]["acc"]), float(t[1]["loss"]), -float(t[1]["predicted_ms"])))
+        return {"type": "done", "choice": ctx.space.check_choice(best["choice"]), "predicted_ms": float(best["predicted_ms"]),
+                "acc": float(best["acc"]), "loss": float(best["loss"]), "steps": len(steps), "bound_ms": bound,
+                "picked": where, "path_end_ms": float(end["predicted_ms"]), "path_end_acc": float(end["acc"])}
+
     # ------------------------------------------------------------ the loop
     def search(self, ctx: SearchContext) -> SearchResult:
         msg = unreachable(ctx)
@@ -189,10 +201,8 @@ class LatencySlimming(SearchStrategy):
         hit = next((k for k, r in enumerate(path) if float(r["predicted_ms"]) <= bound), None)
         done = None
         if hit is not None:
-            r = path[hit]
             steps = steps[:hit]
-            done = {"type": "done", "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]),
-                    **ctx.evaluator(r["choice"]), "steps": hit, "bound_ms": bound}
+            done = self._final(ctx, path[hit], steps, bound)
             if not any(x.get("type") == "done" and abs(float(x.get("bound_ms", ctx.target_ms)) - bound) < 1e-9
                        for x in recs):
                 log.append(done)
@@ -210,8 +220,7 @@ class LatencySlimming(SearchStrategy):
                 ms = ctx.latency(cur)
                 ev = ctx.evaluator(cur)
                 if ms <= bound:
-                    done = {"type": "done", "choice": cur, "predicted_ms": ms, **ev, "steps": len(steps),
-                            "bound_ms": bound}
+                    done = self._final(ctx, {"choice": cur, "predicted_ms": ms, **ev}, steps, bound)
                     log.append(done)
                     break
                 if len(steps) >= self.max_steps:
@@ -233,11 +242,7 @@ class LatencySlimming(SearchStrategy):
                 if not ok:
                     raise SearchError(f"slimming stopped at {ms:.4g} ms (bound {bound:g} ms): no action "
                                       f"saves time from widths {cur['widths']}, blocks {describe_blocks(cur)}")
-                # the last step: milliseconds saved beyond the bound buy nothing, so among the actions
-                # that reach it the most accurate wins (not the best drop per ms)
-                reach = [(r["drop"], r["loss"] - ev["loss"], k) for k, r in enumerate(rows)
-                         if r["feasible"] and r["predicted_ms"] <= bound]
-                best = rows[min(reach)[2] if reach else min(ok)[2]]
+                best = rows[min(ok)[2]]
                 rec = {"type": "step", "step": len(steps) + 1, "action": best["action"], "where": best["where"],
                        "choice": best["choice"], "predicted_ms": best["predicted_ms"], "acc": best["acc"],
                        "loss": best["loss"], "ms_saved": best["ms_saved"], "drop": best["drop"],
@@ -257,4 +262,5 @@ class LatencySlimming(SearchStrategy):
                   "acc": r["acc"]} for r in steps]
         return SearchResult(self.name, done["choice"], float(done["predicted_ms"]), float(done["acc"]),
                             float(done["loss"]), evaluations=ctx.evaluator.evaluations,
-                            extra={"steps": len(steps), "trajectory": traj})
+                            extra={"steps": len(steps), "trajectory": traj, "picked": done.get("picked", "end"),
+                                   "path_end_ms": done.get("path_end_ms"), "path_end_acc": done.get("path_end_acc")})

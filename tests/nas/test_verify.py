@@ -68,7 +68,8 @@ def test_slimming_continues_its_path_under_the_tightened_bound(verified_run):
     steps = [r for r in log if r["type"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))     # one path, no restart
     assert all(b["predicted_ms"] < a["predicted_ms"] for a, b in zip(steps, steps[1:]))
-    assert rep["choice"] == steps[-1]["choice"] and rep["trajectory"][-1]["step"] == len(steps)
+    assert rep["choice"] == log[-1]["choice"] and rep["trajectory"][-1]["step"] == len(steps)
+    assert steps[-1]["predicted_ms"] <= rep["bound_ms"] < steps[-2]["predicted_ms"]
 
 
 def test_a_resumed_verified_run_reuses_the_measurements_and_ends_in_the_same_place(verified_run, supernet_run,
