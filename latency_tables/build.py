@@ -266,15 +266,21 @@ def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optio
 
 
 def calibrate(table: LatencyTable, backend, archs: Sequence[Mapping], proc: Procedure, progress=None,
-              reference: Optional[DriftReference] = None) -> dict:
-    """Measure `archs` end to end and fit the table's overhead; saved with the table."""
+              reference: Optional[DriftReference] = None, interpolate: bool = False) -> dict:
+    """Measure `archs` end to end and fit the table's overhead; saved with the table. With
+    `interpolate`, networks may need entries the table prices by interpolation (pruned widths on the
+    pruning grid)."""
     sums, counts = [], []
     for a in archs:
-        miss = table.missing(a)
-        if miss:
-            raise LatencyError(f"calibration network needs entries the table lacks: {', '.join(key_str(k) for k in miss[:4])}")
         segs = decompose(a)
-        sums.append(sum(table.entries[s.id].ms for s in segs))
+        if not interpolate:
+            miss = table.missing(a)
+            if miss:
+                raise LatencyError(f"calibration network needs entries the table lacks: "
+                                   f"{', '.join(key_str(k) for k in miss[:4])}")
+            sums.append(sum(table.entries[s.id].ms for s in segs))
+        else:
+            sums.append(sum(table.lookup(s.key, interpolate=True).ms for s in segs))
         counts.append(len(segs))
     timings = time_networks(backend, archs, proc, progress=progress, reference=reference)
     if reference is not None:

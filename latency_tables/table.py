@@ -92,6 +92,7 @@ class LatencyTable:
         self.path: Optional[str] = None
         self._est_cache: Dict[str, Entry] = {}
         self._coord_cache: Dict[str, float] = {}
+        self._split = None
 
     # ------------------------------------------------------------ entries
     def __len__(self) -> int:
@@ -109,6 +110,7 @@ class LatencyTable:
         _check_entry(e, key_str(k))
         self.entries[key_str(k)] = e
         self._est_cache.clear()
+        self._split = None
         return e
 
     # ------------------------------------------------------------ prediction
@@ -187,6 +189,18 @@ class LatencyTable:
         return CompiledTable(self, space, interpolate=interpolate)
 
     # ------------------------------------------------------------ interpolation
+    def split_index(self):
+        """The pruning width grid this table holds (latency_tables.grid.SplitIndex; empty if none)."""
+        if self._split is None:
+            from .grid import SplitIndex
+            self._split = SplitIndex(self.entries.values())
+        return self._split
+
+    def has_split_grid(self, key: Mapping) -> bool:
+        """Whether a vit_block / swin_block key is priced from the width grid (attention-only +
+        FFN-only entries of its geometry, interpolated multilinearly) when the table lacks it."""
+        return self.split_index().covers(key)
+
     def _coord(self, key: Mapping) -> float:
         s = key_str(key)
         c = self._coord_cache.get(s)
@@ -196,15 +210,24 @@ class LatencyTable:
         return c
 
     def estimate(self, key: Mapping) -> Entry:
-        """An entry interpolated across widths: among measured entries of the same op that differ only
-        in width fields, linear in MACs (+ input size) between the nearest below and above; outside
-        their range, scaled from the nearest. The result is flagged source 'estimated'."""
+        """An entry interpolated across widths, flagged source 'estimated'. A ViT or Swin block whose
+        geometry has the pruning width grid (latency_tables.grid) is its attention part (attention-only
+        entries, multilinear in heads, qk_dim, v_dim) plus its FFN part (FFN-only entries, linear in
+        ffn_hidden). Otherwise: among measured entries of the same op that differ only in width fields,
+        linear in MACs (+ input size) between the nearest below and above; outside their range, scaled
+        from the nearest."""
         k = check_key(key)
         s = key_str(k)
         if s in self.entries:
             return self.entries[s]
         if s in self._est_cache:
             return self._est_cache[s]
+        split = self.split_index().block(k) if k["op"] in ("vit_block", "swin_block") else None
+        if split is not None:
+            ms, p10, p90 = split
+            e = Entry(k, ms, min(p10, ms), max(p90, ms), 0, "estimated")
+            self._est_cache[s] = e
+            return e
         spec = OPS[k["op"]]
         fixed = {f: k[f] for f in spec.fields if f not in spec.widths}
         cands = [e for e in self.entries.values()

@@ -174,10 +174,17 @@ class ArchCost(CostModel):
 
 
 class LatencyCost(ArchCost):
-    """Predicted milliseconds from a latency table. A block is priced by its own table entry (the
-    key of the block in `latency_tables.segments.decompose(arch)`, with the widths replaced;
-    widths the table has no entry for are interpolated), times the table's fitted overhead scale;
-    the rest of `LatencyTable.predict` (stem, downsampling, head, intercept) does not change."""
+    """Predicted milliseconds from a latency table, priced as `LatencyTable.predict` prices them. A
+    block is its table entry (the key of the block in `latency_tables.segments.decompose(arch)`, with
+    the widths replaced) times the table's overhead scale, plus the table's per-segment overhead
+    (`per_segment_ms`: a block that loses both branches is no segment any more and saves it too).
+
+    Widths the table has no entry for: when the table holds the pruning width grid of the block's
+    geometry (`vitslim latency build --prune-grid`, latency_tables/grid.py), the block is its
+    attention part plus its FFN part, each interpolated multilinearly between measured grid points
+    (the table's `estimate` does this, so the price equals `predict` of the pruned arch); without the
+    grid, the table's fallback interpolation (linear in MACs between entries of other widths). The
+    rest of `predict` (stem, downsampling, head, intercept) does not change."""
 
     FFN_STEP = 8
 
@@ -187,6 +194,20 @@ class LatencyCost(ArchCost):
         super().__init__(lambda a: table.predict(a, interpolate=interpolate), arch, "latency", "ms")
         self._keys = {s.path: dict(s.key) for s in decompose(arch) if s.path}
         self._scale = 1.0 + float(table.overhead.get("scale", 0.0))
+        self._per_segment = float(table.overhead.get("per_segment_ms", 0.0))
+
+    def _key(self, info: BlockInfo, key0: Mapping, w: Widths) -> dict:
+        key = dict(key0, dim=info.dim, heads=w[0], qk_dim=w[1], v_dim=w[2], ffn_hidden=w[3])
+        if "shifted" in key:  # Swin: a block with no attention has no windows to shift
+            key["shifted"] = bool(key0["shifted"]) and w[0] > 0
+        return key
+
+    def uses_grid(self, info: BlockInfo) -> bool:
+        """Whether this block's pruned widths are priced from the measured width grid."""
+        key0 = self._keys.get(info.path)
+        if key0 is None:
+            return False
+        return self.table.has_split_grid(self._key(info, key0, (1, 1, 1, 1)))
 
     def block(self, info, w):
         key0 = self._keys.get(info.path)
@@ -195,20 +216,21 @@ class LatencyCost(ArchCost):
         if not w[0]:
             w = (0, 0, 0, w[3])
         if not w[0] and not w[3]:
-            return 0.0  # the block is the identity: no entry
+            return 0.0  # the block is the identity: no entry, no segment
+        k = (info.key, info.dim, w)
+        if k in self._memo:
+            return self._memo[k]
+        key = self._key(info, key0, w)
         step = self.FFN_STEP
-        if w[3] % step and w[3] > step:
-            # FFN widths between multiples of FFN_STEP: linear between the two (the table interpolates
-            # linearly in MACs, which are linear in ffn_hidden): 8x fewer entries to estimate
+        if w[3] % step and w[3] > step and key not in self.table and not self.table.has_split_grid(key):
+            # no grid: FFN widths between multiples of FFN_STEP linear between the two (the fallback
+            # interpolates linearly in MACs, which are linear in ffn_hidden): 8x fewer estimates
             lo = w[3] - w[3] % step
             c0, c1 = self.block(info, w[:3] + (lo,)), self.block(info, w[:3] + (lo + step,))
-            return c0 + (c1 - c0) * (w[3] - lo) / step
-        k = (info.key, info.dim, w)
-        if k not in self._memo:
-            key = dict(key0, dim=info.dim, heads=w[0], qk_dim=w[1], v_dim=w[2], ffn_hidden=w[3])
-            if "shifted" in key:  # Swin: a block with no attention has no windows to shift
-                key["shifted"] = bool(key0["shifted"]) and w[0] > 0
-            self._memo[k] = self._scale * float(self.table.lookup(key, interpolate=self.interpolate).ms)
+            self._memo[k] = c0 + (c1 - c0) * (w[3] - lo) / step
+            return self._memo[k]
+        ms = float(self.table.lookup(key, interpolate=self.interpolate).ms)
+        self._memo[k] = self._scale * ms + self._per_segment
         return self._memo[k]
 
 
@@ -465,7 +487,10 @@ def _lookahead(cost: CostModel, kind: str) -> int:
 
 
 def _best(imps: np.ndarray, deltas: Sequence[float]):
-    """(ratio, steps, importance, cost saved) of the best prefix of a run of removals."""
+    """(ratio, steps, importance, cost saved) of the best prefix of a run of removals. When no prefix
+    saves anything (a measured cost need not fall with every unit: timing noise, alignment), the whole
+    run is a move of last resort (ratio inf): taken only when nothing else is left, so that the
+    floor, which the target was checked against, stays reachable."""
     best = None
     cum = np.cumsum(imps)
     for m, dc in enumerate(deltas, start=1):
@@ -474,6 +499,9 @@ def _best(imps: np.ndarray, deltas: Sequence[float]):
         r = float(cum[m - 1]) / dc
         if best is None or r < best[0]:
             best = (r, m, float(cum[m - 1]), dc)
+    if best is None and len(deltas):
+        m = len(deltas)
+        best = (math.inf, m, float(cum[m - 1]), float(deltas[m - 1]))
     return best
 
 

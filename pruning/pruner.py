@@ -338,6 +338,10 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
             cands[m] = (sel, pm, pa, ev)
         chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
         sel, cur, cur_arch, ev = cands[chosen]
+        reached = cost.total(cur_arch)
+        if reached > budget + 1e-6 * max(abs(budget), 1e-9):  # never silently over the target
+            raise PruneError(f"--target {target}: step {step + 1} reached {reached:.6g} {cost0.unit}, above its budget "
+                             f"{budget:.6g} (the cost model is not reachable by removing units; raise the target)")
         prev = scores.restrict(infos, sel.plan)
         ft = {"steps": 0}
         if ft_per[step]:
@@ -370,6 +374,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         "steps": steps_report,
         "blocks": per_block(arch, cur_arch),
     }
+    if isinstance(cost0, LatencyCost):  # blocks whose pruned widths the table's measured grid prices
+        rep["latency_grid_blocks"] = sum(bool(cost0.uses_grid(i)) for i in infos0)
+        rep["blocks_total"] = len(infos0)
     if table is not None:
         rep["latency_before_ms"] = float(table.predict(arch, interpolate=True))
         rep["latency_after_ms"] = float(table.predict(cur_arch, interpolate=True))

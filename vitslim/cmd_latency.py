@@ -99,13 +99,36 @@ def _build_args(p):
     p.add_argument("--recalibrate", action="store_true", help="refit the overhead even if no entry was added")
     p.add_argument("--no-drift-reference", action="store_true",
                    help="do not correct for machine-load drift with the reference network")
+    p.add_argument("--prune-grid", action="store_true",
+                   help="with --arch (DeiT or Swin): also the width grid that prices any pruned width of its blocks "
+                        "(attention-only entries on heads x qk_dim x v_dim, FFN-only entries on ffn_hidden, per block "
+                        "geometry), for `vitslim prune --target latency=MS --table T`")
+    p.add_argument("--grid-step", default=None, metavar="qk=8,v=8,ffn=0,heads=3",
+                   help="grid spacing with --prune-grid: per-head Q/K and V widths every qk / v channels, FFN every "
+                        "ffn channels (0: auto, about 16 steps), heads at this many counts from 1 to the unpruned "
+                        "(default qk=8,v=8,ffn=0,heads=3; width 1 and the unpruned widths are always included)")
     p.add_argument("--dry-run", action="store_true", help="only print how many entries are needed and missing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _grid(args, archs):
+    """(grid keys per arch, GridSpec) for --prune-grid, else ([], None)."""
+    from latency_tables.grid import parse_grid_step, prune_grid_keys
+    if not args.prune_grid:
+        if args.grid_step:
+            raise VitslimError(f"--grid-step {args.grid_step}: only with --prune-grid (it spaces the pruning grid)")
+        return [], None
+    if not args.arch:
+        raise VitslimError("--prune-grid: expected --arch ARCH (the DeiT or Swin preset, arch .yaml or checkpoint "
+                           "whose pruned widths the grid prices)")
+    spec = parse_grid_step(args.grid_step)
+    return [prune_grid_keys(a, spec) for a in archs], spec
 
 
 def _build(args):
     from latency_tables.build import (calibrate, calibration_archs, covering_archs, measure_entries,
                                       measure_in_context, needed_keys, open_table, table_reference)
+    from latency_tables.segments import key_str
     if not args.space and not args.arch:
         raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)")
     _positive("--group", args.group)
@@ -114,6 +137,14 @@ def _build(args):
     space = _space(args.space) if args.space else None
     archs = [_arch_of(a) for a in args.arch]
     keys = needed_keys(space, archs)
+    grid_keys, grid_spec = _grid(args, archs)
+    if grid_spec is not None:
+        seen = {key_str(k) for k in keys}
+        for gk in grid_keys:
+            for k in gk:
+                if key_str(k) not in seen:
+                    seen.add(key_str(k))
+                    keys.append(k)
     backend = _make_backend(args)
     if not args.dry_run:
         backend.check_available()
@@ -126,6 +157,8 @@ def _build(args):
                           "input_size": space.input_size})
     if args.arch:
         built_for["archs"] = list(args.arch)
+    if grid_spec is not None:
+        built_for["prune_grid"] = grid_spec.to_dict()
     table = open_table(args.out, backend, built_for, proc)
     if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):
         raise VitslimError(f"{args.out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
@@ -148,6 +181,9 @@ def _build(args):
         # covering networks of every entry, not only the missing ones: the same list on every re-run,
         # so an interrupted build skips the networks it already ran (see measure_in_context)
         nets = covering_archs(space, keys, archs, contexts=args.contexts)
+        if grid_spec is not None:
+            from latency_tables.grid import grid_networks
+            nets = [n for a, gk in zip(archs, grid_keys) for n in grid_networks(a, gk, args.contexts)] + nets
         print(f"timing {len(missing)} entries inside {len(nets)} networks")
         with _bar(len(nets), "networks", args.quiet) as bar:
             measure_in_context(table, missing, nets, backend, proc, group=args.group, progress=bar, reference=ref)
@@ -158,8 +194,12 @@ def _build(args):
     calib_done = (table.overhead or {}).get("provenance") == "measured"
     if args.calibrate and (missing or args.recalibrate or not calib_done):
         nets = calibration_archs(space, archs, n=args.calibrate)
+        if grid_spec is not None:  # pruned variants too: the networks the grid is for
+            from latency_tables.grid import grid_calibration_archs
+            nets += [n for a in archs for n in grid_calibration_archs(a, args.calibrate)[1:]]
         with _bar(len(nets), "networks", args.quiet) as bar:
-            over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref)
+            over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref,
+                             interpolate=grid_spec is not None)
         print(f"overhead: e2e = (1 {over['scale']:+.4f}) * sum {over['intercept_ms']:+.4f} ms on {over['networks']} "
               f"networks (MAPE sum only {over['mape_sum_only']:.2%}, fitted {over['mape_fitted']:.2%})")
     table.save(args.out)
@@ -371,6 +411,7 @@ SUB = {
 }
 
 EXAMPLE = """vitslim latency build --space experiments/spaces/tiny.yaml --out latency_tables/cpu_torch_tiny.yaml
+  vitslim latency build --arch deit_tiny --prune-grid --out cpu_deit_tiny_grid.yaml
   vitslim latency predict --table latency_tables/cpu_torch_efficientformer_l1.yaml efficientformer_l1
   vitslim latency show --table latency_tables/cpu_torch_tiny.yaml
   vitslim latency validate --table latency_tables/cpu_torch_tiny.yaml --samples 50 --noise --json

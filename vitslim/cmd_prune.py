@@ -78,6 +78,10 @@ def _run(args):
           f"({rep['params_kept']:.2f}), MACs {rep['macs_before']:,} -> {rep['macs_after']:,} ({rep['macs_kept']:.2f})")
     if "latency_after_ms" in rep:
         print(f"predicted latency {rep['latency_before_ms']:.3f} -> {rep['latency_after_ms']:.3f} ms")
+    if rep.get("latency_grid_blocks") is not None and rep["latency_grid_blocks"] < rep["blocks_total"]:
+        print(f"note: {rep['blocks_total'] - rep['latency_grid_blocks']} of {rep['blocks_total']} blocks have no pruning "
+              f"grid in {args.table}: their pruned widths were estimated by interpolating in MACs (build one with "
+              f"`vitslim latency build --arch {args.checkpoint} --prune-grid --out {args.table}`)")
     if "heldout_after" in rep:
         print(f"held-out top-1 {rep['heldout_before']['top1']:.3f} -> {rep['heldout_after']['top1']:.3f}"
               f" (selection: {rep['steps'][-1]['selection']})")

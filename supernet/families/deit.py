@@ -99,9 +99,13 @@ class Attention(nn.Module):
         # PyTorch's fused CPU kernel needs qk_dim == v_dim and otherwise falls back to a slow path:
         # for pruned blocks, explicit attention is faster at small batch and zero-padding q, k up
         # to v_dim (q.k unchanged) faster at large batch (benchmarks/attention_dispatch.py).
-        if dq == dv:
+        # With an additive bias (Swin's relative position bias and shift mask) the CPU kernel is slower
+        # than the explicit path at every batch size and width measured (1.7-2x at batch 1 and 16,
+        # benchmarks/pruning_latency_target.py --attention), so biased attention on CPU runs explicitly.
+        explicit = attn_bias is not None and q.device.type == "cpu"
+        if not explicit and dq == dv:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        elif dq < dv and q.dim() > 3 and q.shape[0] >= 4:
+        elif not explicit and dq < dv and q.dim() > 3 and q.shape[0] >= 4:
             pad = (0, dv - dq)
             x = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), v, attn_mask=attn_bias, scale=self.scale)
         else:

@@ -75,3 +75,40 @@ def fake_table(arch):
             ms = 0.05 + proxy_macs(k) / 1e7
             t.set(k, ms, ms, ms, 5)
     return t
+
+
+def part_ms(key) -> float:
+    """Made-up latency of a block as attention part + FFN part: multilinear in (heads, qk_dim, v_dim)
+    and linear in ffn_hidden (so interpolation on the width grid is exact), and far from
+    proportional to MACs (a Q/K channel costs as much as a V channel here)."""
+    if key["op"] not in ("vit_block", "swin_block"):
+        return 0.1 + proxy_macs(key) / 1e7
+    h, q, v, d, f = key["heads"], key["qk_dim"], key["v_dim"], key["dim"], key["ffn_hidden"]
+    attn = 0.05 + 0.01 * h + 0.002 * h * q + 0.002 * h * v + 0.0001 * q * v + 0.0002 * d if h else 0.0
+    ffn = 0.02 + 0.0005 * f + 0.0002 * d if f else 0.0
+    return attn + ffn
+
+
+def grid_table(arch, spec=None, overhead=None):
+    """A table with the arch's entries and its pruning width grid (latency_tables.grid), ms = part_ms."""
+    from latency_tables.grid import GridSpec, prune_grid_keys
+    from latency_tables.segments import arch_keys
+    from latency_tables.table import LatencyTable
+    t = LatencyTable({"backend": "torch-cpu", "device": "test", "threads": 1, "batch_size": 1},
+                     built_for={"family": arch["family"]},
+                     overhead=overhead or {"intercept_ms": 0.1, "scale": 0.05, "per_segment_ms": 0.02})
+    for k in arch_keys(arch) + prune_grid_keys(arch, spec or GridSpec(qk=4, v=4, ffn=16, heads=2)):
+        ms = part_ms(k)
+        t.set(k, ms, ms, ms, 5)
+    return t
+
+
+def with_widths(arch, widths):
+    """`arch` with block i at widths[i] = (heads, qk_dim, v_dim, ffn_hidden) (in block_infos order)."""
+    import copy
+    from pruning.units import block_infos
+    a = copy.deepcopy(arch)
+    for info, (h, q, v, f) in zip(block_infos(arch), widths):
+        a["stages"][info.stage]["blocks"][info.index].update(heads=h, qk_dim=q if h else 0, v_dim=v if h else 0,
+                                                             ffn_hidden=f)
+    return a

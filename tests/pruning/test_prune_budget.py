@@ -134,3 +134,29 @@ def test_floor_does_not_compound_over_iterative_steps():
 def test_bad_targets_are_one_line_errors(s, msg):
     with pytest.raises(PruneError, match=msg):
         parse_target(s)
+
+
+def test_a_cost_that_rises_before_it_falls_does_not_stop_the_selection():
+    """A measured cost need not fall with every unit removed (noise, alignment): here an FFN between 49
+    and 63 channels costs more than 64. The target is the floor itself, reachable only through that bump."""
+    from pruning.budget import CostModel
+
+    class Bumpy(CostModel):
+        name, unit, linear = "bumpy", "", False
+
+        def total(self, a):
+            return sum(self.block(i, (i.heads, i.qk_dim, i.v_dim, i.ffn_hidden)) for i in block_infos(a))
+
+        def block(self, info, w):
+            h, q, v, f = w
+            return 10.0 * h + h * (q + v) + (100.0 if 48 < f < 64 else float(f))
+
+    arch = tiny_deit()
+    model = build(arch)
+    cost, infos = Bumpy(), block_infos(arch)
+    budget = floor_cost(infos, cost, 0.0, Floor(0.1))
+    sc = scores_for(model, arch)
+    for select in (select_ratio, select_knapsack):
+        sel = select(Network(arch, sc, cost, Floor(0.1)), budget)
+        _, small = apply_plan(model, arch, sel.plan)
+        assert cost.total(small) <= budget + 1e-9, select.__name__

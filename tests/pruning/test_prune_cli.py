@@ -9,7 +9,9 @@ import torch
 import vitslim
 from vitslim.cli import main
 
-from pruning_nets import build, fake_table, tiny_deit, tiny_swin
+from pruning.budget import Floor, LatencyCost, floor_cost
+from pruning.units import block_infos
+from pruning_nets import build, fake_table, grid_table, tiny_deit, tiny_swin
 
 FAST = ["--calib-batches", "2", "--batch-size", "4", "--quiet"]
 
@@ -147,3 +149,30 @@ def test_output_directory_that_exists(deit_ckpt, tmp_path, capsys):
     (tmp_path / "r").mkdir()
     one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
                             "--out", str(tmp_path / "r")] + FAST, "already exists")
+
+
+def test_latency_target_on_the_command_line_says_whether_the_grid_priced_it(tmp_path, capsys, quick_tables):
+    arch = tiny_deit()
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only spins on a busy machine
+    try:
+        _prune_both(arch, ck, tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prune_both(arch, ck, tmp_path, capsys):
+    for name, t in (("grid", grid_table(arch)), ("nogrid", fake_table(arch))):
+        t.save(str(tmp_path / f"{name}.yaml"))
+        cost, infos = LatencyCost(t, arch), block_infos(arch)
+        goal = (t.predict(arch) + floor_cost(infos, cost, cost.base(arch, infos), Floor(0.1).of(infos))) / 2
+        rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", f"latency={goal}",
+                            "--table", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name),
+                            "--selection", "ratio", "--calib-batches", "1", "--batch-size", "4", "--quiet"], capsys)
+        assert rc == 0, err
+        rep = json.load(open(tmp_path / name / "report.json"))
+        assert rep["latency_after_ms"] <= goal + 1e-9
+        assert rep["latency_grid_blocks"] == (2 if name == "grid" else 0) and rep["blocks_total"] == 2
+        assert ("no pruning grid" in out) == (name == "nogrid")

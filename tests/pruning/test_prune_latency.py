@@ -45,3 +45,96 @@ def test_prune_to_a_latency_target_and_below_the_floor(quick_tables):
     with pytest.raises(PruneError, match=f"below what the table can reach for this model \\(floor {lowest:.3f} ms"):
         prune(model, arch, PruneConfig(target=f"latency={0.9 * lowest}", calib_batches=1),
               calibration=batches(arch, 1), table=t)
+
+
+# ---------------------------------------------------------------- the pruning width grid
+from pruning_nets import grid_table, part_ms, with_widths  # noqa: E402
+
+
+def _widths(arch, seed):
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in block_infos(arch):
+        h = rng.choice([0, 1, i.heads, max(1, i.heads - 1)])
+        f = rng.choice([0, 1, rng.randint(1, i.ffn_hidden), i.ffn_hidden])
+        out.append((h, rng.randint(1, i.qk_dim), rng.randint(1, i.v_dim), f))
+    return out
+
+
+@pytest.mark.parametrize("make", [tiny_deit, tiny_swin])
+def test_latency_cost_on_the_grid_prices_pruned_widths_as_predict_does(make):
+    arch = make()
+    t = grid_table(arch)
+    cost = LatencyCost(t, arch)
+    infos = block_infos(arch)
+    base = cost.base(arch, infos)
+    assert all(cost.uses_grid(i) for i in infos)
+    for seed in range(6):
+        ws = _widths(arch, seed)
+        if seed == 0:
+            ws[0] = (0, 0, 0, 0)  # a block removed: one segment (and its per_segment_ms) fewer
+        small = with_widths(arch, ws)
+        priced = base + sum(cost.block(i, w) for i, w in zip(infos, ws))
+        assert priced == pytest.approx(t.predict(small, interpolate=True), rel=1e-12, abs=1e-12)
+        for i, w in zip(infos, ws):  # (1 + scale) * (attention part + FFN part) + one segment, exactly
+            h, q, v, f = w
+            key = {"op": "vit_block", "tokens": 0, "dim": i.dim, "heads": h, "qk_dim": q if h else 0,
+                   "v_dim": v if h else 0, "ffn_hidden": f}
+            want = 1.05 * part_ms(key) + 0.02 if (h or f) else 0.0
+            assert cost.block(i, w) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_removed_block_saves_its_segment_overhead_without_the_grid_too(quick_tables):
+    arch = tiny_deit()
+    t = fake_table(arch)
+    t.overhead["per_segment_ms"] = 0.3
+    cost = LatencyCost(t, arch)
+    infos = block_infos(arch)
+    ws = [(0, 0, 0, 0), (2, 5, 7, 40)]
+    assert not cost.uses_grid(infos[1])
+    priced = cost.base(arch, infos) + sum(cost.block(i, w) for i, w in zip(infos, ws))
+    assert priced == pytest.approx(t.predict(with_widths(arch, ws), interpolate=True), rel=1e-9)
+
+
+def small_deit():
+    # big enough that its narrowest blocks are well below its full ones in measured time (the 24-wide
+    # tiny_deit is all per-call overhead: its floor and full widths are within a few % of each other)
+    import vitslim
+    return vitslim.resolve_arch({
+        "family": "deit", "input_size": 32, "num_classes": 10, "stem": {"patch_size": 4},
+        "stages": [{"width": 64, "blocks": [{"type": "vit", "heads": 4, "qk_dim": 16, "v_dim": 16,
+                                             "ffn_hidden": 256}] * 2}]})
+
+
+@pytest.mark.parametrize("make", [small_deit, tiny_swin])
+def test_prune_to_a_latency_target_on_a_measured_grid(make, tmp_path):
+    """A real (small, quick) in-context measurement of the arch and its grid on this CPU, then pruning
+    to a latency target: the pruned network's predicted latency meets it and is priced from the grid."""
+    from latency_tables import get_backend
+    from latency_tables.build import measure_in_context, open_table
+    from latency_tables.grid import GridSpec, grid_networks, prune_grid_keys
+    from latency_tables.measure import Procedure
+    from latency_tables.segments import arch_keys
+    arch = make()
+    backend = get_backend("torch-cpu")
+    t = open_table(str(tmp_path / "t.yaml"), backend)
+    grid = prune_grid_keys(arch, GridSpec(qk=8, v=8, ffn=64 if make is small_deit else 32, heads=2))
+    keys = arch_keys(arch) + grid
+    measure_in_context(t, keys, grid_networks(arch, grid, contexts=1) + [arch], backend,
+                       Procedure(0.001, 3, 5, 0.0, clock="thread"))
+    assert not t.missing(keys)
+    model = build(arch)
+    full = t.predict(arch)
+    infos = block_infos(arch)
+    cost = LatencyCost(t, arch)
+    assert all(cost.uses_grid(i) for i in infos)
+    lowest = floor_cost(infos, cost, cost.base(arch, infos), Floor(0.1).of(infos))
+    goal = lowest + 0.4 * (full - lowest)
+    res = prune(model, arch, PruneConfig(target=f"latency={goal}", calib_batches=1, eval_batches=0, selection="ratio"),
+                calibration=batches(arch, 1), table=t)
+    assert res.report["latency_after_ms"] <= goal + 1e-9
+    assert res.report["latency_grid_blocks"] == res.report["blocks_total"] == len(infos)
+    assert res.report["latency_after_ms"] == pytest.approx(t.predict(res.arch, interpolate=True))
+    assert t.predict_stages(res.arch, interpolate=True)["estimated"]  # pruned widths priced from the grid
+    assert res.report["macs_after"] < res.report["macs_before"]
