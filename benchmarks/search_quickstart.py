@@ -1,7 +1,8 @@
 """Search benchmark on the quickstart task (results in BENCHMARKS.md, "Search").
 
 For each seed: runs the README's first command (`vitslim run experiments/quickstart.yaml`, with the
-supernet and search seeded) and times it; then, under the same target, the same held-out evaluation,
+supernet and search seeded) and times it; then, for each target (a fraction of the start network's
+predicted latency: 0.6 is the quickstart's, 0.4 a harder one), slimming, and under the same target, the same held-out evaluation,
 the same end-to-end verification and the same short fine-tuning, runs
   - random search with the evaluation budget slimming used, sampling only networks predicted within
     10% under the target (latency-matched), and
@@ -98,59 +99,68 @@ def run_quickstart(seed: int, out: str) -> dict:
     return t
 
 
-def one_seed(seed: int, out: str, seconds: float, test_images: int) -> dict:
+def one_seed(seed: int, out: str, seconds: float, test_images: int, fractions=(0.6,)) -> dict:
+    """The quickstart run (its target: fraction 0.6 of the start network), then every strategy at each
+    target fraction (slimming's own run reused at the quickstart's)."""
+    import yaml
     from latency_tables import LatencyTable
-    from nas.run import load_supernet_run, run_search
+    from nas.run import load_supernet_run, load_table, run_search
+    from nas.strategy import largest_choice
     from supernet.arch import load_arch
     timing = run_quickstart(seed, out)
     with open(os.path.join(out, "search", "report.json")) as f:
         slim = json.load(f)
     with open(os.path.join(out, "pipeline.yaml")) as f:
-        import yaml
         pipe = yaml.safe_load(f)
     sn = os.path.join(out, "supernet")
     supernet, cfg, _ = load_supernet_run(sn)
+    _, compiled = load_table(slim["table"], supernet.space)
+    start_ms = float(compiled.score_choices([largest_choice(supernet)])[0])
     s = pipe["search"]
     ft = slim.get("finetune") or {}
     common = dict(eval_images=slim["evaluation"]["images"], bn_batches=slim["evaluation"]["bn_batches"],
                   finetune=ft.get("steps", 0), finetune_lr=ft.get("lr", 1e-3), seed=slim["seed"], progress=False,
                   verify=s.get("verify", "auto"), tolerance=s.get("tolerance", 0.05),
                   verify_seconds=s.get("verify_seconds", 1.0))
-    reports = {"slim": slim}
-    dirs = {"slim": os.path.join(out, "search")}
-    for name, kw in (("random", {"budget": slim["evaluation"]["evaluations"], "band": 0.1}), ("uniform", {})):
-        d = dirs[name] = os.path.join(out, "bench", name)
-        if os.path.isfile(os.path.join(d, "report.json")):
-            with open(os.path.join(d, "report.json")) as f:
-                reports[name] = json.load(f)
-        else:
-            reports[name] = run_search(sn, slim["table"], slim["target_ms"], d, strategy=name, **common, **kw)
     table = LatencyTable.load(slim["table"])
-    archs = [load_arch(os.path.join(dirs[k], "arch.yaml")) for k in reports]
-    measured = measure(table, archs, seconds, seed=seed)
     data_cfg = {"seed": cfg.seed, "distractors": cfg.data.distractors}
     rows = []
-    for (name, r), ms in zip(reports.items(), measured):
-        f = r.get("finetune") or {}
-        v = r.get("verification") or {}
-        acc_test = test_accuracy(os.path.join(dirs[name], "model.pt"), data_cfg, supernet.space,
-                                 r["evaluation"]["images"], test_images)
-        rows.append({"strategy": name, "blocks": r["blocks"], "widths": r["choice"]["widths"],
-                     "target_ms": r["target_ms"], "bound_ms": r.get("bound_ms"), "predicted_ms": r["predicted_ms"],
-                     "verify_measured_ms": v.get("measured_ms"), "verify_rounds": len(v.get("rounds", [])),
-                     "measured_ms": ms, "measured_over_target": ms / r["target_ms"],
-                     "params": r["params"], "macs": r["macs"], "evaluations": r["evaluation"]["evaluations"],
-                     "acc_supernet_weights": r["accuracy"], "acc_after_finetune": f.get("acc_after"),
-                     "test_acc_after_finetune": acc_test, "finetune_steps": f.get("steps"),
-                     "search_seconds": r["search"]["seconds"], "eval_seconds": r["search"]["eval_seconds"],
-                     "lookup_seconds": r["search"]["lookup_seconds"],
-                     "overhead_fraction": r["search"]["overhead_fraction"]})
+    for frac in fractions:
+        quick = abs(frac - float(s.get("target_fraction", 0.6))) < 1e-9
+        target = slim["target_ms"] if quick else round(frac * start_ms, 4)
+        sub = os.path.join(out, "bench") if quick else os.path.join(out, "bench", f"f{frac:g}")
+        reports, dirs = {}, {}
+        for name in ("slim", "random", "uniform"):
+            d = dirs[name] = os.path.join(out, "search") if (quick and name == "slim") else os.path.join(sub, name)
+            if os.path.isfile(os.path.join(d, "report.json")):
+                with open(os.path.join(d, "report.json")) as f:
+                    reports[name] = json.load(f)
+                continue
+            kw = {"budget": reports["slim"]["evaluation"]["evaluations"], "band": 0.1} if name == "random" else {}
+            reports[name] = run_search(sn, slim["table"], target, d, strategy=name, **common, **kw)
+        archs = [load_arch(os.path.join(dirs[k], "arch.yaml")) for k in reports]
+        measured = measure(table, archs, seconds, seed=seed)
+        for (name, r), ms in zip(reports.items(), measured):
+            f = r.get("finetune") or {}
+            v = r.get("verification") or {}
+            acc_test = test_accuracy(os.path.join(dirs[name], "model.pt"), data_cfg, supernet.space,
+                                     r["evaluation"]["images"], test_images)
+            rows.append({"fraction": frac, "strategy": name, "blocks": r["blocks"], "widths": r["choice"]["widths"],
+                         "target_ms": r["target_ms"], "bound_ms": r.get("bound_ms"),
+                         "predicted_ms": r["predicted_ms"], "verify_measured_ms": v.get("measured_ms"),
+                         "verify_rounds": len(v.get("rounds", [])), "measured_ms": ms,
+                         "measured_over_target": ms / r["target_ms"], "params": r["params"], "macs": r["macs"],
+                         "evaluations": r["evaluation"]["evaluations"], "acc_supernet_weights": r["accuracy"],
+                         "acc_after_finetune": f.get("acc_after"), "test_acc_after_finetune": acc_test,
+                         "finetune_steps": f.get("steps"), "search_seconds": r["search"]["seconds"],
+                         "eval_seconds": r["search"]["eval_seconds"], "lookup_seconds": r["search"]["lookup_seconds"],
+                         "overhead_fraction": r["search"]["overhead_fraction"]})
     sn_report = os.path.join(sn, "report.json")
     sn_acc = None
     if os.path.isfile(sn_report):
         with open(sn_report) as f:
             sn_acc = json.load(f).get("heldout_acc_best")
-    return {"seed": seed, "quickstart": timing, "supernet_heldout_acc": sn_acc, "rows": rows}
+    return {"seed": seed, "quickstart": timing, "supernet_heldout_acc": sn_acc, "start_ms": start_ms, "rows": rows}
 
 
 def main(argv=None):
@@ -160,23 +170,28 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per network in the final measurement")
     p.add_argument("--test-images", type=int, default=3000)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.4],
+                   help="targets as fractions of the start network's predicted latency (0.6: the quickstart's)")
     p.add_argument("--json", default=None, help="write the figures here")
     a = p.parse_args(argv)
-    seeds = [one_seed(s, os.path.join(a.out, f"seed{s}"), a.seconds, a.test_images) for s in a.seeds]
+    seeds = [one_seed(s, os.path.join(a.out, f"seed{s}"), a.seconds, a.test_images, a.fractions) for s in a.seeds]
     summary = {}
-    for name in ("slim", "random", "uniform"):
-        rows = [r for s in seeds for r in s["rows"] if r["strategy"] == name]
-        summary[name] = {k: sum(r[k] for r in rows) / len(rows)
-                         for k in ("test_acc_after_finetune", "acc_after_finetune", "acc_supernet_weights",
-                                   "measured_over_target", "overhead_fraction")}
-        summary[name]["max_measured_over_target"] = max(r["measured_over_target"] for r in rows)
+    for frac in a.fractions:
+        for name in ("slim", "random", "uniform"):
+            rows = [r for s in seeds for r in s["rows"] if r["strategy"] == name and r["fraction"] == frac]
+            m = summary[f"{frac:g} {name}"] = {k: sum(r[k] for r in rows) / len(rows)
+                                               for k in ("test_acc_after_finetune", "acc_after_finetune",
+                                                         "acc_supernet_weights", "measured_over_target",
+                                                         "overhead_fraction")}
+            m["max_measured_over_target"] = max(r["measured_over_target"] for r in rows)
+            m["min_measured_over_target"] = min(r["measured_over_target"] for r in rows)
     res = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
            "seeds": seeds, "mean_over_seeds": summary}
-    print(f"{'seed':<4} {'strategy':<8} {'blocks':<14} {'widths':<18} {'pred ms':>8} {'meas ms':>8} {'meas/tgt':>8} "
+    print(f"{'seed':<4} {'frac':<4} {'strategy':<8} {'blocks':<14} {'widths':<18} {'pred ms':>8} {'meas ms':>8} {'meas/tgt':>8} "
           f"{'evals':>5} {'acc sn':>7} {'acc ft':>7} {'test ft':>7} {'overhead':>8}")
     for s in seeds:
         for r in s["rows"]:
-            print(f"{s['seed']:<4} {r['strategy']:<8} {r['blocks']:<14} {str(r['widths']):<18} "
+            print(f"{s['seed']:<4} {r['fraction']:<4g} {r['strategy']:<8} {r['blocks']:<14} {str(r['widths']):<18} "
                   f"{r['predicted_ms']:>8.3f} {r['measured_ms']:>8.3f} {r['measured_over_target']:>8.3f} "
                   f"{r['evaluations']:>5} {r['acc_supernet_weights']:>7.4f} {r['acc_after_finetune'] or 0:>7.4f} "
                   f"{r['test_acc_after_finetune']:>7.4f} {r['overhead_fraction']:>8.2%}")
@@ -184,8 +199,8 @@ def main(argv=None):
         print(f"     quickstart: {q['wall_s']:.0f} s wall, {q['cpu_s']:.0f} s CPU, load {q['loadavg_1min_before']:.1f}"
               f" -> {q['loadavg_1min_after']:.1f}; supernet held-out {s['supernet_heldout_acc']}")
     for name, m in summary.items():
-        print(f"mean {name:<8} test acc {m['test_acc_after_finetune']:.4f}  measured/target {m['measured_over_target']:.3f}"
-              f" (max {m['max_measured_over_target']:.3f})  overhead {m['overhead_fraction']:.2%}")
+        print(f"mean {name:<12} test acc {m['test_acc_after_finetune']:.4f}  measured/target {m['measured_over_target']:.3f}"
+              f" ({m['min_measured_over_target']:.3f}-{m['max_measured_over_target']:.3f})  overhead {m['overhead_fraction']:.2%}")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         tmp = a.json + ".tmp"
