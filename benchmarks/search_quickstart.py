@@ -7,6 +7,7 @@ the same end-to-end verification and the same short fine-tuning, runs
   - random search with the evaluation budget slimming used, sampling only networks predicted within
     10% under the target (latency-matched), and
   - uniform shrinking of slimming's start network (widths, then depth);
+  - slimming with the held-out loss criterion (`--criterion loss`) beside the paper's accuracy drop;
 measures the three networks end to end on the table's backend in one interleaved group (the table's
 procedure and drift reference), and scores the fine-tuned networks on test images no search saw
 (held-out split indices after the ones the search scored candidates on).
@@ -28,6 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 QUICKSTART = os.path.join(ROOT, "experiments", "quickstart.yaml")
+# slim: the quickstart's (the paper's accuracy-drop criterion); slim_loss: the held-out loss criterion
+STRATEGIES = ("slim", "slim_loss", "random", "uniform")
 
 
 def measure(table, archs, seconds: float, seed: int = 0):
@@ -130,14 +133,16 @@ def one_seed(seed: int, out: str, seconds: float, test_images: int, fractions=(0
         target = slim["target_ms"] if quick else round(frac * start_ms, 4)
         sub = os.path.join(out, "bench") if quick else os.path.join(out, "bench", f"f{frac:g}")
         reports, dirs = {}, {}
-        for name in ("slim", "random", "uniform"):
+        for name in STRATEGIES:
             d = dirs[name] = os.path.join(out, "search") if (quick and name == "slim") else os.path.join(sub, name)
             if os.path.isfile(os.path.join(d, "report.json")):
                 with open(os.path.join(d, "report.json")) as f:
                     reports[name] = json.load(f)
                 continue
             kw = {"budget": reports["slim"]["evaluation"]["evaluations"], "band": 0.1} if name == "random" else {}
-            reports[name] = run_search(sn, slim["table"], target, d, strategy=name, **common, **kw)
+            if name == "slim_loss":
+                kw = {"criterion": "loss"}
+            reports[name] = run_search(sn, slim["table"], target, d, strategy=name.split("_")[0], **common, **kw)
         archs = [load_arch(os.path.join(dirs[k], "arch.yaml")) for k in reports]
         measured = measure(table, archs, seconds, seed=seed)
         for (name, r), ms in zip(reports.items(), measured):
@@ -177,7 +182,7 @@ def main(argv=None):
     seeds = [one_seed(s, os.path.join(a.out, f"seed{s}"), a.seconds, a.test_images, a.fractions) for s in a.seeds]
     summary = {}
     for frac in a.fractions:
-        for name in ("slim", "random", "uniform"):
+        for name in STRATEGIES:
             rows = [r for s in seeds for r in s["rows"] if r["strategy"] == name and r["fraction"] == frac]
             m = summary[f"{frac:g} {name}"] = {k: sum(r[k] for r in rows) / len(rows)
                                                for k in ("test_acc_after_finetune", "acc_after_finetune",

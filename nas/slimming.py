@@ -18,7 +18,8 @@ Choices the paper leaves open, decided here:
   over its positions that still run a block (a stage whose blocks are gone costs only its
   downsample and is shrunk first); stages without an identity candidate rank last;
 - accuracy drop = held-out top-1 before minus after; the loss increase per ms breaks ties (top-1 on
-  a small split is coarse), then the action order a, b, c; actions that save no time are skipped,
+  a small split is coarse), then the action order a, b, c (`criterion="loss"`: the held-out loss
+  increase per ms decides and top-1 breaks ties: a less noisy signal on a small split); actions that save no time are skipped,
   and if none saves time before the target is met the search stops with an error;
 - the result: the path follows the paper's rule until it meets the target, but the network returned
   is the most accurate (then lowest loss, then slowest) of every network evaluated on the way that
@@ -102,12 +103,21 @@ class LatencySlimming(SearchStrategy):
     name = "slim"
     log_file = "trajectory.jsonl"
 
-    def __init__(self, max_steps: int = 10_000, run_args: Optional[Mapping] = None):
+    CRITERIA = ("acc", "loss")
+
+    def __init__(self, max_steps: int = 10_000, run_args: Optional[Mapping] = None, criterion: str = "acc"):
+        if criterion not in self.CRITERIA:
+            raise SearchError(f"--criterion: got {criterion!r}, expected acc (the paper's accuracy drop) or loss "
+                              "(held-out loss increase: less noisy on a small held-out split)")
         self.max_steps = int(max_steps)
+        self.criterion = criterion
         self.run_args = dict(run_args or {})   # what else a resume must match (supernet, table, eval)
 
     def args(self) -> dict:
-        return {"strategy": self.name, **self.run_args}
+        a = {"strategy": self.name, **self.run_args}
+        if self.criterion != "acc":  # logs of runs before the option existed stay resumable
+            a["criterion"] = self.criterion
+        return a
 
     # ------------------------------------------------------------ the three actions
     @staticmethod
@@ -148,13 +158,19 @@ class LatencySlimming(SearchStrategy):
             out.append(("shrink", f"stage{i}", c))
         return [(a, w, space.check_choice(c)) for a, w, c in out]
 
-    @staticmethod
-    def _final(ctx: SearchContext, end: Mapping, steps: List[Mapping], bound: float) -> dict:
+    def _final(self, ctx: SearchContext, end: Mapping, steps: List[Mapping], bound: float) -> dict:
         """The done record: the most accurate network evaluated on the way that meets `bound` (the
-        path's `end`, or a candidate of one of `steps`); ties: lower loss, then slower (closer to it)."""
+        path's `end`, or a candidate of one of `steps`); ties: lower loss, then slower (closer to it).
+        With the loss criterion: the lowest held-out loss, ties by accuracy."""
         pool = [("end", end)] + [(f"step{s['step']}.{c['action']}", c) for s in steps for c in s.get("candidates", ())
                                  if c.get("feasible") and float(c["predicted_ms"]) <= bound]
-        where, best = min(pool, key=lambda t: (-float(t[1]["acc"]), float(t[1]["loss"]), -float(t[1]["predicted_ms"])))
+        if self.criterion == "acc":
+            def rank(t):
+                return -float(t[1]["acc"]), float(t[1]["loss"]), -float(t[1]["predicted_ms"])
+        else:
+            def rank(t):
+                return float(t[1]["loss"]), -float(t[1]["acc"]), -float(t[1]["predicted_ms"])
+        where, best = min(pool, key=rank)
         return {"type": "done", "choice": ctx.space.check_choice(best["choice"]), "predicted_ms": float(best["predicted_ms"]),
                 "acc": float(best["acc"]), "loss": float(best["loss"]), "steps": len(steps), "bound_ms": bound,
                 "picked": where, "path_end_ms": float(end["predicted_ms"]), "path_end_acc": float(end["acc"])}
@@ -238,7 +254,10 @@ class LatencySlimming(SearchStrategy):
                                  "acc": e["acc"], "loss": e["loss"], "ms_saved": saved, "drop": drop,
                                  "score": drop / saved if feasible else None,
                                  "loss_per_ms": dloss / saved if feasible else None, "feasible": feasible})
-                ok = [(r["score"], r["loss_per_ms"], k) for k, r in enumerate(rows) if r["feasible"]]
+                if self.criterion == "acc":
+                    ok = [(r["score"], r["loss_per_ms"], k) for k, r in enumerate(rows) if r["feasible"]]
+                else:
+                    ok = [(r["loss_per_ms"], r["score"], k) for k, r in enumerate(rows) if r["feasible"]]
                 if not ok:
                     raise SearchError(f"slimming stopped at {ms:.4g} ms (bound {bound:g} ms): no action "
                                       f"saves time from widths {cur['widths']}, blocks {describe_blocks(cur)}")
@@ -262,5 +281,6 @@ class LatencySlimming(SearchStrategy):
                   "acc": r["acc"]} for r in steps]
         return SearchResult(self.name, done["choice"], float(done["predicted_ms"]), float(done["acc"]),
                             float(done["loss"]), evaluations=ctx.evaluator.evaluations,
-                            extra={"steps": len(steps), "trajectory": traj, "picked": done.get("picked", "end"),
+                            extra={"steps": len(steps), "trajectory": traj, "criterion": self.criterion,
+                                   "picked": done.get("picked", "end"),
                                    "path_end_ms": done.get("path_end_ms"), "path_end_acc": done.get("path_end_acc")})

@@ -36,6 +36,9 @@ def _search_args(p):
     p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
                    help="optuna study storage in --out: journal file (default; several workers) or SQLite")
     p.add_argument("--budget", type=int, default=50, help="random: networks evaluated (default 50)")
+    p.add_argument("--criterion", choices=["acc", "loss"], default="acc",
+                   help="slim: what a step minimises per ms saved: acc (the paper's held-out top-1 drop, default) or "
+                        "loss (the held-out loss increase: less noisy on a small split)")
     p.add_argument("--band", type=float, default=0.0,
                    help="random: sample only networks predicted within this fraction under the target "
                         "(0.1: a latency-matched baseline; default 0: anything under it)")
@@ -84,7 +87,7 @@ def _search(args):
                      storage=args.storage, budget=args.budget, overwrite=args.overwrite,
                      progress=not args.no_progress, interpolate=args.interpolate, device=args.device,
                      verify=args.verify, tolerance=args.tolerance, verify_seconds=args.verify_seconds,
-                     verify_rounds=args.verify_rounds, band=args.band)
+                     verify_rounds=args.verify_rounds, band=args.band, criterion=args.criterion)
     if args.json:
         print(json.dumps(rep))
     else:
@@ -96,7 +99,7 @@ def _search(args):
 PIPELINE_KEYS = ("version", "supernet", "table", "search", "export")
 SEARCH_KEYS = ("strategy", "seed", "eval_images", "bn_batches", "eval_batch_size", "finetune", "finetune_lr", "trials",
                "sampler", "storage", "budget", "interpolate", "device", "verify", "tolerance", "verify_seconds",
-               "verify_rounds", "band")
+               "verify_rounds", "band", "criterion")
 
 
 def _bad(key, value, expected):

@@ -162,3 +162,18 @@ def test_latency_matched_random_search_samples_only_near_the_target(supernet_run
     with pytest.raises(SearchError, match="band: got 1.5"):
         run_search(supernet_run, table_path, target, str(tmp_path / "bad"), strategy="random", band=1.5,
                    eval_images=16, progress=False)
+
+
+def test_loss_criterion_steps_by_loss_increase_per_ms_and_returns_the_lowest_loss(supernet_run, table_path, tmp_path):
+    target = 0.5 * start_ms(supernet_run, table_path)
+    out = str(tmp_path / "loss")
+    rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, criterion="loss")
+    steps = [r for r in read_log(out) if r["type"] == "step"]
+    for s in steps:
+        ok = [c for c in s["candidates"] if c["feasible"]]
+        assert s["where"] == min(ok, key=lambda c: (c["loss_per_ms"], c["score"]))["where"]
+    pool = [steps[-1]] + [c for s in steps for c in s["candidates"] if c["feasible"] and c["predicted_ms"] <= target]
+    assert rep["heldout_loss"] == min(c["loss"] for c in pool) and rep["search"]["criterion"] == "loss"
+    with pytest.raises(SearchError, match="--criterion: got 'top5'"):
+        run_search(supernet_run, table_path, target, str(tmp_path / "bad"), eval_images=16, progress=False,
+                   criterion="top5")
