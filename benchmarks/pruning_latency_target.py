@@ -12,6 +12,12 @@ and report MACs kept, latency kept (ratios from the same run), predicted vs meas
 
     python benchmarks/pruning_latency_target.py                 # ~5-10 min on 1 CPU thread
     python benchmarks/pruning_latency_target.py --attention     # the attention-dispatch check only
+    python benchmarks/pruning_latency_target.py --extra depth   # + depth moves (whole branches) on, to
+                                                                # the latency and the MACs target
+
+Runs (a) and (b) and every extra but `depth` prune with depth moves off (`depth=False`, as before
+depth moves existed), so their numbers reproduce; `depth` adds (a) and (b) with `depth=True` and a
+check that the table prices a removed branch / block as its prediction of the arch without it.
 """
 from __future__ import annotations
 
@@ -68,6 +74,26 @@ def widths(arch) -> list:
     return [[i.heads, i.qk_dim, i.v_dim, i.ffn_hidden] for i in block_infos(arch)]
 
 
+def depth_pricing(table, arch) -> list:
+    """For every block and each of attention / FFN / both removed: the LatencyCost saving of that depth
+    move vs the table's predict() of the arch without it (they should agree exactly)."""
+    import copy
+    cost = LatencyCost(table, arch)
+    p0 = table.predict(arch, interpolate=True)
+    out = []
+    for info in block_infos(arch):
+        full = (info.heads, info.qk_dim, info.v_dim, info.ffn_hidden)
+        for what, w in (("attn", (0, 0, 0, info.ffn_hidden)), ("mlp", full[:3] + (0,)), ("block", (0, 0, 0, 0))):
+            a = copy.deepcopy(arch)
+            b = a["stages"][info.stage]["blocks"][info.index]
+            b.update(heads=w[0], qk_dim=w[1], v_dim=w[2], ffn_hidden=w[3])
+            saved = cost.block(info, full) - cost.block(info, w)
+            pred = table.predict(a, interpolate=True)
+            out.append({"block": info.name, "removed": what, "saved_ms": saved, "predicted_without_ms": pred,
+                        "priced_minus_predicted_ms": (p0 - saved) - pred})
+    return out
+
+
 def attention_check(rounds: int = 30) -> dict:
     """Explicit softmax(q k^T * s + bias) v vs torch's SDPA with an additive bias (Swin windows)."""
     def explicit(q, k, v, s, b):
@@ -120,7 +146,9 @@ def main():
     p.add_argument("--selection", default="auto", choices=["auto", "ratio", "knapsack"])
     p.add_argument("--extra", default="", help="more runs, comma-separated: knapsack, ratio, minkeep0 (latency target with that selection / "
                         "min_keep 0), embed (latency target with embedding pruning: slow, priced off the grid), "
-                        "macs_embed (MACs target with embedding pruning)")
+                        "macs_embed (MACs target with embedding pruning), depth (latency and MACs targets with depth "
+                        "moves on; every other run has them off), depth_only (latency target, depth on, min_keep 1: "
+                        "only whole branches go)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds at batch 1 (default 15)")
     p.add_argument("--rounds-b16", type=int, default=3, help="interleaved rounds at batch 16 (0: skip; default 3)")
     p.add_argument("--fraction", type=float, default=0.5)
@@ -144,13 +172,22 @@ def main():
         cal = calib(arch["input_size"], 2, 8)
         p0 = table.predict(arch)
         goal = args.fraction * p0
-        runs = {"macs": (f"macs={args.fraction}", args.selection, {}),
-                "latency": (f"latency={goal:.4f}", args.selection, {})}
+        off = {"depth": False}
+        runs = {"macs": (f"macs={args.fraction}", args.selection, dict(off)),
+                "latency": (f"latency={goal:.4f}", args.selection, dict(off))}
         for extra in filter(None, args.extra.split(",")):
             if extra == "macs_embed":  # residual widths too, to a MACs target (no grid at other widths)
-                runs["macs/embed"] = (f"macs={args.fraction}", args.selection, {"prune_embed": True})
+                runs["macs/embed"] = (f"macs={args.fraction}", args.selection, {"prune_embed": True, **off})
+                continue
+            if extra == "depth":  # whole branches as moves, competing with unit moves
+                runs["macs/depth"] = (f"macs={args.fraction}", args.selection, {"depth": True})
+                runs["latency/depth"] = (f"latency={goal:.4f}", args.selection, {"depth": True})
+                continue
+            if extra == "depth_only":  # min_keep 1 holds every unit: only whole branches may go
+                runs["latency/depth_only"] = (f"latency={goal:.4f}", args.selection, {"depth": True, "min_keep": 1.0})
                 continue
             kw = {"embed": {"prune_embed": True}, "minkeep0": {"min_keep": 0.0}}.get(extra, {})
+            kw = {**kw, **off}
             sel = extra if extra in ("knapsack", "ratio") else args.selection
             runs[f"latency/{extra}"] = (f"latency={goal:.4f}", sel, kw)
         models, archs, reps = {"unpruned": model}, {"unpruned": arch}, {}
@@ -167,6 +204,11 @@ def main():
                "latency_goal_ms": goal, "runs": {}}
         cost = LatencyCost(table, arch)
         row["blocks_on_grid"] = sum(cost.uses_grid(i) for i in block_infos(arch))
+        if {"depth", "depth_only"} & set(args.extra.split(",")):
+            row["depth_pricing"] = depth_pricing(table, arch)
+            worst = max(abs(v["priced_minus_predicted_ms"]) for v in row["depth_pricing"])
+            print(f"  depth pricing: a removed branch / block priced as predict() of the arch without it, "
+                  f"worst difference {worst:.2e} ms over {len(row['depth_pricing'])} removals", flush=True)
         lat1 = measure(models, 1, args.rounds, arch["input_size"])
         lat16 = measure(models, 16, args.rounds_b16, arch["input_size"]) if args.rounds_b16 else None
         for rn in models:
@@ -184,6 +226,8 @@ def main():
                 r["latency_kept_b16"] = lat16[rn]["ms"] / lat16["unpruned"]["ms"]
             if rn in reps:
                 r["emptied"] = reps[rn]["emptied"]
+                r["removed_blocks"] = reps[rn]["removed_blocks"]
+                r["depth"] = reps[rn]["depth"]
             row["runs"][rn] = r
             print(f"  {rn:<18} MACs kept {macs_kept:.3f}  b1 {lat1[rn]['ms']:7.2f} ms (kept {r['latency_kept_b1']:.3f})"
                   f"  predicted {pred:7.2f} ms ({r['predicted_vs_measured']:+.1%})"

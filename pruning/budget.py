@@ -11,6 +11,16 @@ gone; a residual channel is priced through every block of its stage). Ranking is
 blocks and unit kinds, with no per-layer normalisation (Molchanov et al.), so a cheap unit survives
 when its importance per unit of cost is high. A per-block floor (`Floor`) keeps every kind from
 being emptied unless asked.
+
+Depth moves (`depth=True`): a block's attention branch and its FFN branch are each also one move,
+"remove the branch": all its remaining heads (or FFN channels) at once, with its LayerNorm, output
+bias and residual add. Its importance is the branch's own gate-form Taylor score (`Scores.branch`),
+its cost saved the block's cost with the branch minus without it (with LatencyCost: the branch's
+table entry, fixed work included, and the per-segment overhead when the block goes whole). Branch
+moves compete with unit moves in both selections; once a branch is gone its units are gone too (and
+`grow` may put it back only whole). With depth on, unit moves never empty a branch (a branch goes
+only as a whole), the floor does not hold a branch move back, and the last remaining branch of the
+network is never removed.
 """
 from __future__ import annotations
 
@@ -25,6 +35,9 @@ import numpy as np
 from .units import EMBED, KINDS, BlockInfo, BlockKeep, Plan, PruneError, block_infos
 
 Widths = Tuple[int, int, int, int]  # (heads, qk_dim, v_dim, ffn_hidden)
+BRANCHES = ("attn", "mlp")            # depth moves: a block's attention branch, its FFN branch
+BRANCH_UNITS = {"attn": ("head", "qk", "v"), "mlp": ("ffn",)}
+KIND_BRANCH = {"head": "attn", "qk": "attn", "v": "attn", "ffn": "mlp"}
 
 
 # ---------------------------------------------------------------- cost models
@@ -303,12 +316,23 @@ class Floor:
 # ---------------------------------------------------------------- the state a selection works on
 class BlockState:
     """Counts kept of each kind in one block, and which units those are (the most important).
-    `info` carries the block's current residual width (it changes when the embedding is pruned)."""
+    `info` carries the block's current residual width (it changes when the embedding is pruned).
+    With `depth`, `gone[branch]` marks a branch removed whole (its counts stay as they were, so that
+    `grow` can put it back as it was), and unit moves keep at least one head / FFN channel."""
 
-    def __init__(self, info: BlockInfo, scores: Mapping[str, np.ndarray], floor: Floor):
+    def __init__(self, info: BlockInfo, scores: Mapping[str, np.ndarray], floor: Floor, depth: bool = False,
+                 branch: Optional[Sequence[float]] = None):
         self.info = info
         self.s = scores
         self.mins = floor.mins(info)
+        self.depth = depth
+        if depth:  # a branch goes only as a whole (a branch move), never unit by unit
+            self.mins["head"] = max(self.mins["head"], 1) if info.heads else 0
+            self.mins["ffn"] = max(self.mins["ffn"], 1) if info.ffn_hidden else 0
+        if branch is None:  # no branch scores (a custom Importance): the sum over the branch's units
+            branch = (float(np.sum(scores["head"])), float(np.sum(scores["ffn"])))
+        self.b = {"attn": float(branch[0]), "mlp": float(branch[1])}
+        self.gone = {"attn": False, "mlp": False}
         self.head_order = np.argsort(scores["head"], kind="stable") if info.heads else np.zeros(0, int)
         self.qk_order = np.argsort(scores["qk"], axis=1, kind="stable") if info.heads else None
         self.v_order = np.argsort(scores["v"], axis=1, kind="stable") if info.heads else None
@@ -317,18 +341,27 @@ class BlockState:
         self.k = dict(self.n)  # kept counts
         self.version = 0
 
+    def _widths(self, k: Mapping[str, int], gone: Mapping[str, bool]) -> Widths:
+        f = 0 if gone["mlp"] else k["ffn"]
+        if k["head"] == 0 or gone["attn"]:
+            return (0, 0, 0, f)
+        return (k["head"], k["qk"], k["v"], f)
+
     @property
     def widths(self) -> Widths:
-        k = self.k
-        if k["head"] == 0:
-            return (0, 0, 0, k["ffn"])
-        return (k["head"], k["qk"], k["v"], k["ffn"])
+        return self._widths(self.k, self.gone)
+
+    def live(self, branch: str) -> bool:
+        """Whether the branch is there (not removed whole, not emptied unit by unit)."""
+        return not self.gone[branch] and self.k["head" if branch == "attn" else "ffn"] > 0
 
     def kept_heads(self) -> np.ndarray:
         return self.head_order[self.n["head"] - self.k["head"]:]
 
     def can_remove(self, kind: str) -> int:
         """How many more units of `kind` may go."""
+        if self.gone[KIND_BRANCH[kind]]:
+            return 0
         if kind in ("qk", "v") and self.k["head"] == 0:
             return 0
         return self.k[kind] - self.mins[kind]
@@ -348,16 +381,19 @@ class BlockState:
     def widths_after(self, kind: str, steps: int) -> Widths:
         k = dict(self.k)
         k[kind] -= steps
-        if k["head"] == 0:
-            return (0, 0, 0, k["ffn"])
-        return (k["head"], k["qk"], k["v"], k["ffn"])
+        return self._widths(k, self.gone)
+
+    def widths_without(self, branch: str) -> Widths:
+        """The widths with `branch` removed whole."""
+        return self._widths(self.k, dict(self.gone, **{branch: True}))
 
     def keep(self) -> BlockKeep:
         info = self.info
-        heads = sorted(int(h) for h in self.kept_heads()) if info.heads else []
+        heads = sorted(int(h) for h in self.kept_heads()) if info.heads and not self.gone["attn"] else []
         qk = {h: sorted(int(c) for c in self.qk_order[h, info.qk_dim - self.k["qk"]:]) for h in heads}
         v = {h: sorted(int(c) for c in self.v_order[h, info.v_dim - self.k["v"]:]) for h in heads}
-        ffn = sorted(int(c) for c in self.ffn_order[info.ffn_hidden - self.k["ffn"]:]) if info.ffn_hidden else []
+        ffn = sorted(int(c) for c in self.ffn_order[info.ffn_hidden - self.k["ffn"]:]) \
+            if info.ffn_hidden and not self.gone["mlp"] else []
         return BlockKeep(heads, qk, v, ffn)
 
 
@@ -384,12 +420,14 @@ class Network:
     """What a selection works on: the blocks' kept counts, optionally the stages' kept residual
     widths, and the cost model that prices them. `total()` is the cost of the network they describe."""
 
-    def __init__(self, arch: Mapping, scores, cost: CostModel, floor: Floor, embed: bool = False):
+    def __init__(self, arch: Mapping, scores, cost: CostModel, floor: Floor, embed: bool = False,
+                 depth: bool = False):
         from .importance import Scores
-        self.arch, self.cost, self.floor = arch, cost, floor
+        self.arch, self.cost, self.floor, self.depth = arch, cost, floor, bool(depth)
         blocks = scores.blocks if isinstance(scores, Scores) else scores
+        branch = scores.branch if isinstance(scores, Scores) else {}
         self.infos = block_infos(arch)
-        self.blocks = [BlockState(i, blocks[i.key], floor) for i in self.infos]
+        self.blocks = [BlockState(i, blocks[i.key], floor, self.depth, branch.get(i.key)) for i in self.infos]
         self.widths0 = [st["width"] for st in arch["stages"]]
         self.embeds: Dict[int, EmbedState] = {}
         if embed:
@@ -423,6 +461,18 @@ class Network:
         st = self.blocks[bi]
         return self.cost.block(st.info, st.widths) - self.cost.block(st.info, st.widths_after(kind, m))
 
+    def live_branches(self) -> int:
+        return sum(st.live(b) for st in self.blocks for b in BRANCHES)
+
+    def can_remove_branch(self, bi: int, branch: str) -> bool:
+        """A depth move is open: depth on, the branch there, and not the network's last branch."""
+        return self.depth and self.blocks[bi].live(branch) and self.live_branches() > 1
+
+    def branch_delta(self, bi: int, branch: str) -> float:
+        """Cost saved by removing the branch whole (at the block's current widths)."""
+        st = self.blocks[bi]
+        return self.cost.block(st.info, st.widths) - self.cost.block(st.info, st.widths_without(branch))
+
     def embed_delta(self, stage: int, m: int) -> float:
         """Cost saved by removing m residual channels of `stage` (every block of it gets narrower)."""
         e = self.embeds[stage]
@@ -452,7 +502,12 @@ class Network:
         tot = 0.0
         for st in self.blocks:
             probe = BlockState(st.info, st.s, Floor(0.0))
+            for br in BRANCHES:  # a branch removed whole removes its own (branch) importance
+                if st.gone[br]:
+                    tot += st.b[br]
             for kind in ("head", "qk", "v", "ffn"):
+                if st.gone[KIND_BRANCH[kind]]:
+                    continue
                 m = probe.k[kind] - st.k[kind]
                 if m > 0 and (kind not in ("qk", "v") or probe.k["head"] > 0):
                     tot += float(probe.step_importance(kind, m).sum())
@@ -462,14 +517,14 @@ class Network:
         return tot
 
     def counts(self):
-        return [dict(st.k) for st in self.blocks], {i: e.k for i, e in self.embeds.items()}
+        return [(dict(st.k), dict(st.gone)) for st in self.blocks], {i: e.k for i, e in self.embeds.items()}
 
     def set_counts(self, counts) -> None:
         blocks, embeds = counts
         for i, k in embeds.items():
             self.set_embed(i, k)
-        for st, k in zip(self.blocks, blocks):
-            st.k = dict(k)
+        for st, (k, gone) in zip(self.blocks, blocks):
+            st.k, st.gone = dict(k), dict(gone)
             st.version += 1
 
 
@@ -524,6 +579,11 @@ def select_ratio(net: Network, budget: float) -> Selection:
             mv = _best(st.step_importance(kind, L), [net.block_delta(bi, kind, m) for m in range(1, L + 1)])
             if mv is not None:
                 heapq.heappush(heap, (mv[0], 0, bi, kind, st.version, mv[1], mv[2], mv[3]))
+        for br in BRANCHES:  # depth moves: the whole branch, its importance per unit of its whole cost
+            if net.can_remove_branch(bi, br):
+                dc = net.branch_delta(bi, br)
+                if dc > 0:
+                    heapq.heappush(heap, (st.b[br] / dc, 0, bi, br, st.version, 1, st.b[br], dc))
 
     def push_embed(i: int):
         e = net.embeds[i]
@@ -554,7 +614,12 @@ def select_ratio(net: Network, budget: float) -> Selection:
             st = net.blocks[idx]
             if ver != st.version:
                 continue
-            st.k[kind] -= steps
+            if kind in BRANCHES:
+                if not net.can_remove_branch(idx, kind):  # meanwhile the network's last branch
+                    continue
+                st.gone[kind] = True
+            else:
+                st.k[kind] -= steps
             st.version += 1
             push_block(idx)
             i = st.info.stage
@@ -574,8 +639,18 @@ def grow(net: Network, budget: float) -> float:
     while True:
         best = None
         for bi, st in enumerate(net.blocks):
+            for br in BRANCHES:  # a branch removed whole comes back whole, as it was
+                if st.gone[br]:
+                    st.gone[br] = False
+                    dc = net.branch_delta(bi, br)
+                    st.gone[br] = True
+                    if total + dc <= budget:
+                        r = st.b[br] / dc if dc > 0 else float("inf")
+                        if best is None or r > best[0]:
+                            best = (r, bi, br, dc)
             for kind in KINDS:
-                if st.k[kind] >= st.n[kind] or (kind in ("qk", "v") and st.k["head"] == 0):
+                if st.k[kind] >= st.n[kind] or (kind in ("qk", "v") and st.k["head"] == 0) \
+                        or st.gone[KIND_BRANCH[kind]]:
                     continue
                 st.k[kind] += 1
                 gain = float(st.step_importance(kind, 1)[0])
@@ -600,6 +675,9 @@ def grow(net: Network, budget: float) -> float:
         _, bi, kind, dc = best
         if kind == EMBED:
             net.set_embed(-1 - bi, net.embeds[-1 - bi].k + 1)
+        elif kind in BRANCHES:
+            net.blocks[bi].gone[kind] = False
+            net.blocks[bi].version += 1
         else:
             net.blocks[bi].k[kind] += 1
         total += dc
@@ -618,22 +696,36 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
     importance removed subject to the summed cost. Costs are linearised around the current widths
     (one group's cost with the others held) and re-linearised around the solution `rounds` times;
     a final greedy pass repairs any excess the linearisation left, and adds back the most important
-    units the slack can pay for (costs are rounded to `bins` steps of the budget)."""
+    units the slack can pay for (costs are rounded to `bins` steps of the budget).
+
+    With depth moves, the unit groups of a branch (heads, Q/K, V; or FFN) and "remove the branch"
+    are one group: its options are every combination of unit removals (their min-importance profile
+    over the rounded cost) or the branch removal, so a solution never counts a unit's saving inside
+    a branch it also removes."""
     if net.total() <= budget:
         return Selection(net.plan(), net.total(), 0.0, "knapsack")
     start = net.counts()
     candidates = []
     for _ in range(rounds):
-        groups = []  # (kind, index, option counts, importance removed, cost saved)
+        raw = []  # per group: list of (kind, index, option counts, importance removed, cost saved) + branch option
         for bi, st in enumerate(net.blocks):
-            for kind in KINDS:
-                avail = st.can_remove(kind)
-                if avail <= 0:
-                    continue
-                ms = _options(avail, net.cost.linear, max_options)
-                cum = np.concatenate([[0.0], np.cumsum(st.step_importance(kind, avail))])
-                saved = np.array([net.block_delta(bi, kind, int(m)) if m else 0.0 for m in ms])
-                groups.append((kind, bi, ms, cum[ms], saved))
+            for br in BRANCHES:
+                subs = []
+                for kind in BRANCH_UNITS[br]:
+                    avail = st.can_remove(kind)
+                    if avail <= 0:
+                        continue
+                    ms = _options(avail, net.cost.linear, max_options)
+                    cum = np.concatenate([[0.0], np.cumsum(st.step_importance(kind, avail))])
+                    saved = np.array([net.block_delta(bi, kind, int(m)) if m else 0.0 for m in ms])
+                    subs.append((kind, bi, ms, cum[ms], saved))
+                branch = None
+                if net.can_remove_branch(bi, br):
+                    branch = (bi, br, st.b[br], net.branch_delta(bi, br))
+                if branch is None:  # no depth move here: each kind its own group, as without depth
+                    raw.extend(([g], None) for g in subs)
+                else:
+                    raw.append((subs, branch))
         for i, e in net.embeds.items():
             avail = e.can_remove()
             if avail <= 0:
@@ -641,23 +733,22 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
             ms = _options(avail, False, max_options)  # each option prices every block of the stage
             cum = np.concatenate([[0.0], np.cumsum(e.step_importance(avail))])
             saved = np.array([net.embed_delta(i, int(m)) if m else 0.0 for m in ms])
-            groups.append((EMBED, i, ms, cum[ms], saved))
+            raw.append(([(EMBED, i, ms, cum[ms], saved)], None))
         now = net.total()
         # linearised: cost = now - sum of savings; keep it <= budget, i.e. sum of (max saving - saving) <= cap
-        top = [float(np.max(g[4])) for g in groups]
-        cap = budget - now + sum(top)
-        if cap < 0 or not groups:
+        tops = [max(sum(float(np.max(g[4])) for g in subs), branch[3] if branch else -math.inf)
+                for subs, branch in raw]
+        cap = budget - now + sum(tops)
+        if cap < 0 or not raw:
             break
         unit = max(cap / bins, 1e-12)
+        groups = [_group(subs, branch, top, unit, bins) for (subs, branch), top in zip(raw, tops)]
         dp = np.zeros(bins + 1)
         choice = np.zeros((len(groups), bins + 1), dtype=np.int32)
-        weights = []
-        for gi, (kind, idx, ms, imps, saved) in enumerate(groups):
-            w = np.round(np.maximum(top[gi] - saved, 0) / unit).astype(np.int64)
-            weights.append(w)
+        for gi, (picks_of, imps, w) in enumerate(groups):
             new = np.full(bins + 1, np.inf)
             arg = np.zeros(bins + 1, dtype=np.int32)
-            for o in range(len(ms)):
+            for o in range(len(imps)):
                 wo = int(w[o])
                 if wo > bins:
                     continue
@@ -668,19 +759,25 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
             dp, choice[gi] = new, arg
         if not np.isfinite(dp[bins]):
             break
-        c, picks = bins, [0] * len(groups)
+        c, picks = bins, []
         for gi in range(len(groups) - 1, -1, -1):
             o = int(choice[gi, c])
-            picks[gi] = int(groups[gi][2][o])
-            c -= int(weights[gi][o])
+            picks.extend(groups[gi][0][o])
+            c -= int(groups[gi][2][o])
         blocks, embeds = net.counts()
-        for (kind, idx, _, _, _), m in zip(groups, picks):
+        for kind, idx, m in picks:
             if kind == EMBED:
                 embeds[idx] -= m
+            elif kind in BRANCHES:
+                blocks[idx][1][kind] = True
             else:
-                blocks[idx][kind] -= m
+                blocks[idx][0][kind] -= m
         net.set_counts(start)
         net.set_counts((blocks, embeds))
+        if net.depth and net.live_branches() == 0:  # never the whole network: keep its most important branch
+            bi, br = max(((bi, br) for bi, st in enumerate(net.blocks) for br in BRANCHES if st.gone[br]),
+                         key=lambda t: net.blocks[t[0]].b[t[1]])
+            net.blocks[bi].gone[br] = False
         candidates.append((net.total(), net.removed_importance(), net.counts()))
     if not candidates:  # nothing fitted the linearised budget: greedy from the full network
         net.set_counts(start)
@@ -694,6 +791,59 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
         select_ratio(net, budget)
     total = grow(net, budget)
     return Selection(net.plan(), total, net.removed_importance(), "knapsack")
+
+
+def _group(subs, branch, top: float, unit: float, bins: int):
+    """One multiple-choice group: (picks of each option, importance removed, rounded weight), weight =
+    (top - cost saved) / unit. `subs`: unit groups (kind, index, counts, importance, saved) whose
+    options combine freely (saved and importance add); `branch`: (block, branch, importance, saved)
+    or None, an option exclusive with every unit removal of the group."""
+    if branch is None and len(subs) == 1:  # a plain group (as without depth moves)
+        kind, idx, ms, imps, saved = subs[0]
+        w = np.round(np.maximum(top - saved, 0) / unit).astype(np.int64)
+        return [[(kind, idx, int(m))] if m else [] for m in ms], np.asarray(imps, float), w
+    # min-importance profile of the unit combinations over the rounded weight (exact weights)
+    shift = top - sum(float(np.max(g[4])) for g in subs)
+    prof = np.full(bins + 1, np.inf)
+    base = int(round(max(shift, 0) / unit))
+    if base <= bins:
+        prof[base] = 0.0
+    back = []
+    for kind, idx, ms, imps, saved in subs:
+        gtop = float(np.max(saved))
+        w = np.round(np.maximum(gtop - saved, 0) / unit).astype(np.int64)
+        new = np.full(bins + 1, np.inf)
+        arg = np.full(bins + 1, -1, dtype=np.int64)
+        for o in range(len(ms)):
+            wo = int(w[o])
+            if wo > bins:
+                continue
+            cand = prof[:bins + 1 - wo] + imps[o]
+            better = cand < new[wo:]
+            new[wo:][better] = cand[better]
+            arg[wo:][better] = o
+        back.append((kind, idx, ms, w, arg))
+        prof = new
+    opts, imps_out, w_out = [], [], []
+    best = np.inf
+    for wt in range(bins + 1):  # Pareto front: more weight (less saved) only with less importance
+        if prof[wt] < best:
+            best = prof[wt]
+            picks, c = [], wt
+            for kind, idx, ms, w, arg in reversed(back):
+                o = int(arg[c])
+                if ms[o]:
+                    picks.append((kind, idx, int(ms[o])))
+                c -= int(w[o])
+            opts.append(picks)
+            imps_out.append(float(prof[wt]))
+            w_out.append(wt)
+    if branch is not None:
+        bi, br, imp, saved = branch
+        opts.append([(br, bi, 1)])
+        imps_out.append(float(imp))
+        w_out.append(int(round(max(top - saved, 0) / unit)))
+    return opts, np.array(imps_out), np.array(w_out, dtype=np.int64)
 
 
 def floor_cost(infos: Sequence[BlockInfo], cost: CostModel, base: float, floor: Floor) -> float:
@@ -716,3 +866,23 @@ def floor_cost_embed(arch: Mapping, cost: CostModel, floor: Floor) -> float:
         w = (m["head"], m["qk"], m["v"], m["ffn"]) if m["head"] else (0, 0, 0, m["ffn"])
         tot += cost.block(replace(i, dim=dims[i.stage]), w)
     return tot
+
+
+def floor_cost_depth(arch: Mapping, cost: CostModel, floor: Floor, embed: bool = False) -> float:
+    """The cheapest network depth moves allow: every branch removed but one, that one at its floor
+    widths (and, with `embed`, every residual width at its floor)."""
+    infos = block_infos(arch)
+    if embed:
+        dims = tuple(max(1, math.ceil(floor.fraction * st["width"] - 1e-9)) for st in arch["stages"])
+        base = cost.base_at(arch, dims)
+        infos = [replace(i, dim=dims[i.stage]) for i in infos]
+    else:
+        base = cost.base(arch, infos)
+    best = math.inf
+    for i in infos:
+        m = floor.mins(i)
+        if i.heads:
+            best = min(best, cost.block(i, (max(1, m["head"]), m["qk"], m["v"], 0)))
+        if i.ffn_hidden:
+            best = min(best, cost.block(i, (0, 0, 0, max(1, m["ffn"]))))
+    return base + (best if math.isfinite(best) else 0.0)

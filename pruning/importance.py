@@ -16,6 +16,16 @@ cross-entropy over the batch), with a summed over the batch, tokens (and windows
 and the unit's importance is G^2, averaged over batches. Across the steps of iterative pruning the
 scores of surviving units are smoothed, I <- momentum * I_prev + (1 - momentum) * I_now.
 
+Branches (depth pruning, `Scores.branch`): the same gate form on a whole residual branch, a gate on
+what the branch adds to the residual stream (its LayerNorm, its units and its output bias with it):
+
+    attention branch: G = sum over the branch output (attn.proj's output) of a * dL/da
+    FFN branch:       G = sum over the branch output (mlp.fc2's output) of a * dL/da
+
+importance G^2, averaged over batches: the first-order change of the loss when the branch's residual
+contribution is zeroed. (Swin: the attention output holds the zero-padded window tokens too; the
+crop after the windows gives them zero gradient, so they add nothing.)
+
 With `embed=True`, a stage's residual channel c is scored with a gate on every write into it (the
 stage's input and each block's proj and fc2 outputs): G = sum over those writes of a_c * dL/da_c.
 
@@ -34,6 +44,7 @@ import torch.nn.functional as F
 from .units import BlockInfo, Plan, block_infos, block_module
 
 BlockScores = Dict[str, np.ndarray]  # head (H,), qk (H, qk_dim), v (H, v_dim), ffn (F,)
+BRANCHES = ("attn", "mlp")  # branch scores: np.array([attention branch, FFN branch]); 0 where absent
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Scores:
     criterion: str = ""
     batches: int = 0
     embed: Dict[int, np.ndarray] = field(default_factory=dict)  # stage -> (width,), when asked for
+    branch: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)  # (stage, block) -> [attn, mlp]
 
     def __getitem__(self, key):
         return self.blocks[key]
@@ -60,7 +72,12 @@ class Scores:
                 "ffn": s["ffn"][k.ffn] if k.ffn else np.zeros(0),
             }
         embed = {i: e[plan.embed_keep(i, len(e))] for i, e in self.embed.items()}
-        return Scores(out, self.criterion, self.batches, embed)
+        branch = {}
+        for info in infos:  # a branch the plan removes has no score in the pruned network
+            if info.key in self.branch:
+                w = plan.get(info).widths
+                branch[info.key] = self.branch[info.key] * np.array([w["heads"] > 0, w["ffn_hidden"] > 0])
+        return Scores(out, self.criterion, self.batches, embed, branch)
 
     def blend(self, prev: Optional["Scores"], momentum: float) -> "Scores":
         """momentum * prev + (1 - momentum) * self, unit by unit (prev already restricted)."""
@@ -75,7 +92,9 @@ class Scores:
             out[key] = {k: momentum * p[k] + (1 - momentum) * s[k] for k in s}
         embed = {i: (momentum * prev.embed[i] + (1 - momentum) * e
                      if i in prev.embed and prev.embed[i].shape == e.shape else e) for i, e in self.embed.items()}
-        return Scores(out, self.criterion, self.batches, embed)
+        branch = {k: (momentum * prev.branch[k] + (1 - momentum) * b if k in prev.branch else b)
+                  for k, b in self.branch.items()}
+        return Scores(out, self.criterion, self.batches, embed, branch)
 
     def kind_totals(self) -> Dict[str, float]:
         tot = {"head": 0.0, "qk": 0.0, "v": 0.0, "ffn": 0.0}
@@ -136,12 +155,15 @@ class TaylorImportance(Importance):
                 captured[key] = args[0]
             return hook
 
+        branch = {i.key: np.zeros(2) for i in infos}
         for info in infos:
             blk = block_module(model, info)
             if info.heads:
                 handles.append(blk.attn.qkv.register_forward_hook(keep_output((info.key, "qkv"))))
+                handles.append(blk.attn.proj.register_forward_hook(keep_output((info.key, "branch_attn"))))
             if info.ffn_hidden:
                 handles.append(blk.mlp.fc2.register_forward_pre_hook(keep_input((info.key, "ffn"))))
+                handles.append(blk.mlp.fc2.register_forward_hook(keep_output((info.key, "branch_mlp"))))
             if embed:
                 # a gate on residual channel c of the stage scales every write into it: the stage's
                 # input (what its first block reads) and each block's proj and fc2 outputs
@@ -167,6 +189,10 @@ class TaylorImportance(Importance):
                 for (key, what), g in zip(keys, grads):
                     a = captured[(key, what)]
                     if g is None:
+                        continue
+                    if what.startswith("branch"):  # one gate on the whole branch output
+                        Gb = float((a.detach().double() * g.double()).sum())
+                        branch[key][0 if what == "branch_attn" else 1] += Gb ** 2
                         continue
                     G = (a.detach() * g).reshape(-1, a.shape[-1]).sum(0).double().cpu().numpy()
                     s, info = acc[key], infos_by_key[key]
@@ -201,19 +227,22 @@ class TaylorImportance(Importance):
                 s[k] /= n
         for i in emb:
             emb[i] /= n
-        return Scores(acc, self.name, n, emb)
+        for b in branch.values():
+            b /= n
+        return Scores(acc, self.name, n, emb, branch)
 
 
 class MagnitudeImportance(Importance):
     """Squared L2 norm of the weights (and biases) each unit owns: a Q/K pair its q and k rows, a V
     channel its v row and proj column, a head all of those of its channels, an FFN channel its fc1
-    row and fc2 column. Data-free: the batches are not used."""
+    row and fc2 column; a branch (depth pruning) the sum over its units. Data-free: the batches are
+    not used."""
     name = "magnitude"
     needs_data = False
 
     @torch.no_grad()
     def score(self, model, arch, batches=(), progress=None, embed: bool = False) -> Scores:
-        out = {}
+        out, branch = {}, {}
         emb = {i: np.zeros(st["width"]) for i, st in enumerate(arch["stages"])} if embed else {}
         for info in block_infos(arch):
             blk = block_module(model, info)
@@ -238,9 +267,10 @@ class MagnitudeImportance(Importance):
                     if lin is not None:
                         emb[info.stage] += lin.weight.double().pow(2).sum(dim).cpu().numpy()
             out[info.key] = s
+            branch[info.key] = np.array([float(s["head"].sum()), float(s["ffn"].sum())])
             if progress is not None:
                 progress.update(0)
-        return Scores(out, self.name, 0, emb)
+        return Scores(out, self.name, 0, emb, branch)
 
 
 CRITERIA = {"taylor": TaylorImportance, "magnitude": MagnitudeImportance}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from supernet.count import count
 
 from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Selection, Target,
-                     floor_cost, floor_cost_embed, parse_target, select_knapsack, select_ratio)
+                     floor_cost, floor_cost_depth, floor_cost_embed, parse_target, select_knapsack, select_ratio)
 from .importance import Importance, Scores, default_loss, get_importance
 from .surgery import apply_plan
 from .units import PruneError, block_infos, check_family
@@ -230,6 +230,7 @@ class PruneConfig:
     weight_decay: float = 0.05
     min_keep: float = 0.1
     prune_embed: bool = False           # also prune each stage's residual (embedding) width
+    depth: Optional[bool] = None        # branch (depth) moves: None = auto, on for latency targets only
     momentum: float = 0.9               # smoothing of scores across iterative steps
     calib_batches: int = 8
     eval_batches: int = 4
@@ -248,7 +249,18 @@ class PruneConfig:
         if not 0 <= self.momentum < 1:
             raise PruneError(f"momentum: got {self.momentum!r}, expected a number in [0, 1)")
         Floor(self.min_keep)
+        if self.depth is not None and not isinstance(self.depth, bool):
+            raise PruneError(f"--depth: got {self.depth!r}, expected true, false or None (auto: on for latency "
+                             "targets, off for params / MACs targets)")
         return self
+
+    @property
+    def use_depth(self) -> bool:
+        """Whether branch (depth) moves are on: `depth`, or when it is None (auto), for latency targets."""
+        if self.depth is not None:
+            return self.depth
+        t = self.target if isinstance(self.target, Target) else parse_target(self.target)
+        return t.kind == "latency"
 
 
 @dataclass
@@ -272,7 +284,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     from tqdm import tqdm
     cfg = config.check()
     arch = dict(arch)
-    check_family(arch)
+    check_family(arch, depth=bool(cfg.depth))
     target: Target = cfg.target
     torch.manual_seed(cfg.seed)
     imp = importance or get_importance(cfg.criterion)
@@ -294,9 +306,21 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     goal = target.value * c0 if target.is_fraction else target.value
     infos0 = block_infos(arch)
     floor = Floor(cfg.min_keep).of(infos0)
-    lowest = floor_cost_embed(arch, cost0, floor) if cfg.prune_embed else \
-        floor_cost(infos0, cost0, cost0.base(arch, infos0), floor)
+    depth = cfg.use_depth
+    if depth:
+        lowest = floor_cost_depth(arch, cost0, floor, embed=cfg.prune_embed)
+    else:
+        lowest = floor_cost_embed(arch, cost0, floor) if cfg.prune_embed else \
+            floor_cost(infos0, cost0, cost0.base(arch, infos0), floor)
     if goal < lowest - 1e-9 * max(abs(lowest), 1):
+        if depth:
+            why = (f"with --depth: every branch removed but one, at --min-keep {cfg.min_keep:g}; at least one block "
+                   "must stay, or the network is its patch embedding and classifier alone")
+            if target.is_fraction:
+                raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}="
+                                 f"{lowest / c0:.3f} {why}); raise the target")
+            raise PruneError(f"--target {target}: below what the table can reach for this model (floor {lowest:.3f} ms "
+                             f"{why}; unpruned {c0:.3f} ms)")
         if target.is_fraction:
             raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}="
                              f"{lowest / c0:.3f} with --min-keep {cfg.min_keep:g}); raise the target or lower --min-keep")
@@ -331,7 +355,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         cands = {}
         for m in methods:
             fn = select_ratio if m == "ratio" else select_knapsack
-            net = Network(cur_arch, scores, cost, floor, embed=cfg.prune_embed)
+            net = Network(cur_arch, scores, cost, floor, embed=cfg.prune_embed, depth=depth)
             sel: Selection = fn(net, budget)
             pm, pa = apply_plan(cur, cur_arch, sel.plan)
             ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
@@ -365,7 +389,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         "params_kept": after["params"] / before["params"], "macs_kept": after["macs"] / before["macs"],
         "criterion": imp.name, "selection": cfg.selection, "iterative_steps": K,
         "finetune_steps": cfg.finetune_steps, "kd": bool(cfg.kd), "min_keep": cfg.min_keep,
-        "prune_embed": bool(cfg.prune_embed),
+        "prune_embed": bool(cfg.prune_embed), "depth": depth,
         "stages": [{"stage": i, "width": st1["width"], "width_before": st0["width"]}
                    for i, (st0, st1) in enumerate(zip(arch["stages"], cur_arch["stages"]))],
         "momentum": cfg.momentum, "calib_batches": len(calibration),
@@ -383,6 +407,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     if heldout:
         rep["heldout_before"] = evaluate(reference, heldout, reference)
         rep["heldout_after"] = evaluate(cur, heldout, reference)
+    rep["removed_blocks"] = [f"stages[{b['stage']}].blocks[{b['block']}]" for b in rep["blocks"]
+                             if b["heads"] == 0 and b["ffn_hidden"] == 0
+                             and (b["heads_before"] > 0 or b["ffn_hidden_before"] > 0)]
     rep["emptied"] = [f"stages[{b['stage']}].blocks[{b['block']}].{what}" for b in rep["blocks"]
                       for what, k in (("attention", "heads"), ("mlp", "ffn_hidden")) if b[k] == 0 and b[k + "_before"] > 0]
     return PruneResult(cur, cur_arch, rep)

@@ -48,8 +48,11 @@ class PruneError(VitslimError, ValueError):
     """Bad input to the pruner: an unsupported model, target, table or calibration data."""
 
 
-def check_family(arch: Mapping) -> str:
+def check_family(arch: Mapping, depth: bool = False) -> str:
     fam = arch.get("family")
+    if depth and fam not in SUPPORTED_FAMILIES:
+        raise PruneError(f"--depth: got a {fam!r} model, expected one of {', '.join(SUPPORTED_FAMILIES)} (the families "
+                         "whose blocks can drop a residual branch: heads 0 / ffn_hidden 0)")
     if fam not in SUPPORTED_FAMILIES:
         raise PruneError(f"family: got {fam!r}, expected one of {', '.join(SUPPORTED_FAMILIES)} "
                          "(the families whose attention the pruner can reshape)")

@@ -1,5 +1,6 @@
 """`vitslim prune`: Taylor structured pruning of a DeiT or Swin checkpoint to a params, MACs or
 latency target; writes a run directory (arch.yaml, model.pt, report.json, reallocation.png)."""
+import argparse
 import json
 import os
 
@@ -29,6 +30,10 @@ def _args(p):
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="per-block floor: keep at least this fraction of each unit kind (default 0.1; 0 lets a "
                         "block lose its attention or MLP entirely)")
+    p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=None,
+                   help="depth moves: a block's attention or FFN branch may go whole (its LayerNorm, residual add "
+                        "and fixed work with it), competing with unit moves; default: on for latency targets, off "
+                        "for params / MACs targets")
     p.add_argument("--momentum", type=float, default=0.9, help="score smoothing across iterative steps (default 0.9)")
     p.add_argument("--prune-embed", action="store_true",
                    help="also prune each stage's embedding (residual) width; unlike the other units this is not "
@@ -57,10 +62,11 @@ def _run(args):
         from latency_tables.table import LatencyTable
         table = LatencyTable.load(args.table)
     model, arch = load_checkpoint(args.checkpoint)
-    check_family(arch)
+    check_family(arch, depth=bool(args.depth))
     cfg = PruneConfig(target=target, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
-                      lr=args.lr, min_keep=args.min_keep, prune_embed=args.prune_embed, momentum=args.momentum, calib_batches=args.calib_batches,
+                      lr=args.lr, min_keep=args.min_keep, prune_embed=args.prune_embed, depth=args.depth,
+                      momentum=args.momentum, calib_batches=args.calib_batches,
                       seed=args.seed).check()
     data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed)
     res = prune(model, arch, cfg, data=data, table=table if target.kind == "latency" or table else None,
@@ -93,6 +99,8 @@ def _run(args):
               f"{b['v_dim']:>4}/{b['v_dim_before']:<4} {b['ffn_hidden']:>5}/{b['ffn_hidden_before']:<5}")
     if rep["emptied"]:
         print("removed entirely: " + ", ".join(rep["emptied"]))
+    if rep.get("removed_blocks"):
+        print(f"blocks removed (both branches, depth {'on' if rep['depth'] else 'off'}): " + ", ".join(rep["removed_blocks"]))
     print(f"wrote {args.out}/ (arch.yaml, model.pt, report.json" + (", reallocation.png)" if paths["plot"] else
                                                                       "; no plot: matplotlib is not installed)"))
     return 0

@@ -43,7 +43,7 @@ def test_prune_to_a_latency_target_and_below_the_floor(quick_tables):
                 calibration=batches(arch, 1), table=t)
     assert res.report["latency_after_ms"] <= goal + 1e-9
     with pytest.raises(PruneError, match=f"below what the table can reach for this model \\(floor {lowest:.3f} ms"):
-        prune(model, arch, PruneConfig(target=f"latency={0.9 * lowest}", calib_batches=1),
+        prune(model, arch, PruneConfig(target=f"latency={0.9 * lowest}", calib_batches=1, depth=False),
               calibration=batches(arch, 1), table=t)
 
 
@@ -131,7 +131,8 @@ def test_prune_to_a_latency_target_on_a_measured_grid(make, tmp_path):
     assert all(cost.uses_grid(i) for i in infos)
     lowest = floor_cost(infos, cost, cost.base(arch, infos), Floor(0.1).of(infos))
     goal = lowest + 0.4 * (full - lowest)
-    res = prune(model, arch, PruneConfig(target=f"latency={goal}", calib_batches=1, eval_batches=0, selection="ratio"),
+    res = prune(model, arch, PruneConfig(target=f"latency={goal}", calib_batches=1, eval_batches=0, selection="ratio",
+                                         depth=False),  # narrowed widths, not whole branches: priced from the grid
                 calibration=batches(arch, 1), table=t)
     assert res.report["latency_after_ms"] <= goal + 1e-9
     assert res.report["latency_grid_blocks"] == res.report["blocks_total"] == len(infos)
