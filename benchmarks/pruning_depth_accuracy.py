@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import vitslim  # noqa: E402
+from supernet.arch import atomic_write_text  # noqa: E402
 from pruning.pruner import PruneConfig, finetune, prune  # noqa: E402
 from pruning_latency_target import measure  # noqa: E402
 from pruning_vs_torch_pruning import DEIT, SWIN, accuracy, batch_stream, render  # noqa: E402
@@ -107,10 +108,7 @@ def main():
                       f"{r['macs_kept']:.3f})", flush=True)
         out[fam] = row
     out["seconds"] = time.perf_counter() - t_start
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out} ({out['seconds'] / 60:.1f} min)")
 
 

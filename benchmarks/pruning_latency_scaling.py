@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vitslim  # noqa: E402
+from supernet.arch import atomic_write_text  # noqa: E402
 from pruning.pruner import PruneConfig, prune  # noqa: E402
 from pruning_vs_torch_pruning import latency, macs_params, tp_to_macs, with_explicit_attention  # noqa: E402
 from supernet.data import SyntheticShapes  # noqa: E402
@@ -71,10 +72,7 @@ def main():
                   flush=True)
         out[name] = row
     out["seconds"] = time.perf_counter() - t_start
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"total {out['seconds'] / 60:.1f} min")
 
 

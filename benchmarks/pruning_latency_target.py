@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import vitslim  # noqa: E402
+from supernet.arch import atomic_write_text  # noqa: E402
 from latency_tables import LatencyTable  # noqa: E402
 from pruning.budget import LatencyCost  # noqa: E402
 from pruning.pruner import PruneConfig, prune  # noqa: E402
@@ -242,10 +243,7 @@ def main():
     print("attention with an additive bias, 1 thread, thread clock:")
     out["attention_with_bias"] = attention_check()
     out["seconds"] = time.perf_counter() - t_start
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out} ({out['seconds'] / 60:.1f} min)")
 
 

@@ -105,7 +105,14 @@ class LatencySlimming(SearchStrategy):
 
     CRITERIA = ("acc", "loss")
 
-    def __init__(self, max_steps: int = 10_000, run_args: Optional[Mapping] = None, criterion: str = "acc"):
+    ACTION_SETS = ("paper", "every")
+
+    def __init__(self, max_steps: int = 10_000, run_args: Optional[Mapping] = None, criterion: str = "acc",
+                 actions: str = "paper"):
+        if actions not in self.ACTION_SETS:
+            raise SearchError(f"--actions: got {actions!r}, expected paper (the least important position and "
+                              "stage) or every (every position and stage: more evaluations per step)")
+        self.actions = actions
         if criterion not in self.CRITERIA:
             raise SearchError(f"--criterion: got {criterion!r}, expected acc (the paper's accuracy drop) or loss "
                               "(held-out loss increase: less noisy on a small held-out split)")
@@ -117,19 +124,23 @@ class LatencySlimming(SearchStrategy):
         a = {"strategy": self.name, **self.run_args}
         if self.criterion != "acc":  # logs of runs before the option existed stay resumable
             a["criterion"] = self.criterion
+        if self.actions != "paper":
+            a["actions"] = self.actions
         return a
 
     # ------------------------------------------------------------ the three actions
     @staticmethod
-    def candidates(ctx: SearchContext, choice: Mapping, imp: Mapping) -> List[Tuple[str, str, dict]]:
+    def candidates(ctx: SearchContext, choice: Mapping, imp: Mapping, every: bool = False) -> List[Tuple[str, str, dict]]:
+        """The paper's three candidate actions; with `every`, (a) and (c) for every position and every
+        stage instead of only the least important one (more evaluations per step, decided by the
+        held-out accuracy instead of the architecture weights' importance)."""
         space = ctx.space
         out = []
         mp = imp["metapath"]
         # a) least important MetaPath -> Identity
         pos = [(mp[i][j], i, j) for i, st in enumerate(space.stages) if "identity" in st.candidates
                for j in range(st.max_depth) if choice["blocks"][i][j] != "identity" and mp[i][j] is not None]
-        if pos:
-            _, i, j = min(pos)
+        for _, i, j in (sorted(pos) if every else sorted(pos)[:1]):
             c = copy.deepcopy(choice)
             c["blocks"][i][j] = "identity"
             out.append(("to_identity", f"stage{i}.block{j}", c))
@@ -151,12 +162,16 @@ class LatencySlimming(SearchStrategy):
             scores = [mp[i][j] for j in range(st.max_depth) if choice["blocks"][i][j] != "identity"]
             s = math.inf if any(v is None for v in scores) else float(sum(scores))
             st_rank.append((s, i))
-        if st_rank:
-            _, i = min(st_rank)
+        for _, i in (sorted(st_rank) if every else sorted(st_rank)[:1]):
             c = copy.deepcopy(choice)
             c["widths"][i] -= space.width_step
             out.append(("shrink", f"stage{i}", c))
-        return [(a, w, space.check_choice(c)) for a, w, c in out]
+        seen, uniq = set(), []
+        for a, w, c in out:  # (b) may coincide with an (a) where meta4d is not a candidate
+            if (a, w) not in seen:
+                seen.add((a, w))
+                uniq.append((a, w, space.check_choice(c)))
+        return uniq
 
     def _final(self, ctx: SearchContext, end: Mapping, steps: List[Mapping], bound: float) -> dict:
         """The done record: the most accurate network evaluated on the way that meets `bound` (the
@@ -242,7 +257,7 @@ class LatencySlimming(SearchStrategy):
                 if len(steps) >= self.max_steps:
                     raise SearchError(f"slimming: {self.max_steps} steps without meeting {bound:g} ms "
                                       f"(at {ms:.4g} ms); raise max_steps")
-                cands = self.candidates(ctx, cur, imp)
+                cands = self.candidates(ctx, cur, imp, every=self.actions == "every")
                 lat = ctx.latencies([c for _, _, c in cands]) if cands else []
                 rows = []
                 for k, ((action, where, c), cms) in enumerate(zip(cands, lat)):

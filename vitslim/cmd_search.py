@@ -39,6 +39,10 @@ def _search_args(p):
     p.add_argument("--criterion", choices=["acc", "loss"], default="acc",
                    help="slim: what a step minimises per ms saved: acc (the paper's held-out top-1 drop, default) or "
                         "loss (the held-out loss increase: less noisy on a small split)")
+    p.add_argument("--actions", choices=["paper", "every"], default="paper",
+                   help="slim: candidate actions per step: paper (the least important position -> identity, the "
+                        "first Meta3D -> Meta4D, the least important stage -16 channels; default) or every (every "
+                        "position and every stage: more evaluations per step)")
     p.add_argument("--band", type=float, default=0.0,
                    help="random: sample only networks predicted within this fraction under the target "
                         "(0.1: a latency-matched baseline; default 0: anything under it)")
@@ -87,7 +91,8 @@ def _search(args):
                      storage=args.storage, budget=args.budget, overwrite=args.overwrite,
                      progress=not args.no_progress, interpolate=args.interpolate, device=args.device,
                      verify=args.verify, tolerance=args.tolerance, verify_seconds=args.verify_seconds,
-                     verify_rounds=args.verify_rounds, band=args.band, criterion=args.criterion)
+                     verify_rounds=args.verify_rounds, band=args.band, criterion=args.criterion,
+                     actions=args.actions)
     if args.json:
         print(json.dumps(rep))
     else:
@@ -99,7 +104,7 @@ def _search(args):
 PIPELINE_KEYS = ("version", "supernet", "table", "search", "export")
 SEARCH_KEYS = ("strategy", "seed", "eval_images", "bn_batches", "eval_batch_size", "finetune", "finetune_lr", "trials",
                "sampler", "storage", "budget", "interpolate", "device", "verify", "tolerance", "verify_seconds",
-               "verify_rounds", "band", "criterion")
+               "verify_rounds", "band", "criterion", "actions")
 
 
 def _bad(key, value, expected):

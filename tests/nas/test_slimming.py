@@ -177,3 +177,27 @@ def test_loss_criterion_steps_by_loss_increase_per_ms_and_returns_the_lowest_los
     with pytest.raises(SearchError, match="--criterion: got 'top5'"):
         run_search(supernet_run, table_path, target, str(tmp_path / "bad"), eval_images=16, progress=False,
                    criterion="top5")
+
+
+def test_every_action_set_considers_every_position_and_stage(supernet_run, table_path, tmp_path):
+    target = 0.5 * start_ms(supernet_run, table_path)
+    out = str(tmp_path / "every")
+    rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, actions="every")
+    log = read_log(out)
+    assert log[0]["args"]["actions"] == "every"
+    cur = next(r for r in log if r["type"] == "start")["choice"]
+    space = load_supernet_run(supernet_run)[0].space
+    for s in (r for r in log if r["type"] == "step"):
+        idents = {c["where"] for c in s["candidates"] if c["action"] == "to_identity"}
+        shrinks = {c["where"] for c in s["candidates"] if c["action"] == "shrink"}
+        assert {f"stage{i}.block{j}" for i, st in enumerate(space.stages) if "identity" in st.candidates
+                for j, t in enumerate(cur["blocks"][i]) if t != "identity"} <= idents
+        assert shrinks == {f"stage{i}" for i, st in enumerate(space.stages)
+                           if cur["widths"][i] - space.width_step >= st.min_width}
+        ok = [c for c in s["candidates"] if c["feasible"]]
+        assert s["score"] == min(c["score"] for c in ok)
+        cur = s["choice"]
+    assert rep["predicted_ms"] <= target
+    with pytest.raises(SearchError, match="--actions: got 'all'"):
+        run_search(supernet_run, table_path, target, str(tmp_path / "bad"), eval_images=16, progress=False,
+                   actions="all")
