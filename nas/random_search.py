@@ -14,7 +14,7 @@ from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy,
 class RandomSearch(SearchStrategy):
     name = "random"
 
-    def __init__(self, budget: int = 50, max_draws: int = 200_000, batch: int = 2048, band: float = 0.0):
+    def __init__(self, budget: int = 50, max_draws: int = 200_000, batch: int = 512, band: float = 0.0):
         if budget < 1:
             raise SearchError(f"budget: got {budget}, expected an integer >= 1")
         if not 0 <= band < 1:
@@ -33,8 +33,10 @@ class RandomSearch(SearchStrategy):
             draws += len(batch)
             lo = ctx.bound_ms * (1 - self.band) if self.band else -1.0
             for c, ms in zip(batch, ctx.latencies(batch)):
+                if not lo <= ms <= ctx.bound_ms:
+                    continue
                 k = choice_key(c)
-                if lo <= ms <= ctx.bound_ms and k not in seen:
+                if k not in seen:
                     seen.add(k)
                     out.append(c)
                     if len(out) == self.budget:
