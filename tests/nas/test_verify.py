@@ -167,3 +167,26 @@ def test_next_bound_carries_the_tables_error_over():
     assert Verifier.next_bound(rec, 2.1, 2.1) == pytest.approx(2.1 * 2.0 / 2.5)
     # never looser than the last bound, nor than the network just measured
     assert Verifier.next_bound({"predicted_ms": 2.0, "ms": 2.01}, 2.0, 2.1) < 2.0
+
+
+def test_optuna_reselects_from_its_trials_under_the_tightened_bound(supernet_run, table_path, tmp_path):
+    target = 0.6 * slim_tests.start_ms(supernet_run, table_path)
+    dev = SlowDevice(table_path, None)
+    first = {}
+
+    def measure(arch):   # the first pick runs 10% over the target, and so does the table's error
+        if not first:
+            first["f"] = 1.1 * target / dev.table.predict(arch)
+        dev.factor = first["f"]
+        return dev(arch)
+    out = str(tmp_path / "opt")
+    rep = run_search(supernet_run, table_path, target, out, strategy="optuna", trials=16, eval_images=16,
+                     progress=False, measure=measure)
+    v = rep["verification"]
+    assert v["met"] and len(v["rounds"]) >= 2
+    assert rep["predicted_ms"] <= rep["bound_ms"] < target and rep["measured_ms"] <= target * 1.05
+    with open(os.path.join(out, "pareto.json")) as f:
+        trials = json.load(f)["trials"]
+    assert len(trials) == 16                     # re-selected among the study's trials, none added
+    best = max((t for t in trials if t["ms"] <= rep["bound_ms"]), key=lambda t: t["acc"])
+    assert rep["accuracy"] == best["acc"]
