@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 from .evaluator import choice_key
 from .slimming import args_diff

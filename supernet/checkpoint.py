@@ -2,7 +2,6 @@
 every family, with the architecture read from tensor shapes."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import zipfile

@@ -25,7 +25,7 @@ import copy
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping
 
 import yaml
 

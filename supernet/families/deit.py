@@ -26,14 +26,14 @@ from __future__ import annotations
 import math
 import re
 from numbers import Real
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arch import COMMON_KEYS, check_int, check_keys, check_list, req
-from ..errors import ArchError, bad
+from ..errors import bad
 from ..registry import Family, register_family, register_preset
 
 ATTN_BLOCK_KEYS = ("type", "heads", "qk_dim", "v_dim", "ffn_hidden", "scale")

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..arch import COMMON_KEYS, check_int, check_keys, req
+from ..arch import COMMON_KEYS, check_int, check_keys
 from ..errors import bad
 from ..registry import Family, register_family, register_preset
 from .deit import (Attention, Mlp, PatchEmbed, attention_dims, block_count, drop_path, ffn_width, init_linear,

@@ -1,7 +1,6 @@
 """Fixtures for the search tests: a tiny supernet run trained for a few steps (the algorithms do not
 need a good supernet) and a latency table of made-up numbers covering its space (nothing is measured)."""
 import functools
-import os
 
 import pytest
 

@@ -1,7 +1,6 @@
 """`vitslim search` on bad input: one line on stderr and exit code 2, naming what is wrong."""
 import os
 
-import pytest
 import torch
 
 from vitslim.cli import main

@@ -38,7 +38,6 @@ def slim_run(supernet_run, table_path, tmp_path_factory):
 def test_slimming_meets_the_target_on_the_table(slim_run, table_path):
     out, rep, target = slim_run
     assert rep["predicted_ms"] <= target
-    table = vitslim.api.resolve_arch  # noqa: F841 - the public path below
     from latency_tables import LatencyTable
     arch = vitslim.load_arch(os.path.join(out, "arch.yaml"))
     assert LatencyTable.load(table_path).predict(arch) == pytest.approx(rep["predicted_ms"], rel=1e-6)

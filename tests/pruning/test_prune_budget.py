@@ -63,7 +63,6 @@ def test_both_selections_meet_params_and_macs_budgets(make, select):
 def test_knapsack_meets_a_nonlinear_cost_budget():
     arch = tiny_swin()
     model = build(arch)
-    infos = block_infos(arch)
     # a made-up additive "latency": steps every 8 FFN channels, per-head costs that are not linear
     def ms(a):
         t = 1.0

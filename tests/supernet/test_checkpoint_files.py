@@ -1,5 +1,4 @@
 """Bad checkpoint files get one clear error; vitslim's own format round-trips."""
-import pickle
 
 import pytest
 import torch

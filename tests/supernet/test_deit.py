@@ -1,12 +1,10 @@
 """DeiT/ViT family: presets, official/timm/vitslim checkpoints, flexible attention, arch configs."""
 import pytest
 import torch
-import torch.nn.functional as F
-import yaml
 
 import vitslim
+from family_utils import assert_fuse_keeps_outputs, assert_yaml_round_trip_same_shapes, randomise
 from golden_utils import assert_golden_logits, golden
-from supernet.arch import to_yaml
 from supernet.families.deit import Attention, vit_default_heads
 from supernet.registry import get_family
 
@@ -32,14 +30,6 @@ def tiny_arch(**over):
     }
     a.update(over)
     return a
-
-
-def randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.5))
-    return model.eval()
 
 
 # ---------------------------------------------------------------- 1. presets
@@ -77,24 +67,13 @@ def test_heads_of_zoo_widths_follow_timm_convention():
 def test_fuse_keeps_outputs_and_leaves_no_batchnorm():
     torch.manual_seed(0)
     m = randomise(vitslim.build_model(tiny_arch()))
-    f = vitslim.fuse(m)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref, out = m(x), f(x)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in f.modules())
+    assert_fuse_keeps_outputs(m, torch.randn(2, 3, 32, 32))
 
 
 # ---------------------------------------------------------------- 4. arch round trips
 @pytest.mark.parametrize("name", sorted(SEEDS))
 def test_preset_yaml_round_trip_builds_same_shapes(name):
-    a = vitslim.get_preset(name)
-    b = yaml.safe_load(to_yaml(a))
-    assert vitslim.resolve_arch(b) == a
-    with torch.device("meta"):
-        s1 = {k: v.shape for k, v in vitslim.build_model(a).state_dict().items()}
-        s2 = {k: v.shape for k, v in vitslim.build_model(b).state_dict().items()}
-    assert s1 == s2
+    assert_yaml_round_trip_same_shapes(name)
 
 
 def test_pruned_config_builds_runs_and_vitslim_checkpoint_reproduces_outputs(tmp_path):

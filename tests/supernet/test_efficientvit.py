@@ -4,12 +4,12 @@ import re
 
 import pytest
 import torch
-import yaml
 
 import vitslim
-from supernet.arch import to_yaml
 from supernet.registry import get_family
 
+from family_utils import arch_error as _err, assert_checkpoint_reproduces, assert_fuse_keeps_outputs, \
+    assert_yaml_round_trip_same_shapes, randomise_bn
 from golden_utils import golden
 
 # model: (exact params, published MACs in M) at 224, from seeds.md
@@ -42,21 +42,6 @@ def tiny(input_size=64, distillation=False):
              "blocks": [blk(4, 6, 32, [1, 3, 5, 7], 20, 52)]},
         ],
     }
-
-
-def randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-        for n, p in model.named_parameters():
-            if n.endswith("attention_biases"):
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 # ---------------------------------------------------------------- 1. presets
@@ -157,24 +142,12 @@ def test_timm_layout_loads_with_same_logits(tmp_path):
 def test_fuse_equals_unfused_eval_and_leaves_no_batchnorm(distillation):
     torch.manual_seed(0)
     model = randomise_bn(vitslim.build_model(tiny(distillation=distillation)))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        out = vitslim.fuse(model)(x)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    fused = vitslim.fuse(model)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert_fuse_keeps_outputs(model, torch.randn(2, 3, 64, 64))
 
 
 # ---------------------------------------------------------------- 4. arch round trips
 def test_preset_yaml_round_trip_builds_same_state_dict_shapes():
-    a = vitslim.get_preset("efficientvit_m1")
-    b = yaml.safe_load(to_yaml(a))
-    assert b == a
-    with torch.device("meta"):
-        s1 = {k: v.shape for k, v in vitslim.build_model(a).state_dict().items()}
-        s2 = {k: v.shape for k, v in vitslim.build_model(b).state_dict().items()}
-    assert s1 == s2
+    assert_yaml_round_trip_same_shapes("efficientvit_m1")
 
 
 def test_pruned_config_builds_runs_and_checkpoint_reproduces_outputs(tmp_path):
@@ -185,14 +158,8 @@ def test_pruned_config_builds_runs_and_checkpoint_reproduces_outputs(tmp_path):
     assert attn.qkvs[0].c.weight.shape == (2 * 4 + 8, 8, 1, 1) and attn.dws[2].c.weight.shape[-1] == 7
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = model(x)
-    assert ref.shape == (2, 7)
-    p = tmp_path / "pruned.pt"
-    vitslim.save_checkpoint(model, model.arch, p)
-    loaded, arch = vitslim.load_checkpoint(p)
-    assert arch == model.arch
-    with torch.no_grad():
-        assert torch.equal(loaded(x), ref)
+        assert model(x).shape == (2, 7)
+    assert_checkpoint_reproduces(model, model.arch, x, tmp_path / "pruned.pt")
 
 
 def test_bare_own_state_dict_reads_back_the_arch_from_shapes(tmp_path):
@@ -225,12 +192,6 @@ def test_other_input_sizes_run_while_windows_fit_their_bias_tables():
 
 
 # ---------------------------------------------------------------- 5. validation errors
-def _err(a):
-    with pytest.raises(vitslim.ArchError) as e:
-        vitslim.resolve_arch(a)
-    return str(e.value)
-
-
 def test_heads_must_divide_the_width():
     a = tiny()
     a["stages"][1]["blocks"][0]["heads"] = 5

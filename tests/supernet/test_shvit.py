@@ -4,12 +4,12 @@ import re
 
 import pytest
 import torch
-import yaml
 
 import vitslim
-from supernet.arch import to_yaml
 from supernet.registry import get_family
 
+from family_utils import arch_error as _err, assert_checkpoint_reproduces, assert_fuse_keeps_outputs, \
+    assert_yaml_round_trip_same_shapes, randomise_bn
 from golden_utils import golden
 
 # model: (exact params, published MACs in M, input size), from seeds.md
@@ -39,18 +39,6 @@ def tiny(distillation=False):
              "blocks": [{"type": "shsa", "pdim": 9, "qk_dim": 8, "ffn_hidden": 72}]},
         ],
     }
-
-
-def randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-    return model.eval()
 
 
 # ---------------------------------------------------------------- 1. presets
@@ -143,23 +131,12 @@ def test_timm_layout_loads_with_same_logits(tmp_path):
 def test_fuse_equals_unfused_eval_and_leaves_no_batchnorm(distillation):
     torch.manual_seed(0)
     model = randomise_bn(vitslim.build_model(tiny(distillation)))
-    x = torch.randn(2, 3, 64, 64)
-    fused = vitslim.fuse(model)
-    with torch.no_grad():
-        ref, out = model(x), fused(x)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert_fuse_keeps_outputs(model, torch.randn(2, 3, 64, 64))
 
 
 # ---------------------------------------------------------------- 4. arch round trips
 def test_preset_yaml_round_trip_builds_same_state_dict_shapes():
-    a = vitslim.get_preset("shvit_s4")
-    b = yaml.safe_load(to_yaml(a))
-    assert b == a
-    with torch.device("meta"):
-        s1 = {k: v.shape for k, v in vitslim.build_model(a).state_dict().items()}
-        s2 = {k: v.shape for k, v in vitslim.build_model(b).state_dict().items()}
-    assert s1 == s2
+    assert_yaml_round_trip_same_shapes("shvit_s4")
 
 
 def test_pruned_config_builds_runs_and_checkpoint_reproduces_outputs(tmp_path):
@@ -169,14 +146,8 @@ def test_pruned_config_builds_runs_and_checkpoint_reproduces_outputs(tmp_path):
     assert isinstance(model.blocks2[4].mixer, torch.nn.Identity)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = model(x)
-    assert ref.shape == (2, 5)
-    p = tmp_path / "pruned.pt"
-    vitslim.save_checkpoint(model, model.arch, p)
-    loaded, arch = vitslim.load_checkpoint(p)
-    assert arch == model.arch
-    with torch.no_grad():
-        assert torch.equal(loaded(x), ref)
+        assert model(x).shape == (2, 5)
+    assert_checkpoint_reproduces(model, model.arch, x, tmp_path / "pruned.pt")
 
 
 def test_bare_own_state_dict_reads_back_the_arch_from_shapes(tmp_path):
@@ -200,12 +171,6 @@ def test_block_modules_walk_every_block_in_arch_order():
 
 
 # ---------------------------------------------------------------- 5. validation errors
-def _err(a):
-    with pytest.raises(vitslim.ArchError) as e:
-        vitslim.resolve_arch(a)
-    return str(e.value)
-
-
 def test_partial_dim_must_fit_the_width():
     a = tiny()
     a["stages"][1]["blocks"][0]["pdim"] = 25

@@ -1,11 +1,10 @@
 """Swin family: presets, official/timm/vitslim checkpoints, shifted windows at any size, arch configs."""
 import pytest
 import torch
-import yaml
 
 import vitslim
+from family_utils import assert_fuse_keeps_outputs, assert_yaml_round_trip_same_shapes, randomise
 from golden_utils import assert_golden_logits, golden
-from supernet.arch import to_yaml
 from supernet.families.swin import PatchMerging, shifted_window_mask, window_partition, window_reverse
 from supernet.registry import get_family
 
@@ -37,14 +36,6 @@ def tiny_arch(**over):
     }
     a.update(over)
     return a
-
-
-def randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.5))
-    return model.eval()
 
 
 def timm_to_official(sd):
@@ -99,24 +90,13 @@ def test_official_and_timm_goldens_give_the_same_state_dict():
 def test_fuse_keeps_outputs_and_leaves_no_batchnorm():
     torch.manual_seed(0)
     m = randomise(vitslim.build_model(tiny_arch()))
-    f = vitslim.fuse(m)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref, out = m(x), f(x)
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in f.modules())
+    assert_fuse_keeps_outputs(m, torch.randn(2, 3, 32, 32))
 
 
 # ---------------------------------------------------------------- 4. arch round trips
 @pytest.mark.parametrize("name", sorted(SEEDS))
 def test_preset_yaml_round_trip_builds_same_shapes(name):
-    a = vitslim.get_preset(name)
-    b = yaml.safe_load(to_yaml(a))
-    assert vitslim.resolve_arch(b) == a
-    with torch.device("meta"):
-        s1 = {k: v.shape for k, v in vitslim.build_model(a).state_dict().items()}
-        s2 = {k: v.shape for k, v in vitslim.build_model(b).state_dict().items()}
-    assert s1 == s2
+    assert_yaml_round_trip_same_shapes(name)
 
 
 def test_pruned_config_builds_runs_and_vitslim_checkpoint_reproduces_outputs(tmp_path):
