@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 import yaml
 
+from supernet.arch import read_yaml
 from supernet.errors import VitslimError
 
 from .segments import SegmentError, Segment, check_key, decompose, input_numel, key_str, segment_macs, OPS
@@ -358,15 +359,7 @@ class LatencyTable:
     def load(cls, path, device: Optional[Mapping] = None, allow_mismatch: bool = False) -> "LatencyTable":
         """Read and check a table file; with `device`, also check it was measured there."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise LatencyError(f"{path}: no such file, expected a latency table .yaml")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LatencyError(f"{path}: not valid YAML ({first}), expected a latency table") from None
+        d = read_yaml(path, LatencyError, "a latency table .yaml", "a latency table")
         t = cls.from_dict(d, where=path)
         t.path = path
         if device is not None:

@@ -19,7 +19,7 @@ from typing import List, Mapping, Optional
 
 from .evaluator import choice_key
 from .slimming import args_diff
-from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, unreachable
+from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, require_reachable
 
 STUDY_NAME = "vitslim-search"
 SAMPLERS = ("nsga2", "tpe")
@@ -152,9 +152,7 @@ class OptunaSearch(SearchStrategy):
 
     def search(self, ctx: SearchContext) -> SearchResult:
         import optuna
-        msg = unreachable(ctx)
-        if msg:
-            raise SearchError(msg)
+        require_reachable(ctx)
         enc = FlatEncoding(ctx.space)
         study = self.study(ctx)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

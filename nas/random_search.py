@@ -8,7 +8,7 @@ import random
 from typing import List
 
 from .evaluator import choice_key
-from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy, largest_choice, unreachable)
+from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy, largest_choice, require_reachable, unreachable)
 
 
 class RandomSearch(SearchStrategy):
@@ -48,9 +48,7 @@ class RandomSearch(SearchStrategy):
         return out
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        msg = unreachable(ctx)
-        if msg:
-            raise SearchError(msg)
+        require_reachable(ctx)
         rows = []
         for c in self.sample_feasible(ctx):
             e = ctx.evaluator(c)

@@ -44,7 +44,7 @@ import os
 from typing import List, Mapping, Optional, Tuple
 
 from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy, describe_blocks, largest_choice,
-                       unreachable)
+                       require_reachable)
 
 ACTIONS = ("to_identity", "meta3d_to_meta4d", "shrink")
 LOG_VERSION = 1
@@ -192,9 +192,7 @@ class LatencySlimming(SearchStrategy):
 
     # ------------------------------------------------------------ the loop
     def search(self, ctx: SearchContext) -> SearchResult:
-        msg = unreachable(ctx)
-        if msg:
-            raise SearchError(msg)
+        require_reachable(ctx)
         log = TrajectoryLog(os.path.join(ctx.log_dir, self.log_file) if ctx.log_dir else None)
         args = {**self.args(), "target_ms": ctx.target_ms, "seed": ctx.seed}
         recs = log.read()

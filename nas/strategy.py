@@ -146,6 +146,13 @@ def unreachable(ctx: SearchContext) -> Optional[str]:
             f"ask for at least {ms:.4g} ms, or use a table of a faster device")
 
 
+def require_reachable(ctx: SearchContext) -> None:
+    """Raise the unreachable-target error (naming the fastest network) before a search starts."""
+    msg = unreachable(ctx)
+    if msg:
+        raise SearchError(msg)
+
+
 _SHORT = {"meta4d": "4", "meta3d": "3", "identity": "-"}
 
 

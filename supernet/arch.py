@@ -188,17 +188,25 @@ def save_arch(arch: Mapping, path: str) -> dict:
     return a
 
 
-def load_arch(path: str) -> dict:
+def read_yaml(path, error=ArchError, what: str = "an arch config .yaml", invalid_hint: str = ""):
+    """The data of a YAML file (yaml.safe_load: untrusted files build no objects); a one-line `error`
+    naming the file when it is missing ("expected {what}") or not YAML (", expected {invalid_hint}")."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ArchError(f"{path}: no such file, expected an arch config .yaml")
+        raise error(f"{path}: no such file, expected {what}")
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ArchError(f"{path}: not valid YAML ({first}), expected an arch config") from None
+        tail = f", expected {invalid_hint}" if invalid_hint else ""
+        raise error(f"{path}: not valid YAML ({first}){tail}") from None
+
+
+def load_arch(path: str) -> dict:
+    path = os.fspath(path)
+    data = read_yaml(path, ArchError, "an arch config .yaml", "an arch config")
     if not isinstance(data, Mapping):
         raise ArchError(f"{path}: got a YAML {type(data).__name__}, expected a mapping (an arch config)")
     try:

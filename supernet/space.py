@@ -27,9 +27,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping
 
-import yaml
 
-from .arch import check_choice, check_int, check_keys, check_list, is_int, req, validate
+from .arch import check_choice, check_int, check_keys, check_list, is_int, read_yaml, req, validate
 from .errors import ArchError, bad
 
 SPACE_VERSION = 1
@@ -111,13 +110,7 @@ class SearchSpace:
     @classmethod
     def load(cls, path) -> "SearchSpace":
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ArchError(f"{path}: no such file, expected a search space .yaml")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ArchError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        d = read_yaml(path, ArchError, "a search space .yaml")
         try:
             return cls.from_dict(d, name=os.path.splitext(os.path.basename(path))[0])
         except ArchError as e:

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from .arch import atomic_write_text
+from .arch import atomic_write_text, read_yaml
 from .checkpoint import read_file
 from .data import DataConfig, DataError, build_datasets, heldout_batches, make_loader
 from .errors import CheckpointError, VitslimError
@@ -248,13 +248,7 @@ def _betas(v, path):
 
 def load_config(path) -> TrainConfig:
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such file, expected a supernet training config .yaml")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    d = read_yaml(path, ConfigError, "a supernet training config .yaml")
     try:
         return TrainConfig.from_dict(d if d is not None else {}, base_dir=os.path.dirname(os.path.abspath(path)))
     except VitslimError as e:

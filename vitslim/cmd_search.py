@@ -8,6 +8,7 @@ import os
 
 import yaml
 
+from supernet.arch import read_yaml
 from supernet.errors import VitslimError
 
 from .cli import register_command
@@ -112,13 +113,7 @@ def _bad(key, value, expected):
 
 
 def load_pipeline(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise VitslimError(f"{path}: no such file, expected a pipeline .yaml (e.g. experiments/quickstart.yaml)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise VitslimError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    d = read_yaml(path, VitslimError, "a pipeline .yaml (e.g. experiments/quickstart.yaml)") or {}
     if not isinstance(d, dict):
         raise _bad(path, d, "a mapping with supernet, table, search, export")
     for k in d:
@@ -148,8 +143,9 @@ def _supernet_stage(d, base, out, progress):
     if not cfg_path:
         raise VitslimError("supernet.config: missing, expected a supernet training config .yaml")
     cfg_path = os.path.normpath(os.path.join(base, cfg_path))
-    with open(cfg_path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+    raw = read_yaml(cfg_path, VitslimError, "a supernet training config .yaml (supernet.config)")
+    if not isinstance(raw, dict):
+        raise _bad(cfg_path, raw, "a mapping (a supernet training config)")
     raw.update(sn)  # overrides: steps, widths, ...
     cfg = TrainConfig.from_dict(raw, base_dir=os.path.dirname(cfg_path))
     run = os.path.join(out, "supernet")

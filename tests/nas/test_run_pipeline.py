@@ -64,3 +64,13 @@ def test_bad_search_settings_in_a_pipeline_are_refused_before_training(tmp_path,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "run" / "supernet")
+
+
+def test_a_missing_supernet_config_is_one_line(tmp_path, capsys):
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    d["supernet"]["config"] = "nowhere.yaml"
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "nowhere.yaml: no such file" in err

@@ -38,6 +38,18 @@ class SlowDevice:
 read_log = slim_tests.read_log
 
 
+def over_on_first_pick(table_path, target, over=1.1):
+    """A device on which the first network measured runs `over` x the target, and every network is
+    off from the table by the same factor."""
+    dev = SlowDevice(table_path, None)
+
+    def measure(arch):
+        if dev.factor is None:
+            dev.factor = over * target / dev.table.predict(arch)
+        return dev(arch)
+    return measure
+
+
 @pytest.fixture(scope="module")
 def verified_run(supernet_run, table_path, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("verify") / "run")
@@ -111,14 +123,7 @@ def test_a_device_that_cannot_be_met_is_reported_not_hidden(supernet_run, table_
 def test_other_strategies_reselect_under_the_tightened_bound(supernet_run, table_path, tmp_path):
     target = 0.6 * slim_tests.start_ms(supernet_run, table_path)
     for strategy in ("random", "uniform"):
-        dev = SlowDevice(table_path, None)
-        first = {}
-
-        def measure(arch):   # the first pick runs 10% over the target, and so does the table's error
-            if not first:
-                first["f"] = 1.1 * target / dev.table.predict(arch)
-            dev.factor = first["f"]
-            return dev(arch)
+        measure = over_on_first_pick(table_path, target, 1.1)
         rep = run_search(supernet_run, table_path, target, str(tmp_path / strategy), strategy=strategy, budget=4,
                          eval_images=16, progress=False, measure=measure)
         v = rep["verification"]
@@ -171,14 +176,7 @@ def test_next_bound_carries_the_tables_error_over():
 
 def test_optuna_reselects_from_its_trials_under_the_tightened_bound(supernet_run, table_path, tmp_path):
     target = 0.6 * slim_tests.start_ms(supernet_run, table_path)
-    dev = SlowDevice(table_path, None)
-    first = {}
-
-    def measure(arch):   # the first pick runs 10% over the target, and so does the table's error
-        if not first:
-            first["f"] = 1.1 * target / dev.table.predict(arch)
-        dev.factor = first["f"]
-        return dev(arch)
+    measure = over_on_first_pick(table_path, target, 1.1)
     out = str(tmp_path / "opt")
     rep = run_search(supernet_run, table_path, target, out, strategy="optuna", trials=16, eval_images=16,
                      progress=False, measure=measure)
