@@ -35,13 +35,10 @@ STRATEGIES = ("slim", "slim_loss", "random", "random_any", "uniform")
 
 
 def measure(table, archs, seconds: float, seed: int = 0):
-    from latency_tables.backends import get_backend
+    from latency_tables.backends import backend_for
     from latency_tables.build import table_reference
     from latency_tables.measure import Procedure, resolve_clock, time_networks
-    d = table.device
-    backend = get_backend(d.get("backend", "torch-cpu"), threads=int(d.get("threads", 1)),
-                          batch_size=int(d.get("batch_size", 1)), dtype=d.get("dtype", "float32"),
-                          fused=bool(d.get("fused", True)))
+    backend = backend_for(table.device)
     m = table.measurement or {}
     proc = Procedure(time_per_item=seconds, min_samples=30, max_samples=m.get("max_samples", 2000),
                      warmup=m.get("warmup_s", 0.05), seed=seed, clock=resolve_clock(m.get("clock") or "auto", backend))

@@ -309,3 +309,10 @@ def get_backend(name: str, threads: int = 1, batch_size: int = 1, dtype: str = "
     if name not in BACKENDS:
         raise BackendError(f"backend: got {name!r}, expected one of {', '.join(BACKENDS)}")
     return BACKENDS[name](threads=threads, batch_size=batch_size, dtype=dtype, fused=fused, **kw)
+
+
+def backend_for(device: Dict) -> Backend:
+    """The backend a table's `device` header describes (backend, threads, batch size, dtype, fusing)."""
+    return get_backend(device.get("backend", "torch-cpu"), threads=int(device.get("threads", 1)),
+                       batch_size=int(device.get("batch_size", 1)), dtype=device.get("dtype", "float32"),
+                       fused=bool(device.get("fused", True)))

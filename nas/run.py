@@ -168,8 +168,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
     existed = os.path.isdir(out)
     prepare_out(out, overwrite)
     if verifier is not None:
-        verifier.path = os.path.join(out, VERIFY_FILE)
-        verifier.rounds = verifier._read()
+        verifier.attach(os.path.join(out, VERIFY_FILE))
     try:
         return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
                     eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,

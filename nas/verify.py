@@ -34,12 +34,11 @@ MODES = ("auto", "on", "off")
 def unavailable_reason(table) -> Optional[str]:
     """None if this machine can measure for `table` (its backend runs here and, for CPU backends,
     the CPU is the one it was measured on; for CUDA, the same GPU), else why not."""
-    from latency_tables.backends import BackendError, cpu_model, get_backend
+    from latency_tables.backends import BackendError, backend_for, cpu_model
     d = table.device
     name = d.get("backend", "torch-cpu")
     try:
-        backend = get_backend(name, threads=int(d.get("threads", 1)), batch_size=int(d.get("batch_size", 1)),
-                              dtype=d.get("dtype", "float32"), fused=bool(d.get("fused", True)))
+        backend = backend_for(d)
         backend.check_available()
     except BackendError as e:
         return f"the table's backend {name} cannot run here ({e})"
@@ -54,13 +53,10 @@ def unavailable_reason(table) -> Optional[str]:
 def measure_arch(table, arch: Mapping, seconds: float = 1.0, seed: int = 0) -> dict:
     """{"ms": drift-corrected median, "raw_ms", "drift_factor", "p10", "p90", "n"} of `arch` run end to
     end with the table's backend settings and procedure."""
-    from latency_tables.backends import get_backend
+    from latency_tables.backends import backend_for
     from latency_tables.build import table_reference
     from latency_tables.measure import Procedure, resolve_clock, time_networks
-    d = table.device
-    backend = get_backend(d.get("backend", "torch-cpu"), threads=int(d.get("threads", 1)),
-                          batch_size=int(d.get("batch_size", 1)), dtype=d.get("dtype", "float32"),
-                          fused=bool(d.get("fused", True)))
+    backend = backend_for(table.device)
     m = table.measurement or {}
     proc = Procedure(time_per_item=float(seconds), min_samples=int(m.get("min_samples", 15)),
                      max_samples=int(m.get("max_samples", 2000)), warmup=float(m.get("warmup_s", 0.05)), seed=seed,
@@ -91,6 +87,11 @@ class Verifier:
         if int(self.max_rounds) < 1:
             raise SearchError(f"--verify-rounds: got {self.max_rounds!r}, expected an integer >= 1")
         self.rounds: List[dict] = self._read()
+
+    def attach(self, path: str) -> None:
+        """Keep the rounds in `path` (verify.json of the run directory), reading those already there."""
+        self.path = path
+        self.rounds = self._read()
 
     def _read(self) -> List[dict]:
         if not self.path or not os.path.isfile(self.path):
