@@ -247,39 +247,95 @@ class LatencyCost(ArchCost):
         return self._memo[k]
 
 
+class MixedCost(CostModel):
+    """A weighted sum of cost models, sum_i w_i cost_i (additive when each is): the Lagrangian of
+    several budgets at once, used by `select_constrained`."""
+
+    def __init__(self, parts: Sequence[Tuple[float, CostModel]]):
+        self.parts = [(float(w), c) for w, c in parts]
+        self.linear = all(c.linear for _, c in self.parts)
+        self.name = "+".join(c.name for _, c in self.parts)
+        self.unit = "weighted"
+
+    def total(self, arch):
+        return sum(w * c.total(arch) for w, c in self.parts if w)
+
+    def block(self, info, w):
+        return sum(x * c.block(info, w) for x, c in self.parts if x)
+
+    def base(self, arch, infos):
+        return sum(w * c.base(arch, infos) for w, c in self.parts if w)
+
+    def base_at(self, arch, dims):
+        return sum(w * c.base_at(arch, dims) for w, c in self.parts if w)
+
+
 # ---------------------------------------------------------------- targets
+TARGET_KINDS = ("params", "macs", "latency")
+TARGET_HELP = ("params=F or macs=F (fraction kept, in (0, 1]), latency=MS (milliseconds on --table's device) or "
+               "latency=Fx (fraction of the unpruned network's predicted latency), or several joined by commas")
+
+
 @dataclass
 class Target:
-    """`params=F`, `macs=F` (fractions kept, in (0, 1]) or `latency=MS`."""
+    """`params=F`, `macs=F` (fractions kept, in (0, 1]), `latency=MS`, or `latency=Fx` (a fraction of the
+    unpruned network's latency as the table predicts it: `relative`)."""
     kind: str
     value: float
+    relative: bool = False
 
     def __str__(self):
-        return f"{self.kind}={self.value:g}"
+        return f"{self.kind}={self.value:g}" + ("x" if self.relative else "")
 
     @property
     def is_fraction(self) -> bool:
-        return self.kind in ("params", "macs")
+        return self.kind in ("params", "macs") or self.relative
 
 
 def parse_target(s: str) -> Target:
     if not isinstance(s, str) or "=" not in s:
-        raise PruneError(f"--target: got {s!r}, expected params=F, macs=F (fraction kept, in (0, 1]) or latency=MS")
+        raise PruneError(f"--target: got {s!r}, expected {TARGET_HELP}")
     kind, val = s.split("=", 1)
-    kind = kind.strip().lower()
-    if kind not in ("params", "macs", "latency"):
+    kind, val = kind.strip().lower(), val.strip()
+    if kind not in TARGET_KINDS:
         raise PruneError(f"--target: got {kind!r}, expected params, macs or latency (as in macs=0.5)")
+    relative = kind == "latency" and val.lower().endswith("x")
     try:
-        v = float(val)
+        v = float(val[:-1] if relative else val)
     except ValueError:
-        raise PruneError(f"--target {s}: {val!r} is not a number") from None
+        raise PruneError(f"--target {s}: {val!r} is not a number" +
+                         (" (latency=MS in milliseconds, or latency=Fx: a fraction of the unpruned latency)"
+                          if kind == "latency" else "")) from None
     if not math.isfinite(v):
         raise PruneError(f"--target {s}: expected a finite number")
-    if kind != "latency" and not 0 < v <= 1:
-        raise PruneError(f"--target {s}: got {v:g}, expected a fraction kept in (0, 1] (0.5 keeps half the {kind})")
+    if (kind != "latency" or relative) and not 0 < v <= 1:
+        what = "the unpruned latency" if relative else f"the {kind}"
+        raise PruneError(f"--target {s}: got {v:g}, expected a fraction kept in (0, 1] (0.5 keeps half {what})")
     if kind == "latency" and v <= 0:
         raise PruneError(f"--target {s}: got {v:g} ms, expected a positive number of milliseconds")
-    return Target(kind, v)
+    return Target(kind, v, relative)
+
+
+def parse_targets(s) -> List[Target]:
+    """One target or several at once (`macs=0.5,latency=0.5x`: every one of them is met). Accepts a
+    string, a Target, or a list of either; each kind at most once."""
+    if isinstance(s, Target):
+        items = [s]
+    elif isinstance(s, str):
+        items = [x for x in s.split(",")]
+    elif isinstance(s, (list, tuple)) and s:
+        items = list(s)
+    else:
+        raise PruneError(f"--target: got {s!r}, expected {TARGET_HELP}")
+    out = []
+    for x in items:
+        if isinstance(x, str) and not x.strip():
+            raise PruneError(f"--target {s}: an empty target between commas")
+        t = x if isinstance(x, Target) else parse_target(x.strip() if isinstance(x, str) else x)
+        if any(o.kind == t.kind for o in out):
+            raise PruneError(f"--target {s}: {t.kind} given twice, expected each of params, macs, latency at most once")
+        out.append(t)
+    return out
 
 
 # ---------------------------------------------------------------- floor
@@ -844,6 +900,71 @@ def _group(subs, branch, top: float, unit: float, bins: int):
         imps_out.append(float(imp))
         w_out.append(int(round(max(top - saved, 0) / unit)))
     return opts, np.array(imps_out), np.array(w_out, dtype=np.int64)
+
+
+def select_constrained(select: Callable[[Network, float], Selection], make_net: Callable[[CostModel], Network],
+                       costs: Sequence[CostModel], budgets: Sequence[float], iters: int = 12) -> Tuple[Selection, dict]:
+    """Several budgets met at once (MACs and latency, say): `select` (select_ratio or select_knapsack)
+    runs on the weighted sum  sum_i lambda_i cost_i / budget_i  under a budget of 1 (the Lagrangian
+    relaxation, sum lambda = 1), and the plan that meets every budget with the least importance removed
+    is kept. First each budget alone: when its plan already meets the others (a latency budget whose
+    plan keeps fewer MACs than asked), that plan is the answer. Otherwise the weights move towards the
+    budgets the plan breaks (multiplicative weights, the step halved whenever the set of broken budgets
+    changes); a weighted budget of 1 leaves the binding constraints a hair either side of theirs, so a
+    plan still over is re-selected under a weighted budget tightened by its excess. `make_net(cost)`
+    builds a fresh Network of the same state priced by `cost`. Returns the selection and a record of
+    the weights tried (`trace`: each plan's cost as a fraction of each budget)."""
+    n = len(costs)
+    if n != len(budgets) or n == 0:
+        raise ValueError("select_constrained: one budget per cost model")
+    probes = [make_net(c) for c in costs]
+    trace: List[dict] = []
+    best: list = []
+
+    def run(lam: Sequence[float], scale: float = 1.0):
+        net = make_net(costs[0] if n == 1 else MixedCost([(l / b, c) for l, c, b in zip(lam, costs, budgets)]))
+        sel = select(net, budgets[0] * scale if n == 1 else scale)
+        counts = net.counts()
+        r = []
+        for p, b in zip(probes, budgets):
+            p.set_counts(counts)
+            r.append(p.total() / b)
+        ok = max(r) <= 1 + 1e-9
+        trace.append({"weights": [float(x) for x in lam], "scale": scale, "of_budget": r,
+                      "removed_importance": sel.removed_importance, "meets": ok})
+        if ok and (not best or sel.removed_importance < best[0].removed_importance):
+            best[:] = [sel, list(lam)]
+        return r, ok
+
+    for i in range(n):  # each budget alone
+        lam = [1.0 if j == i else 0.0 for j in range(n)]
+        r, ok = run(lam)
+        if ok:
+            return best[0], {"weights": lam, "trace": trace}
+    lam, step, prev = [1.0 / n] * n, 1.0, None
+    for _ in range(max(iters, 1)):
+        r, ok = run(lam)
+        broken = tuple(x > 1 + 1e-9 for x in r)
+        if prev is not None and broken != prev:
+            step /= 2
+        prev = broken
+        lam = [l * max(x, 1e-3) ** (10.0 * step) for l, x in zip(lam, r)]
+        z = sum(lam)
+        lam = [max(l / z, 1e-6) for l in lam]
+    if not best:  # the closest plan, its weighted budget tightened by its excess
+        t = min(trace[n:], key=lambda e: max(e["of_budget"]))
+        lam, scale = t["weights"], 1.0
+        for _ in range(6):
+            scale /= max(max(t["of_budget"]), 1.0 + 1e-6)
+            r, ok = run(lam, scale)
+            if ok:
+                break
+            t = trace[-1]
+    if not best:
+        worst = trace[-1]["of_budget"]
+        raise PruneError("the budgets cannot all be met at once by removing units: the closest plan is at "
+                         + ", ".join(f"{x:.3f}" for x in worst) + " of them; loosen one")
+    return best[0], {"weights": best[1], "trace": trace}
 
 
 def floor_cost(infos: Sequence[BlockInfo], cost: CostModel, base: float, floor: Floor) -> float:

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from supernet.count import count
 
 from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Selection, Target,
-                     floor_cost, floor_cost_depth, floor_cost_embed, parse_target, select_knapsack, select_ratio)
+                     floor_cost, floor_cost_depth, floor_cost_embed, parse_targets, select_constrained, select_knapsack,
+                     select_ratio)
 from .importance import Importance, Scores, default_loss, get_importance
 from .surgery import apply_plan
 from .units import PruneError, block_infos, check_family
@@ -195,6 +196,30 @@ def make_cost(target: Target, arch: Mapping, table=None, cost_fn: Optional[Calla
     return LatencyCost(table, arch)
 
 
+def lowest_cost(arch: Mapping, cost: CostModel, floor: Floor, depth: bool, embed: bool) -> float:
+    """The least `cost` the floor allows (with depth moves: every branch but one removed)."""
+    if depth:
+        return floor_cost_depth(arch, cost, floor, embed=embed)
+    if embed:
+        return floor_cost_embed(arch, cost, floor)
+    infos = block_infos(arch)
+    return floor_cost(infos, cost, cost.base(arch, infos), floor)
+
+
+def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_keep: float, depth: bool) -> None:
+    """A one-line error naming the floor when `goal` is below what removing units can reach."""
+    if goal >= lowest - 1e-9 * max(abs(lowest), 1):
+        return
+    how = (f"with --depth: every branch removed but one, at --min-keep {min_keep:g}; at least one block must stay, "
+           "or the network is its patch embedding and classifier alone") if depth else f"with --min-keep {min_keep:g}"
+    hint = "raise the target" if depth else "raise the target or lower --min-keep"
+    if target.kind != "latency":
+        raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}={lowest / c0:.3f} "
+                         f"{how}); {hint}")
+    raise PruneError(f"--target {target}: below what the table can reach for this model (floor {lowest:.3f} ms = "
+                     f"{lowest / c0:.3f}x {how}; unpruned {c0:.3f} ms)")
+
+
 def check_table(table, arch: Mapping) -> None:
     """A table must hold entries of this family's operators (and the latency machinery must be able
     to cut this family into entries)."""
@@ -218,7 +243,7 @@ def check_table(table, arch: Mapping) -> None:
 # ---------------------------------------------------------------- the pruner
 @dataclass
 class PruneConfig:
-    target: Union[str, Target]
+    target: Union[str, Target, Sequence[Union[str, Target]]]   # one, or several all met ("macs=0.5,latency=0.5x")
     criterion: str = "taylor"           # taylor | magnitude
     selection: str = "auto"             # knapsack | ratio | auto (both; keep the lower held-out loss)
     iterative_steps: int = 1
@@ -237,8 +262,8 @@ class PruneConfig:
     seed: int = 0
 
     def check(self) -> "PruneConfig":
-        if isinstance(self.target, str):
-            self.target = parse_target(self.target)
+        ts = parse_targets(self.target)
+        self.target = ts[0] if len(ts) == 1 else ts
         if self.selection not in ("knapsack", "ratio", "auto"):
             raise PruneError(f"--selection: got {self.selection!r}, expected knapsack, ratio or auto")
         get_importance(self.criterion)
@@ -255,12 +280,15 @@ class PruneConfig:
         return self
 
     @property
+    def targets(self) -> List[Target]:
+        return parse_targets(self.target)
+
+    @property
     def use_depth(self) -> bool:
-        """Whether branch (depth) moves are on: `depth`, or when it is None (auto), for latency targets."""
+        """Whether branch (depth) moves are on: `depth`, or when it is None (auto), when a target is a latency."""
         if self.depth is not None:
             return self.depth
-        t = self.target if isinstance(self.target, Target) else parse_target(self.target)
-        return t.kind == "latency"
+        return any(t.kind == "latency" for t in self.targets)
 
 
 @dataclass
@@ -285,7 +313,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     cfg = config.check()
     arch = dict(arch)
     check_family(arch, depth=bool(cfg.depth))
-    target: Target = cfg.target
+    targets: List[Target] = cfg.targets
+    if cost_fn is not None and len(targets) > 1:
+        raise PruneError(f"cost_fn prices one target, got {len(targets)}: {', '.join(map(str, targets))}")
     torch.manual_seed(cfg.seed)
     imp = importance or get_importance(cfg.criterion)
     if cfg.finetune_steps and data is None:
@@ -301,31 +331,14 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     heldout = data.heldout(cfg.eval_batches) if (data is not None and cfg.eval_batches) else calibration[:cfg.eval_batches]
     if table is not None:
         check_table(table, arch)
-    cost0 = make_cost(target, arch, table, cost_fn)
-    c0 = cost0.total(arch)
-    goal = target.value * c0 if target.is_fraction else target.value
+    costs0 = [make_cost(t, arch, table, cost_fn) for t in targets]
+    c0s = [c.total(arch) for c in costs0]
+    goals = [t.value * c0 if t.is_fraction else t.value for t, c0 in zip(targets, c0s)]
     infos0 = block_infos(arch)
     floor = Floor(cfg.min_keep).of(infos0)
     depth = cfg.use_depth
-    if depth:
-        lowest = floor_cost_depth(arch, cost0, floor, embed=cfg.prune_embed)
-    else:
-        lowest = floor_cost_embed(arch, cost0, floor) if cfg.prune_embed else \
-            floor_cost(infos0, cost0, cost0.base(arch, infos0), floor)
-    if goal < lowest - 1e-9 * max(abs(lowest), 1):
-        if depth:
-            why = (f"with --depth: every branch removed but one, at --min-keep {cfg.min_keep:g}; at least one block "
-                   "must stay, or the network is its patch embedding and classifier alone")
-            if target.is_fraction:
-                raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}="
-                                 f"{lowest / c0:.3f} {why}); raise the target")
-            raise PruneError(f"--target {target}: below what the table can reach for this model (floor {lowest:.3f} ms "
-                             f"{why}; unpruned {c0:.3f} ms)")
-        if target.is_fraction:
-            raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}="
-                             f"{lowest / c0:.3f} with --min-keep {cfg.min_keep:g}); raise the target or lower --min-keep")
-        raise PruneError(f"--target {target}: below what the table can reach for this model (floor {lowest:.3f} ms "
-                         f"with --min-keep {cfg.min_keep:g}; unpruned {c0:.3f} ms)")
+    for t, c, c0, goal in zip(targets, costs0, c0s, goals):
+        check_reachable(t, goal, c0, lowest_cost(arch, c, floor, depth, cfg.prune_embed), cfg.min_keep, depth)
     before = count(arch)
     teacher = None
     if cfg.kd and cfg.finetune_steps > 0:
@@ -341,7 +354,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     ft_start = 1000
     scoring_seconds = 0.0
     for step in range(K):
-        budget = c0 - (c0 - goal) * (step + 1) / K
+        budgets = [c0 - (c0 - goal) * (step + 1) / K for c0, goal in zip(c0s, goals)]
         infos = block_infos(cur_arch)
         bar = tqdm(total=len(calibration) if imp.needs_data else 0, desc=f"score {step + 1}/{K}",
                    disable=not progress, leave=False)
@@ -350,40 +363,57 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         scoring_seconds += time.perf_counter() - t0
         bar.close()
         scores = scores.blend(prev, cfg.momentum)
-        cost = make_cost(target, cur_arch, table, cost_fn)
+        costs = [make_cost(t, cur_arch, table, cost_fn) for t in targets]
         methods = ["ratio", "knapsack"] if cfg.selection == "auto" else [cfg.selection]
-        cands = {}
+        cands, weights = {}, {}
+
+        def make_net(c: CostModel) -> Network:
+            return Network(cur_arch, scores, c, floor, embed=cfg.prune_embed, depth=depth)
+
         for m in methods:
             fn = select_ratio if m == "ratio" else select_knapsack
-            net = Network(cur_arch, scores, cost, floor, embed=cfg.prune_embed, depth=depth)
-            sel: Selection = fn(net, budget)
+            if len(costs) == 1:
+                sel: Selection = fn(make_net(costs[0]), budgets[0])
+            else:  # every budget met at once (budget.select_constrained)
+                sel, info = select_constrained(fn, make_net, costs, budgets)
+                weights[m] = info["weights"]
             pm, pa = apply_plan(cur, cur_arch, sel.plan)
             ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
             cands[m] = (sel, pm, pa, ev)
         chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
         sel, cur, cur_arch, ev = cands[chosen]
-        reached = cost.total(cur_arch)
-        if reached > budget + 1e-6 * max(abs(budget), 1e-9):  # never silently over the target
-            raise PruneError(f"--target {target}: step {step + 1} reached {reached:.6g} {cost0.unit}, above its budget "
-                             f"{budget:.6g} (the cost model is not reachable by removing units; raise the target)")
+        for t, c, budget in zip(targets, costs, budgets):
+            reached = c.total(cur_arch)
+            if reached > budget + 1e-6 * max(abs(budget), 1e-9):  # never silently over a target
+                raise PruneError(f"--target {t}: step {step + 1} reached {reached:.6g} {c.unit}, above its budget "
+                                 f"{budget:.6g} (the cost model is not reachable by removing units; raise the target)")
         prev = scores.restrict(infos, sel.plan)
         ft = {"steps": 0}
         if ft_per[step]:
             ft = finetune(cur, data.training(ft_per[step], ft_start), ft_per[step], cfg.lr, cfg.weight_decay,
                           teacher, cfg.kd_weight, cfg.kd_temperature, progress, desc=f"fine-tune {step + 1}/{K}")
             ft_start += ft_per[step]
-        steps_report.append({
-            "step": step + 1, "budget": budget, "cost": cost.total(cur_arch), "selection": chosen,
-            "candidates": {m: {"predicted_cost": c[0].cost, "removed_importance": c[0].removed_importance,
-                               "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
-                           for m, c in cands.items()},
-            "finetune": ft})
+        srep = {"step": step + 1, "budget": budgets[0], "cost": costs[0].total(cur_arch), "selection": chosen,
+                "candidates": {m: {"predicted_cost": c[0].cost, "removed_importance": c[0].removed_importance,
+                                   "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
+                               for m, c in cands.items()},
+                "finetune": ft}
+        if len(costs) > 1:
+            srep["budgets"] = {str(t): b for t, b in zip(targets, budgets)}
+            srep["costs"] = {str(t): c.total(cur_arch) for t, c in zip(targets, costs)}
+            for m, w in weights.items():
+                srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
+        steps_report.append(srep)
     cur.eval()
     after = count(cur_arch)
-    final_cost = make_cost(target, cur_arch, table, cost_fn).total(cur_arch)
+    finals = [make_cost(t, cur_arch, table, cost_fn).total(cur_arch) for t in targets]
+    target, cost0 = targets[0], costs0[0]
     rep = {
-        "target": str(target), "target_kind": target.kind, "target_value": target.value,
-        "cost_unit": cost0.unit, "cost_before": c0, "cost_after": final_cost, "cost_goal": goal,
+        "target": ",".join(map(str, targets)), "target_kind": target.kind, "target_value": target.value,
+        "cost_unit": cost0.unit, "cost_before": c0s[0], "cost_after": finals[0], "cost_goal": goals[0],
+        "targets": [{"target": str(t), "kind": t.kind, "value": t.value, "relative": t.relative, "unit": c.unit,
+                     "before": c0, "goal": g, "after": f, "kept": f / c0 if c0 else None}
+                    for t, c, c0, g, f in zip(targets, costs0, c0s, goals, finals)],
         "params_before": before["params"], "params_after": after["params"],
         "macs_before": before["macs"], "macs_after": after["macs"],
         "params_kept": after["params"] / before["params"], "macs_kept": after["macs"] / before["macs"],
@@ -398,12 +428,14 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         "steps": steps_report,
         "blocks": per_block(arch, cur_arch),
     }
-    if isinstance(cost0, LatencyCost):  # blocks whose pruned widths the table's measured grid prices
-        rep["latency_grid_blocks"] = sum(bool(cost0.uses_grid(i)) for i in infos0)
+    lat = next((c for c in costs0 if isinstance(c, LatencyCost)), None)
+    if lat is not None:  # blocks whose pruned widths the table's measured grid prices
+        rep["latency_grid_blocks"] = sum(bool(lat.uses_grid(i)) for i in infos0)
         rep["blocks_total"] = len(infos0)
     if table is not None:
         rep["latency_before_ms"] = float(table.predict(arch, interpolate=True))
         rep["latency_after_ms"] = float(table.predict(cur_arch, interpolate=True))
+        rep["latency_kept"] = rep["latency_after_ms"] / rep["latency_before_ms"]
     if heldout:
         rep["heldout_before"] = evaluate(reference, heldout, reference)
         rep["heldout_after"] = evaluate(cur, heldout, reference)

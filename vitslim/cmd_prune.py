@@ -12,9 +12,12 @@ def _args(p):
     p.add_argument("--data", required=True,
                    help="calibration / fine-tuning images: 'synthetic', an ImageFolder directory root/<class>/<images>, "
                         "or a .pt file with an image tensor (N, C, H, W) or {images, labels}")
-    p.add_argument("--target", required=True,
-                   help="params=F or macs=F (fraction kept, in (0, 1]) or latency=MS (with --table)")
-    p.add_argument("--table", default=None, help="latency table .yaml of the device (for latency=MS)")
+    p.add_argument("--target", required=True, action="append",
+                   help="params=F or macs=F (fraction kept, in (0, 1]), latency=MS or latency=Fx (milliseconds, or "
+                        "a fraction of the unpruned network's predicted latency, with --table); several at once, all "
+                        "met: macs=0.5,latency=0.5x (or --target repeated)")
+    p.add_argument("--table", default=None, help="latency table .yaml of the device (for latency targets; with a "
+                                                 "params / MACs target the report adds the predicted latency)")
     p.add_argument("--criterion", default="taylor", choices=["taylor", "magnitude"],
                    help="unit importance (default taylor: first-order, gate form)")
     p.add_argument("--selection", default="auto", choices=["knapsack", "ratio", "auto"],
@@ -47,30 +50,30 @@ def _args(p):
 
 def _run(args):
     from supernet.checkpoint import load_checkpoint
-    from pruning.budget import parse_target
+    from pruning.budget import parse_targets
     from pruning.pruner import DataSource, PruneConfig, prune
     from pruning.report import check_out_dir, write_run
     from pruning.units import PruneError, check_family
 
-    target = parse_target(args.target)
+    targets = parse_targets(",".join(args.target))
+    target = ",".join(map(str, targets))
     check_out_dir(args.out, args.overwrite)
     table = None
-    if target.kind == "latency":
-        if not args.table:
-            raise PruneError(f"--target {target}: a latency target needs --table (a latency table of the device)")
+    for t in targets:
+        if t.kind == "latency" and not args.table:
+            raise PruneError(f"--target {t}: a latency target needs --table (a latency table of the device)")
     if args.table:
         from latency_tables.table import LatencyTable
         table = LatencyTable.load(args.table)
     model, arch = load_checkpoint(args.checkpoint)
     check_family(arch, depth=bool(args.depth))
-    cfg = PruneConfig(target=target, criterion=args.criterion, selection=args.selection,
+    cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
                       lr=args.lr, min_keep=args.min_keep, prune_embed=args.prune_embed, depth=args.depth,
                       momentum=args.momentum, calib_batches=args.calib_batches,
                       seed=args.seed).check()
     data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed)
-    res = prune(model, arch, cfg, data=data, table=table if target.kind == "latency" or table else None,
-                progress=not args.quiet)
+    res = prune(model, arch, cfg, data=data, table=table, progress=not args.quiet)
     rep = res.report
     rep.update({"checkpoint": os.path.abspath(args.checkpoint), "family": arch["family"], "data": args.data,
                 "table": os.path.abspath(args.table) if args.table else None, "seed": args.seed,
@@ -83,7 +86,12 @@ def _run(args):
     print(f"pruned {args.checkpoint} to {target}: params {rep['params_before']:,} -> {rep['params_after']:,} "
           f"({rep['params_kept']:.2f}), MACs {rep['macs_before']:,} -> {rep['macs_after']:,} ({rep['macs_kept']:.2f})")
     if "latency_after_ms" in rep:
-        print(f"predicted latency {rep['latency_before_ms']:.3f} -> {rep['latency_after_ms']:.3f} ms")
+        print(f"predicted latency {rep['latency_before_ms']:.3f} -> {rep['latency_after_ms']:.3f} ms "
+              f"({rep['latency_kept']:.2f})")
+        if not any(t.kind == "latency" for t in targets) and rep["latency_kept"] > rep["macs_kept"] + 0.01:
+            print(f"note: latency keeps {rep['latency_kept']:.2f} for {rep['macs_kept']:.2f} of the MACs (work MACs do "
+                  f"not count: norms, softmax, residual adds); to hold latency in proportion add "
+                  f"latency={rep['macs_kept']:.2f}x to the target")
     if rep.get("latency_grid_blocks") is not None and rep["latency_grid_blocks"] < rep["blocks_total"]:
         print(f"note: {rep['blocks_total'] - rep['latency_grid_blocks']} of {rep['blocks_total']} blocks have no pruning "
               f"grid in {args.table}: their pruned widths were estimated by interpolating in MACs (build one with "
@@ -109,5 +117,7 @@ def _run(args):
 register_command("prune", _args, _run,
                  "Taylor structured pruning of a DeiT or Swin checkpoint (Q/K, V, heads and FFN widths each their own)",
                  "vitslim prune --checkpoint deit_tiny.pth --data synthetic --target macs=0.5 --out run/deit_half\n"
+                 "vitslim prune --checkpoint deit_tiny.pth --data synthetic --target macs=0.5,latency=0.5x --table cpu.yaml "
+                 "--out run/deit_half_fast\n"
                  "vitslim prune --checkpoint swin.pt --data imagenet/val --target latency=4.0 --table cpu.yaml "
                  "--iterative-steps 4 --finetune-steps 400 --kd --out run/swin_4ms")

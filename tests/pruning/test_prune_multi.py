@@ -1,0 +1,125 @@
+"""Several targets at once (`--target macs=0.5,latency=0.5x`): every one met, the plan of one budget
+alone kept when it already meets the others, a weighted (Lagrangian) selection when both bind, and
+latency as a fraction of the unpruned network's predicted latency."""
+import json
+
+import pytest
+
+import vitslim
+from pruning.budget import (Floor, MacsCost, Network, ParamsCost, Target, parse_targets, select_constrained,
+                            select_ratio)
+from pruning.importance import MagnitudeImportance
+from pruning.pruner import PruneConfig, prune
+from pruning.units import PruneError
+
+from pruning_nets import batches, build, grid_table, tiny_deit, tiny_swin
+from test_prune_cli import FAST, one_line_error, run
+
+
+def test_parse_targets():
+    ts = parse_targets("macs=0.5, latency=0.5x")
+    assert ts == [Target("macs", 0.5), Target("latency", 0.5, relative=True)]
+    assert [str(t) for t in ts] == ["macs=0.5", "latency=0.5x"]
+    assert ts[1].is_fraction and not Target("latency", 3.0).is_fraction
+    assert parse_targets([Target("params", 0.4), "latency=2"]) == [Target("params", 0.4), Target("latency", 2.0)]
+    for bad, pattern in [("macs=0.5,macs=0.4", "macs given twice"), ("latency=1.5x", "(0, 1]"),
+                         ("latency=fastx", "not a number"), ("macs=0.5,", "empty target"),
+                         ("latency=0x", "(0, 1]")]:
+        with pytest.raises(PruneError, match=pattern.replace("(", r"\(").replace("]", r"\]")):
+            parse_targets(bad)
+
+
+def _prune(arch, target, table, **kw):
+    return prune(build(arch), arch, PruneConfig(target=target, calib_batches=1, eval_batches=1, **kw),
+                 calibration=batches(arch, 2), table=table)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_deit(blocks=4), tiny_swin])
+def test_relative_latency_is_a_fraction_of_the_predicted_unpruned_latency(make):
+    arch = make()
+    t = grid_table(arch)
+    full = t.predict(arch, interpolate=True)
+    rel = _prune(arch, "latency=0.6x", t, selection="ratio").report
+    ms = _prune(arch, f"latency={0.6 * full!r}", t, selection="ratio").report
+    assert rel["latency_after_ms"] <= 0.6 * full + 1e-9
+    assert rel["blocks"] == ms["blocks"]
+    assert rel["targets"][0]["goal"] == pytest.approx(0.6 * full) and rel["targets"][0]["relative"] is True
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_deit(blocks=4), tiny_swin])
+@pytest.mark.parametrize("selection", ["ratio", "knapsack"])
+def test_two_binding_budgets_are_both_met(make, selection):
+    """macs=0.5 alone leaves latency above 0.7x and latency=0.7x alone leaves MACs above 0.5 on these
+    tables (checked), so only a mixed plan meets both."""
+    arch = make()
+    t = grid_table(arch)
+    alone_macs = _prune(arch, "macs=0.5", t, selection=selection).report
+    alone_lat = _prune(arch, "latency=0.7x", t, selection=selection).report
+    assert alone_macs["latency_kept"] > 0.7 and alone_lat["macs_kept"] > 0.5
+    both = _prune(arch, "macs=0.5,latency=0.7x", t, selection=selection).report
+    assert both["macs_kept"] <= 0.5 + 1e-9 and both["latency_kept"] <= 0.7 + 1e-9
+    w = both["steps"][0]["candidates"][selection]["weights"]
+    assert set(w) == {"macs=0.5", "latency=0.7x"} and 0 < w["macs=0.5"] < 1
+    assert [x["kind"] for x in both["targets"]] == ["macs", "latency"]
+    for x in both["targets"]:
+        assert x["after"] <= x["goal"] + 1e-9 and x["kept"] == pytest.approx(x["after"] / x["before"])
+    assert both["target"] == "macs=0.5,latency=0.7x"
+
+
+def test_a_budget_whose_plan_meets_the_other_is_the_answer():
+    """latency=0.5x alone keeps far fewer MACs than 0.6: adding macs=0.6 changes nothing."""
+    arch = tiny_deit(blocks=4)
+    t = grid_table(arch)
+    alone = _prune(arch, "latency=0.5x", t).report
+    both = _prune(arch, "macs=0.6,latency=0.5x", t).report
+    assert alone["macs_kept"] < 0.6
+    assert both["blocks"] == alone["blocks"]
+    sel = both["steps"][0]["selection"]
+    assert both["steps"][0]["candidates"][sel]["weights"] == {"macs=0.6": 0.0, "latency=0.5x": 1.0}
+
+
+def test_iterative_steps_meet_every_budget_at_every_step():
+    arch = tiny_deit(blocks=4)
+    rep = _prune(arch, "params=0.6,latency=0.7x", grid_table(arch), iterative_steps=2).report
+    for s in rep["steps"]:
+        for k, budget in s["budgets"].items():
+            assert s["costs"][k] <= budget * (1 + 1e-9)
+    assert rep["params_kept"] <= 0.6 and rep["latency_kept"] <= 0.7 + 1e-9
+
+
+def test_budgets_that_cannot_all_be_met_are_a_clear_error():
+    arch = tiny_deit()
+    sc = MagnitudeImportance().score(build(arch), arch)
+    costs = [ParamsCost(), MacsCost()]
+    full = [c.total(arch) for c in costs]
+    with pytest.raises(PruneError, match="cannot all be met at once"):
+        select_constrained(select_ratio, lambda c: Network(arch, sc, c, Floor(0.5)), costs, [0.05 * f for f in full])
+
+
+def test_depth_is_on_when_any_target_is_a_latency():
+    assert PruneConfig(target="macs=0.5,latency=0.5x").check().use_depth is True
+    assert PruneConfig(target="macs=0.5,params=0.5").check().use_depth is False
+
+
+def test_cli_with_two_targets_and_the_note_on_latency(tmp_path, capsys):
+    arch = tiny_deit(blocks=4)
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    t = grid_table(arch)
+    t.save(str(tmp_path / "t.yaml"))
+    rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6",
+                        "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "a")] + FAST, capsys)
+    assert rc == 0, err
+    rep = json.load(open(tmp_path / "a" / "report.json"))
+    assert rep["latency_kept"] > rep["macs_kept"] + 0.01
+    assert f"add latency={rep['macs_kept']:.2f}x to the target" in out
+    rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6",
+                        "--target", "latency=0.6x", "--table", str(tmp_path / "t.yaml"),
+                        "--out", str(tmp_path / "b")] + FAST, capsys)
+    assert rc == 0, err
+    rep = json.load(open(tmp_path / "b" / "report.json"))
+    assert rep["target"] == "macs=0.6,latency=0.6x"
+    assert rep["macs_kept"] <= 0.6 and rep["latency_kept"] <= 0.6 + 1e-9
+    assert "to hold latency in proportion" not in out
+    one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6,latency=0.5x",
+                            "--out", str(tmp_path / "c")] + FAST, "--target latency=0.5x: a latency target needs --table")
