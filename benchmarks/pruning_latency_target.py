@@ -14,6 +14,8 @@ and report MACs kept, latency kept (ratios from the same run), predicted vs meas
     python benchmarks/pruning_latency_target.py --attention     # the attention-dispatch check only
     python benchmarks/pruning_latency_target.py --extra depth   # + depth moves (whole branches) on, to
                                                                 # the latency and the MACs target
+    python benchmarks/pruning_latency_target.py --extra depth,proportional --out benchmarks/pruning_latency_proportional.json
+                                                                # + macs=F,latency=Fx: both budgets at once
 
 Runs (a) and (b) and every extra but `depth` prune with depth moves off (`depth=False`, as before
 depth moves existed), so their numbers reproduce; `depth` adds (a) and (b) with `depth=True` and a
@@ -149,7 +151,8 @@ def main():
                         "min_keep 0), embed (latency target with embedding pruning: slow, priced off the grid), "
                         "macs_embed (MACs target with embedding pruning), depth (latency and MACs targets with depth "
                         "moves on; every other run has them off), depth_only (latency target, depth on, min_keep 1: "
-                        "only whole branches go)")
+                        "only whole branches go), proportional (macs=F,latency=Fx: both met, depth moves on as for "
+                        "any latency target)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds at batch 1 (default 15)")
     p.add_argument("--rounds-b16", type=int, default=3, help="interleaved rounds at batch 16 (0: skip; default 3)")
     p.add_argument("--fraction", type=float, default=0.5)
@@ -183,6 +186,9 @@ def main():
             if extra == "depth":  # whole branches as moves, competing with unit moves
                 runs["macs/depth"] = (f"macs={args.fraction}", args.selection, {"depth": True})
                 runs["latency/depth"] = (f"latency={goal:.4f}", args.selection, {"depth": True})
+                continue
+            if extra == "proportional":  # MACs and latency budgets at once (pruning.budget.select_constrained)
+                runs["macs+latency"] = (f"macs={args.fraction},latency={args.fraction}x", args.selection, {})
                 continue
             if extra == "depth_only":  # min_keep 1 holds every unit: only whole branches may go
                 runs["latency/depth_only"] = (f"latency={goal:.4f}", args.selection, {"depth": True, "min_keep": 1.0})

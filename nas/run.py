@@ -120,9 +120,11 @@ def make_evaluator(supernet, cfg: TrainConfig, eval_images: int = 512, bn_batche
 
 def make_strategy(name: str, run_args: Mapping, trials: int = 100, sampler: str = "nsga2",
                   storage: str = "journal", budget: int = 50, band: float = 0.0, criterion: str = "acc",
-                  actions: str = "paper"):
+                  actions: str = "paper", refine: int = 0):
+    if refine and name != "slim":
+        raise SearchError(f"--refine {refine}: refinement follows slimming (--strategy slim), not {name}")
     if name == "slim":
-        return LatencySlimming(run_args=run_args, criterion=criterion, actions=actions)
+        return LatencySlimming(run_args=run_args, criterion=criterion, actions=actions, refine=refine)
     if name == "optuna":
         return OptunaSearch(n_trials=trials, sampler=sampler, storage=storage, run_args=run_args)
     if name == "random":
@@ -139,7 +141,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
                budget: int = 50, overwrite: bool = False, progress: bool = True, interpolate: bool = False,
                device: str = "cpu", verify: str = "auto", tolerance: float = 0.05, verify_seconds: float = 1.0,
                verify_rounds: int = 4, measure=None, band: float = 0.0, criterion: str = "acc",
-               actions: str = "paper") -> dict:
+               actions: str = "paper", refine: int = 0) -> dict:
     """Search `supernet` (a run directory) under `target_ms` on `table` and write the run directory
     `out`; returns the report.
 
@@ -172,7 +174,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
     try:
         return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
                     eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,
-                    supernet, device, verifier, skipped, band, criterion, actions)
+                    supernet, device, verifier, skipped, band, criterion, actions, refine)
     except BaseException:
         if not existed and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)  # a search refused before it started leaves nothing behind
@@ -181,14 +183,14 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
 
 def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches, eval_batch_size,
          finetune, finetune_lr, trials, sampler, storage, budget, progress, table, supernet, device,
-         verifier=None, skipped=None, band=0.0, criterion="acc", actions="paper") -> dict:
+         verifier=None, skipped=None, band=0.0, criterion="acc", actions="paper", refine=0) -> dict:
     torch.manual_seed(seed)
     t_setup = time.perf_counter()
     evaluator, train_set = make_evaluator(model, cfg, eval_images, bn_batches, eval_batch_size, seed, device)
     run_args = {"supernet": os.path.abspath(supernet), "supernet_step": int(obj["step"]),
                 "table": os.path.abspath(table), "eval_images": evaluator.n_images, "bn_batches": evaluator.bn_batches}
     strat = make_strategy(strategy, run_args, trials=trials, sampler=sampler, storage=storage, budget=budget,
-                          band=band, criterion=criterion, actions=actions)
+                          band=band, criterion=criterion, actions=actions, refine=refine)
     ctx = SearchContext(space=model.space, supernet=model, table=tab, compiled=compiled, evaluator=evaluator,
                         target_ms=target, seed=seed, progress=progress, log_dir=out)
     setup_s = time.perf_counter() - t_setup

@@ -27,6 +27,16 @@ Choices the paper leaves open, decided here:
   it. The best-per-ms action is often a large one that overshoots (a whole block where 16 channels
   would do), and time saved beyond the target buys nothing; these candidates were evaluated anyway.
 
+Beyond the paper (`refine=N`, off by default): the path spends its evaluations on one greedy line,
+and a network of the same latency that keeps what the path gave up early (an early block, say) is
+never looked at. Refinement spends N more evaluations around the result: its neighbours one or two
+moves away (a position to another type, a stage 16 channels wider or narrower; two moves: one that
+adds time and one that pays for it) that meet the bound, ranked by a ridge regression of held-out
+accuracy on the architecture (block types per position, stage widths) fitted to every network
+evaluated so far (the path's candidates are its first data); the best-predicted one is evaluated,
+becomes the centre when it is more accurate, and the model is refitted. Each evaluation is one JSON
+line (`refine`), reused on resume.
+
 When verification (nas/verify.py) finds the network slower than promised, the search is called
 again with a tighter bound (`ctx.bound_ms`): slimming logs a `retarget` line and continues from the
 network it stopped at.
@@ -43,6 +53,9 @@ import math
 import os
 from typing import List, Mapping, Optional, Tuple
 
+import numpy as np
+
+from .evaluator import choice_key
 from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy, describe_blocks, largest_choice,
                        require_reachable)
 
@@ -108,7 +121,11 @@ class LatencySlimming(SearchStrategy):
     ACTION_SETS = ("paper", "every")
 
     def __init__(self, max_steps: int = 10_000, run_args: Optional[Mapping] = None, criterion: str = "acc",
-                 actions: str = "paper"):
+                 actions: str = "paper", refine: int = 0):
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise SearchError(f"--refine: got {refine!r}, expected a number of evaluations >= 0 (0: the paper's "
+                              "slimming alone)")
+        self.refine = refine
         if actions not in self.ACTION_SETS:
             raise SearchError(f"--actions: got {actions!r}, expected paper (the least important position and "
                               "stage) or every (every position and stage: more evaluations per step)")
@@ -126,7 +143,101 @@ class LatencySlimming(SearchStrategy):
             a["criterion"] = self.criterion
         if self.actions != "paper":
             a["actions"] = self.actions
+        if self.refine:
+            a["refine"] = self.refine
         return a
+
+    # ------------------------------------------------------------ refinement (beyond the paper)
+    @staticmethod
+    def moves(space, choice: Mapping) -> List[Tuple[str, dict]]:
+        """Every valid network one move from `choice`: a position to another of its stage's
+        candidates, or a stage `width_step` channels wider or narrower."""
+        out = []
+        for i, st in enumerate(space.stages):
+            for j in range(st.max_depth):
+                for t in st.candidates:
+                    if t == choice["blocks"][i][j]:
+                        continue
+                    c = copy.deepcopy(choice)
+                    c["blocks"][i][j] = t
+                    try:
+                        out.append((f"stage{i}.block{j}={t}", space.check_choice(c)))
+                    except ValueError:
+                        continue  # a meta4d after a meta3d
+            for d in (-space.width_step, space.width_step):
+                w = choice["widths"][i] + d
+                if st.min_width <= w <= st.max_width:
+                    c = copy.deepcopy(choice)
+                    c["widths"][i] = w
+                    out.append((f"stage{i}.width={w}", c))
+        return out
+
+    @staticmethod
+    def features(space, choice: Mapping) -> np.ndarray:
+        """Block type per position (one-hot, identity = none) and stage widths (fractions of the maximum)."""
+        f = []
+        for i, st in enumerate(space.stages):
+            types = [t for t in st.candidates if t != "identity"]
+            for j in range(st.max_depth):
+                f += [1.0 if choice["blocks"][i][j] == t else 0.0 for t in types]
+            f.append(choice["widths"][i] / st.max_width)
+        return np.asarray(f, dtype=np.float64)
+
+    def _surrogate(self, space, data: List[Mapping]):
+        """Ridge regression of the criterion (accuracy, or minus the loss) on `features`."""
+        X = np.stack([self.features(space, d["choice"]) for d in data])
+        y = np.asarray([float(d["acc"]) if self.criterion == "acc" else -float(d["loss"]) for d in data])
+        mu, sd = X.mean(0), X.std(0)
+        sd[sd == 0] = 1.0
+        Z = np.c_[np.ones(len(X)), (X - mu) / sd]
+        lam = np.eye(Z.shape[1]) * max(1e-3 * len(X), 1e-3)
+        lam[0, 0] = 0.0
+        w = np.linalg.solve(Z.T @ Z + lam, Z.T @ y)
+        return lambda c: float(np.r_[1.0, (self.features(space, c) - mu) / sd] @ w)
+
+    def _better(self, a: Mapping, b: Mapping) -> bool:
+        if self.criterion == "acc":
+            return (float(a["acc"]), -float(a["loss"])) > (float(b["acc"]), -float(b["loss"]))
+        return (-float(a["loss"]), float(a["acc"])) > (-float(b["loss"]), float(b["acc"]))
+
+    def _refine(self, ctx: SearchContext, done: dict, recs: List[Mapping], log: "TrajectoryLog", bound: float) -> dict:
+        """`self.refine` evaluations around `done` (see the module docstring); returns the best record."""
+        data = [r for r in recs if r.get("type") in ("start", "step") and "acc" in r]
+        data += [c for r in recs if r.get("type") == "step" for c in r.get("candidates", ())]
+        seen = {choice_key(d["choice"]) for d in data}
+        logged = [r for r in recs if r.get("type") == "refine" and abs(float(r["bound_ms"]) - bound) < 1e-9]
+        best = dict(done)
+        for n in range(self.refine):
+            if n < len(logged):  # resume: the logged evaluation, in order
+                r = logged[n]
+            else:
+                one = self.moves(ctx.space, best["choice"])
+                pool, keys = {}, []
+                for _, c1 in one:
+                    for c in [c1] + [c2 for _, c2 in self.moves(ctx.space, c1)]:
+                        k = choice_key(c)
+                        if k not in seen and k not in pool:
+                            pool[k] = c
+                            keys.append(k)
+                if not keys:
+                    break
+                cands = [pool[k] for k in keys]
+                ms = ctx.latencies(cands)
+                ok = [(c, float(m)) for c, m in zip(cands, ms) if m <= bound]
+                if not ok:
+                    break
+                model = self._surrogate(ctx.space, data)
+                c, m = max(ok, key=lambda t: (model(t[0]), t[1]))
+                e = ctx.evaluator(c)
+                r = {"type": "refine", "n": n + 1, "bound_ms": bound, "choice": c, "predicted_ms": m,
+                     "acc": e["acc"], "loss": e["loss"], "surrogate": model(c)}
+                log.append(r)
+            data.append(r)
+            seen.add(choice_key(r["choice"]))
+            if self._better(r, best):
+                best = {**best, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),
+                        "loss": float(r["loss"]), "picked": f"refine{r['n']}"}
+        return best
 
     # ------------------------------------------------------------ the three actions
     @staticmethod
@@ -281,6 +392,7 @@ class LatencySlimming(SearchStrategy):
                        "score": best["score"], "candidates": rows}
                 log.append(rec)
                 steps.append(rec)
+                recs.append(rec)
                 cur = best["choice"]
                 if bar is not None:
                     bar.update(1)
@@ -288,6 +400,9 @@ class LatencySlimming(SearchStrategy):
         finally:
             if bar is not None:
                 bar.close()
+        path_pick = done.get("picked", "end")
+        if self.refine:
+            done = self._refine(ctx, done, recs, log, bound)
         start_rec = next(r for r in recs if r.get("type") == "start")
         traj = [{"step": 0, "action": "start", "predicted_ms": start_rec["predicted_ms"], "acc": start_rec["acc"]}]
         traj += [{"step": r["step"], "action": r["action"], "where": r["where"], "predicted_ms": r["predicted_ms"],
@@ -295,5 +410,6 @@ class LatencySlimming(SearchStrategy):
         return SearchResult(self.name, done["choice"], float(done["predicted_ms"]), float(done["acc"]),
                             float(done["loss"]), evaluations=ctx.evaluator.evaluations,
                             extra={"steps": len(steps), "trajectory": traj, "criterion": self.criterion,
-                                   "picked": done.get("picked", "end"),
+                                   "picked": done.get("picked", "end"), "path_pick": path_pick,
+                                   "refine": self.refine,
                                    "path_end_ms": done.get("path_end_ms"), "path_end_acc": done.get("path_end_acc")})

@@ -44,6 +44,10 @@ def _search_args(p):
                    help="slim: candidate actions per step: paper (the least important position -> identity, the "
                         "first Meta3D -> Meta4D, the least important stage -16 channels; default) or every (every "
                         "position and every stage: more evaluations per step)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="slim: N more evaluations after the path, around its result: networks one or two moves away "
+                        "that meet the target, the one a regression on every evaluated network predicts best first "
+                        "(beyond the paper; default 0)")
     p.add_argument("--band", type=float, default=0.0,
                    help="random: sample only networks predicted within this fraction under the target "
                         "(0.1: a latency-matched baseline; default 0: anything under it)")
@@ -93,7 +97,7 @@ def _search(args):
                      progress=not args.no_progress, interpolate=args.interpolate, device=args.device,
                      verify=args.verify, tolerance=args.tolerance, verify_seconds=args.verify_seconds,
                      verify_rounds=args.verify_rounds, band=args.band, criterion=args.criterion,
-                     actions=args.actions)
+                     actions=args.actions, refine=args.refine)
     if args.json:
         print(json.dumps(rep))
     else:
@@ -105,7 +109,7 @@ def _search(args):
 PIPELINE_KEYS = ("version", "supernet", "table", "search", "export")
 SEARCH_KEYS = ("strategy", "seed", "eval_images", "bn_batches", "eval_batch_size", "finetune", "finetune_lr", "trials",
                "sampler", "storage", "budget", "interpolate", "device", "verify", "tolerance", "verify_seconds",
-               "verify_rounds", "band", "criterion", "actions")
+               "verify_rounds", "band", "criterion", "actions", "refine")
 
 
 def _bad(key, value, expected):

@@ -1,0 +1,127 @@
+"""Refinement after slimming (`--refine N`): N more evaluations, each a network one or two moves from
+the current best that meets the target and that the regression ranks first; the result is the best
+of the path and them; deterministic, resumable from its log, refused for other strategies."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nas.evaluator import choice_key
+from nas.run import load_supernet_run, run_search
+from nas.slimming import LatencySlimming
+from nas.strategy import SearchError
+
+import importlib.util
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("nas_test_slimming", os.path.join(_here, "test_slimming.py"))
+_ts = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("nas_test_slimming", _ts)
+_spec.loader.exec_module(_ts)
+read_log, start_ms = _ts.read_log, _ts.start_ms
+
+
+@pytest.fixture(scope="module")
+def refined(supernet_run, table_path, tmp_path_factory):
+    target = 0.5 * start_ms(supernet_run, table_path)
+    plain = str(tmp_path_factory.mktemp("plain") / "run")
+    out = str(tmp_path_factory.mktemp("refine") / "run")
+    r0 = run_search(supernet_run, table_path, target, plain, eval_images=16, progress=False)
+    r1 = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, refine=6)
+    return plain, r0, out, r1, target
+
+
+def _dist(space, a, b) -> int:
+    """Moves between two choices (positions changed + width steps)."""
+    d = sum(x != y for bl_a, bl_b in zip(a["blocks"], b["blocks"]) for x, y in zip(bl_a, bl_b))
+    return d + sum(abs(x - y) // space.width_step for x, y in zip(a["widths"], b["widths"]))
+
+
+def test_refinement_spends_its_evaluations_near_the_best_and_keeps_the_best(refined, supernet_run):
+    plain, r0, out, r1, target = refined
+    space = load_supernet_run(supernet_run)[0].space
+    log = read_log(out)
+    path = [r for r in log if r["type"] in ("start", "step")]
+    assert [{k: v for k, v in r.items()} for r in path] == [r for r in read_log(plain) if r["type"] in ("start", "step")]
+    ref = [r for r in log if r["type"] == "refine"]
+    assert [r["n"] for r in ref] == list(range(1, 7))
+    seen = {choice_key(r["choice"]) for r in path} | {choice_key(c["choice"]) for r in path for c in r.get("candidates", ())}
+    centre = {"choice": r0["choice"], "acc": r0["accuracy"], "loss": r0["heldout_loss"]}
+    for r in ref:
+        assert r["predicted_ms"] <= target
+        assert choice_key(r["choice"]) not in seen  # never evaluates a network twice
+        assert 1 <= _dist(space, r["choice"], centre["choice"]) <= 2
+        seen.add(choice_key(r["choice"]))
+        if (r["acc"], -r["loss"]) > (centre["acc"], -centre["loss"]):
+            centre = r
+    assert r1["choice"] == centre["choice"] and r1["accuracy"] == centre["acc"]
+    assert r1["accuracy"] >= r0["accuracy"] and r1["predicted_ms"] <= target
+    assert r1["evaluation"]["evaluations"] == r0["evaluation"]["evaluations"] + 6
+    assert r1["search"]["refine"] == 6 and r1["search"]["path_pick"] == r0["search"]["picked"]
+
+
+def test_each_refinement_takes_the_candidate_the_regression_ranks_first(refined, supernet_run, table_path):
+    """Replays the ranking from the log: the regression fitted on every network evaluated before it."""
+    plain, r0, out, r1, target = refined
+    model, _, _ = load_supernet_run(supernet_run)
+    space = model.space
+    from nas.run import load_table
+    _, compiled = load_table(table_path, space)
+    s = LatencySlimming(refine=6)
+    log = read_log(out)
+    data = [r for r in log if r["type"] in ("start", "step")]
+    data += [c for r in log if r["type"] == "step" for c in r["candidates"]]
+    centre = {"choice": r0["choice"], "acc": r0["accuracy"], "loss": r0["heldout_loss"]}
+    for r in (x for x in log if x["type"] == "refine"):
+        fit = s._surrogate(space, data)
+        seen = {choice_key(d["choice"]) for d in data}
+        pool = {}
+        for _, c1 in s.moves(space, centre["choice"]):
+            for c in [c1] + [c2 for _, c2 in s.moves(space, c1)]:
+                if choice_key(c) not in seen:
+                    pool[choice_key(c)] = c
+        ms = compiled.score_choices(list(pool.values()))
+        best = max(fit(c) for c, m in zip(pool.values(), ms) if m <= target)
+        assert fit(r["choice"]) == pytest.approx(best) and r["surrogate"] == pytest.approx(best)
+        data.append(r)
+        if (r["acc"], -r["loss"]) > (centre["acc"], -centre["loss"]):
+            centre = r
+
+
+def test_the_regression_fits_what_it_was_given(supernet_run):
+    space = load_supernet_run(supernet_run)[0].space
+    s = LatencySlimming()
+    rng = np.random.default_rng(0)
+    import random
+    r = random.Random(0)
+    choices = [space.sample(r) for _ in range(60)]
+    w = rng.normal(size=len(s.features(space, choices[0])))
+    data = [{"choice": c, "acc": float(s.features(space, c) @ w), "loss": 0.0} for c in choices]
+    fit = s._surrogate(space, data)
+    for d in data[:10]:
+        assert fit(d["choice"]) == pytest.approx(d["acc"], abs=0.05 * np.abs(w).sum())
+
+
+def test_refinement_resumes_from_its_log(refined, supernet_run, table_path, tmp_path):
+    plain, r0, out, r1, target = refined
+    part = tmp_path / "part"
+    part.mkdir()
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        lines = f.read().splitlines()
+    cut = [k for k, line in enumerate(lines) if json.loads(line)["type"] == "refine"][2]
+    (part / "trajectory.jsonl").write_text("\n".join(lines[:cut + 1]) + "\n")
+    r2 = run_search(supernet_run, table_path, target, str(part), eval_images=16, progress=False, refine=6)
+    assert r2["choice"] == r1["choice"] and r2["accuracy"] == r1["accuracy"]
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "args"} for r in recs]  # noqa: E731
+    assert strip(read_log(str(part)))[:len(lines)] == strip(read_log(out))[:len(lines)]
+
+
+def test_bad_refine_values(supernet_run, table_path, tmp_path):
+    target = 0.5 * start_ms(supernet_run, table_path)
+    with pytest.raises(SearchError, match="--refine: got -1"):
+        run_search(supernet_run, table_path, target, str(tmp_path / "a"), eval_images=16, progress=False, refine=-1)
+    with pytest.raises(SearchError, match="--refine 5: refinement follows slimming"):
+        run_search(supernet_run, table_path, target, str(tmp_path / "b"), eval_images=16, progress=False,
+                   strategy="random", refine=5)
