@@ -908,10 +908,11 @@ def select_constrained(select: Callable[[Network, float], Selection], make_net: 
     runs on the weighted sum  sum_i lambda_i cost_i / budget_i  under a budget of 1 (the Lagrangian
     relaxation, sum lambda = 1), and the plan that meets every budget with the least importance removed
     is kept. First each budget alone: when its plan already meets the others (a latency budget whose
-    plan keeps fewer MACs than asked), that plan is the answer. Otherwise the weights move towards the
-    budgets the plan breaks (multiplicative weights, the step halved whenever the set of broken budgets
-    changes); a weighted budget of 1 leaves the binding constraints a hair either side of theirs, so a
-    plan still over is re-selected under a weighted budget tightened by its excess. `make_net(cost)`
+    plan keeps fewer MACs than asked), that plan is the answer. Otherwise the weights of the budgets the
+    plan breaks are doubled, the factor's exponent halved whenever the set of broken budgets changes (a
+    bisection in log-weights); a weighted budget of 1 leaves the binding constraints a hair either side
+    of theirs, so if no plan met all, the closest is re-selected under a weighted budget tightened by
+    its excess (and more, geometrically, until every budget holds). `make_net(cost)`
     builds a fresh Network of the same state priced by `cost`. Returns the selection and a record of
     the weights tried (`trace`: each plan's cost as a fraction of each budget)."""
     n = len(costs)
@@ -945,23 +946,28 @@ def select_constrained(select: Callable[[Network, float], Selection], make_net: 
     for _ in range(max(iters, 1)):
         r, ok = run(lam)
         broken = tuple(x > 1 + 1e-9 for x in r)
+        if ok and prev is not None and not any(prev):
+            break  # met twice in a row: the weights have settled
         if prev is not None and broken != prev:
-            step /= 2
+            step /= 2  # the broken set flipped: a bisection in log-weights
         prev = broken
-        lam = [l * max(x, 1e-3) ** (10.0 * step) for l, x in zip(lam, r)]
+        if not any(broken):
+            continue
+        lam = [l * (2.0 ** step if b else 1.0) for l, b in zip(lam, broken)]
         z = sum(lam)
         lam = [max(l / z, 1e-6) for l in lam]
-    if not best:  # the closest plan, its weighted budget tightened by its excess
+    if not best:  # the closest plan, its weighted budget tightened until every budget holds
         t = min(trace[n:], key=lambda e: max(e["of_budget"]))
         lam, scale = t["weights"], 1.0
-        for _ in range(6):
-            scale /= max(max(t["of_budget"]), 1.0 + 1e-6)
+        for k in range(10):
+            excess = max(t["of_budget"]) - 1.0
+            scale *= 1.0 - max(excess, 0.002 * 2 ** k)
             r, ok = run(lam, scale)
             if ok:
                 break
             t = trace[-1]
     if not best:
-        worst = trace[-1]["of_budget"]
+        worst = min(trace, key=lambda e: max(e["of_budget"]))["of_budget"]
         raise PruneError("the budgets cannot all be met at once by removing units: the closest plan is at "
                          + ", ".join(f"{x:.3f}" for x in worst) + " of them; loosen one")
     return best[0], {"weights": best[1], "trace": trace}
