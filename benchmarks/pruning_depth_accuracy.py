@@ -6,6 +6,14 @@ CPU latency at batch 1 (one thread, thread clock, interleaved rounds, ratios fro
 
     python benchmarks/pruning_depth_accuracy.py                        # ~10 min on 1 CPU thread
     python benchmarks/pruning_depth_accuracy.py --finetune-steps 0     # pruned only, ~1 min
+
+With latency budgets (tables of these 32x32 models with their pruning grid, built first:
+`vitslim latency build --arch <cached checkpoint> --prune-grid --out <table>`), targets joined by
+commas are met together, e.g. MACs and latency at once:
+
+    python benchmarks/pruning_depth_accuracy.py --table 'runs/grid_small_{family}.yaml' \
+        --targets macs=0.5 'macs=0.5,latency=0.8x' 'macs=0.5,latency=0.7x' --variants 'depth off' auto \
+        --out benchmarks/pruning_budgets_accuracy.json
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ sys.path.insert(0, HERE)
 
 import vitslim  # noqa: E402
 from supernet.arch import atomic_write_text  # noqa: E402
+from latency_tables import LatencyTable  # noqa: E402
 from pruning.pruner import PruneConfig, finetune, prune  # noqa: E402
+from pruning.units import PruneError  # noqa: E402
 from pruning_latency_target import measure  # noqa: E402
 from pruning_vs_torch_pruning import DEIT, SWIN, accuracy, batch_stream, render  # noqa: E402
 
@@ -49,7 +59,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/vitslim/bench_pruning"))
     p.add_argument("--families", default="deit,swin")
-    p.add_argument("--targets", default="macs=0.5", help="comma-separated pruning targets (params=F or macs=F)")
+    p.add_argument("--targets", nargs="+", default=["macs=0.5"],
+                   help="pruning targets, one run each (a target may join several budgets with commas: "
+                        "macs=0.5,latency=0.7x; latency budgets need --table)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS) + ["auto"],
+                   help="depth settings per target (auto: the pruner's default, on when a budget is a latency)")
+    p.add_argument("--table", default=None, help="latency table per family, '{family}' replaced (deit, swin)")
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds at batch 1 (0: skip)")
     # the training settings of pruning_vs_torch_pruning.py (they name its cache entry)
@@ -77,15 +92,25 @@ def main():
         row = {"checkpoint": os.path.basename(path), "unpruned_top1": accuracy(model, xte, yte), "runs": {}}
         print(f"== {fam}: {path}, top-1 {row['unpruned_top1']:.3f}", flush=True)
         models = {"unpruned": model}
-        for target in args.targets.split(","):
-            for vname, kw in VARIANTS.items():
+        table = LatencyTable.load(args.table.format(family=fam)) if args.table else None
+        for target in args.targets:
+            for vname in args.variants:
+                kw = VARIANTS.get(vname, {})
                 torch.manual_seed(args.seed)
-                res = prune(model, arch, PruneConfig(target=target, selection="auto", calib_batches=len(calib),
-                                                     eval_batches=min(4, len(calib)), **kw), calibration=calib)
+                try:
+                    res = prune(model, arch, PruneConfig(target=target, selection="auto", calib_batches=len(calib),
+                                                         eval_batches=min(4, len(calib)), **kw), calibration=calib,
+                                table=table)
+                except PruneError as e:  # e.g. a latency below what this depth setting can reach
+                    row["runs"][f"{target} {vname}"] = {"target": target, **kw, "error": str(e)}
+                    print(f"  {target} {vname}: {e}", flush=True)
+                    continue
                 r = {"target": target, **kw, "macs_kept": vitslim.count(res.arch)["macs"] / macs0,
                      "params_kept": res.report["params_kept"], "top1_pruned": accuracy(res.model, xte, yte),
                      "emptied": res.report["emptied"], "removed_blocks": res.report["removed_blocks"],
-                     "selection": res.report["steps"][-1]["selection"]}
+                     "selection": res.report["steps"][-1]["selection"], "depth": res.report["depth"]}
+                if table is not None:
+                    r["predicted_latency_kept"] = res.report["latency_kept"]
                 m = res.model
                 if args.finetune_steps:
                     teacher = copy.deepcopy(model).eval()
@@ -102,6 +127,8 @@ def main():
             lat = measure(models, 1, args.rounds, arch["input_size"])
             row["unpruned_ms_b1"] = lat["unpruned"]["ms"]
             for name, r in row["runs"].items():
+                if "error" in r:
+                    continue
                 r["ms_b1"] = lat[name]["ms"]
                 r["latency_kept_b1"] = lat[name]["ms"] / lat["unpruned"]["ms"]
                 print(f"  {name:<34} b1 {r['ms_b1']:.2f} ms (kept {r['latency_kept_b1']:.3f}, MACs kept "
