@@ -92,13 +92,16 @@ class TrajectoryLog:
                 os.replace(tmp, self.path)
         return recs
 
-    def append(self, rec: Mapping) -> None:
+    def append(self, rec: Mapping, sync: bool = True) -> None:
+        """One line; `sync=False` flushes without fsync (the line survives the process being killed,
+        not the machine losing power: for records that are cheap to redo)."""
         if not self.path:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
 
 
 def args_diff(old: Mapping, new: Mapping, prefix: str = "") -> List[str]:
@@ -153,23 +156,24 @@ class LatencySlimming(SearchStrategy):
         """Every valid network one move from `choice`: a position to another of its stage's
         candidates, or a stage `width_step` channels wider or narrower."""
         out = []
+        W, B = choice["widths"], choice["blocks"]
+
+        def with_(i, bl=None, w=None):
+            return {"widths": W if w is None else W[:i] + [w] + W[i + 1:],
+                    "blocks": B if bl is None else B[:i] + [bl] + B[i + 1:]}
         for i, st in enumerate(space.stages):
             for j in range(st.max_depth):
                 for t in st.candidates:
-                    if t == choice["blocks"][i][j]:
+                    if t == B[i][j]:
                         continue
-                    c = copy.deepcopy(choice)
-                    c["blocks"][i][j] = t
-                    try:
-                        out.append((f"stage{i}.block{j}={t}", space.check_choice(c)))
-                    except ValueError:
-                        continue  # a meta4d after a meta3d
+                    bl = B[i][:j] + [t] + B[i][j + 1:]
+                    if "meta4d" in bl and "meta3d" in bl and bl.index("meta3d") < len(bl) - 1 - bl[::-1].index("meta4d"):
+                        continue  # a meta4d after a meta3d (3D blocks only after 4D ones)
+                    out.append((f"stage{i}.block{j}={t}", with_(i, bl=bl)))
             for d in (-space.width_step, space.width_step):
-                w = choice["widths"][i] + d
+                w = W[i] + d
                 if st.min_width <= w <= st.max_width:
-                    c = copy.deepcopy(choice)
-                    c["widths"][i] = w
-                    out.append((f"stage{i}.width={w}", c))
+                    out.append((f"stage{i}.width={w}", with_(i, w=w)))
         return out
 
     @staticmethod
@@ -183,17 +187,34 @@ class LatencySlimming(SearchStrategy):
             f.append(choice["widths"][i] / st.max_width)
         return np.asarray(f, dtype=np.float64)
 
-    def _surrogate(self, space, data: List[Mapping]):
-        """Ridge regression of the criterion (accuracy, or minus the loss) on `features`."""
-        X = np.stack([self.features(space, d["choice"]) for d in data])
-        y = np.asarray([float(d["acc"]) if self.criterion == "acc" else -float(d["loss"]) for d in data])
+    def _target(self, d: Mapping) -> float:
+        return float(d["acc"]) if self.criterion == "acc" else -float(d["loss"])
+
+    @staticmethod
+    def _surrogate(X: np.ndarray, y: np.ndarray):
+        """Ridge regression of y (the criterion: accuracy, or minus the loss) on feature rows X;
+        returns predict(F) for a matrix of feature rows."""
         mu, sd = X.mean(0), X.std(0)
         sd[sd == 0] = 1.0
         Z = np.c_[np.ones(len(X)), (X - mu) / sd]
         lam = np.eye(Z.shape[1]) * max(1e-3 * len(X), 1e-3)
         lam[0, 0] = 0.0
         w = np.linalg.solve(Z.T @ Z + lam, Z.T @ y)
-        return lambda c: float(np.r_[1.0, (self.features(space, c) - mu) / sd] @ w)
+        return lambda F: w[0] + ((np.atleast_2d(F) - mu) / sd) @ w[1:]
+
+    def _neighbourhood(self, ctx: SearchContext, centre: Mapping, bound: float):
+        """(choices, keys, predicted ms, feature matrix) of the networks one or two moves from
+        `centre` that meet `bound`."""
+        pool = {}
+        for _, c1 in self.moves(ctx.space, centre):
+            for c in [c1] + [c2 for _, c2 in self.moves(ctx.space, c1)]:
+                pool.setdefault(choice_key(c), c)
+        keys = list(pool)
+        ms = np.asarray(ctx.latencies([pool[k] for k in keys]), dtype=np.float64) if keys else np.zeros(0)
+        ok = [i for i in range(len(keys)) if ms[i] <= bound]
+        cands = [pool[keys[i]] for i in ok]
+        F = np.stack([self.features(ctx.space, c) for c in cands]) if cands else np.zeros((0, 0))
+        return cands, [keys[i] for i in ok], ms[ok], F
 
     def _better(self, a: Mapping, b: Mapping) -> bool:
         if self.criterion == "acc":
@@ -205,34 +226,33 @@ class LatencySlimming(SearchStrategy):
         data = [r for r in recs if r.get("type") in ("start", "step") and "acc" in r]
         data += [c for r in recs if r.get("type") == "step" for c in r.get("candidates", ())]
         seen = {choice_key(d["choice"]) for d in data}
+        X = [self.features(ctx.space, d["choice"]) for d in data]  # the regression's rows, grown with data
+        y = [self._target(d) for d in data]
         logged = [r for r in recs if r.get("type") == "refine" and abs(float(r["bound_ms"]) - bound) < 1e-9]
         best = dict(done)
+        hood, hood_of = None, None
         for n in range(self.refine):
             if n < len(logged):  # resume: the logged evaluation, in order
                 r = logged[n]
             else:
-                one = self.moves(ctx.space, best["choice"])
-                pool, keys = {}, []
-                for _, c1 in one:
-                    for c in [c1] + [c2 for _, c2 in self.moves(ctx.space, c1)]:
-                        k = choice_key(c)
-                        if k not in seen and k not in pool:
-                            pool[k] = c
-                            keys.append(k)
-                if not keys:
+                centre = choice_key(best["choice"])
+                if hood_of != centre:  # the neighbourhood moves with the centre only
+                    hood, hood_of = self._neighbourhood(ctx, best["choice"], bound), centre
+                cands, keys, ms, F = hood
+                open_ = [i for i, k in enumerate(keys) if k not in seen]
+                if not open_:
                     break
-                cands = [pool[k] for k in keys]
-                ms = ctx.latencies(cands)
-                ok = [(c, float(m)) for c, m in zip(cands, ms) if m <= bound]
-                if not ok:
-                    break
-                model = self._surrogate(ctx.space, data)
-                c, m = max(ok, key=lambda t: (model(t[0]), t[1]))
+                pred = self._surrogate(np.stack(X), np.asarray(y))(F[open_])
+                k = max(range(len(open_)), key=lambda t: (pred[t], ms[open_[t]]))
+                i = open_[k]
+                c = {"widths": list(cands[i]["widths"]), "blocks": [list(b) for b in cands[i]["blocks"]]}  # unshared
                 e = ctx.evaluator(c)
-                r = {"type": "refine", "n": n + 1, "bound_ms": bound, "choice": c, "predicted_ms": m,
-                     "acc": e["acc"], "loss": e["loss"], "surrogate": model(c)}
-                log.append(r)
+                r = {"type": "refine", "n": n + 1, "bound_ms": bound, "choice": c, "predicted_ms": float(ms[i]),
+                     "acc": e["acc"], "loss": e["loss"], "surrogate": float(pred[k])}
+                log.append(r, sync=False)  # one evaluation to redo if lost
             data.append(r)
+            X.append(self.features(ctx.space, r["choice"]))
+            y.append(self._target(r))
             seen.add(choice_key(r["choice"]))
             if self._better(r, best):
                 best = {**best, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),

@@ -75,7 +75,7 @@ def test_each_refinement_takes_the_candidate_the_regression_ranks_first(refined,
     data += [c for r in log if r["type"] == "step" for c in r["candidates"]]
     centre = {"choice": r0["choice"], "acc": r0["accuracy"], "loss": r0["heldout_loss"]}
     for r in (x for x in log if x["type"] == "refine"):
-        fit = s._surrogate(space, data)
+        fit = s._surrogate(np.stack([s.features(space, d["choice"]) for d in data]), np.array([d["acc"] for d in data]))
         seen = {choice_key(d["choice"]) for d in data}
         pool = {}
         for _, c1 in s.moves(space, centre["choice"]):
@@ -83,8 +83,9 @@ def test_each_refinement_takes_the_candidate_the_regression_ranks_first(refined,
                 if choice_key(c) not in seen:
                     pool[choice_key(c)] = c
         ms = compiled.score_choices(list(pool.values()))
-        best = max(fit(c) for c, m in zip(pool.values(), ms) if m <= target)
-        assert fit(r["choice"]) == pytest.approx(best) and r["surrogate"] == pytest.approx(best)
+        best = max(float(fit(s.features(space, c))[0]) for c, m in zip(pool.values(), ms) if m <= target)
+        assert float(fit(s.features(space, r["choice"]))[0]) == pytest.approx(best)
+        assert r["surrogate"] == pytest.approx(best)
         data.append(r)
         if (r["acc"], -r["loss"]) > (centre["acc"], -centre["loss"]):
             centre = r
@@ -99,9 +100,38 @@ def test_the_regression_fits_what_it_was_given(supernet_run):
     choices = [space.sample(r) for _ in range(60)]
     w = rng.normal(size=len(s.features(space, choices[0])))
     data = [{"choice": c, "acc": float(s.features(space, c) @ w), "loss": 0.0} for c in choices]
-    fit = s._surrogate(space, data)
-    for d in data[:10]:
-        assert fit(d["choice"]) == pytest.approx(d["acc"], abs=0.05 * np.abs(w).sum())
+    fit = s._surrogate(np.stack([s.features(space, d["choice"]) for d in data]), np.array([d["acc"] for d in data]))
+    F = np.stack([s.features(space, d["choice"]) for d in data[:10]])
+    assert fit(F) == pytest.approx([d["acc"] for d in data[:10]], abs=0.05 * np.abs(w).sum())
+
+
+def test_moves_are_every_valid_network_one_move_away(supernet_run):
+    import copy
+    import random
+    space = load_supernet_run(supernet_run)[0].space
+    rng = random.Random(0)
+    for _ in range(100):
+        c = space.sample(rng)
+        got = {choice_key(m) for _, m in LatencySlimming.moves(space, c)}
+        want = set()
+        for i, st in enumerate(space.stages):
+            for j in range(st.max_depth):
+                for t in st.candidates:
+                    x = copy.deepcopy(c)
+                    x["blocks"][i][j] = t
+                    try:
+                        want.add(choice_key(space.check_choice(x)))
+                    except ValueError:
+                        pass
+            for d in (-space.width_step, space.width_step):
+                x = copy.deepcopy(c)
+                x["widths"][i] += d
+                try:
+                    want.add(choice_key(space.check_choice(x)))
+                except ValueError:
+                    pass
+        want.discard(choice_key(c))
+        assert got == want
 
 
 def test_refinement_resumes_from_its_log(refined, supernet_run, table_path, tmp_path):
