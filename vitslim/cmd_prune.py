@@ -17,7 +17,11 @@ def _args(p):
                         "a fraction of the unpruned network's predicted latency, with --table); several at once, all "
                         "met: macs=0.5,latency=0.5x (or --target repeated)")
     p.add_argument("--table", default=None, help="latency table .yaml of the device (for latency targets; with a "
-                                                 "params / MACs target the report adds the predicted latency)")
+                                                 "MACs target see --proportional)")
+    p.add_argument("--proportional", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --table, a MACs target F also holds the predicted latency to F x the unpruned "
+                        "(macs=F becomes macs=F,latency=Fx: latency falls at least in proportion to the MACs asked "
+                        "for); default: on with --table and a MACs target without a latency one")
     p.add_argument("--criterion", default="taylor", choices=["taylor", "magnitude"],
                    help="unit importance (default taylor: first-order, gate form)")
     p.add_argument("--selection", default="auto", choices=["knapsack", "ratio", "auto"],
@@ -50,12 +54,18 @@ def _args(p):
 
 def _run(args):
     from supernet.checkpoint import load_checkpoint
-    from pruning.budget import parse_targets
+    from pruning.budget import Target, parse_targets
     from pruning.pruner import DataSource, PruneConfig, prune
     from pruning.report import check_out_dir, write_run
     from pruning.units import PruneError, check_family
 
     targets = parse_targets(",".join(args.target))
+    macs = next((t for t in targets if t.kind == "macs"), None)
+    if args.proportional and (macs is None or not args.table):
+        raise PruneError("--proportional: needs a MACs target (macs=F) and --table (a latency table of the device)")
+    if args.proportional is not False and macs is not None and args.table \
+            and not any(t.kind == "latency" for t in targets):
+        targets.append(Target("latency", macs.value, relative=True))
     target = ",".join(map(str, targets))
     check_out_dir(args.out, args.overwrite)
     table = None
@@ -91,7 +101,7 @@ def _run(args):
         if not any(t.kind == "latency" for t in targets) and rep["latency_kept"] > rep["macs_kept"] + 0.01:
             print(f"note: latency keeps {rep['latency_kept']:.2f} for {rep['macs_kept']:.2f} of the MACs (work MACs do "
                   f"not count: norms, softmax, residual adds); to hold latency in proportion add "
-                  f"latency={rep['macs_kept']:.2f}x to the target")
+                  f"latency={rep['macs_kept']:.2f}x to the target" + (" (or drop --no-proportional)" if macs else ""))
     if rep.get("latency_grid_blocks") is not None and rep["latency_grid_blocks"] < rep["blocks_total"]:
         print(f"note: {rep['blocks_total'] - rep['latency_grid_blocks']} of {rep['blocks_total']} blocks have no pruning "
               f"grid in {args.table}: their pruned widths were estimated by interpolating in MACs (build one with "

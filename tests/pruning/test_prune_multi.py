@@ -108,11 +108,22 @@ def test_cli_with_two_targets_and_the_note_on_latency(tmp_path, capsys):
     t = grid_table(arch)
     t.save(str(tmp_path / "t.yaml"))
     rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6",
-                        "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "a")] + FAST, capsys)
+                        "--table", str(tmp_path / "t.yaml"), "--no-proportional", "--out", str(tmp_path / "a")] + FAST,
+                       capsys)
     assert rc == 0, err
     rep = json.load(open(tmp_path / "a" / "report.json"))
-    assert rep["latency_kept"] > rep["macs_kept"] + 0.01
-    assert f"add latency={rep['macs_kept']:.2f}x to the target" in out
+    assert rep["target"] == "macs=0.6" and rep["latency_kept"] > rep["macs_kept"] + 0.01
+    assert f"add latency={rep['macs_kept']:.2f}x to the target (or drop --no-proportional)" in out
+    # by default a MACs target with a table holds latency in proportion
+    rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6",
+                        "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "p")] + FAST, capsys)
+    assert rc == 0, err
+    rep = json.load(open(tmp_path / "p" / "report.json"))
+    assert rep["target"] == "macs=0.6,latency=0.6x" and "macs=0.6,latency=0.6x" in out
+    assert rep["macs_kept"] <= 0.6 and rep["latency_kept"] <= 0.6 + 1e-9
+    one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "params=0.6",
+                            "--proportional", "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "q")] + FAST,
+                   "--proportional: needs a MACs target")
     rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6",
                         "--target", "latency=0.6x", "--table", str(tmp_path / "t.yaml"),
                         "--out", str(tmp_path / "b")] + FAST, capsys)
