@@ -78,6 +78,7 @@ def run_quickstart(seed: int, out: str) -> dict:
     if d.get("table", {}).get("reuse"):
         d["table"]["reuse"] = os.path.normpath(os.path.join(base, d["table"]["reuse"]))
     d["search"]["seed"] = seed
+    d["search"]["refine"] = 0  # the paper's slimming (benchmarks/search_refine.py measures --refine)
     os.makedirs(out, exist_ok=True)
     pipe = os.path.join(out, "pipeline.yaml")
     with open(pipe, "w") as f:
