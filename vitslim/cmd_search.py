@@ -134,6 +134,13 @@ def load_pipeline(path: str) -> dict:
         raise _bad("search.verify", s["verify"], "auto, on or off")
     if "tolerance" in s and not (isinstance(s["tolerance"], (int, float)) and 0 <= s["tolerance"] < 1):
         raise _bad("search.tolerance", s["tolerance"], "a fraction in [0, 1) (0.05 = 5%)")
+    from nas.run import make_strategy
+    from nas.strategy import SearchError
+    try:  # the strategy's own settings (criterion, actions, refine, band, budget, trials, ...)
+        make_strategy(s.get("strategy", "slim"), {}, **{k: s[k] for k in ("trials", "sampler", "storage", "budget", "band",
+                                                                          "criterion", "actions", "refine") if k in s})
+    except (SearchError, TypeError) as e:
+        raise VitslimError(f"search: {e}") from None
     if ("target_ms" in s) == ("target_fraction" in s):
         raise VitslimError("search: expected exactly one of target_ms (milliseconds) or target_fraction "
                            "(of the start network's predicted latency)")

@@ -57,7 +57,10 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
 
 @pytest.mark.parametrize("search,msg", [({"tolerance": -0.1}, "search.tolerance: got -0.1"),
                                         ({"verify": "maybe"}, "search.verify: got 'maybe'"),
-                                        ({"colour": "red"}, "search.colour: unknown key")])
+                                        ({"colour": "red"}, "search.colour: unknown key"),
+                                        ({"refine": -2}, "--refine: got -2"),
+                                        ({"criterion": "top5"}, "--criterion: got 'top5'"),
+                                        ({"strategy": "random", "refine": 3}, "refinement follows slimming")])
 def test_bad_search_settings_in_a_pipeline_are_refused_before_training(tmp_path, capsys, search, msg):
     pipe = write_pipeline(tmp_path, **search)
     rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
