@@ -230,6 +230,11 @@ class LatencySlimming(SearchStrategy):
         y = [self._target(d) for d in data]
         logged = [r for r in recs if r.get("type") == "refine" and abs(float(r["bound_ms"]) - bound) < 1e-9]
         best = dict(done)
+        for r in recs:  # after a retarget: earlier refinements that meet the tightened bound compete too
+            if r.get("type") == "refine" and abs(float(r["bound_ms"]) - bound) >= 1e-9 \
+                    and float(r["predicted_ms"]) <= bound and self._better(r, best):
+                best = {**best, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),
+                        "loss": float(r["loss"]), "picked": f"refine{r['n']}@{float(r['bound_ms']):g}"}
         hood, hood_of = None, None
         for n in range(self.refine):
             if n < len(logged):  # resume: the logged evaluation, in order

@@ -148,6 +148,29 @@ def test_refinement_resumes_from_its_log(refined, supernet_run, table_path, tmp_
     assert strip(read_log(str(part)))[:len(lines)] == strip(read_log(out))[:len(lines)]
 
 
+def test_refinement_after_a_retarget_runs_under_the_tightened_bound(supernet_run, table_path, tmp_path):
+    """A device 30% slower than the table: verification tightens the bound, the path continues, and
+    refinement runs again around the new result, every pick under the new bound."""
+    from latency_tables import LatencyTable
+    table = LatencyTable.load(table_path)
+    target = 0.6 * start_ms(supernet_run, table_path)
+    out = str(tmp_path / "rt")
+    rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, refine=3,
+                     measure=lambda arch: {"ms": 1.3 * table.predict(arch)})
+    log = read_log(out)
+    bounds = sorted({r["bound_ms"] for r in log if r["type"] == "refine"}, reverse=True)
+    assert len(bounds) >= 2 and bounds[0] == pytest.approx(target)
+    for b in bounds:
+        ref = [r for r in log if r["type"] == "refine" and r["bound_ms"] == b]
+        assert [r["n"] for r in ref] == [1, 2, 3] and all(r["predicted_ms"] <= b for r in ref)
+    assert rep["predicted_ms"] <= bounds[-1] + 1e-9
+    assert rep["measured_ms"] <= 1.05 * target
+    assert len({choice_key(r["choice"]) for r in log if r["type"] == "refine"}) == 3 * len(bounds)
+    evaluated = [r for r in log if r["type"] in ("start", "step", "refine")]
+    evaluated += [c for r in log if r["type"] == "step" for c in r["candidates"] if c["feasible"]]
+    assert rep["accuracy"] == max(r["acc"] for r in evaluated if r["predicted_ms"] <= bounds[-1] + 1e-12)
+
+
 def test_bad_refine_values(supernet_run, table_path, tmp_path):
     target = 0.5 * start_ms(supernet_run, table_path)
     with pytest.raises(SearchError, match="--refine: got -1"):
