@@ -12,26 +12,28 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vitslim  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 from latency_tables import LatencyTable  # noqa: E402
 from pruning.pruner import PruneConfig, prune  # noqa: E402
 from pruning.units import PruneError  # noqa: E402
+from pruning_depth_accuracy import cached_model  # noqa: E402
+from pruning_vs_torch_pruning import DEIT, SWIN, add_shared_args  # noqa: E402
 
-CHECKPOINTS = {"deit": "deit_3fe54ff75604.pt", "swin": "swin_2ca13b9397fa.pt"}  # the cache keys of its defaults
 TARGETS = ["macs=0.5,latency=0.8x", "macs=0.6,latency=0.85x", "params=0.5,latency=0.8x", "macs=0.5,params=0.6,latency=0.8x"]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/vitslim/bench_pruning"))
+    add_shared_args(p)  # its training settings name the cached models (the defaults: those of the comparison)
     p.add_argument("--table", required=True, help="latency table per family, '{family}' replaced")
     p.add_argument("--draws", type=int, default=4)
     a = p.parse_args()
     torch.set_num_threads(1)
     failed = broken = total = 0
-    for fam, ck in CHECKPOINTS.items():
-        model, arch = vitslim.load_checkpoint(os.path.join(a.cache, ck))
+    for fam, arch0 in (("deit", DEIT), ("swin", SWIN)):
+        model, arch, _ = cached_model(fam, arch0, a)
         table = LatencyTable.load(a.table.format(family=fam))
         s = arch["input_size"]
         for seed in range(a.draws):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ from latency_tables import LatencyTable  # noqa: E402
 from pruning.pruner import PruneConfig, finetune, prune  # noqa: E402
 from pruning.units import PruneError  # noqa: E402
 from pruning_latency_target import measure  # noqa: E402
-from pruning_vs_torch_pruning import DEIT, SWIN, accuracy, batch_stream, render  # noqa: E402
+from pruning_vs_torch_pruning import DEIT, SWIN, accuracy, add_shared_args, batch_stream, cache_path, render  # noqa: E402
 
 VARIANTS = {"depth off": {"depth": False}, "depth on": {"depth": True},
             "depth only (min_keep 1)": {"depth": True, "min_keep": 1.0}}
@@ -45,10 +44,7 @@ VARIANTS = {"depth off": {"depth": False}, "depth on": {"depth": True},
 
 def cached_model(name, arch, args):
     """The trained model exactly as pruning_vs_torch_pruning.py caches it (same key)."""
-    arch = vitslim.resolve_arch(arch)
-    key = hashlib.sha1(json.dumps([arch, args.train_steps, args.batch, args.train_lr, args.train_images, args.seed],
-                                  sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(args.cache, f"{name}_{key}.pt")
+    path = cache_path(name, arch, args)
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no trained model cached; run benchmarks/pruning_vs_torch_pruning.py first")
     model, arch = vitslim.load_checkpoint(path)
@@ -57,7 +53,7 @@ def cached_model(name, arch, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/vitslim/bench_pruning"))
+    add_shared_args(p)  # the settings of pruning_vs_torch_pruning.py (the training ones name its cache entry)
     p.add_argument("--families", default="deit,swin")
     p.add_argument("--targets", nargs="+", default=["macs=0.5"],
                    help="pruning targets, one run each (a target may join several budgets with commas: "
@@ -65,18 +61,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS) + ["auto"],
                    help="depth settings per target (auto: the pruner's default, on when a budget is a latency)")
     p.add_argument("--table", default=None, help="latency table per family, '{family}' replaced (deit, swin)")
-    p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds at batch 1 (0: skip)")
-    # the training settings of pruning_vs_torch_pruning.py (they name its cache entry)
-    p.add_argument("--train-steps", type=int, default=3000)
-    p.add_argument("--train-lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--ft-lr", type=float, default=3e-4)
-    p.add_argument("--calib-batches", type=int, default=8)
-    p.add_argument("--calib-batch-size", type=int, default=32)
-    p.add_argument("--train-images", type=int, default=20000)
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "pruning_depth_accuracy.json"))
     args = p.parse_args()
     torch.set_num_threads(1)

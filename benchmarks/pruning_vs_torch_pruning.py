@@ -260,13 +260,36 @@ def latency(models: dict, batch: int, rounds: int, iters: int, size: int = 32) -
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# ---------------------------------------------------------------- settings shared with the scripts that reuse its models
+def add_shared_args(p):
+    """Training, calibration and fine-tuning settings (the first five name the cache entry of a trained
+    model: benchmarks/pruning_depth_accuracy.py and pruning_budgets_stress.py read the same entries)."""
+    p.add_argument("--train-steps", type=int, default=3000)
+    p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--train-images", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=os.path.expanduser("~/.cache/vitslim/bench_pruning"),
+                   help="trained models are kept here, keyed by arch and training settings (re-runs skip training)")
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--ft-lr", type=float, default=3e-4)
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--calib-batch-size", type=int, default=32)
+    p.add_argument("--test-images", type=int, default=1000)
+
+
+def cache_path(name, arch, args) -> str:
+    """Where the model trained from `arch` with `args`' training settings is cached."""
+    key = hashlib.sha1(json.dumps([vitslim.resolve_arch(arch), args.train_steps, args.batch, args.train_lr,
+                                   args.train_images, args.seed], sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(args.cache, f"{name}_{key}.pt")
+
+
 # ---------------------------------------------------------------- main
 def run_family(name, arch, data, args):
     xtr, ytr, xte, yte = data
     arch = vitslim.resolve_arch(arch)
-    key = hashlib.sha1(json.dumps([arch, args.train_steps, args.batch, args.train_lr, args.train_images, args.seed],
-                                  sort_keys=True).encode()).hexdigest()[:12]
-    cached = os.path.join(args.cache, f"{name}_{key}.pt")
+    cached = cache_path(name, arch, args)
     if os.path.isfile(cached):
         print(f"== {name}: trained model from {cached}", flush=True)
         model, arch = vitslim.load_checkpoint(cached)
@@ -380,21 +403,10 @@ def table(name, res):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-steps", type=int, default=3000)
-    p.add_argument("--train-lr", type=float, default=1e-3)
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/vitslim/bench_pruning"),
-                   help="trained models are kept here, keyed by arch and training settings (re-runs skip training)")
-    p.add_argument("--finetune-steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--ft-lr", type=float, default=3e-4)
-    p.add_argument("--calib-batches", type=int, default=8)
-    p.add_argument("--calib-batch-size", type=int, default=32)
-    p.add_argument("--train-images", type=int, default=20000)
-    p.add_argument("--test-images", type=int, default=1000)
+    add_shared_args(p)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--families", default="deit,swin")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the script runs")
     p.add_argument("--no-explicit-attention", dest="explicit_attention", action="store_false",

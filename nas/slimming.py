@@ -221,6 +221,12 @@ class LatencySlimming(SearchStrategy):
             return (float(a["acc"]), -float(a["loss"])) > (float(b["acc"]), -float(b["loss"]))
         return (-float(a["loss"]), float(a["acc"])) > (-float(b["loss"]), float(b["acc"]))
 
+    @staticmethod
+    def _picked(done: Mapping, r: Mapping, where: str) -> dict:
+        """The done record with the network of refine record `r` as the result."""
+        return {**done, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),
+                "loss": float(r["loss"]), "picked": where}
+
     def _refine(self, ctx: SearchContext, done: dict, recs: List[Mapping], log: "TrajectoryLog", bound: float) -> dict:
         """`self.refine` evaluations around `done` (see the module docstring); returns the best record."""
         data = [r for r in recs if r.get("type") in ("start", "step") and "acc" in r]
@@ -233,8 +239,7 @@ class LatencySlimming(SearchStrategy):
         for r in recs:  # after a retarget: earlier refinements that meet the tightened bound compete too
             if r.get("type") == "refine" and abs(float(r["bound_ms"]) - bound) >= 1e-9 \
                     and float(r["predicted_ms"]) <= bound and self._better(r, best):
-                best = {**best, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),
-                        "loss": float(r["loss"]), "picked": f"refine{r['n']}@{float(r['bound_ms']):g}"}
+                best = self._picked(best, r, f"refine{r['n']}@{float(r['bound_ms']):g}")
         hood, hood_of = None, None
         for n in range(self.refine):
             if n < len(logged):  # resume: the logged evaluation, in order
@@ -260,8 +265,7 @@ class LatencySlimming(SearchStrategy):
             y.append(self._target(r))
             seen.add(choice_key(r["choice"]))
             if self._better(r, best):
-                best = {**best, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),
-                        "loss": float(r["loss"]), "picked": f"refine{r['n']}"}
+                best = self._picked(best, r, f"refine{r['n']}")
         return best
 
     # ------------------------------------------------------------ the three actions

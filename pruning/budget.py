@@ -745,6 +745,22 @@ def _options(avail: int, linear: bool, max_options: int) -> np.ndarray:
     return np.unique(np.linspace(0, avail, max_options).round().astype(int))
 
 
+def _knapsack_step(prev: np.ndarray, imps, w, bins: int, arg: np.ndarray):
+    """One group of a multiple-choice knapsack: best[c] = min over options o of prev[c - w[o]] + imps[o]
+    (options heavier than `bins` skipped); returns (best, the option taken per capacity, written into
+    `arg`, whose initial value marks capacities no option reaches)."""
+    new = np.full(bins + 1, np.inf)
+    for o in range(len(imps)):
+        wo = int(w[o])
+        if wo > bins:
+            continue
+        cand = prev[:bins + 1 - wo] + imps[o]
+        better = cand < new[wo:]
+        new[wo:][better] = cand[better]
+        arg[wo:][better] = o
+    return new, arg
+
+
 def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int = 3,
                     max_options: int = 64) -> Selection:
     """HALP's latency-saliency knapsack as a multiple-choice knapsack: for every (block, kind), and
@@ -802,17 +818,7 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
         dp = np.zeros(bins + 1)
         choice = np.zeros((len(groups), bins + 1), dtype=np.int32)
         for gi, (picks_of, imps, w) in enumerate(groups):
-            new = np.full(bins + 1, np.inf)
-            arg = np.zeros(bins + 1, dtype=np.int32)
-            for o in range(len(imps)):
-                wo = int(w[o])
-                if wo > bins:
-                    continue
-                cand = dp[:bins + 1 - wo] + imps[o]
-                better = cand < new[wo:]
-                new[wo:][better] = cand[better]
-                arg[wo:][better] = o
-            dp, choice[gi] = new, arg
+            dp, choice[gi] = _knapsack_step(dp, imps, w, bins, np.zeros(bins + 1, dtype=np.int32))
         if not np.isfinite(dp[bins]):
             break
         c, picks = bins, []
@@ -868,16 +874,7 @@ def _group(subs, branch, top: float, unit: float, bins: int):
     for kind, idx, ms, imps, saved in subs:
         gtop = float(np.max(saved))
         w = np.round(np.maximum(gtop - saved, 0) / unit).astype(np.int64)
-        new = np.full(bins + 1, np.inf)
-        arg = np.full(bins + 1, -1, dtype=np.int64)
-        for o in range(len(ms)):
-            wo = int(w[o])
-            if wo > bins:
-                continue
-            cand = prof[:bins + 1 - wo] + imps[o]
-            better = cand < new[wo:]
-            new[wo:][better] = cand[better]
-            arg[wo:][better] = o
+        new, arg = _knapsack_step(prof, imps, w, bins, np.full(bins + 1, -1, dtype=np.int64))
         back.append((kind, idx, ms, w, arg))
         prof = new
     opts, imps_out, w_out = [], [], []
