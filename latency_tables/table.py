@@ -138,12 +138,13 @@ class LatencyTable:
     def predict_stages(self, arch, interpolate: bool = False) -> dict:
         """{"stem": ms, "stage0": ms, ..., "head": ms, "overhead": ms, "total": ms, "estimated": [keys]}.
         Missing entries raise MissingEntriesError naming all of them, unless `interpolate`."""
+        parts: Dict[str, float] = {}
+        n_stages = 0 if isinstance(arch, list) else len(_as_arch(arch).get("stages") or [])
         segs = arch if isinstance(arch, list) else decompose(_as_arch(arch))
         if not interpolate:
             miss = self.missing([s.key for s in segs])
             if miss:
                 raise MissingEntriesError(miss)
-        parts: Dict[str, float] = {}
         estimated = []
         total = 0.0
         for s in segs:
@@ -153,7 +154,10 @@ class LatencyTable:
             parts[s.part] = parts.get(s.part, 0.0) + e.ms
             total += e.ms
         over = self.overhead_ms(total, len(segs))
-        out = {k: v for k, v in parts.items()}
+        for i in range(n_stages):  # every stage has a key: 0.0 where all its positions are identity
+            parts.setdefault(f"stage{i}", 0.0)
+        order = {k: n for n, k in enumerate(["stem"] + [f"stage{i}" for i in range(n_stages)])}
+        out = dict(sorted(parts.items(), key=lambda kv: order.get(kv[0], len(order))))
         out["overhead"] = over
         out["total"] = total + over
         out["estimated"] = sorted(set(estimated))

@@ -13,9 +13,15 @@ random sampling), and every point decodes to a valid Choice:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import time
 from typing import List, Mapping, Optional
+
+import numpy as np
 
 from .evaluator import choice_key
 from .slimming import args_diff
@@ -125,20 +131,50 @@ class OptunaSearch(SearchStrategy):
         from optuna.storages.journal import JournalFileBackend
         return JournalStorage(JournalFileBackend(path))
 
-    def _sampler(self, ctx: SearchContext):
+    def _sampler(self, ctx: SearchContext, seed: Optional[int] = None):
         import optuna
+        seed = ctx.seed if seed is None else seed
         cons = {} if _native_constraints() else {"constraints_func": _constraints}
         if self.sampler_name == "tpe":
-            return optuna.samplers.TPESampler(seed=ctx.seed, multivariate=True,
-                                              n_startup_trials=min(10, max(2, self.n_trials // 5)), **cons)
-        pop = self.population_size or max(4, min(50, self.n_trials // 4))
-        return optuna.samplers.NSGAIISampler(seed=ctx.seed, population_size=pop, **cons)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                              n_startup_trials=self._n_startup(), **cons)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self._population(), **cons)
 
-    def study(self, ctx: SearchContext):
+    def _population(self) -> int:
+        return self.population_size or max(4, min(50, self.n_trials // 4))
+
+    def _n_startup(self) -> int:
+        return min(10, max(2, self.n_trials // 5))
+
+    @staticmethod
+    def worker_seed(seed: int, existing_trials: int, rank: int) -> int:
+        """The sampler's seed for a worker: `seed` itself for the first worker of a fresh study (so a run is
+        reproducible), else derived from (seed, trials already in the study, rank among live workers): a
+        resumed run or a second worker must not draw the same parameters again."""
+        if existing_trials == 0 and rank == 0:
+            return int(seed)
+        return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, existing_trials, rank]).generate_state(1)[0])
+
+    def warm_start(self, ctx: SearchContext) -> List[dict]:
+        """Networks enqueued as a fresh study's first trials: latency-matched random samples (predicted within
+        25% under the bound, or anything under it where the band is empty). Uniform samples of a space land
+        mostly far from a tight target; with these the sampler starts from feasible points near it."""
+        from .random_search import RandomSearch
+        k = max(2, min(self._population() if self.sampler_name == "nsga2" else self._n_startup(), self.n_trials // 4))
+        k = min(k, self.n_trials)
+        for band in (0.25, 0.0):
+            try:
+                return RandomSearch(budget=k, band=band, max_draws=20_000).sample_feasible(ctx)
+            except SearchError:
+                continue
+        return []
+
+    def study(self, ctx: SearchContext, seed: Optional[int] = None):
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=STUDY_NAME, storage=self._storage(ctx), sampler=self._sampler(ctx),
-                                    directions=["maximize", "minimize"], load_if_exists=True)
+        study = optuna.create_study(study_name=STUDY_NAME, storage=self._storage(ctx),
+                                    sampler=self._sampler(ctx, seed), directions=["maximize", "minimize"],
+                                    load_if_exists=True)
         args = json.loads(json.dumps({**self.args(), "target_ms": ctx.target_ms, "seed": ctx.seed}))
         old = study.user_attrs.get("vitslim_args")
         if old is None:
@@ -151,10 +187,25 @@ class OptunaSearch(SearchStrategy):
         return study
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        import optuna
         require_reachable(ctx)
+        with _Workers(ctx.log_dir) as workers:
+            return self._search(ctx, workers)
+
+    def _search(self, ctx: SearchContext, workers: "_Workers") -> SearchResult:
+        import optuna
         enc = FlatEncoding(ctx.space)
         study = self.study(ctx)
+        existing = study.get_trials(deepcopy=False)
+        if workers.alone:  # trials left RUNNING by a worker that was killed: nobody will finish them
+            for t in existing:
+                if t.state == optuna.trial.TrialState.RUNNING:
+                    study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        seed = self.worker_seed(ctx.seed, len(existing), workers.rank)
+        if seed != ctx.seed:
+            study.sampler = self._sampler(ctx, seed)
+        if not existing and workers.rank == 0:
+            for c in self.warm_start(ctx):
+                study.enqueue_trial(enc.encode(c), user_attrs={"warm_start": True})
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for t in done:  # reuse logged evaluations
             if "choice" in t.user_attrs:
@@ -168,16 +219,18 @@ class OptunaSearch(SearchStrategy):
             e = ctx.evaluator(c)
             trial.set_user_attr("choice", c)
             trial.set_user_attr("loss", e["loss"])
-            trial.set_user_attr("constraint", [ms - ctx.target_ms])
+            trial.set_user_attr("constraint", [ms - ctx.bound_ms])
             if native:
-                trial.set_constraint("latency", ms - ctx.target_ms)
+                trial.set_constraint("latency", ms - ctx.bound_ms)
             return e["acc"], ms
 
         if left > 0:
-            # workers sharing the study stop together once it holds n_trials complete trials
+            # workers sharing the study stop together once it holds n_trials complete trials (each worker
+            # may finish the trial it is running: with W workers, up to W - 1 more)
             stop = optuna.study.MaxTrialsCallback(self.n_trials, states=(optuna.trial.TrialState.COMPLETE,))
-            study.optimize(objective, n_trials=left, callbacks=[stop], show_progress_bar=bool(ctx.progress),
-                           gc_after_trial=False)
+            with _stop_on_interrupt(study, ctx.progress):
+                study.optimize(objective, n_trials=left, callbacks=[stop], show_progress_bar=bool(ctx.progress),
+                               gc_after_trial=False)
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         rows = [{"number": t.number, "acc": t.values[0], "ms": t.values[1], "loss": t.user_attrs["loss"],
                  "feasible": t.values[1] <= ctx.bound_ms, "choice": t.user_attrs["choice"]} for t in trials]
@@ -191,4 +244,85 @@ class OptunaSearch(SearchStrategy):
         return SearchResult(self.name, best["choice"], float(best["ms"]), float(best["acc"]), float(best["loss"]),
                             evaluations=ctx.evaluator.evaluations,
                             extra={"trials": len(rows), "best_trial": best["number"], "pareto": front,
-                                   "trial_rows": rows, "distinct_choices": len({choice_key(r["choice"]) for r in rows})})
+                                   "trial_rows": rows, "distinct_choices": len({choice_key(r["choice"]) for r in rows}),
+                                   "workers_seen": workers.seen})
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(study, progress: bool):
+    """Ctrl-C during a study: the first stops it after the running trial (nothing is cut mid-write in the
+    storage), then the run ends as interrupted; a second interrupts at once."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit = []
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+        if progress:
+            print("\ninterrupt: stopping after the running trial (Ctrl-C again to stop now)", flush=True)
+        study.stop()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Workers:
+    """Who is working on a study directory: each worker holds a file `.workers/HOST-PID-NS` while it runs.
+    `rank`: its place among the live ones (by start time), so two workers started together draw different
+    parameters; `alone`: no other live worker (RUNNING trials in the study were then left by a killed one).
+    Entries of dead processes on this host are removed; those of other hosts (a shared file system) are
+    taken as live."""
+
+    def __init__(self, log_dir: Optional[str]):
+        self.dir = os.path.join(log_dir, ".workers") if log_dir else None
+        self.rank, self.alone, self.seen, self.me = 0, True, 1, None
+
+    def __enter__(self):
+        if not self.dir:
+            return self
+        os.makedirs(self.dir, exist_ok=True)
+        host = socket.gethostname().replace("-", "_")
+        self.me = os.path.join(self.dir, f"{host}-{os.getpid()}-{time.time_ns()}")
+        with open(self.me, "x"):
+            pass
+        live = []
+        for name in os.listdir(self.dir):
+            parts = name.rsplit("-", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+                continue
+            path = os.path.join(self.dir, name)
+            if parts[0] == host and path != self.me and not _pid_alive(int(parts[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            live.append((int(parts[2]), name, path))
+        live.sort()
+        self.rank = [p for _, _, p in live].index(self.me)
+        self.alone = len(live) == 1
+        self.seen = len(live)
+        return self
+
+    def __exit__(self, *exc):
+        if self.me:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.me)
+        return False

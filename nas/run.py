@@ -13,8 +13,11 @@ a directory holding only a log is resumed from it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 from typing import Mapping, Optional
@@ -27,7 +30,7 @@ from supernet.arch import atomic_write_text, save_arch
 from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
-from supernet.errors import CheckpointError
+from supernet.errors import CheckpointError, check_device
 from supernet.train import TrainConfig, read_run
 from supernet.supernet import MetaPathSupernet
 
@@ -40,7 +43,8 @@ from .strategy import SearchContext, SearchError, SearchResult, check_target, de
 from .verify import MODES as VERIFY_MODES, VERIFY_FILE, Verifier, unavailable_reason
 
 RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "study.journal",
-             "study.db", "pareto.json", "pareto.png", "eval_cache.json", "verify.json")
+             "study.db", "pareto.json", "pareto.png", "verify.json", ".workers")
+LOCK_FILE = ".lock"   # held while a search runs: exclusive (slim, random, uniform) or shared (optuna workers)
 STRATEGIES = {"slim": LatencySlimming, "optuna": OptunaSearch, "random": RandomSearch, "uniform": UniformShrink}
 
 
@@ -78,12 +82,36 @@ def load_table(path: str, space, interpolate: bool = False):
         raise SearchError(f"--table {path}: {e}") from None
 
 
-def prepare_out(out: str, overwrite: bool) -> str:
-    """'fresh' or 'resume'; refuses a finished run unless overwrite (then clears vitslim's files)."""
+def _search_report(out: str):
+    """The report.json in `out` if it is a search run's; raises if `out` holds something else's run (a
+    supernet run's report.json or checkpoint), which --overwrite must not delete."""
+    path = os.path.join(out, "report.json")
+    if os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        raise SearchError(f"--out {out}: holds a supernet training run (checkpoint.pt), expected a new or search "
+                          "run directory; choose another --out")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+    except (OSError, ValueError):
+        rep = None
+    if not (isinstance(rep, dict) and "target_ms" in rep and "strategy" in rep and "choice" in rep):
+        raise SearchError(f"--out {out}: holds a report.json that is not a search run's, expected a new or search "
+                          "run directory; choose another --out")
+    return rep
+
+
+def prepare_out(out: str, overwrite: bool, extend=None) -> str:
+    """'fresh' or 'resume'; refuses a finished run unless overwrite (then clears vitslim's files) or
+    `extend(report)` says the run continues (an Optuna study asked for more trials)."""
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SearchError(f"--out {out}: exists and is not a directory")
-    if os.path.isfile(os.path.join(out, "report.json")):
+    rep = _search_report(out) if os.path.isdir(out) else None
+    if rep is not None and not overwrite and extend is not None and extend(rep):
+        return "resume"
+    if rep is not None:
         if not overwrite:
             raise SearchError(f"--out {out}: already holds a finished search run (report.json); "
                               "pass --overwrite to replace it, or choose another --out")
@@ -95,6 +123,7 @@ def prepare_out(out: str, overwrite: bool) -> str:
             elif os.path.exists(p):
                 os.remove(p)
     os.makedirs(out, exist_ok=True)
+    _remove_stale_temps(out)
     return "resume" if any(os.path.exists(os.path.join(out, f)) for f in ("trajectory.jsonl", "study.journal",
                                                                           "study.db")) else "fresh"
 
@@ -155,6 +184,11 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
         raise SearchError(f"--finetune: got {finetune}, expected a number of steps >= 0")
     if verify not in VERIFY_MODES:
         raise SearchError(f"--verify: got {verify!r}, expected one of {', '.join(VERIFY_MODES)}")
+    if not (isinstance(finetune_lr, (int, float)) and math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise SearchError(f"--finetune-lr: got {finetune_lr!r}, expected a learning rate > 0")
+    if eval_batch_size < 1:
+        raise SearchError(f"--eval-batch-size: got {eval_batch_size}, expected an integer >= 1")
+    check_device(device)
     model, cfg, obj = load_supernet_run(supernet)
     tab, compiled = load_table(table, model.space, interpolate)
     verifier, skipped = None, None
@@ -168,17 +202,73 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
             verifier = Verifier(tab, tolerance=tolerance, seconds=verify_seconds, max_rounds=verify_rounds,
                                 measure=measure)
     existed = os.path.isdir(out)
-    prepare_out(out, overwrite)
-    if verifier is not None:
-        verifier.attach(os.path.join(out, VERIFY_FILE))
+
+    def more_trials(rep):  # a finished study continues when asked for more trials (same arguments: checked later)
+        return (strategy == "optuna" and rep.get("strategy") == "optuna"
+                and int((rep.get("search") or {}).get("trials", trials)) < trials)
+
+    if os.path.isdir(out):
+        _search_report(out)  # another kind of run there: refused before anything (a lock file) is written in it
     try:
-        return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
-                    eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,
-                    supernet, device, verifier, skipped, band, criterion, actions, refine)
+        with _run_lock(out, shared=strategy == "optuna"):
+            prepare_out(out, overwrite, extend=more_trials)
+            if verifier is not None:
+                verifier.attach(os.path.join(out, VERIFY_FILE))
+            return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
+                        eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,
+                        supernet, device, verifier, skipped, band, criterion, actions, refine)
     except BaseException:
-        if not existed and os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)  # a search refused before it started leaves nothing behind
+        if not existed and os.path.isdir(out) and not set(os.listdir(out)) - {LOCK_FILE, ".workers"}:
+            shutil.rmtree(out, ignore_errors=True)  # a search refused before it started leaves nothing behind
         raise
+
+
+_TMP = re.compile(r".+\.tmp\.(\d+)(\.png)?$")
+
+
+def _remove_stale_temps(out: str) -> None:
+    """Temporary files (NAME.tmp.PID) a killed process left before its rename: never a result, removed."""
+    for name in os.listdir(out):
+        m = _TMP.match(name)
+        if m and int(m.group(1)) != os.getpid():
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # its writer is still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.remove(os.path.join(out, name))
+
+
+@contextlib.contextmanager
+def _run_lock(out: str, shared: bool = False):
+    """Hold OUT/.lock while the search runs, so a second search started on the same directory is refused
+    instead of writing the same log twice. Optuna workers share it (they share the study by design);
+    any other search takes it alone. Where the file system has no flock, nothing is locked."""
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SearchError(f"--out {out}: exists and is not a directory")
+    os.makedirs(out, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SearchError(f"--out {out}: another search is running in it" + (
+                " (Optuna workers can share a directory only with other Optuna workers of the same study)"
+                if shared else "") + "; wait for it, or choose another --out") from None
+        except OSError:
+            pass  # no flock on this file system
+        yield
+    finally:
+        f.close()
 
 
 def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches, eval_batch_size,
@@ -289,7 +379,8 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "finetune": ft,
         "verification": dict(verification) if verification else None,
         "files": ["arch.yaml", "model.pt", "report.json"] + (["verify.json"] if verification and "rounds" in verification
-                                                                else []),
+                                                                else [])
+                 + [f for f in ("study.journal", "study.db") if os.path.isfile(os.path.join(out, f))],
     }
     if "trajectory" in result.extra:
         report["trajectory"] = result.extra["trajectory"]

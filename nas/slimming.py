@@ -399,7 +399,10 @@ class LatencySlimming(SearchStrategy):
                 lat = ctx.latencies([c for _, _, c in cands]) if cands else []
                 rows = []
                 for k, ((action, where, c), cms) in enumerate(zip(cands, lat)):
+                    n_before = ctx.evaluator.evaluations
                     e = ctx.evaluator(c)
+                    if ctx.evaluator.evaluations > n_before:  # a kill mid-step keeps what was evaluated
+                        log.append({"type": "eval", "choice": c, "acc": e["acc"], "loss": e["loss"]}, sync=False)
                     saved = ms - float(cms)
                     drop, dloss = ev["acc"] - e["acc"], e["loss"] - ev["loss"]
                     feasible = saved > 1e-12

@@ -143,7 +143,19 @@ def unreachable(ctx: SearchContext) -> Optional[str]:
                 f"{ms:.4g} ms (widths {fast['widths']}, blocks {describe_blocks(fast)})")
     return (f"target {ctx.target_ms:g} ms is unreachable: the fastest network this space and table allow is "
             f"predicted at {ms:.4g} ms (widths {fast['widths']}, blocks {describe_blocks(fast)}); "
-            f"ask for at least {ms:.4g} ms, or use a table of a faster device")
+            f"ask for at least {ceil_sig(ms)} ms, or use a table of a faster device")
+
+
+def ceil_sig(x: float, digits: int = 4) -> str:
+    """`x` rounded *up* to `digits` significant digits, as text: a minimum quoted to the user must itself
+    be accepted when given back (0.36162 -> "0.3617", never "0.3616")."""
+    if not (x > 0 and np.isfinite(x)):
+        return f"{x:.{digits}g}"
+    scale = 10.0 ** (digits - 1 - int(np.floor(np.log10(x))))
+    v = np.ceil(x * scale - 1e-9) / scale
+    while v < x:
+        v += 1 / scale
+    return f"{v:.{digits}g}"
 
 
 def require_reachable(ctx: SearchContext) -> None:

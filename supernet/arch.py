@@ -194,8 +194,14 @@ def read_yaml(path, error=ArchError, what: str = "an arch config .yaml", invalid
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise error(f"{path}: no such file, expected {what}")
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        tail = f"expected {invalid_hint or what}"
+        raise error(f"{path}: not a text (UTF-8) file, {tail}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}), expected {what}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

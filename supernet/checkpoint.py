@@ -28,6 +28,9 @@ def read_file(path) -> object:
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file, expected a checkpoint")
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path}: a TorchScript archive (an export), expected a checkpoint with weights "
+                              "(a vitslim model.pt, or an official / timm .pth)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -41,6 +44,19 @@ def read_file(path) -> object:
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({first})") from None
+    except OSError as e:  # e.g. a truncated zip: "[Errno 22] Invalid argument" from the reader's seek
+        raise CheckpointError(f"{path}: truncated or unreadable ({e.strerror or e}), expected a complete torch "
+                              "checkpoint") from None
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive is a zip with code/ and constants.pkl beside data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.split("/", 1)[-1] == "constants.pkl" for n in names) and any("/code/" in n for n in names)
 
 
 def unwrap_state_dict(obj, path="checkpoint") -> Dict[str, torch.Tensor]:

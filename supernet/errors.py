@@ -16,3 +16,23 @@ class CheckpointError(VitslimError, ValueError):
 def bad(path: str, value, expected: str) -> ArchError:
     """The house format for a config error: `<key path>: got <value>, expected <what>`."""
     return ArchError(f"{path}: got {value!r}, expected {expected}")
+
+
+def check_device(name, flag: str = "--device"):
+    """`name` as a torch.device that can run here; a one-line VitslimError otherwise (a typo, or CUDA asked
+    for on a machine without it)."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise VitslimError(f"{flag}: got {name!r}, expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitslimError(f"{flag}: got {name!r}, but this torch has no usable CUDA device "
+                               f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VitslimError(f"{flag}: got {name!r}, expected an index below {torch.cuda.device_count()} "
+                               "(the CUDA devices here)")
+    elif dev.type != "cpu":
+        raise VitslimError(f"{flag}: got {name!r}, expected cpu, cuda or cuda:N")
+    return dev

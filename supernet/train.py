@@ -48,7 +48,7 @@ import yaml
 from .arch import atomic_write_text, read_yaml
 from .checkpoint import read_file
 from .data import DataConfig, DataError, build_datasets, heldout_batches, make_loader
-from .errors import CheckpointError, VitslimError
+from .errors import CheckpointError, VitslimError, check_device
 from .space import SearchSpace
 from .supernet import MetaPathSupernet
 
@@ -404,6 +404,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, progress: boo
     dist = _Dist()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if device == "cuda":
         device = f"cuda:{dist.local_rank}"  # one GPU per torchrun process
     dev = torch.device(device)

@@ -103,9 +103,16 @@ def _load_extra_commands():
                 raise
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2) that points at --help, instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_extra_commands()
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vitslim", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Find and make fast vision transformers for a target device.",
         epilog="example:\n  vitslim presets\n  vitslim info efficientformer_l1 --json")

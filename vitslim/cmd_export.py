@@ -9,6 +9,8 @@ def _args(p):
     p.add_argument("--format", required=True, choices=["yaml", "onnx", "coreml", "torchscript"])
     p.add_argument("--out", required=True, help="output path (.yaml, .onnx, .mlpackage, .pt/.ts)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced example (default 1)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="export at this input side (default: the arch's); trained weights must run at it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-check", action="store_true", help="skip comparing the artefact's outputs with PyTorch")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -17,7 +19,7 @@ def _args(p):
 def _run(args):
     from .export import export
     res = export(args.target, args.format, args.out, batch=args.batch, overwrite=args.overwrite,
-                 check=not args.no_check)
+                 check=not args.no_check, input_size=args.input_size)
     if args.json:
         print(json.dumps(res))
     else:

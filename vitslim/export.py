@@ -45,14 +45,27 @@ def _example(arch: Mapping, batch: int) -> torch.Tensor:
     return torch.randn(batch, arch["in_chans"], arch["input_size"], arch["input_size"], generator=g)
 
 
+_TEMPS: list = []  # temporary paths of the export in progress: removed whatever happens
+
+
 def _tmp_beside(out: str, is_dir: bool = False) -> str:
+    """A fresh temporary path in the output's folder (so the final rename is atomic), with the mode a
+    plain file created there would get (mkstemp's are 0600: other users could not read the artefact)."""
     d = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(d, exist_ok=True)
     base = os.path.basename(out)
-    if is_dir:
-        return tempfile.mkdtemp(prefix=f".{base}.", dir=d)
-    fd, p = tempfile.mkstemp(prefix=f".{base}.", dir=d)
-    os.close(fd)
+    try:
+        os.makedirs(d, exist_ok=True)
+        if is_dir:
+            p = tempfile.mkdtemp(prefix=f".{base}.", dir=d)
+        else:
+            fd, p = tempfile.mkstemp(prefix=f".{base}.", dir=d)
+            os.close(fd)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(p, 0o666 & ~umask)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {d} ({e.strerror or e}), expected a writable folder") from None
+    _TEMPS.append(p)
     return p
 
 
@@ -66,7 +79,7 @@ def _commit(tmp: str, out: str, overwrite: bool) -> None:
 
 
 def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check: bool = True,
-           opset: int = 17) -> dict:
+           opset: int = 17, input_size=None) -> dict:
     """Write `target` as `fmt` to `out`; returns {"format", "path", ...check figures}."""
     if fmt not in FORMATS:
         raise ExportError(f"format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
@@ -78,8 +91,44 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
     if batch < 1:
         raise ExportError(f"batch: got {batch}, expected an integer >= 1")
     model, arch, trained = resolve_source(target)
-    return {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript}[fmt](
-        model, arch, trained, out, batch=batch, overwrite=overwrite, check=check, opset=opset)
+    if input_size is not None and input_size != arch["input_size"]:
+        if not (isinstance(input_size, int) and input_size >= 16):
+            raise ExportError(f"--input-size: got {input_size!r}, expected an integer >= 16")
+        model, arch = _with_input_size(model, arch, trained, input_size)
+    del _TEMPS[:]
+    try:
+        return {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript}[fmt](
+            model, arch, trained, out, batch=batch, overwrite=overwrite, check=check, opset=opset)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    finally:
+        for p in _TEMPS:
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
+        del _TEMPS[:]
+
+
+def _with_input_size(model: nn.Module, arch: Mapping, trained: bool, size: int):
+    """(model, arch) at another input side: the network built anew at that size, with the trained weights
+    where it has them. Weights whose shapes depend on the input (DeiT's position embedding, Swin's
+    attention windows and masks) do not fit the network at another size, and are refused."""
+    from supernet.arch import validate
+    from . import api
+    a = validate({**arch, "input_size": size})
+    torch.manual_seed(0)
+    new = api.build_model(a)
+    if trained:
+        sd = model.state_dict()
+        ref = new.state_dict()
+        bad = [k for k in ref if k not in sd or sd[k].shape != ref[k].shape]
+        if bad:
+            raise ExportError(f"--input-size: got {size}, but these weights fit only {arch['input_size']} "
+                              f"({arch['family']}: {bad[0]} is sized for it); export at {arch['input_size']}")
+        new.load_state_dict(sd)
+    new.arch = a
+    return new.eval(), a
 
 
 def _yaml(model, arch, trained, out, overwrite, **_):

@@ -85,3 +85,57 @@ def test_cli_export_bad_suffix_is_one_line(capsys, ckpt, tmp_path):
 def test_cli_export_json(capsys, ckpt, tmp_path):
     code = main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["format"] == "torchscript"
+
+
+def test_exported_files_get_the_usual_mode_and_no_temp_is_left(ckpt, tmp_path):
+    old = os.umask(0o022)
+    try:
+        for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.ts"), ("yaml", "m.yaml")):
+            vitslim.export_model(str(ckpt), fmt, tmp_path / "o" / name)
+            assert os.stat(tmp_path / "o" / name).st_mode & 0o777 == 0o644, fmt
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path / "o")) == ["m.onnx", "m.pt", "m.ts", "m.yaml"]
+
+
+def test_an_unwritable_output_folder_is_one_line(capsys, ckpt, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["export", str(ckpt), "--format", "onnx", "--out", str(blocker / "sub" / "m.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot write in" in err
+
+
+def test_a_missing_checkpoint_says_no_such_file(capsys, tmp_path):
+    rc = main(["export", str(tmp_path / "nope.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "nope.pt: no such file" in err and "preset" in err
+
+
+def test_a_torchscript_file_as_input_is_named(capsys, ckpt, tmp_path):
+    ts = tmp_path / "m.ts"
+    vitslim.export_model(str(ckpt), "torchscript", ts)
+    rc = main(["export", str(ts), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "a TorchScript archive" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_at_another_input_size(ckpt, tmp_path):
+    a = vitslim.get_preset("efficientformer_l1")
+    a.update(num_classes=5)
+    a["stages"] = [dict(s, blocks=s["blocks"][:1]) for s in a["stages"]]
+    torch.manual_seed(0)
+    m = vitslim.build_model(a)
+    p = tmp_path / "ef.pt"
+    vitslim.save_checkpoint(m, a, p)
+    res = vitslim.export_model(str(p), "torchscript", tmp_path / "ef.ts", input_size=64)
+    assert res["max_rel_error"] <= 1e-5
+    traced = torch.jit.load(str(tmp_path / "ef.ts"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), vitslim.fuse(m)(x), atol=1e-5)
+    # a network whose weights are bound to its input size (DeiT's position embedding) is refused
+    with pytest.raises(vitslim.VitslimError, match=r"--input-size: got 64, but these weights fit only 32 \(deit: .*pos_embed"):
+        vitslim.export_model(str(ckpt), "onnx", tmp_path / "d.onnx", input_size=64)
+    # a preset (no weights) is built at the size asked
+    vitslim.export_model("deit_tiny", "torchscript", tmp_path / "d.ts", input_size=64, check=True)

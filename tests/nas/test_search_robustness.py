@@ -1,0 +1,255 @@
+"""What a search run does with hostile input and hostile timing: unreadable files, impossible devices and
+settings (refused before any evaluation), two searches on one directory, several Optuna workers on one
+study, a worker killed mid-trial, a kill mid-step, and the minimum target it quotes."""
+import importlib.util as _ilu
+import json
+import os
+
+import optuna
+import pytest
+import torch
+
+from nas.optuna_search import FlatEncoding, OptunaSearch, _Workers
+from nas.run import _run_lock, load_supernet_run, load_table, make_evaluator, run_search
+from nas.strategy import SearchContext, SearchError, ceil_sig, fastest_choice
+from vitslim.cli import main
+
+_spec = _ilu.spec_from_file_location("nas_conftest", os.path.join(os.path.dirname(__file__), "conftest.py"))
+_nas = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_nas)
+
+
+def run_cli(capsys, *argv):
+    rc = main(["search", *argv, "--no-progress"])
+    return rc, capsys.readouterr().err.strip()
+
+
+def context(supernet_run, table_path, out, target, seed=0):
+    model, cfg, obj = load_supernet_run(supernet_run)
+    tab, comp = load_table(table_path, model.space)
+    ev, _ = make_evaluator(model, cfg, eval_images=16)
+    return SearchContext(model.space, model, tab, comp, ev, target, seed=seed, progress=False, log_dir=out)
+
+
+def test_a_binary_file_given_as_table_is_one_line(supernet_run, tmp_path, capsys):
+    t = tmp_path / "t.yaml"
+    t.write_bytes(bytes(range(128, 256)) * 4)
+    rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", str(t), "--target-ms", "3",
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2 and len(err.splitlines()) == 1 and "not a text (UTF-8) file" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_truncated_supernet_checkpoint_is_one_line(supernet_run, table_path, tmp_path, capsys):
+    run = tmp_path / "trunc"
+    run.mkdir()
+    with open(os.path.join(supernet_run, "checkpoint.pt"), "rb") as f:
+        (run / "checkpoint.pt").write_bytes(f.read()[:50_000])
+    rc, err = run_cli(capsys, "--supernet", str(run), "--table", table_path, "--target-ms", "3",
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2 and len(err.splitlines()) == 1 and "truncated" in err and "checkpoint.pt" in err
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--device", "foo", "--device: got 'foo', expected cpu, cuda or cuda:N"),
+    ("--eval-batch-size", "0", "--eval-batch-size: got 0, expected an integer >= 1"),
+    ("--finetune-lr", "-1", "--finetune-lr: got -1.0, expected a learning rate > 0"),
+])
+def test_bad_settings_are_refused_before_the_search(supernet_run, table_path, tmp_path, capsys, flag, value, expected):
+    rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", table_path, "--target-ms", "3",
+                      "--out", str(tmp_path / "o"), "--finetune", "2", flag, value)
+    assert rc == 2 and err == f"vitslim search: error: {expected}"
+    assert not (tmp_path / "o").exists()  # nothing was searched, nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(supernet_run, table_path, tmp_path, capsys):
+    rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", table_path, "--target-ms", "3",
+                      "--out", str(tmp_path / "o"), "--device", "cuda")
+    assert rc == 2 and "no usable CUDA device" in err and "--device cpu" in err
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--target-ms", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "invalid float value: 'abc'" in err and "vitslim search --help" in err
+
+
+def test_the_quoted_minimum_target_is_accepted(supernet_run, table_path, tmp_path):
+    ctx = context(supernet_run, table_path, None, 0.01)
+    fastest = ctx.latency(fastest_choice(ctx))
+    with pytest.raises(SearchError, match="ask for at least") as e:
+        run_search(supernet_run, table_path, fastest * 0.999, str(tmp_path / "a"), eval_images=16, progress=False,
+                   strategy="uniform", verify="off")
+    quoted = float(str(e.value).split("ask for at least ")[1].split(" ms")[0])
+    assert quoted >= fastest and quoted == float(ceil_sig(fastest))
+    rep = run_search(supernet_run, table_path, quoted, str(tmp_path / "b"), eval_images=16, progress=False,
+                     strategy="slim", verify="off")
+    assert rep["predicted_ms"] <= quoted
+
+
+@pytest.mark.parametrize("x,expected", [(0.36162, "0.3617"), (0.3616, "0.3616"), (12.3449, "12.35"), (999.95, "1000")])
+def test_ceil_sig_rounds_up(x, expected):
+    assert ceil_sig(x) == expected and float(expected) >= x
+
+
+def test_a_second_search_on_the_same_directory_is_refused(supernet_run, table_path, tmp_path):
+    out = str(tmp_path / "o")
+    with _run_lock(out):  # a search holding the directory
+        with pytest.raises(SearchError, match="another search is running in it"):
+            run_search(supernet_run, table_path, 4.0, out, eval_images=16, progress=False, verify="off")
+        with pytest.raises(SearchError, match="another search is running in it"):  # not even an Optuna worker
+            run_search(supernet_run, table_path, 4.0, out, eval_images=16, progress=False, verify="off",
+                       strategy="optuna", trials=2)
+    with _run_lock(out, shared=True):  # Optuna workers share it; a slimming run may not join them
+        with _run_lock(out, shared=True):
+            pass
+        with pytest.raises(SearchError, match="another search is running in it"):
+            run_search(supernet_run, table_path, 4.0, out, eval_images=16, progress=False, verify="off")
+    rep = run_search(supernet_run, table_path, 4.0, out, eval_images=16, progress=False, verify="off")
+    assert rep["predicted_ms"] <= 4.0
+
+
+def test_overwrite_never_clears_a_supernet_run(supernet_run, table_path, tmp_path):
+    import shutil
+    run = str(tmp_path / "sn")
+    shutil.copytree(supernet_run, run)
+    before = sorted(os.listdir(run))
+    with pytest.raises(SearchError, match="holds a supernet training run"):
+        run_search(supernet_run, table_path, 4.0, run, eval_images=16, progress=False, overwrite=True, verify="off")
+    assert sorted(os.listdir(run)) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text('{"not": "a search"}')
+    with pytest.raises(SearchError, match="not a search run's"):
+        run_search(supernet_run, table_path, 4.0, str(other), eval_images=16, progress=False, overwrite=True,
+                   verify="off")
+    assert (other / "report.json").read_text() == '{"not": "a search"}'
+
+
+def test_latency_split_names_every_stage(supernet_run, table_path, tmp_path):
+    rep = run_search(supernet_run, table_path, 4.0, str(tmp_path / "o"), eval_images=16, progress=False,
+                     strategy="uniform", verify="off")
+    split = rep["latency_split"]
+    n = len(_nas.SPACE["stages"])
+    assert [k for k in split if k.startswith("stage")] == [f"stage{i}" for i in range(n)]
+    assert abs(sum(v for k, v in split.items() if k != "total") - split["total"]) < 1e-9
+
+
+def test_a_kill_mid_step_keeps_the_candidates_evaluated(supernet_run, table_path, tmp_path, monkeypatch):
+    """Every candidate evaluation is logged as it is made; a resumed step evaluates only the rest."""
+    from nas import evaluator as ev_mod
+    target = 4.0
+    ref = run_search(supernet_run, table_path, target, str(tmp_path / "ref"), eval_images=16, progress=False,
+                     verify="off")
+    out = str(tmp_path / "o")
+    calls = {"n": 0}
+    real = ev_mod.HeldoutEvaluator.score_model
+
+    def dying(self, model):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the start network, then the first step's candidates: killed at the third
+            raise KeyboardInterrupt
+        return real(self, model)
+
+    monkeypatch.setattr(ev_mod.HeldoutEvaluator, "score_model", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, verify="off")
+    monkeypatch.setattr(ev_mod.HeldoutEvaluator, "score_model", real)
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["type"] for r in recs] == ["header", "start", "eval", "eval"]
+    rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, verify="off")
+    assert rep["choice"] == ref["choice"] and rep["accuracy"] == ref["accuracy"]
+    # what the kill had evaluated was not evaluated again
+    assert rep["evaluation"]["evaluations"] == ref["evaluation"]["evaluations"] - 3
+
+
+# ---------------------------------------------------------------- Optuna workers
+def test_workers_get_distinct_ranks_and_dead_ones_are_forgotten(tmp_path):
+    d = tmp_path / ".workers"
+    d.mkdir()
+    import socket
+    host = socket.gethostname().replace("-", "_")
+    (d / f"{host}-999999999-1").touch()          # a dead process of this host (pid beyond pid_max)
+    (d / f"{host}-{os.getppid()}-2").touch()      # a live one that started earlier
+    with _Workers(str(tmp_path)) as w:
+        assert w.rank == 1 and not w.alone and w.seen == 2
+        assert not (d / f"{host}-999999999-1").exists()
+        with _Workers(str(tmp_path)) as w2:
+            assert w2.rank == 2
+    assert os.listdir(d) == [f"{host}-{os.getppid()}-2"]
+    os.remove(d / f"{host}-{os.getppid()}-2")
+    with _Workers(str(tmp_path)) as w:
+        assert w.rank == 0 and w.alone
+
+
+def test_worker_seeds_differ_but_a_fresh_single_run_keeps_its_seed():
+    assert OptunaSearch.worker_seed(5, 0, 0) == 5
+    seeds = {OptunaSearch.worker_seed(5, n, r) for n in (0, 3, 10) for r in (0, 1, 2)}
+    assert len(seeds) == 9
+    assert OptunaSearch.worker_seed(5, 3, 1) == OptunaSearch.worker_seed(5, 3, 1)  # deterministic
+
+
+def test_a_second_worker_does_not_repeat_the_first(supernet_run, table_path, tmp_path):
+    """Two workers on one study (the second joining while the first is alive): distinct parameters."""
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    import socket
+    host = socket.gethostname().replace("-", "_")
+    first = os.path.join(out, ".workers", f"{host}-{os.getppid()}-1")  # a live worker holding the study
+    os.makedirs(os.path.dirname(first))
+    open(first, "w").close()
+    args = {"supernet": "s", "table": "t"}
+    OptunaSearch(n_trials=6, sampler="tpe", run_args=args).search(context(supernet_run, table_path, out, 4.0))
+    solo = str(tmp_path / "solo")
+    os.makedirs(solo)
+    OptunaSearch(n_trials=6, sampler="tpe", run_args=args).search(context(supernet_run, table_path, solo, 4.0))
+    study = lambda d: optuna.load_study(study_name="vitslim-search", storage=OptunaSearch(  # noqa: E731
+        run_args=args)._storage(SearchContext(None, None, None, None, None, 1.0, log_dir=d)))
+    a = [t.params for t in study(solo).trials if not t.user_attrs.get("warm_start")]
+    b = [t.params for t in study(out).trials if not t.user_attrs.get("warm_start")]
+    assert a and b and a != b  # rank 1 draws another sequence than rank 0 would
+
+
+def test_trials_left_running_by_a_killed_worker_are_failed(supernet_run, table_path, tmp_path):
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    args = {"supernet": "s", "table": "t"}
+    s = OptunaSearch(n_trials=3, run_args=args)
+    ctx = context(supernet_run, table_path, out, 4.0)
+    study = s.study(ctx)
+    t = study.ask()  # a worker took a trial and was killed (kill -9) before telling
+    assert study.trials[-1].state == optuna.trial.TrialState.RUNNING
+    res = s.search(ctx)
+    states = [tr.state for tr in s.study(ctx).trials]
+    assert states[t.number] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and res.extra["trials"] == 3
+
+
+def test_warm_start_puts_the_first_trials_near_a_tight_target(supernet_run, table_path, tmp_path):
+    ctx = context(supernet_run, table_path, None, 1.0)
+    fastest = ctx.latency(fastest_choice(ctx))
+    target = fastest * 1.15  # tight: a few percent of the space is under it
+    ctx = context(supernet_run, table_path, str(tmp_path), target)
+    s = OptunaSearch(n_trials=8, run_args={"supernet": "s"})
+    warm = s.warm_start(ctx)
+    assert len(warm) == 2 and all(ctx.latency(c) <= target for c in warm)
+    res = s.search(ctx)
+    assert res.predicted_ms <= target
+    enc = FlatEncoding(ctx.space)
+    first = [t for t in s.study(ctx).trials if t.user_attrs.get("warm_start")]
+    assert [enc.decode(t.params) for t in first] == warm
+
+
+def test_a_finished_study_continues_when_asked_for_more_trials(supernet_run, table_path, tmp_path):
+    out = str(tmp_path / "o")
+    kw = dict(strategy="optuna", eval_images=16, progress=False, verify="off")
+    rep = run_search(supernet_run, table_path, 4.0, out, trials=4, **kw)
+    assert rep["search"]["trials"] == 4 and "study.journal" in rep["files"]
+    rep = run_search(supernet_run, table_path, 4.0, out, trials=7, **kw)
+    assert rep["search"]["trials"] == 7
+    with pytest.raises(SearchError, match="already holds a finished search run"):  # no more asked: refused
+        run_search(supernet_run, table_path, 4.0, out, trials=7, **kw)
