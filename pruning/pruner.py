@@ -25,7 +25,7 @@ from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network,
                      select_ratio)
 from .importance import Importance, Scores, default_loss, get_importance
 from .surgery import apply_plan
-from .units import PruneError, block_infos, check_family
+from .units import PruneError, block_infos, check_family, pruned_arch
 
 Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -39,50 +39,114 @@ def check_images(x: torch.Tensor, arch: Mapping, what: str = "calibration data")
                          f"{'x'.join(map(str, want))} (the model's in_chans x input_size x input_size)")
 
 
+class _TensorImages(torch.utils.data.Dataset):
+    """Images (and labels) of a .pt file; indices past len() address later epochs (the step sampler's
+    convention), so any number of calibration or fine-tuning batches can be drawn."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, index: Sequence[int]):
+        self.x, self.y, self.index = x, y, list(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        j = self.index[int(i) % len(self.index)]
+        return self.x[j], self.y[j]
+
+
+LABELS = ("auto", "data", "model")
+
+
 @dataclass
 class DataSource:
     """Where calibration and fine-tuning images come from: 'synthetic' (supernet.data.SyntheticShapes
     at the model's input size), an ImageFolder directory (resized to the model's input size, as the
     eval transform does), or a .pt file holding an image tensor (N, C, H, W) or {"images", "labels"}.
-    `labels_valid`: the labels are classes of the model (otherwise the model's own top-1 is used)."""
+
+    labels: "data" uses the data's labels as the model's classes, "model" the model's own top-1 at the
+    start (pseudo-labels: the model's task is unknown), "auto" the data's labels when they fit the model
+    (an ImageFolder or .pt with as many classes as the model; synthetic data when the model has as many
+    classes as the synthetic task can draw, i.e. a model trained on vitslim's synthetic task).
+    `heldout_images`: images kept out of calibration and fine-tuning to choose between selections (taken
+    from an ImageFolder or .pt only when it has at least twice as many; else shared, `heldout_shared`)."""
     spec: str
     arch: Mapping
     batch_size: int = 32
     seed: int = 0
+    labels: str = "auto"
+    heldout_images: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PruneError(f"--batch-size: got {self.batch_size!r}, expected an integer >= 1")
-        a = self.arch
-        self.kind, self._train, self._held, self.labels_valid = self._open(a)
+        if self.labels not in LABELS:
+            raise PruneError(f"--labels: got {self.labels!r}, expected one of {', '.join(LABELS)}")
+        if self.heldout_images is None:
+            self.heldout_images = 4 * self.batch_size
+        self.heldout_shared = False
+        self.kind, self._train, self._calib, self._held, fits = self._open(self.arch)
+        if self.labels == "data" and not fits:
+            raise PruneError(f"--labels data: the labels of --data {self.spec} are not classes of the model "
+                             f"({self.arch['num_classes']} classes); use --labels model")
+        self.labels_valid = fits if self.labels == "auto" else self.labels == "data"
+
+    def _split(self, n: int) -> Tuple[List[int], List[int]]:
+        """(train indices, held-out indices): a seeded draw of heldout_images when n >= 2x that."""
+        h = int(self.heldout_images)
+        if h <= 0 or n < 2 * h:
+            self.heldout_shared = True
+            return list(range(n)), list(range(n))
+        g = torch.Generator().manual_seed(int(self.seed) + 0x5EED)
+        perm = torch.randperm(n, generator=g).tolist()
+        return sorted(perm[h:]), sorted(perm[:h])
 
     def _open(self, a):
         from supernet.data import DataError, ImageFolder, SyntheticShapes, scan_image_folder, synthetic_classes
-        size, n_cls = a["input_size"], a["num_classes"]
+        size, n_cls, chans = a["input_size"], a["num_classes"], a["in_chans"]
         spec = os.fspath(self.spec)
         if spec == "synthetic":
             k = min(max(n_cls, 2), len(synthetic_classes(60)))  # 60: every class the generator has
             kw = dict(num_classes=k, image_size=size, seed=self.seed)
-            return ("synthetic", SyntheticShapes(length=20000, split="train", **kw),
-                    SyntheticShapes(length=1000, split="heldout", **kw), k == n_cls)
+            train = SyntheticShapes(length=20000, split="train", **kw)
+            return "synthetic", train, train, SyntheticShapes(length=1000, split="heldout", **kw), k == n_cls
         if os.path.isdir(spec):
             try:
                 classes, samples, _ = scan_image_folder(spec)
             except DataError as e:
                 raise PruneError(f"--data: {e}") from None
-            train = ImageFolder(spec, image_size=size, train=True, samples=samples, classes=classes, seed=self.seed)
-            held = ImageFolder(spec, image_size=size, train=False, samples=samples, classes=classes, seed=self.seed)
-            return "imagefolder", train, held, len(classes) == n_cls
+            tr, he = self._split(len(samples))
+            kw = dict(image_size=size, classes=classes, seed=self.seed, in_chans=chans)
+            try:
+                train = ImageFolder(spec, train=True, samples=[samples[i] for i in tr], **kw)
+            except DataError as e:
+                raise PruneError(f"--data: {e}") from None
+            calib = ImageFolder(spec, train=False, samples=[samples[i] for i in tr], **kw)  # no augmentation
+            held = ImageFolder(spec, train=False, samples=[samples[i] for i in he], **kw)
+            return "imagefolder", train, calib, held, len(classes) == n_cls
         if os.path.isfile(spec) and spec.endswith((".pt", ".pth")):
-            obj = torch.load(spec, map_location="cpu", weights_only=True)
-            if isinstance(obj, Mapping):
-                x, y = obj.get("images"), obj.get("labels")
-            else:
-                x, y = obj, None
+            from supernet.checkpoint import read_file
+            from supernet.errors import CheckpointError
+            try:
+                obj = read_file(spec)
+            except CheckpointError as e:
+                raise PruneError(f"--data: {e}".replace("expected a checkpoint", "expected an image tensor file")) from None
+            x, y = (obj.get("images"), obj.get("labels")) if isinstance(obj, Mapping) else (obj, None)
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
                 raise PruneError(f"--data {spec}: expected an image tensor (N, C, H, W) or {{'images', 'labels'}}")
-            ds = torch.utils.data.TensorDataset(x.float(), y.long() if y is not None else torch.full((len(x),), -1))
-            return "tensor", ds, ds, y is not None and int(y.max()) < n_cls and int(y.min()) >= 0
+            if len(x) == 0:
+                raise PruneError(f"--data {spec}: holds no images (N = 0), expected at least one")
+            if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x)
+                                  or y.is_floating_point()):
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise PruneError(f"--data {spec}: labels are {shape}, expected integer class indices of shape "
+                                 f"({len(x)},), one per image")
+            check_images(x[:1].float(), a, f"--data {spec}")
+            yy = y.long() if y is not None else torch.full((len(x),), -1)
+            tr, he = self._split(len(x))
+            xf = x.float()
+            train = _TensorImages(xf, yy, tr)
+            fits = y is not None and int(y.max()) < n_cls and int(y.min()) >= 0
+            return "tensor", train, train, _TensorImages(xf, yy, he), fits
         raise PruneError(f"--data: got {spec!r}, expected 'synthetic', an ImageFolder directory (root/<class>/<images>) "
                          "or a .pt file with an image tensor")
 
@@ -100,8 +164,9 @@ class DataSource:
         check_images(x, self.arch, f"--data {self.spec}")
 
     def calibration(self, n: int) -> List[Batch]:
-        """The first n batches of the training split (fixed: every scoring pass sees the same)."""
-        return list(self._batches(self._train, n, 0, shuffle=True))
+        """The first n batches of the training split, without augmentation (fixed: every scoring pass
+        sees the same)."""
+        return list(self._batches(self._calib, n, 0, shuffle=True))
 
     def heldout(self, n: int) -> List[Batch]:
         return list(self._batches(self._held, n, 0, shuffle=False))
@@ -210,7 +275,7 @@ def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_k
     """A one-line error naming the floor when `goal` is below what removing units can reach."""
     if goal >= lowest - 1e-9 * max(abs(lowest), 1):
         return
-    how = (f"with --depth: every branch removed but one, at --min-keep {min_keep:g}; at least one block must stay, "
+    how = (f"with depth moves (on by default for latency targets): every branch removed but one, at --min-keep {min_keep:g}; at least one block must stay, "
            "or the network is its patch embedding and classifier alone") if depth else f"with --min-keep {min_keep:g}"
     hint = "raise the target" if depth else "raise the target or lower --min-keep"
     if target.kind != "latency":
@@ -218,6 +283,37 @@ def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_k
                          f"{how}); {hint}")
     raise PruneError(f"--target {target}: below what the table can reach for this model (floor {lowest:.3f} ms = "
                      f"{lowest / c0:.3f}x {how}; unpruned {c0:.3f} ms)")
+
+
+def select_exact(fn, make_net, costs: Sequence[CostModel], budgets: Sequence[float], arch: Mapping,
+                 max_rounds: int = 8):
+    """(selection, select_constrained's info or None, [budgets selected under, when tightened]).
+
+    Selections add up unit costs; the pruned network's cost is then computed whole (`cost.total` of the
+    pruned arch). The two agree for block widths, but not exactly where units interact (the embedding
+    width changes every block's cost; table entries interpolate between measured widths). When the
+    network would run over a budget, the selection is repeated under that budget lowered by the
+    overshoot (5% more each round), so a plan is never over its target by the cost model's error."""
+    sel_budgets = [float(b) for b in budgets]
+    tried, sel, info = [], None, None
+    for _ in range(max_rounds):
+        try:
+            if len(costs) == 1:
+                s = fn(make_net(costs[0]), sel_budgets[0])
+            else:  # every budget met at once (budget.select_constrained)
+                s, info = select_constrained(fn, make_net, costs, sel_budgets)
+        except PruneError:
+            if sel is None:
+                raise
+            break  # tightened below what removing units reaches: the last plan stays, the caller names it
+        sel = s
+        pa = pruned_arch(arch, sel.plan)
+        over = [c.total(pa) - b for c, b in zip(costs, budgets)]
+        if all(o <= 1e-6 * max(abs(b), 1e-9) for o, b in zip(over, budgets)):
+            break
+        tried.append(list(sel_budgets))
+        sel_budgets = [sb - 1.05 * o - 1e-9 * abs(b) if o > 0 else sb for sb, o, b in zip(sel_budgets, over, budgets)]
+    return sel, info, tried
 
 
 def check_table(table, arch: Mapping) -> None:
@@ -238,6 +334,12 @@ def check_table(table, arch: Mapping) -> None:
             f"latency tables cannot yet cut a {fam} network into entries"
         raise PruneError(f"--table {getattr(table, 'path', None) or ''}: built for {made_for}, not for this {fam} "
                          f"model ({why}); build one for it with `vitslim latency build`")
+    from latency_tables.table import LatencyError
+    try:  # the same family, but other geometry (width, patch, resolution) than the table was measured at
+        table.predict(arch, interpolate=True)
+    except LatencyError as e:
+        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: cannot price this model ({e}); build a table "
+                         "of it with `vitslim latency build --arch CHECKPOINT --prune-grid --out T.yaml`") from None
 
 
 # ---------------------------------------------------------------- the pruner
@@ -273,6 +375,10 @@ class PruneConfig:
                 raise PruneError(f"--{k.replace('_', '-')}: got {v!r}, expected an integer >= {lo}")
         if not 0 <= self.momentum < 1:
             raise PruneError(f"momentum: got {self.momentum!r}, expected a number in [0, 1)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise PruneError(f"--lr: got {self.lr!r}, expected a learning rate > 0")
+        if self.kd and self.finetune_steps == 0:
+            raise PruneError("--kd: distillation happens during fine-tuning, expected --finetune-steps N > 0 with it")
         Floor(self.min_keep)
         if self.depth is not None and not isinstance(self.depth, bool):
             raise PruneError(f"--depth: got {self.depth!r}, expected true, false or None (auto: on for latency "
@@ -350,7 +456,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     prev: Optional[Scores] = None
     steps_report = []
     K = cfg.iterative_steps
-    ft_per = [cfg.finetune_steps // K + (1 if k < cfg.finetune_steps % K else 0) for k in range(K)]
+    ft_per = [cfg.finetune_steps // K + (1 if k >= K - cfg.finetune_steps % K else 0) for k in range(K)]
     ft_start = 1000
     scoring_seconds = 0.0
     for step in range(K):
@@ -365,18 +471,18 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         scores = scores.blend(prev, cfg.momentum)
         costs = [make_cost(t, cur_arch, table, cost_fn) for t in targets]
         methods = ["ratio", "knapsack"] if cfg.selection == "auto" else [cfg.selection]
-        cands, weights = {}, {}
+        cands, weights, tightenings = {}, {}, {}
 
         def make_net(c: CostModel) -> Network:
             return Network(cur_arch, scores, c, floor, embed=cfg.prune_embed, depth=depth)
 
         for m in methods:
             fn = select_ratio if m == "ratio" else select_knapsack
-            if len(costs) == 1:
-                sel: Selection = fn(make_net(costs[0]), budgets[0])
-            else:  # every budget met at once (budget.select_constrained)
-                sel, info = select_constrained(fn, make_net, costs, budgets)
+            sel, info, tightened = select_exact(fn, make_net, costs, budgets, cur_arch)
+            if info is not None:
                 weights[m] = info["weights"]
+            if tightened:
+                tightenings[m] = tightened
             pm, pa = apply_plan(cur, cur_arch, sel.plan)
             ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
             cands[m] = (sel, pm, pa, ev)
@@ -398,6 +504,8 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
                                    "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
                                for m, c in cands.items()},
                 "finetune": ft}
+        if tightenings:  # selections repeated under lower budgets (select_exact)
+            srep["tightened"] = tightenings
         if len(costs) > 1:
             srep["budgets"] = {str(t): b for t, b in zip(targets, budgets)}
             srep["costs"] = {str(t): c.total(cur_arch) for t, c in zip(targets, costs)}

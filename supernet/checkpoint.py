@@ -129,6 +129,13 @@ def load_checkpoint(path) -> Tuple[nn.Module, dict]:
                     raise
                 raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({e})") from None
             return _build_loaded(arch, sd2, path), arch
+    for fam in FAMILIES.values():  # the core keys of a family, with keys it does not have
+        extra = fam.unknown_keys(sd) if hasattr(fam, "unknown_keys") else []
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint, but has keys {fam.name} does not have: "
+                                  f"{', '.join(extra[:3])}{more} (a variant vitslim does not build, e.g. DeiT III's "
+                                  "LayerScale), expected a state dict of one of the supported families")
     keys = list(sd)[:4]
     raise CheckpointError(f"{path}: unrecognised checkpoint layout (first keys {', '.join(keys)}), expected a state dict "
                           f"of one of the supported families: {', '.join(sorted(FAMILIES))}")

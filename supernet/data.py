@@ -219,6 +219,9 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
     return classes, samples, skipped
 
 
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
 class ImageFolder(Dataset):
     """root/<class>/<image> decoded with PIL. Train: random-resized crop and horizontal flip drawn
     from (seed, epoch, index); eval: resize to image_size / crop_pct, centre crop (DeiT/timm's
@@ -233,8 +236,15 @@ class ImageFolder(Dataset):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  scale: Tuple[float, float] = (0.08, 1.0), hflip: bool = True, crop_pct: float = 0.875,
                  verify: bool = True, samples: Optional[List[Tuple[str, int]]] = None,
-                 classes: Optional[List[str]] = None):
+                 classes: Optional[List[str]] = None, in_chans: int = 3):
         self.root = os.fspath(root)
+        if in_chans not in _PIL_MODES:
+            raise DataError(f"in_chans: got {in_chans!r}, expected one of {', '.join(map(str, _PIL_MODES))} "
+                            "(grey, RGB, RGBA images)")
+        self.mode = _PIL_MODES[in_chans]
+        if in_chans != 3 and tuple(mean) == tuple(IMAGENET_MEAN):  # ImageNet's statistics, per channel count
+            mean = (sum(IMAGENET_MEAN) / 3,) * in_chans if in_chans == 1 else tuple(IMAGENET_MEAN) + (0.5,)
+            std = (sum(IMAGENET_STD) / 3,) * in_chans if in_chans == 1 else tuple(IMAGENET_STD) + (0.5,)
         if samples is None:
             classes, samples, self.skipped = scan_image_folder(self.root, verify=verify)
         else:
@@ -269,7 +279,7 @@ class ImageFolder(Dataset):
             path, label = self.samples[(i + attempt) % n]
             try:
                 with Image.open(path) as im:
-                    im = im.convert("RGB")
+                    im = im.convert(self.mode)
                     w, h = im.size
                     s = self.image_size
                     if self.train:
@@ -286,6 +296,8 @@ class ImageFolder(Dataset):
                         x0, y0 = (nw - s) // 2, (nh - s) // 2
                         im = im.crop((x0, y0, x0 + s, y0 + s))
                     arr = np.asarray(im, dtype=np.float32) / 255.0
+                    if arr.ndim == 2:
+                        arr = arr[:, :, None]
                 return arr, label
             except (OSError, ValueError, SyntaxError):
                 self.decode_failures += 1

@@ -87,6 +87,9 @@ COMMANDS = {
 }
 
 
+RESUMABLE = {"latency", "supernet", "search", "run"}  # commands whose interrupted work a re-run continues
+
+
 def register_command(name, add_arguments, run, help_text, example):
     """Later packages (latency, search, prune, export) add their commands here."""
     COMMANDS[name] = (add_arguments, run, help_text, example)
@@ -138,7 +141,9 @@ def main(argv=None) -> int:
         print(f"vitslim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitslim {args.command}: interrupted (state saved so far is kept; re-run to resume)", file=sys.stderr)
+        what = ("state saved so far is kept; re-run to resume" if args.command in RESUMABLE
+                else "no output was written; re-run to start again")
+        print(f"vitslim {args.command}: interrupted ({what})", file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,13 @@ def _args(p):
                    help="global choice of units: knapsack under the budget (HALP), ranking by importance per "
                         "unit of cost, or auto: both, keeping the one with the lower held-out loss (default)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for scoring (default 8)")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="held-out batches that --selection auto compares plans on (default 4; taken out of an "
+                        "ImageFolder or .pt when it holds at least twice as many images)")
+    p.add_argument("--labels", default="auto", choices=["auto", "data", "model"],
+                   help="what the loss compares to: the data's labels (data), the unpruned model's own top-1 (model: "
+                        "the model's task is not the data's), or auto: the data's labels when they are the model's "
+                        "classes (as many classes; --data synthetic: a model trained on vitslim's synthetic task)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--iterative-steps", type=int, default=1, help="prune in K steps (default 1: one-shot)")
     p.add_argument("--finetune-steps", type=int, default=0,
@@ -35,13 +42,15 @@ def _args(p):
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
     p.add_argument("--kd", action="store_true", help="fine-tune with knowledge distillation from the unpruned model")
     p.add_argument("--min-keep", type=float, default=0.1,
-                   help="per-block floor: keep at least this fraction of each unit kind (default 0.1; 0 lets a "
-                        "block lose its attention or MLP entirely)")
+                   help="per-block floor on unit moves: keep at least this fraction of each unit kind (default 0.1; "
+                        "0 lets narrowing empty a block's attention or MLP). Depth moves (--depth, on by default for "
+                        "latency targets) remove whole branches regardless; --min-keep 1 with --depth: depth only")
     p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=None,
                    help="depth moves: a block's attention or FFN branch may go whole (its LayerNorm, residual add "
                         "and fixed work with it), competing with unit moves; default: on for latency targets, off "
                         "for params / MACs targets")
-    p.add_argument("--momentum", type=float, default=0.9, help="score smoothing across iterative steps (default 0.9)")
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="score smoothing across iterative steps (default 0.9; one-shot runs score once)")
     p.add_argument("--prune-embed", action="store_true",
                    help="also prune each stage's embedding (residual) width; unlike the other units this is not "
                         "exactly gating (LayerNorms then normalise over fewer channels): fine-tune after it")
@@ -63,9 +72,11 @@ def _run(args):
     macs = next((t for t in targets if t.kind == "macs"), None)
     if args.proportional and (macs is None or not args.table):
         raise PruneError("--proportional: needs a MACs target (macs=F) and --table (a latency table of the device)")
+    implied = None
     if args.proportional is not False and macs is not None and args.table \
             and not any(t.kind == "latency" for t in targets):
-        targets.append(Target("latency", macs.value, relative=True))
+        implied = Target("latency", macs.value, relative=True)
+        targets.append(implied)
     target = ",".join(map(str, targets))
     check_out_dir(args.out, args.overwrite)
     table = None
@@ -80,14 +91,22 @@ def _run(args):
     cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
                       lr=args.lr, min_keep=args.min_keep, prune_embed=args.prune_embed, depth=args.depth,
-                      momentum=args.momentum, calib_batches=args.calib_batches,
+                      momentum=args.momentum, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
                       seed=args.seed).check()
-    data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed)
-    res = prune(model, arch, cfg, data=data, table=table, progress=not args.quiet)
+    data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed, labels=args.labels,
+                      heldout_images=cfg.eval_batches * args.batch_size)
+    try:
+        res = prune(model, arch, cfg, data=data, table=table, progress=not args.quiet)
+    except PruneError as e:
+        if implied is not None and str(implied) in str(e):
+            raise PruneError(f"{e} [latency={implied.value:g}x was added to macs={macs.value:g} because --table was "
+                             "given (--proportional, the default); --no-proportional prunes to the MACs alone]") from None
+        raise
     rep = res.report
     rep.update({"checkpoint": os.path.abspath(args.checkpoint), "family": arch["family"], "data": args.data,
                 "table": os.path.abspath(args.table) if args.table else None, "seed": args.seed,
-                "batch_size": args.batch_size})
+                "batch_size": args.batch_size, "labels": "data" if data.labels_valid else "model",
+                "heldout_shared": data.heldout_shared, "proportional_target": str(implied) if implied else None})
     paths = write_run(args.out, res.model, res.arch, rep, overwrite=args.overwrite)
     if args.json:
         keys = ("target", "params_before", "params_after", "macs_before", "macs_after", "cost_before", "cost_after")

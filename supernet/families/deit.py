@@ -394,6 +394,12 @@ class DeiTFamily(Family):
         return all(k in sd for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight")) \
             and all(_DEIT_KEY.fullmatch(k) for k in sd)
 
+    def unknown_keys(self, sd) -> list:
+        """Keys DeiT does not have, when the rest says DeiT (e.g. DeiT III's LayerScale `ls1.gamma`)."""
+        if not all(k in sd for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight")):
+            return []
+        return [k for k in sd if not _DEIT_KEY.fullmatch(k)]
+
     def convert_state_dict(self, sd) -> tuple:
         return _convert_deit(sd)
 

@@ -63,6 +63,20 @@ def test_unrecognised_layout_names_supported_families(tmp_path):
         assert fam in msg
 
 
+def test_a_deit_variant_names_the_keys_deit_lacks(tmp_path):
+    """DeiT III adds LayerScale (blocks.N.ls1.gamma): the error names it instead of 'unrecognised'."""
+    official = dict(vitslim.build_model(_tiny_deit()).state_dict())  # DeiT modules keep the official key names
+    official["blocks.0.ls1.gamma"] = torch.ones(official["cls_token"].shape[-1])
+    p = tmp_path / "deit3.pth"
+    torch.save({"model": official}, p)
+    with pytest.raises(vitslim.CheckpointError, match=r"looks like a deit checkpoint, but has keys deit does not have: "
+                                                      r"blocks\.0\.ls1\.gamma"):
+        vitslim.load_checkpoint(p)
+    del official["blocks.0.ls1.gamma"]
+    torch.save({"model": official}, p)
+    assert vitslim.load_checkpoint(p)[1]["family"] == "deit"
+
+
 def _tiny_deit():
     a = vitslim.get_preset("deit_tiny")
     a["input_size"] = 32

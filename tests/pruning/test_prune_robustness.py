@@ -1,0 +1,199 @@
+"""`vitslim prune` with awkward but legal input (a tiny .pt dataset drawn for many batches, greyscale
+folders, a cost model whose units interact) and bad input refused before any work."""
+import os
+
+import pytest
+import torch
+
+import vitslim
+from vitslim.cli import main
+
+from pruning.pruner import DataSource, PruneConfig, prune
+from pruning_nets import batches, build, tiny_deit, tiny_swin
+
+FAST = ["--calib-batches", "2", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture
+def deit_ckpt(tmp_path):
+    arch = tiny_deit()
+    p = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, p)
+    return str(p)
+
+
+def one_line(capsys, argv, pattern):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and pattern in err, err
+    return err
+
+
+def test_a_small_tensor_file_serves_any_number_of_batches(deit_ckpt, tmp_path, capsys):
+    """10 images, 2 calibration + 4 held-out batches of 4 and 6 fine-tuning steps: later epochs of the file."""
+    p = tmp_path / "d.pt"
+    torch.save({"images": torch.randn(10, 3, 32, 32), "labels": torch.randint(0, 10, (10,))}, p)
+    out = tmp_path / "r"
+    rc = main(["prune", "--checkpoint", deit_ckpt, "--data", str(p), "--target", "macs=0.6", "--out", str(out),
+               "--finetune-steps", "6", "--iterative-steps", "2"] + FAST)
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("content,pattern", [
+    ({"images": torch.zeros(0, 3, 32, 32)}, "holds no images (N = 0)"),
+    ({"images": torch.randn(6, 3, 32, 32), "labels": torch.zeros(4, dtype=torch.long)}, "labels are (4,)"),
+    ({"images": torch.randn(6, 3, 32, 32), "labels": torch.zeros(6)}, "expected integer class indices"),
+])
+def test_a_bad_tensor_file_is_one_line(deit_ckpt, tmp_path, capsys, content, pattern):
+    p = tmp_path / "d.pt"
+    torch.save(content, p)
+    one_line(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", str(p), "--target", "macs=0.5",
+                      "--out", str(tmp_path / "r")] + FAST, pattern)
+
+
+def test_a_truncated_tensor_file_is_one_line(deit_ckpt, tmp_path, capsys):
+    p = tmp_path / "d.pt"
+    torch.save({"images": torch.randn(64, 3, 32, 32)}, p)
+    p.write_bytes(p.read_bytes()[:5000])
+    one_line(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", str(p), "--target", "macs=0.5",
+                      "--out", str(tmp_path / "r")] + FAST, "--data: ")
+
+
+def _folder(root, mode, n=6, size=40):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            px = (torch.rand(size, size, 3 if mode == "RGB" else 1, generator=g) * 255).byte().numpy()
+            Image.fromarray(px if mode == "RGB" else px[:, :, 0], mode).save(root / c / f"{i}.png")
+
+
+def test_a_greyscale_model_calibrates_on_a_greyscale_folder(tmp_path, capsys):
+    arch = tiny_deit(in_chans=1)
+    arch["num_classes"] = 2
+    ck = tmp_path / "g.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    _folder(tmp_path / "imgs", "L")
+    rc = main(["prune", "--checkpoint", str(ck), "--data", str(tmp_path / "imgs"), "--target", "macs=0.6",
+               "--out", str(tmp_path / "r")] + FAST)
+    assert rc == 0, capsys.readouterr().err
+    ds = DataSource(str(tmp_path / "imgs"), vitslim.resolve_arch(arch), batch_size=4)
+    x, y = ds.calibration(1)[0]
+    assert x.shape == (4, 1, 32, 32) and y is not None  # 2 folders = the model's 2 classes
+
+
+def test_held_out_images_are_kept_out_of_calibration(tmp_path):
+    _folder(tmp_path / "imgs", "RGB", n=10)
+    arch = vitslim.resolve_arch({**tiny_deit(), "num_classes": 2})
+    ds = DataSource(str(tmp_path / "imgs"), arch, batch_size=2, heldout_images=4)
+    assert not ds.heldout_shared and len(ds._held) == 4 and len(ds._train) == 16
+    assert not {p for p, _ in ds._held.samples} & {p for p, _ in ds._train.samples}
+    small = DataSource(str(tmp_path / "imgs"), arch, batch_size=2, heldout_images=12)  # 20 < 2 x 12: shared
+    assert small.heldout_shared and len(small._held) == len(small._train) == 20
+
+
+def test_labels_option(tmp_path):
+    arch = tiny_deit()  # 10 classes: synthetic data has a 10-class task, so auto takes its labels
+    assert DataSource("synthetic", arch, batch_size=4).labels_valid
+    assert not DataSource("synthetic", arch, batch_size=4, labels="model").labels_valid
+    assert DataSource("synthetic", arch, batch_size=4).calibration(1)[0][1] is not None
+    assert DataSource("synthetic", arch, batch_size=4, labels="model").calibration(1)[0][1] is None
+    _folder(tmp_path / "imgs", "RGB", n=2)  # 2 classes for a 10-class model
+    from pruning.units import PruneError
+    with pytest.raises(PruneError, match="--labels data: the labels of --data .* are not classes of the model"):
+        DataSource(str(tmp_path / "imgs"), arch, batch_size=4, labels="data")
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--lr", "-1", "--finetune-steps", "2"], "--lr: got -1.0, expected a learning rate > 0"),
+    (["--lr", "nan", "--finetune-steps", "2"], "--lr: got nan"),
+    (["--kd"], "--kd: distillation happens during fine-tuning"),
+])
+def test_bad_settings_are_refused_before_pruning(deit_ckpt, tmp_path, capsys, extra, pattern):
+    one_line(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
+                      "--out", str(tmp_path / "r")] + FAST + extra, pattern)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_output_under_a_file_is_refused_first(deit_ckpt, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    one_line(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
+                      "--out", str(tmp_path / "f" / "sub")] + FAST, "is not a folder")
+
+
+def test_an_implied_latency_target_says_where_it_came_from(tmp_path, capsys, quick_tables):
+    from pruning_nets import fake_table
+    arch = tiny_deit()
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    fake_table(arch).save(str(tmp_path / "t.yaml"))
+    err = one_line(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.5",
+                            "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "r"), "--no-depth"] + FAST,
+                   "latency=0.5x was added to macs=0.5")
+    assert "--no-proportional" in err
+
+
+def test_interrupted_prune_says_nothing_was_written(deit_ckpt, tmp_path, capsys, monkeypatch):
+    import pruning.pruner as P
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(P, "prune", interrupted)
+    rc = main(["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
+               "--out", str(tmp_path / "r")] + FAST)
+    err = capsys.readouterr().err
+    assert rc == 130 and "no output was written" in err and not (tmp_path / "r").exists()
+
+
+def test_fine_tuning_steps_left_over_go_to_the_last_steps(monkeypatch):
+    import pruning.pruner as P
+    seen = []
+    real = P.finetune
+
+    def spy(model, batches, steps, *a, **k):
+        seen.append(steps)
+        return real(model, batches, steps, *a, **k)
+    monkeypatch.setattr(P, "finetune", spy)
+    arch = tiny_deit()
+    prune(build(arch), arch, PruneConfig(target="macs=0.5", iterative_steps=5, finetune_steps=3, calib_batches=1,
+                                         eval_batches=0), data=DataSource("synthetic", arch, batch_size=4))
+    assert seen == [1, 1, 1]  # steps 3, 4, 5: the last pruning step is followed by recovery
+    # (finetune is called only for steps with work)
+
+
+def _concave_ms(a):
+    """Costs that interact: removing units saves less than the sum of their parts says (as embedding
+    widths and interpolated table entries do), so an additive selection lands over its budget."""
+    tot = sum((b["heads"] * (b["qk_dim"] + b["v_dim"]) + b["ffn_hidden"]) * st["width"] ** 1.3 / 1000
+              for st in a["stages"] for b in st["blocks"])
+    return 1.0 + tot ** 0.8
+
+
+@pytest.mark.parametrize("make", [tiny_deit, tiny_swin])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_latency_target_with_interacting_costs_is_met(make, steps):
+    arch = make()
+    full = _concave_ms(arch)
+    res = prune(build(arch), arch, PruneConfig(target="latency=0.5x", iterative_steps=steps, prune_embed=True,
+                                               calib_batches=1, eval_batches=0),
+                calibration=batches(arch, 1), cost_fn=_concave_ms)
+    assert _concave_ms(res.arch) <= 0.5 * full * (1 + 1e-6)
+    last = res.report["steps"][-1]
+    assert last["tightened"]  # the additive plan ran over: selected again under a lower budget
+    assert min(b[0] for m in last["tightened"].values() for b in m) <= last["budget"]
+
+
+def test_a_table_of_the_same_family_but_other_geometry_is_one_line(tmp_path, capsys, quick_tables):
+    from pruning_nets import fake_table
+    fake_table(tiny_deit()).save(str(tmp_path / "t.yaml"))
+    arch = tiny_deit(in_chans=1)  # its patch embedding has no entry to price it from
+    ck = tmp_path / "g.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    p = tmp_path / "d.pt"
+    torch.save(torch.randn(8, 1, 32, 32), p)
+    err = one_line(capsys, ["prune", "--checkpoint", str(ck), "--data", str(p), "--target", "latency=0.8x",
+                            "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "r")] + FAST,
+                   "cannot price this model (cannot interpolate vit_embed")
+    assert "vitslim latency build --arch CHECKPOINT --prune-grid" in err
