@@ -1,7 +1,16 @@
-"""Fixtures of the pruning tests: each tiny family in turn."""
+"""Fixtures of the pruning tests: each tiny family in turn, a tiny DeiT checkpoint file."""
 import pytest
 
 from pruning_nets import build, proxy_macs, tiny_deit, tiny_swin
+
+
+@pytest.fixture
+def deit_ckpt(tmp_path):
+    import vitslim
+    arch = tiny_deit()
+    p = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, p)
+    return str(p)
 
 
 @pytest.fixture(params=["deit", "deit_distilled", "swin"])

@@ -16,14 +16,6 @@ from pruning_nets import build, fake_table, grid_table, tiny_deit, tiny_swin
 FAST = ["--calib-batches", "2", "--batch-size", "4", "--quiet"]
 
 
-@pytest.fixture
-def deit_ckpt(tmp_path):
-    arch = tiny_deit()
-    p = tmp_path / "deit.pt"
-    vitslim.save_checkpoint(build(arch), arch, p)
-    return str(p)
-
-
 def run(argv, capsys):
     rc = main(argv)
     out, err = capsys.readouterr()

@@ -11,15 +11,7 @@ from vitslim.cli import main
 from pruning.pruner import DataSource, PruneConfig, prune
 from pruning_nets import batches, build, tiny_deit, tiny_swin
 
-FAST = ["--calib-batches", "2", "--batch-size", "4", "--quiet"]
-
-
-@pytest.fixture
-def deit_ckpt(tmp_path):
-    arch = tiny_deit()
-    p = tmp_path / "deit.pt"
-    vitslim.save_checkpoint(build(arch), arch, p)
-    return str(p)
+from test_prune_cli import FAST  # noqa: E402 - the same quick settings
 
 
 def one_line(capsys, argv, pattern):
