@@ -122,13 +122,14 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
         return hashlib.sha1(json.dumps(a, sort_keys=True).encode()).hexdigest()[:16]
 
     state_path = f"{table.path}.partial.json" if (save and table.path) else None
+    setup = json.loads(json.dumps(dict(table.device), sort_keys=True, default=str))
     acc: dict = {}
     ran: list = []
     if state_path and os.path.exists(state_path):
         try:
             with open(state_path, encoding="utf-8") as f:
                 st = json.load(f)
-            if st.get("device") == [table.device.get("backend"), table.device.get("device")]:
+            if st.get("setup") == setup:  # the same device *and* threads, batch, dtype, fusion, runtime
                 acc = {k: list(v) for k, v in st["samples"].items() if k in wanted}
                 ran = list(st["ran"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -178,7 +179,7 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
         if state_path:
             if not finished and table.path:
                 table.save()  # the drift reference taken in the first group must survive too
-            atomic_write(state_path, json.dumps({"device": [table.device.get("backend"), table.device.get("device")],
+            atomic_write(state_path, json.dumps({"setup": setup,
                                                  "ran": ran,
                                                  "samples": {k: [round(x, 6) for x in v] for k, v in acc.items()}}))
         if progress is not None:

@@ -31,6 +31,7 @@ from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
 from supernet.errors import CheckpointError, check_device
+from supernet.runlock import LOCK_FILE, run_lock
 from supernet.train import TrainConfig, read_run
 from supernet.supernet import MetaPathSupernet
 
@@ -44,7 +45,6 @@ from .verify import MODES as VERIFY_MODES, VERIFY_FILE, Verifier, unavailable_re
 
 RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "study.journal",
              "study.db", "pareto.json", "pareto.png", "verify.json", ".workers")
-LOCK_FILE = ".lock"   # held while a search runs: exclusive (slim, random, uniform) or shared (optuna workers)
 STRATEGIES = {"slim": LatencySlimming, "optuna": OptunaSearch, "random": RandomSearch, "uniform": UniformShrink}
 
 
@@ -242,33 +242,12 @@ def _remove_stale_temps(out: str) -> None:
                 os.remove(os.path.join(out, name))
 
 
-@contextlib.contextmanager
 def _run_lock(out: str, shared: bool = False):
-    """Hold OUT/.lock while the search runs, so a second search started on the same directory is refused
-    instead of writing the same log twice. Optuna workers share it (they share the study by design);
-    any other search takes it alone. Where the file system has no flock, nothing is locked."""
-    out = os.fspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SearchError(f"--out {out}: exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    f = open(os.path.join(out, LOCK_FILE), "a+")
-    try:
-        try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SearchError(f"--out {out}: another search is running in it" + (
-                " (Optuna workers can share a directory only with other Optuna workers of the same study)"
-                if shared else "") + "; wait for it, or choose another --out") from None
-        except OSError:
-            pass  # no flock on this file system
-        yield
-    finally:
-        f.close()
+    """Hold OUT/.lock while the search runs (supernet.runlock): a second search started on the same
+    directory is refused; Optuna workers share it (they share the study by design)."""
+    return run_lock(out, shared=shared, error=SearchError, what="search",
+                    hint=" (Optuna workers can share a directory only with other Optuna workers of the same study)"
+                    if shared else "")
 
 
 def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches, eval_batch_size,

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
@@ -49,6 +50,7 @@ from .arch import atomic_write_text, read_yaml
 from .checkpoint import read_file
 from .data import DataConfig, DataError, build_datasets, heldout_batches, make_loader
 from .errors import CheckpointError, VitslimError, check_device
+from .runlock import run_lock
 from .space import SearchSpace
 from .supernet import MetaPathSupernet
 
@@ -75,6 +77,8 @@ def _num(d: Mapping, key: str, path: str, default, lo=None, hi=None, integer=Fal
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok:
         raise _bad(f"{path}{key}", v, "an integer" if integer else "a number")
+    if not math.isfinite(v):
+        raise _bad(f"{path}{key}", v, "a finite number")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise _bad(f"{path}{key}", v, f"a number {rng}")
@@ -255,6 +259,24 @@ def load_config(path) -> TrainConfig:
         raise type(e)(f"{path}: {e}") from None
 
 
+def _check_not_foreign(out_dir: str, cfg_dict: Mapping) -> None:
+    """A fresh run overwrites config.yaml, metrics.jsonl and report.json: only where they are its own (an
+    earlier start of the same config, interrupted before its first checkpoint), never someone else's."""
+    mine = [f for f in ("config.yaml", "metrics.jsonl", "report.json") if os.path.exists(os.path.join(out_dir, f))]
+    if not mine:
+        return
+    ours = False
+    try:
+        with open(os.path.join(out_dir, "config.yaml"), encoding="utf-8") as f:
+            prev = yaml.safe_load(f)
+        ours = isinstance(prev, Mapping) and not config_diff(prev, cfg_dict)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    if not ours:
+        raise ConfigError(f"{out_dir}: holds {', '.join(mine)} but no checkpoint.pt (not a run of this config); "
+                          "choose another --out")
+
+
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> List[str]:
     """'key: old -> new' for every leaf that differs (RESUME_FREE keys ignored)."""
     out = []
@@ -412,7 +434,16 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, progress: boo
         torch.cuda.set_device(dev)
     dist.init(dev)
     try:
-        return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
+        if dist.rank != 0:  # rank 0 holds the directory for all of them
+            return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
+        existed = os.path.isdir(out_dir)
+        try:
+            with run_lock(out_dir, error=ConfigError, what="supernet training"):
+                return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
+        except BaseException:
+            if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {".lock"}:
+                shutil.rmtree(out_dir, ignore_errors=True)  # refused before it wrote anything: nothing left behind
+            raise
     finally:
         dist.close()
 
@@ -435,6 +466,8 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
         at = prev.get("step") if isinstance(prev, Mapping) else None
         raise ConfigError(f"{out_dir}: already holds a run (checkpoint.pt at step {at}); pass --resume to continue it "
                           "or choose another --out")
+    else:
+        _check_not_foreign(out_dir, cfg_dict)
     if cfg.batch_size % dist.world:
         raise ConfigError(f"batch_size: got {cfg.batch_size}, expected a multiple of the number of processes ({dist.world})")
 

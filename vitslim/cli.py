@@ -11,6 +11,18 @@ import textwrap
 from supernet.errors import VitslimError
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are not settings)."""
+    import math
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(text)
+    return v
+
+
+finite_float.__name__ = "finite float"  # argparse names the type in its one-line error
+
+
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
 

@@ -8,7 +8,7 @@ import sys
 
 from supernet.errors import VitslimError
 
-from .cli import register_command
+from .cli import finite_float, register_command
 
 
 # ------------------------------------------------------------------ helpers
@@ -89,9 +89,9 @@ def _build_args(p):
                         "isolated: time each entry alone")
     p.add_argument("--contexts", type=int, default=2,
                    help="in-context: networks each entry is timed in, at least (default 2)")
-    p.add_argument("--time-per-network", type=float, default=0.4,
+    p.add_argument("--time-per-network", type=finite_float, default=0.4,
                    help="in-context and calibration: seconds of timed runs per network (default 0.4)")
-    p.add_argument("--time-per-entry", type=float, default=0.5, help="isolated: seconds of timed calls per entry (default 0.5)")
+    p.add_argument("--time-per-entry", type=finite_float, default=0.5, help="isolated: seconds of timed calls per entry (default 0.5)")
     p.add_argument("--min-samples", type=int, default=15, help="timed runs per entry or network at least (default 15)")
     p.add_argument("--group", type=int, default=8, help="networks (or isolated entries) interleaved at a time (default 8)")
     p.add_argument("--calibrate", type=int, default=10,
@@ -251,7 +251,7 @@ def _validate_args(p):
     p.add_argument("--arch", action="append", default=[], metavar="ARCH", help="also validate this arch (repeatable)")
     p.add_argument("--no-presets", action="store_true", help="leave out the presets the table covers")
     _backend_args(p, table_defaults=True)
-    p.add_argument("--time-per-network", type=float, default=1.0, help="seconds of timed calls per network (default 1)")
+    p.add_argument("--time-per-network", type=finite_float, default=1.0, help="seconds of timed calls per network (default 1)")
     p.add_argument("--min-samples", type=int, default=15, help="timed calls per network at least (default 15)")
     p.add_argument("--group", type=int, default=16, help="networks interleaved at a time (default 16)")
     p.add_argument("--noise", action="store_true", help="measure every network twice and report the noise floor")

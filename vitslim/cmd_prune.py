@@ -4,7 +4,7 @@ import argparse
 import json
 import os
 
-from .cli import register_command
+from .cli import finite_float, register_command
 
 
 def _args(p):
@@ -39,9 +39,9 @@ def _args(p):
     p.add_argument("--iterative-steps", type=int, default=1, help="prune in K steps (default 1: one-shot)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="fine-tuning batches in all, spread over the steps (default 0)")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
+    p.add_argument("--lr", type=finite_float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
     p.add_argument("--kd", action="store_true", help="fine-tune with knowledge distillation from the unpruned model")
-    p.add_argument("--min-keep", type=float, default=0.1,
+    p.add_argument("--min-keep", type=finite_float, default=0.1,
                    help="per-block floor on unit moves: keep at least this fraction of each unit kind (default 0.1; "
                         "0 lets narrowing empty a block's attention or MLP). Depth moves (--depth, on by default for "
                         "latency targets) remove whole branches regardless; --min-keep 1 with --depth: depth only")
@@ -49,7 +49,7 @@ def _args(p):
                    help="depth moves: a block's attention or FFN branch may go whole (its LayerNorm, residual add "
                         "and fixed work with it), competing with unit moves; default: on for latency targets, off "
                         "for params / MACs targets")
-    p.add_argument("--momentum", type=float, default=0.9,
+    p.add_argument("--momentum", type=finite_float, default=0.9,
                    help="score smoothing across iterative steps (default 0.9; one-shot runs score once)")
     p.add_argument("--prune-embed", action="store_true",
                    help="also prune each stage's embedding (residual) width; unlike the other units this is not "

@@ -11,7 +11,7 @@ import yaml
 from supernet.arch import read_yaml
 from supernet.errors import VitslimError
 
-from .cli import register_command
+from .cli import finite_float, register_command
 
 SEARCH_EXAMPLE = """vitslim search --supernet runs/supernet_tiny --table runs/quickstart/table.yaml --target-ms 2.5 --out runs/slim
   vitslim search --supernet runs/supernet_tiny --table T.yaml --target-ms 2.5 --strategy optuna --trials 200 --out runs/opt
@@ -21,7 +21,7 @@ SEARCH_EXAMPLE = """vitslim search --supernet runs/supernet_tiny --table runs/qu
 def _search_args(p):
     p.add_argument("--supernet", required=True, help="a finished supernet run directory (vitslim supernet train)")
     p.add_argument("--table", required=True, help="latency table .yaml covering the supernet's search space")
-    p.add_argument("--target-ms", required=True, type=float, help="latency target in milliseconds (> 0)")
+    p.add_argument("--target-ms", required=True, type=finite_float, help="latency target in milliseconds (> 0)")
     p.add_argument("--out", required=True, help="run directory (arch.yaml, model.pt, report.json, logs); "
                                                 "an interrupted run in it is resumed")
     p.add_argument("--strategy", choices=["slim", "optuna", "random", "uniform"], default="slim",
@@ -48,20 +48,20 @@ def _search_args(p):
                    help="slim: N more evaluations after the path, around its result: networks one or two moves away "
                         "that meet the target, the one a regression on every evaluated network predicts best first "
                         "(beyond the paper; default 0)")
-    p.add_argument("--band", type=float, default=0.0,
+    p.add_argument("--band", type=finite_float, default=0.0,
                    help="random: sample only networks predicted within this fraction under the target "
                         "(0.1: a latency-matched baseline; default 0: anything under it)")
     p.add_argument("--finetune", type=int, default=0, metavar="N", help="train the found network for N steps")
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-lr", type=finite_float, default=1e-3)
     p.add_argument("--interpolate", action="store_true", help="estimate entries the table lacks from neighbouring widths")
     p.add_argument("--device", default="cpu", help="where candidates are evaluated (cpu, cuda)")
     p.add_argument("--verify", choices=["auto", "on", "off"], default="auto",
                    help="measure the found network end to end on the table's backend and search again under a "
                         "tightened bound while it runs over the target (auto: when the table's device is this "
                         "machine; on: required; off: trust the table)")
-    p.add_argument("--tolerance", type=float, default=0.05,
+    p.add_argument("--tolerance", type=finite_float, default=0.05,
                    help="how far over the target the measured network may run (default 0.05 = 5%%)")
-    p.add_argument("--verify-seconds", type=float, default=1.0, help="timed seconds per measurement (default 1)")
+    p.add_argument("--verify-seconds", type=finite_float, default=1.0, help="timed seconds per measurement (default 1)")
     p.add_argument("--verify-rounds", type=int, default=4, help="measurements at most (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--json", action="store_true", help="print report.json")
@@ -148,7 +148,7 @@ def load_pipeline(path: str) -> dict:
 
 
 def _supernet_stage(d, base, out, progress):
-    from supernet.train import TrainConfig, read_run, train
+    from supernet.train import TrainConfig, config_diff, read_run, train
     sn = dict(d.get("supernet") or {})
     cfg_path = sn.pop("config", None)
     if not cfg_path:
@@ -161,7 +161,12 @@ def _supernet_stage(d, base, out, progress):
     cfg = TrainConfig.from_dict(raw, base_dir=os.path.dirname(cfg_path))
     run = os.path.join(out, "supernet")
     ck = os.path.join(run, "checkpoint.pt")
-    if os.path.isfile(ck) and int(read_run(run)["step"]) >= cfg.steps:
+    done = read_run(run) if os.path.isfile(ck) else None
+    if done is not None and int(done["step"]) >= cfg.steps:
+        diff = config_diff(done["config"], cfg.to_dict())
+        if diff:  # a finished supernet of another config is not this pipeline's
+            raise VitslimError(f"{run}: a finished supernet trained with another config ({'; '.join(diff[:3])}); "
+                               "use another --out, or delete it to train anew")
         print(f"[1/4] supernet: reusing {run}")
     else:
         print(f"[1/4] supernet: training {cfg.steps} steps into {run}")
@@ -219,6 +224,9 @@ def _run(args):
     progress = not args.no_progress
     os.makedirs(args.out, exist_ok=True)
     run, cfg = _supernet_stage(d, base, args.out, progress)
+    if cfg.threads:  # the whole pipeline, also when the supernet stage was reused (a resumed run)
+        import torch
+        torch.set_num_threads(cfg.threads)
     table = _table_stage(d, base, args.out, cfg, progress)
     s = dict(d.get("search") or {})
     search_dir = os.path.join(args.out, "search")
@@ -236,6 +244,13 @@ def _run(args):
     if os.path.isfile(os.path.join(search_dir, "report.json")):
         with open(os.path.join(search_dir, "report.json")) as f:
             rep = json.load(f)
+        was = {"target_ms": rep.get("target_ms"), "strategy": rep.get("strategy"), "seed": rep.get("seed")}
+        now = {"target_ms": target, "strategy": s.get("strategy", "slim"), "seed": s.get("seed", 0)}
+        diff = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now[k]]
+        if diff:  # the finished search (and its exports) answer another question
+            raise VitslimError(f"{search_dir}: holds a finished search for other settings ({'; '.join(diff)}); "
+                               f"use another --out, or delete {search_dir} and {os.path.join(args.out, 'export')} "
+                               "to search again")
         print(f"  reusing {search_dir}")
     else:
         rep = run_search(run, table, target, search_dir, progress=progress, **s)

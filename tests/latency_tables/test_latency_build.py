@@ -93,6 +93,24 @@ def test_interrupted_in_context_build_continues_where_it_stopped(tmp_path, tiny_
     assert not t2.missing(keys) and not os.path.exists(p + ".partial.json")
 
 
+def test_a_sidecar_of_another_setup_is_not_mixed_in(tmp_path, tiny_space):
+    """An interrupted build's samples are reused only by a build of the same setup (threads, batch, ...)."""
+    keys = needed_keys(tiny_space)
+    nets = covering_archs(tiny_space, keys, contexts=2)
+    p = str(tmp_path / "t.yaml")
+    per_net = [len(decompose(a)) for a in nets]
+    b = CountingBackend(fail_after=sum(per_net[:6]) + 1)
+    with pytest.raises(KeyboardInterrupt):
+        measure_in_context(open_table(p, b), keys, nets, b, QUICK, group=3)
+    os.remove(p)  # the table goes, the sidecar stays; the next build is at another batch size
+    b2 = CountingBackend()
+    t2 = open_table(p, b2)
+    t2.device["batch_size"] = 4
+    measure_in_context(t2, keys, nets, b2, QUICK, group=3)
+    assert b2.prepared == sum(per_net)  # every network ran again: nothing of the batch-1 samples was used
+    assert not t2.missing(keys)
+
+
 def test_drift_reference_is_a_middle_member_stored_with_the_table(tmp_path, tiny_space):
     keys = needed_keys(tiny_space)[:10]
     p = str(tmp_path / "t.yaml")

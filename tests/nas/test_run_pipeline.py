@@ -53,6 +53,39 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "supernet: reusing" in text and "model.ts exists" in text
     assert os.path.getmtime(os.path.join(out, "search", "report.json")) == before
+    # the pipeline edited: a finished stage of other settings is refused, never passed off as the answer
+    pipe2 = write_pipeline(tmp_path, target_fraction=0.4)
+    assert main(["run", pipe2, "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished search for other settings (target_ms: " in err and "delete" in err
+    with open(pipe) as f:
+        d = yaml.safe_load(f)
+    d["supernet"]["steps"] = 5
+    (tmp_path / "pipe3.yaml").write_text(yaml.safe_dump(d))
+    assert main(["run", str(tmp_path / "pipe3.yaml"), "--out", out, "--no-progress"]) == 2
+    assert "a finished supernet trained with another config (steps: 6 -> 5)" in capsys.readouterr().err
+    assert os.path.getmtime(os.path.join(out, "search", "report.json")) == before
+
+
+def test_a_resumed_pipeline_keeps_its_thread_count(tmp_path, capsys, monkeypatch):
+    """threads: 1 holds for search and fine-tuning also when the supernet stage is reused."""
+    import torch
+    pipe = write_pipeline(tmp_path)
+    out = str(tmp_path / "run")
+    import nas.run as nr
+    real = nr.run_search
+    monkeypatch.setattr(nr, "run_search", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["run", pipe, "--out", out, "--no-progress"]) == 130  # interrupted after the supernet stage
+    monkeypatch.setattr(nr, "run_search", real)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    monkeypatch.setattr(nr, "run_search", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    try:
+        assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(old)
+    assert "supernet: reusing" in capsys.readouterr().out and seen == [1]
 
 
 @pytest.mark.parametrize("search,msg", [({"tolerance": -0.1}, "search.tolerance: got -0.1"),

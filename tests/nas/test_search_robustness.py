@@ -74,7 +74,7 @@ def test_usage_errors_are_one_line(capsys):
         main(["search", "--target-ms", "abc"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert "invalid float value: 'abc'" in err and "vitslim search --help" in err
+    assert "invalid finite float value: 'abc'" in err and "vitslim search --help" in err
 
 
 def test_the_quoted_minimum_target_is_accepted(supernet_run, table_path, tmp_path):

@@ -100,7 +100,6 @@ def test_labels_option(tmp_path):
 
 @pytest.mark.parametrize("extra,pattern", [
     (["--lr", "-1", "--finetune-steps", "2"], "--lr: got -1.0, expected a learning rate > 0"),
-    (["--lr", "nan", "--finetune-steps", "2"], "--lr: got nan"),
     (["--kd"], "--kd: distillation happens during fine-tuning"),
 ])
 def test_bad_settings_are_refused_before_pruning(deit_ckpt, tmp_path, capsys, extra, pattern):
@@ -189,3 +188,11 @@ def test_a_table_of_the_same_family_but_other_geometry_is_one_line(tmp_path, cap
                             "--table", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "r")] + FAST,
                    "cannot price this model (cannot interpolate vit_embed")
     assert "vitslim latency build --arch CHECKPOINT --prune-grid" in err
+
+
+def test_nan_settings_are_usage_errors(deit_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
+              "--out", str(tmp_path / "r"), "--lr", "nan"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--lr: invalid finite float value: 'nan'" in err

@@ -184,3 +184,38 @@ def test_shipped_configs_are_valid(name):
     cfg = load_config(os.path.join(root, name))
     assert cfg.steps > 0 and cfg.space.family == "efficientformer"
     assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # what a run saves loads back
+
+
+def test_a_folder_holding_someone_elses_files_is_refused_untouched(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "config.yaml").write_text("mine: 1\n")
+    (out / "metrics.jsonl").write_text("notes\n")
+    with pytest.raises(ConfigError, match="holds config.yaml, metrics.jsonl but no checkpoint.pt"):
+        train(TrainConfig.from_dict(config()), str(out), progress=False, device="cpu")
+    assert (out / "config.yaml").read_text() == "mine: 1\n" and (out / "metrics.jsonl").read_text() == "notes\n"
+
+
+def test_a_start_interrupted_before_its_first_checkpoint_reruns(tmp_path):
+    out = str(tmp_path / "r")
+    cfg = TrainConfig.from_dict(config())
+    train(cfg, out, progress=False, device="cpu", stop_at=0)
+    os.remove(os.path.join(out, "checkpoint.pt"))  # as if killed before the first checkpoint landed
+    rep = train(cfg, out, progress=False, device="cpu")
+    assert rep["step"] == 6
+
+
+def test_a_second_training_on_the_same_folder_is_refused(tmp_path):
+    from supernet.runlock import run_lock
+    out = str(tmp_path / "r")
+    with run_lock(out):
+        with pytest.raises(ConfigError, match="another supernet training is running in it"):
+            train(TrainConfig.from_dict(config()), out, progress=False, device="cpu")
+    assert os.listdir(out) == [".lock"]  # nothing of the refused run
+
+
+def test_a_refused_fresh_run_leaves_no_folder(tmp_path):
+    bad = config(data={"type": "imagefolder", "train_dir": str(tmp_path / "nope")})
+    with pytest.raises(VitslimError):
+        train(TrainConfig.from_dict(bad), str(tmp_path / "r"), progress=False, device="cpu")
+    assert not (tmp_path / "r").exists()
