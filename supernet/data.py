@@ -361,16 +361,30 @@ class DataConfig:
                 raise DataError(f"{path}.{k}: got {v!r}, expected an integer >= {lo}")
         if not isinstance(c.workers, int) or c.workers < 0:
             raise DataError(f"{path}.workers: got {c.workers!r}, expected an integer >= 0")
-        if not 0 <= float(c.val_fraction) < 1:
+        if not _is_num(c.val_fraction) or not 0 <= float(c.val_fraction) < 1:
             raise DataError(f"{path}.val_fraction: got {c.val_fraction!r}, expected a number in [0, 1)")
         for k in ("mean", "std"):
             v = getattr(c, k)
-            if v is not None and (not isinstance(v, (list, tuple)) or len(v) != 3):
-                raise DataError(f"{path}.{k}: got {v!r}, expected a list of 3 numbers")
+            if v is not None and (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(map(_is_num, v))
+                                  or (k == "std" and min(v) <= 0)):
+                raise DataError(f"{path}.{k}: got {v!r}, expected a list of 3 numbers" + (" > 0" if k == "std" else ""))
+        sc = c.scale
+        if not (isinstance(sc, (list, tuple)) and len(sc) == 2 and all(map(_is_num, sc)) and 0 < sc[0] <= sc[1] <= 1):
+            raise DataError(f"{path}.scale: got {sc!r}, expected [low, high] with 0 < low <= high <= 1 (the area "
+                            "fraction of a random-resized crop)")
+        if not (_is_num(c.crop_pct) and 0 < c.crop_pct <= 1):
+            raise DataError(f"{path}.crop_pct: got {c.crop_pct!r}, expected a number in (0, 1] (0.875: DeiT's eval crop)")
+        for k in ("hflip", "verify"):
+            if not isinstance(getattr(c, k), bool):
+                raise DataError(f"{path}.{k}: got {getattr(c, k)!r}, expected true or false")
         return c
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS}
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def build_datasets(cfg: DataConfig, image_size: int, num_classes: int, seed: int = 0) -> Tuple[Dataset, Dataset]:

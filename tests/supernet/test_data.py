@@ -128,3 +128,21 @@ def test_data_config_names_the_bad_key():
         DataConfig.from_dict({"colour": 1})
     with pytest.raises(DataError, match="data.train_dir: missing"):
         DataConfig.from_dict({"type": "imagefolder"})
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"crop_pct": 0}, "data.crop_pct: got 0, expected a number in (0, 1]"),
+    ({"crop_pct": -1}, "data.crop_pct: got -1"),
+    ({"scale": [2, 1]}, "data.scale: got [2, 1], expected [low, high]"),
+    ({"scale": "abc"}, "data.scale: got 'abc'"),
+    ({"mean": ["a", "b", "c"]}, "data.mean: got ['a', 'b', 'c'], expected a list of 3 numbers"),
+    ({"std": [0, 0, 0]}, "data.std: got [0, 0, 0], expected a list of 3 numbers > 0"),
+    ({"hflip": "maybe"}, "data.hflip: got 'maybe', expected true or false"),
+    ({"val_fraction": "abc"}, "data.val_fraction: got 'abc'"),
+])
+def test_data_config_checks_every_transform_setting_up_front(over, needle):
+    """Settings that used to fail mid-training (crop_pct 0), blame the images (scale) or raise a traceback."""
+    from supernet.data import DataConfig, DataError
+    with pytest.raises(DataError) as e:
+        DataConfig.from_dict({"type": "imagefolder", "train_dir": "x", **over})
+    assert needle in str(e.value)
