@@ -196,7 +196,30 @@ class SearchSpace:
         a = validate(arch)
         c = {"widths": [st["width"] for st in a["stages"]],
              "blocks": [[b["type"] for b in st["blocks"]] for st in a["stages"]]}
-        return self.check_choice(c)
+        c = self.check_choice(c)
+        diff = _first_difference(a, validate(self.to_arch(c)))
+        if diff:  # e.g. an ffn_hidden, class count or input size the space does not have
+            path, got, want = diff
+            raise ArchError(f"arch {path}: got {got!r}, expected {want!r} (the search space's value: the arch is "
+                            "not inside this space)")
+        return c
+
+
+def _first_difference(a, b, path: str = ""):
+    """(path, a's value, b's value) of the first leaf where two configs differ, or None."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else (path, a, b)
 
 
 def load_space(path_or_dict) -> SearchSpace:

@@ -147,6 +147,17 @@ def test_cli_extract_writes_a_model_equal_to_the_supernet(tmp_path, capsys):
         assert (model(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert main(["supernet", "extract", run, "--choice", "best", "--widths", "16,16,16,32", "--out", out]) == 0
     assert main(["supernet", "extract", run, "--arch", os.path.join(out, "arch.yaml"), "--out", str(tmp_path / "s2")]) == 0
+    # an arch outside the space (another FFN width, class count) is refused, not silently replaced by the space's
+    a = vitslim.load_arch(os.path.join(out, "arch.yaml"))
+    for edit, needle in ((lambda a: a["stages"][1]["blocks"][0].update(ffn_hidden=8), "ffn_hidden: got 8"),
+                         (lambda a: a.update(num_classes=7), "arch num_classes: got 7, expected 4")):
+        b = json.loads(json.dumps(a))
+        edit(b)
+        vitslim.save_arch(b, str(tmp_path / "b.yaml"))
+        capsys.readouterr()
+        assert main(["supernet", "extract", run, "--arch", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "s3")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "not inside this space" in err and not (tmp_path / "s3").exists()
 
 
 @pytest.mark.parametrize("argv,needle", [
