@@ -255,6 +255,15 @@ def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optio
         per_seg = float(coef[2]) if len(coef) > 2 else 0.0
     elif len(s):
         intercept = float(np.median(m - s))
+    note = None
+    if len(s) and (1 + scale) * 0.25 * s.min() + intercept + per_seg * max(float(n.min()), 1.0) <= 0:
+        # the fit predicts no time at all for a network a quarter the size of the smallest measured one (networks
+        # measured much faster than their entries sum to): keep the model multiplicative, positive for any network
+        r = s / m
+        scale = float(r.sum() / (r * r).sum() - 1.0) if (r * r).sum() > 0 else 0.0
+        intercept = per_seg = 0.0
+        note = ("a fit with a negative constant would predict negative latency for small networks; "
+                "fitted as a scale alone")
     pred = (1 + scale) * s + intercept + per_seg * n
     raw = np.abs(s - m) / m if len(s) else np.zeros(0)
     fit = np.abs(pred - m) / m if len(s) else np.zeros(0)
@@ -263,7 +272,8 @@ def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optio
             "networks": int(len(s)),
             "mape_sum_only": round(float(raw.mean()), 5) if len(s) else None,
             "mape_fitted": round(float(fit.mean()), 5) if len(s) else None,
-            "points": [[round(float(a), 4), int(c), round(float(b), 4)] for a, c, b in zip(s, n, m)]}
+            "points": [[round(float(a), 4), int(c), round(float(b), 4)] for a, c, b in zip(s, n, m)],
+            **({"note": note} if note else {})}
 
 
 def calibrate(table: LatencyTable, backend, archs: Sequence[Mapping], proc: Procedure, progress=None,

@@ -203,3 +203,17 @@ def test_cuda_backend_without_a_gpu_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, everywhere
     with pytest.raises(BackendError, match="no CUDA device"):
         get_backend("torch-cuda").check_available()
+
+
+def test_an_overhead_fit_never_predicts_negative_latency():
+    """Networks measured far faster than their entries sum to (entries timed another way): a least-squares
+    line would have a large negative constant and predict below zero for small networks; the fit falls back
+    to a scale alone, positive for any network."""
+    from latency_tables.build import fit_overhead
+    sums = [10.0, 12.0, 15.0, 20.0]
+    measured = [2.0, 4.5, 8.0, 14.0]  # slope > 1, intercept about -13 ms
+    o = fit_overhead(sums, measured, [10, 10, 10, 10])
+    assert o["intercept_ms"] == 0.0 and o["per_segment_ms"] == 0.0 and "note" in o
+    assert (1 + o["scale"]) * 0.1 > 0
+    ok = fit_overhead([1.0, 2.0, 3.0], [1.2, 2.1, 3.3])  # an ordinary fit is untouched
+    assert "note" not in ok and ok["intercept_ms"] != 0.0
