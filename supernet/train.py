@@ -259,6 +259,14 @@ def load_config(path) -> TrainConfig:
         raise type(e)(f"{path}: {e}") from None
 
 
+def _metric_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn line (killed mid-write) or a blank one sorts last (dropped)."""
+    try:
+        return float(json.loads(line).get("step", 0)) if line.strip() else float("inf")
+    except (ValueError, AttributeError):
+        return float("inf")
+
+
 def _check_not_foreign(out_dir: str, cfg_dict: Mapping) -> None:
     """A fresh run overwrites config.yaml, metrics.jsonl and report.json: only where they are its own (an
     earlier start of the same config, interrupted before its first checkpoint), never someone else's."""
@@ -532,7 +540,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
         kept = []
         if resume and os.path.exists(mpath):  # drop what ran after the checkpoint: one continuous curve
             with open(mpath, encoding="utf-8") as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+                kept = [ln for ln in f if _metric_step(ln) <= start]
         atomic_write_text(mpath, "".join(kept))
 
     net: nn.Module = model

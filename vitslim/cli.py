@@ -152,6 +152,13 @@ def main(argv=None) -> int:
     except VitslimError as e:
         print(f"vitslim {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vitslim ... | head`: the reader left; not an error of ours
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except KeyboardInterrupt:
         what = ("state saved so far is kept; re-run to resume" if args.command in RESUMABLE
                 else "no output was written; re-run to start again")

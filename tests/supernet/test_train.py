@@ -230,3 +230,15 @@ def test_a_refused_fresh_run_leaves_no_folder(tmp_path):
     with pytest.raises(VitslimError):
         train(TrainConfig.from_dict(bad), str(tmp_path / "r"), progress=False, device="cpu")
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_after_a_torn_metrics_line(tmp_path):
+    """Killed while writing a metrics line: the resume drops the torn line and the curve is whole again."""
+    cfg = TrainConfig.from_dict(config())
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(cfg, a, progress=False)
+    train(cfg, b, progress=False, stop_at=4)  # checkpoint at 4
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "loss": 1.')  # the kill, mid-line
+    train(cfg, b, resume=True, progress=False)
+    assert losses(a) == losses(b) and [s for s, _ in losses(b)] == list(range(1, 7))
