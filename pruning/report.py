@@ -11,6 +11,8 @@ from typing import Mapping, Optional
 
 import torch.nn as nn
 
+from supernet.errors import VitslimError, check_writable
+
 from .units import PruneError
 
 KIND_LABELS = (("qk", "Q/K channels"), ("v", "V channels"), ("heads", "heads"), ("ffn", "FFN channels"))
@@ -21,13 +23,10 @@ def check_out_dir(out: str, overwrite: bool) -> None:
         raise PruneError(f"--out {out}: already exists, expected a new directory (or pass --overwrite)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise PruneError(f"--out {out}: is a file, expected a directory")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise PruneError(f"--out {out}: cannot be created ({parent} is "
-                         f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}), expected a path in a "
-                         "writable folder")
+    try:
+        check_writable(out, "--out", is_dir=True)
+    except VitslimError as e:
+        raise PruneError(str(e)) from None
 
 
 def plot_reallocation(report: Mapping, path: str) -> Optional[str]:

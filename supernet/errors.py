@@ -36,3 +36,22 @@ def check_device(name, flag: str = "--device"):
     elif dev.type != "cpu":
         raise VitslimError(f"{flag}: got {name!r}, expected cpu, cuda or cuda:N")
     return dev
+
+
+def check_writable(path, flag: str, is_dir: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is wanted (or the
+    reverse), or a path whose nearest existing ancestor is a file or not writable."""
+    import os
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if is_dir and not os.path.isdir(path):
+            raise VitslimError(f"{flag} {path}: is a file, expected a directory")
+        if not is_dir and os.path.isdir(path):
+            raise VitslimError(f"{flag} {path}: is a directory, expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise VitslimError(f"{flag} {path}: cannot be created ({parent} is "
+                           f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}), expected a path in a "
+                           "writable folder")

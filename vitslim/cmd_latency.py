@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from supernet.errors import VitslimError
+from supernet.errors import VitslimError, check_writable
 
 from .cli import finite_float, register_command
 
@@ -159,6 +159,7 @@ def _build(args):
         built_for["archs"] = list(args.arch)
     if grid_spec is not None:
         built_for["prune_grid"] = grid_spec.to_dict()
+    check_writable(args.out, "--out")
     table = open_table(args.out, backend, built_for, proc)
     if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):
         raise VitslimError(f"{args.out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
@@ -271,6 +272,8 @@ def _validate(args):
     from latency_tables import LatencyTable
     _positive("--samples", args.samples, 0)
     _positive("--group", args.group)
+    if args.report:  # before the measuring, not after it
+        check_writable(args.report, "--report")
     table = LatencyTable.load(args.table)
     backend = _make_backend(args, table)
     table.check_device(backend.describe(), args.allow_device_mismatch, what=args.table)
@@ -395,6 +398,7 @@ def _import_args(p):
 
 def _import(args):
     from latency_tables.coreml_io import import_csv
+    check_writable(args.out, "--out")
     t = import_csv(args.manifest, args.csv, args.out, args.device, compute_units=args.compute_units)
     print(f"wrote {args.out}: {len(t)} entries for coreml on {args.device}")
     return 0

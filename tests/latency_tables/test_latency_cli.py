@@ -68,6 +68,11 @@ def test_validate_json_keys_are_fractions(capsys, table_file):
     (["build", "--space", TINY, "--out", "{t}", "--backend", "onnxruntime"], "would mix devices"),
     (["export-coreml", "--out", "{t}.d"], "expected --space"),
     (["import", "--manifest", "{t}.json", "--csv", "{t}.csv", "--out", "{t}", "--device", "x"], "no such file"),
+    (["build", "--space", TINY, "--out", "{t}/sub/t.yaml"], "cannot be created ("),
+    (["validate", "--table", "{t}", "--samples", "1", "--report", "{t}/r.json", "--allow-device-mismatch"],
+     "--report {t}/r.json: cannot be created ("),
+    (["import", "--manifest", "{t}.json", "--csv", "{t}.csv", "--out", "{t}/x.yaml", "--device", "x"],
+     "cannot be created ("),
 ])
 def test_bad_input_is_one_line_exit_2_and_the_table_is_untouched(capsys, table_file, tmp_path, argv, needle):
     bad = tmp_path / "bad.yaml"
@@ -78,6 +83,7 @@ def test_bad_input_is_one_line_exit_2_and_the_table_is_untouched(capsys, table_f
     code, out, err = run(capsys, "latency", *argv)
     assert code == 2
     lines = err.strip().splitlines()
+    needle = needle.format(t=table_file)
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
     assert table_file.read_bytes() == before and bad.read_bytes() == before_bad
 
