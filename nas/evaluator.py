@@ -52,7 +52,8 @@ class HeldoutEvaluator:
         self.bn_batches = len(self.calib)
         self.device = torch.device(device)
         self.cache: Dict[str, dict] = {}
-        self.evaluations = 0          # real (uncached) evaluations
+        self.evaluations = 0          # real (uncached) evaluations in this process
+        self.primed = 0               # networks whose logged result a resumed run reused
         self.seconds = 0.0            # time spent in them
         self.n_images = sum(int(y.numel()) for _, y in self.heldout)
 
@@ -92,4 +93,7 @@ class HeldoutEvaluator:
 
     def prime(self, choice: Mapping, result: Mapping) -> None:
         """Seed the cache with a logged result (resume: the log's numbers are reused verbatim)."""
-        self.cache[choice_key(choice)] = {"acc": float(result["acc"]), "loss": float(result["loss"])}
+        key = choice_key(choice)
+        if key not in self.cache:
+            self.primed += 1
+        self.cache[key] = {"acc": float(result["acc"]), "loss": float(result["loss"])}

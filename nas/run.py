@@ -350,7 +350,9 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "supernet": run_args.get("supernet"), "supernet_step": run_args.get("supernet_step"),
         "table": run_args.get("table"), "device": dict(ctx.table.device),
         "evaluation": {"images": ctx.evaluator.n_images, "bn_batches": ctx.evaluator.bn_batches,
-                       "evaluations": ctx.evaluator.evaluations, "cached": len(ctx.evaluator.cache)},
+                       # over the whole run (a resumed run counts what its log held), and in this process
+                       "evaluations": ctx.evaluator.evaluations + ctx.evaluator.primed,
+                       "evaluated_this_run": ctx.evaluator.evaluations, "cached": len(ctx.evaluator.cache)},
         "search": {"seconds": search_s, "setup_seconds": setup_s, "eval_seconds": ev_s,
                    "lookup_seconds": ctx.lookup_seconds,
                    "overhead_fraction": (max(0.0, search_s - ev_s) / search_s) if search_s > 0 else 0.0,
