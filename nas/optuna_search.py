@@ -23,6 +23,8 @@ from typing import List, Mapping, Optional
 
 import numpy as np
 
+from supernet.runlock import pid_alive
+
 from .evaluator import choice_key
 from .slimming import args_diff
 from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, require_reachable
@@ -275,16 +277,6 @@ def _stop_on_interrupt(study, progress: bool):
         raise KeyboardInterrupt
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _Workers:
     """Who is working on a study directory: each worker holds a file `.workers/HOST-PID-NS` while it runs.
     `rank`: its place among the live ones (by start time), so two workers started together draw different
@@ -310,7 +302,7 @@ class _Workers:
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
                 continue
             path = os.path.join(self.dir, name)
-            if parts[0] == host and path != self.me and not _pid_alive(int(parts[1])):
+            if parts[0] == host and path != self.me and not pid_alive(int(parts[1])):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
                 continue

@@ -31,7 +31,7 @@ from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
 from supernet.errors import CheckpointError, check_device
-from supernet.runlock import LOCK_FILE, run_lock
+from supernet.runlock import LOCK_FILE, pid_alive, run_lock
 from supernet.train import TrainConfig, read_run
 from supernet.supernet import MetaPathSupernet
 
@@ -230,14 +230,7 @@ def _remove_stale_temps(out: str) -> None:
     """Temporary files (NAME.tmp.PID) a killed process left before its rename: never a result, removed."""
     for name in os.listdir(out):
         m = _TMP.match(name)
-        if m and int(m.group(1)) != os.getpid():
-            try:
-                os.kill(int(m.group(1)), 0)
-                continue  # its writer is still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):  # else its writer still runs
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.remove(os.path.join(out, name))
 

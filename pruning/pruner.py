@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from supernet.count import count
 
-from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Selection, Target,
+from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Target,
                      floor_cost, floor_cost_depth, floor_cost_embed, parse_targets, select_constrained, select_knapsack,
                      select_ratio)
 from .importance import Importance, Scores, default_loss, get_importance
@@ -114,14 +114,14 @@ class DataSource:
                 classes, samples, _ = scan_image_folder(spec)
             except DataError as e:
                 raise PruneError(f"--data: {e}") from None
-            tr, he = self._split(len(samples))
+            tr, he = ([samples[i] for i in idx] for idx in self._split(len(samples)))
             kw = dict(image_size=size, classes=classes, seed=self.seed, in_chans=chans)
             try:
-                train = ImageFolder(spec, train=True, samples=[samples[i] for i in tr], **kw)
+                train = ImageFolder(spec, train=True, samples=tr, **kw)
             except DataError as e:
                 raise PruneError(f"--data: {e}") from None
-            calib = ImageFolder(spec, train=False, samples=[samples[i] for i in tr], **kw)  # no augmentation
-            held = ImageFolder(spec, train=False, samples=[samples[i] for i in he], **kw)
+            calib = ImageFolder(spec, train=False, samples=tr, **kw)  # no augmentation
+            held = ImageFolder(spec, train=False, samples=he, **kw)
             return "imagefolder", train, calib, held, len(classes) == n_cls
         if os.path.isfile(spec) and spec.endswith((".pt", ".pth")):
             from supernet.checkpoint import read_file

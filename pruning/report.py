@@ -21,9 +21,7 @@ KIND_LABELS = (("qk", "Q/K channels"), ("v", "V channels"), ("heads", "heads"), 
 def check_out_dir(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:
         raise PruneError(f"--out {out}: already exists, expected a new directory (or pass --overwrite)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise PruneError(f"--out {out}: is a file, expected a directory")
-    try:
+    try:  # also: a file where the directory should be
         check_writable(out, "--out", is_dir=True)
     except VitslimError as e:
         raise PruneError(str(e)) from None

@@ -11,6 +11,17 @@ from .errors import VitslimError
 LOCK_FILE = ".lock"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host is running (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def run_lock(out: str, shared: bool = False, error=VitslimError, what: str = "run", hint: str = ""):
     out = os.fspath(out)

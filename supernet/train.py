@@ -50,7 +50,7 @@ from .arch import atomic_write_text, read_yaml
 from .checkpoint import read_file
 from .data import DataConfig, DataError, build_datasets, heldout_batches, make_loader
 from .errors import CheckpointError, VitslimError, check_device
-from .runlock import run_lock
+from .runlock import LOCK_FILE, run_lock
 from .space import SearchSpace
 from .supernet import MetaPathSupernet
 
@@ -449,7 +449,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, progress: boo
             with run_lock(out_dir, error=ConfigError, what="supernet training"):
                 return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
         except BaseException:
-            if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {".lock"}:
+            if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {LOCK_FILE}:
                 shutil.rmtree(out_dir, ignore_errors=True)  # refused before it wrote anything: nothing left behind
             raise
     finally:
