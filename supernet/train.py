@@ -199,6 +199,12 @@ class TrainConfig:
             warmup_steps=_num(o, "warmup_steps", "optimizer.", 0, lo=0, integer=True),
             min_lr=_num(o, "min_lr", "optimizer.", 1e-5, lo=0),
             grad_clip=_num(o, "grad_clip", "optimizer.", None, lo=0, allow_none=True))
+        if c.optimizer.min_lr > c.optimizer.lr:
+            raise ConfigError(f"optimizer.min_lr: got {c.optimizer.min_lr:g}, expected at most optimizer.lr "
+                              f"({c.optimizer.lr:g}): the schedule decays from lr down to min_lr")
+        if c.optimizer.warmup_steps > c.steps:
+            raise ConfigError(f"optimizer.warmup_steps: got {c.optimizer.warmup_steps}, expected at most steps "
+                              f"({c.steps}): the learning rate would never reach optimizer.lr")
         a = _keys(d.get("alpha"), "alpha.", ("lr", "betas", "weight_decay", "start_step"))
         c.alpha = AlphaConfig(lr=_num(a, "lr", "alpha.", 0.01, lo=0), betas=_betas(a.get("betas", [0.5, 0.999]), "alpha.betas"),
                               weight_decay=_num(a, "weight_decay", "alpha.", 1e-3, lo=0),
@@ -485,6 +491,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
     ncls = getattr(train_ds, "num_classes", space.num_classes)
     if ncls != space.num_classes:
         raise DataError(f"data.num_classes: got {ncls}, expected the search space's num_classes ({space.num_classes})")
+    if cfg.batch_size > len(train_ds):
+        raise ConfigError(f"batch_size: got {cfg.batch_size}, expected at most the training split's "
+                          f"{len(train_ds)} images (each batch would repeat images)")
 
     # --- model, optimisers, schedule
     torch.manual_seed(cfg.seed)

@@ -108,6 +108,8 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
     ({"extra": 1}, "extra: unknown key"),
     ({"data": {"type": "imagefolder"}}, "data.train_dir: missing"),
     ({"distillation": {"weight": 0.5}}, "distillation.teacher: got None"),
+    ({"optimizer": {"lr": 0.001, "min_lr": 0.01}}, "optimizer.min_lr: got 0.01, expected at most optimizer.lr (0.001)"),
+    ({"optimizer": {"lr": 0.001, "warmup_steps": 7}}, "optimizer.warmup_steps: got 7, expected at most steps (6)"),
 ])
 def test_bad_config_names_the_key(tmp_path, over, needle):
     with pytest.raises(VitslimError) as e:
@@ -170,7 +172,7 @@ def test_cli_extract_writes_a_model_equal_to_the_supernet(tmp_path, capsys):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
     run = str(tmp_path / "run")
     if "RUN" in argv:
-        train(TrainConfig.from_dict(config(steps=1)), run, progress=False)
+        train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
     argv = [a.replace("NORUN", str(tmp_path / "none")).replace("RUN", run).replace("OUT", str(tmp_path / "o")) for a in argv]
     capsys.readouterr()
     assert main(argv) == 2
@@ -242,3 +244,10 @@ def test_resume_after_a_torn_metrics_line(tmp_path):
         f.write('{"step": 5, "loss": 1.')  # the kill, mid-line
     train(cfg, b, resume=True, progress=False)
     assert losses(a) == losses(b) and [s for s, _ in losses(b)] == list(range(1, 7))
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^batch_size: got 100, expected at most the training split's 64 images"):
+        train(TrainConfig.from_dict(config(batch_size=100)), str(run), progress=False)
+    assert not run.exists() or not any(run.iterdir())
