@@ -26,7 +26,7 @@ import torch
 
 from latency_tables import LatencyTable
 from latency_tables.table import LatencyError, MissingEntriesError
-from supernet.arch import atomic_write_text, save_arch
+from supernet.arch import atomic_savefig, atomic_write_text, save_arch
 from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
@@ -387,10 +387,7 @@ def _plt():
 
 
 def _save(fig, plt, path):
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_trajectory(traj, target_ms, path) -> bool:

@@ -11,6 +11,7 @@ from typing import Mapping, Optional
 
 import torch.nn as nn
 
+from supernet.arch import atomic_savefig
 from supernet.errors import VitslimError, check_writable
 
 from .units import PruneError
@@ -59,9 +60,7 @@ def plot_reallocation(report: Mapping, path: str) -> Optional[str]:
                  f"MACs {report['macs_after'] / report['macs_before']:.2f}", fontsize=9)
     ax.legend(fontsize=7, ncol=4, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)
 
 
 def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite: bool = False) -> dict:

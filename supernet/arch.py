@@ -182,6 +182,24 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_savefig(fig, path: str, **kwargs) -> str:
+    """fig.savefig to a temp file then rename (a crash never leaves half an image under the real name);
+    the format from the extension, PNG when there is none. Closes the figure."""
+    import matplotlib.pyplot as plt
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    tmp = f"{path}.tmp.{os.getpid()}.{ext}"
+    try:
+        fig.savefig(tmp, format=ext, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def save_arch(arch: Mapping, path: str) -> dict:
     a = validate(arch)
     atomic_write_text(path, to_yaml(a))

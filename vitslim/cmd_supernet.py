@@ -7,7 +7,7 @@ import json
 import os
 import textwrap
 
-from supernet.errors import VitslimError
+from supernet.errors import VitslimError, check_writable
 
 from .cli import register_command
 
@@ -102,6 +102,8 @@ def _load_importance(run):
 
 
 def _show(args):
+    if args.plot:
+        check_writable(args.plot, "--plot")
     imp = _load_importance(args.run)
     if args.json:
         print(json.dumps(imp, indent=1))
@@ -149,9 +151,8 @@ def _plot(imp, path):
     axes[n].set_title("stage importance")
     axes[n].set_xlabel("stage")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from supernet.arch import atomic_savefig
+    atomic_savefig(fig, path, dpi=120)
 
 
 def _parse_widths(s):
@@ -167,6 +168,7 @@ def _extract(args):
     import supernet.arch as A
     from supernet.checkpoint import save_checkpoint
     from supernet.train import load_supernet
+    check_writable(args.out, "--out", is_dir=True)
     model, obj = load_supernet(args.run)
     sp = model.space
     if args.arch:

@@ -251,3 +251,26 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_anything_is_wr
     with pytest.raises(ConfigError, match=r"^batch_size: got 100, expected at most the training split's 64 images"):
         train(TrainConfig.from_dict(config(batch_size=100)), str(run), progress=False)
     assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["supernet", "extract", "RUN", "--choice", "best", "--out", "FILE/o"],
+                                  ["supernet", "show", "RUN", "--plot", "FILE/p.png"]])
+def test_cli_output_under_a_file_is_refused_in_one_line(tmp_path, capsys, argv):
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    (tmp_path / "f").write_text("mine")
+    argv = [a.replace("RUN", run).replace("FILE", str(tmp_path / "f")) for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0] and (tmp_path / "f").read_text() == "mine"
+
+
+def test_show_plot_writes_the_named_file_in_the_named_format(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    for name, magic in (("imp", b"\x89PNG"), ("imp.svg", b"<?xml")):
+        assert main(["supernet", "show", run, "--plot", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    assert sorted(os.listdir(tmp_path)) == ["imp", "imp.svg", "run"]  # no temp files, no imp.png beside imp
