@@ -31,6 +31,7 @@ from .backends import BackendError
 from .build import fit_overhead
 from .measure import build_network, deploy
 from .segments import build_segment, check_key, decompose, key_str, SegmentError
+from supernet.arch import ArchError, validate
 from .table import LatencyError, LatencyTable, atomic_write, now_iso
 
 MANIFEST_FORMAT = "vitslim-coreml-manifest"
@@ -162,12 +163,26 @@ def read_manifest(path: str) -> dict:
                            f"expected {MANIFEST_FORMAT!r}")
     if m.get("version") != MANIFEST_VERSION:
         raise CSVImportError(f"{path}: version: got {m.get('version')!r}, expected {MANIFEST_VERSION}")
-    for r in m.get("entries", []):
-        try:
-            r["key"] = check_key(r["key"])
-        except (SegmentError, KeyError, TypeError) as e:
-            raise CSVImportError(f"{path}: entry {r.get('name', '?')}: {e}") from None
-    m.setdefault("networks", [])
+    for part, fields in (("entries", ("name", "key_str", "package")), ("networks", ("name", "package"))):
+        rows = m.setdefault(part, [])
+        if not isinstance(rows, list):
+            raise CSVImportError(f"{path}: {part}: got {type(rows).__name__}, expected a list")
+        for i, r in enumerate(rows):
+            where = f"{path}: {part}[{i}]"
+            if not isinstance(r, dict):
+                raise CSVImportError(f"{where}: got {r!r:.60}, expected an object")
+            for f in fields:
+                if not isinstance(r.get(f), str) or not r[f]:
+                    raise CSVImportError(f"{where}: {f}: got {r.get(f)!r:.60}, expected a non-empty string "
+                                         "(a manifest written by export-coreml)")
+            try:
+                if part == "entries":
+                    r["key"] = check_key(r["key"])
+                else:
+                    validate(r["arch"])
+            except (SegmentError, ArchError, KeyError, TypeError) as e:
+                what = "key" if part == "entries" else "arch"
+                raise CSVImportError(f"{where} ({r['name']}): {what}: {e}") from None
     return m
 
 
@@ -198,40 +213,47 @@ def read_times_csv(path: str, manifest: Mapping) -> Dict[str, dict]:
     for r in manifest["networks"]:
         names[r["name"]] = r["name"]
         names[r["package"]] = r["name"]
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if "name" not in cols or "median_ms" not in cols:
-            raise CSVImportError(f"{path}: header: got {cols}, expected at least name,median_ms "
-                               "(optional p10_ms,p90_ms,samples)")
-        out: Dict[str, dict] = {}
-        unknown = []
-        for i, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in row.items()}
-            raw = row.get("name", "").strip()
-            if not raw:
-                continue
-            name = names.get(raw) or names.get(raw + ".mlpackage")
-            if name is None:
-                unknown.append(f"{raw!r} (line {i})")
-                continue
-            where = f"{path} line {i} ({raw})"
-            ms = _number(row.get("median_ms", ""), where, "median_ms", True)
-            p10 = _number(row.get("p10_ms", ""), where, "p10_ms", False)
-            p90 = _number(row.get("p90_ms", ""), where, "p90_ms", False)
-            n_raw = (row.get("samples") or "").strip()
-            if n_raw and not re.fullmatch(r"\d+", n_raw):
-                raise CSVImportError(f"{where}: samples: got {n_raw!r}, expected a count (integer >= 0)")
-            p10 = ms if p10 is None else p10
-            p90 = ms if p90 is None else p90
-            if not p10 <= ms <= p90:
-                raise CSVImportError(f"{where}: got p10 {p10}, median {ms}, p90 {p90}, expected p10 <= median <= p90")
-            if name in out:
-                raise CSVImportError(f"{where}: {name} appears twice, expected one row per package")
-            out[name] = {"ms": ms, "p10": p10, "p90": p90, "n": int(n_raw) if n_raw else 0}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _read_rows(path, csv.DictReader(f), names)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CSVImportError(f"{path}: not a UTF-8 text CSV ({e.__class__.__name__}: {str(e)[:80]}), expected rows of "
+                             "name,median_ms[,p10_ms,p90_ms,samples]") from None
+
+
+def _read_rows(path: str, reader, names: Mapping[str, str]) -> Dict[str, dict]:
+    cols = [c.strip() for c in (reader.fieldnames or [])]
+    if "name" not in cols or "median_ms" not in cols:
+        raise CSVImportError(f"{path}: header: got {cols}, expected at least name,median_ms "
+                             "(optional p10_ms,p90_ms,samples)")
+    out: Dict[str, dict] = {}
+    unknown = []
+    for i, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in row.items()}
+        raw = row.get("name", "").strip()
+        if not raw:
+            continue
+        name = names.get(raw) or names.get(raw + ".mlpackage")
+        if name is None:
+            unknown.append(f"{raw!r} (line {i})")
+            continue
+        where = f"{path} line {i} ({raw})"
+        ms = _number(row.get("median_ms", ""), where, "median_ms", True)
+        p10 = _number(row.get("p10_ms", ""), where, "p10_ms", False)
+        p90 = _number(row.get("p90_ms", ""), where, "p90_ms", False)
+        n_raw = (row.get("samples") or "").strip()
+        if n_raw and not re.fullmatch(r"\d+", n_raw):
+            raise CSVImportError(f"{where}: samples: got {n_raw!r}, expected a count (integer >= 0)")
+        p10 = ms if p10 is None else p10
+        p90 = ms if p90 is None else p90
+        if not p10 <= ms <= p90:
+            raise CSVImportError(f"{where}: got p10 {p10}, median {ms}, p90 {p90}, expected p10 <= median <= p90")
+        if name in out:
+            raise CSVImportError(f"{where}: {name} appears twice, expected one row per package")
+        out[name] = {"ms": ms, "p10": p10, "p90": p90, "n": int(n_raw) if n_raw else 0}
     if unknown:
         raise CSVImportError(f"{path}: {len(unknown)} row(s) name no package of the manifest: {', '.join(unknown[:5])}"
-                           f"{' ...' if len(unknown) > 5 else ''} (expected names from manifest.json)")
+                             f"{' ...' if len(unknown) > 5 else ''} (expected names from manifest.json)")
     if not out:
         raise CSVImportError(f"{path}: no rows with times, expected one row per package")
     return out

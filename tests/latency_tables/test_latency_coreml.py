@@ -156,3 +156,40 @@ def test_import_into_a_table_of_another_device_is_refused(exported, tmp_path):
     with pytest.raises(CSVImportError, match="another device"):
         import_csv(os.path.join(out, "manifest.json"), good, t_path, "iPhone 15 Pro")
     assert open(t_path, "rb").read() == before
+
+
+def _manifest(tmp_path, entries=(), networks=()):
+    from latency_tables.coreml_io import MANIFEST_FORMAT, MANIFEST_VERSION
+    p = tmp_path / "manifest.json"
+    p.write_text(json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "entries": list(entries),
+                             "networks": list(networks)}))
+    return str(p)
+
+
+GOOD_ENTRY = {"name": "e0001_x", "key": KINDS[0], "key_str": key_str(KINDS[0]), "package": "e0001_x.mlpackage"}
+
+
+@pytest.mark.parametrize("entries,networks,needle", [
+    ([{k: v for k, v in GOOD_ENTRY.items() if k != "name"}], [], "entries[0]: name: got None, expected a non-empty string"),
+    (["e0001_x"], [], "entries[0]: got 'e0001_x', expected an object"),
+    ([{**GOOD_ENTRY, "key": {"op": "warp"}}], [], "entries[0] (e0001_x): key:"),
+    ([GOOD_ENTRY], [{"name": "net00", "package": "net00.mlpackage"}], "networks[0] (net00): arch:"),
+    ([GOOD_ENTRY], [{"name": "net00", "package": "net00.mlpackage", "arch": {**NET, "family": "resnet"}}],
+     "networks[0] (net00): arch:"),
+])
+def test_a_damaged_manifest_is_refused_in_one_line_naming_the_entry(tmp_path, entries, networks, needle):
+    csv_path = _write_csv(tmp_path / "t.csv", [["e0001_x", "0.5", "", "", ""]])
+    with pytest.raises(CSVImportError) as e:
+        import_csv(_manifest(tmp_path, entries, networks), csv_path, str(tmp_path / "t.yaml"), "iPhone 12")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "t.yaml")
+
+
+@pytest.mark.parametrize("payload", [b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01",
+                                     "name,median_ms\ne0001_x,0.5\n".encode("utf-16")])
+def test_a_binary_times_file_is_refused_in_one_line(tmp_path, payload):
+    (tmp_path / "t.csv").write_bytes(payload)
+    with pytest.raises(CSVImportError) as e:
+        import_csv(_manifest(tmp_path, [GOOD_ENTRY]), str(tmp_path / "t.csv"), str(tmp_path / "t.yaml"), "iPhone 12")
+    assert "not a UTF-8 text CSV" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "t.yaml")
