@@ -30,7 +30,7 @@ def needed_keys(space=None, archs: Sequence[Mapping] = ()) -> List[dict]:
     return keys
 
 
-def open_table(path: str, backend, built_for: Optional[Mapping] = None, proc: Optional[Procedure] = None) -> LatencyTable:
+def open_table(path: str, backend, built_for: Optional[Mapping] = None) -> LatencyTable:
     """The table at `path` if it exists (it must be for this backend and device: measurements from two
     devices never mix), else a new empty one for the backend."""
     import os

@@ -140,9 +140,16 @@ class SearchSpace:
                            for s in self.stages]}
 
     def check_choice(self, choice: Mapping) -> dict:
+        if isinstance(choice, Mapping):
+            extra = sorted(str(k) for k in choice if k not in ("widths", "blocks"))
+            if extra:
+                raise bad(f"choice.{extra[0]}", choice[extra[0]], "no other keys than widths and blocks (a typo?)")
+        else:
+            raise bad("choice", choice, '{"widths": [...], "blocks": [[...], ...]}')
         c = {"widths": list(req(choice, "widths", "choice")), "blocks": [list(b) for b in req(choice, "blocks", "choice")]}
-        if len(c["widths"]) != len(self.stages) or len(c["blocks"]) != len(self.stages):
-            raise bad("choice", choice, f"widths and blocks for {len(self.stages)} stages")
+        for part in ("widths", "blocks"):
+            if len(c[part]) != len(self.stages):
+                raise bad(f"choice.{part}", c[part], f"{len(self.stages)} entries, one per stage")
         for i, (w, bl, s) in enumerate(zip(c["widths"], c["blocks"], self.stages)):
             if not is_int(w) or w % self.width_step or not s.min_width <= w <= s.max_width:
                 raise bad(f"choice.widths[{i}]", w, f"a multiple of {self.width_step} in [{s.min_width}, {s.max_width}]")

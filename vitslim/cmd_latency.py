@@ -56,8 +56,8 @@ def _make_backend(args, table=None):
     from latency_tables.backends import get_backend
     dev = table.device if table is not None else {}
     name = args.backend or dev.get("backend") or "torch-cpu"
-    threads = args.threads or dev.get("threads") or 1
-    batch = args.batch or dev.get("batch_size") or 1
+    threads = args.threads if args.threads is not None else dev.get("threads") or 1
+    batch = args.batch if args.batch is not None else dev.get("batch_size") or 1
     dtype = args.dtype or dev.get("dtype") or "float32"
     fused = dev.get("fused", True) if table is not None else not getattr(args, "no_fuse", False)
     _positive("--threads", threads)
@@ -83,6 +83,7 @@ def _build_args(p):
                    help="preset, arch .yaml or checkpoint whose entries to add (repeatable)")
     p.add_argument("--out", required=True, help="table .yaml (resumed if it exists: only missing entries are measured)")
     _backend_args(p)
+    p.set_defaults(clock=None)  # auto for a new table; a resumed one keeps the clock it was timed with
     p.add_argument("--no-fuse", action="store_true", help="measure with BatchNorm unfused (default: fused, as deployed)")
     p.add_argument("--procedure", choices=["in-context", "isolated"], default="in-context",
                    help="in-context (default): time every entry as a step of whole networks that contain it; "
@@ -149,8 +150,6 @@ def _build(args):
     if not args.dry_run:
         backend.check_available()
     in_context = args.procedure == "in-context"
-    proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry)
-    proc_nets = _proc(args, backend, args.time_per_network)
     built_for = {}
     if space is not None:
         built_for.update({"space": space.name, "space_file": os.path.relpath(os.path.abspath(args.space)),
@@ -160,7 +159,17 @@ def _build(args):
     if grid_spec is not None:
         built_for["prune_grid"] = grid_spec.to_dict()
     check_writable(args.out, "--out")
-    table = open_table(args.out, backend, built_for, proc)
+    table = open_table(args.out, backend, built_for)
+    stored = (table.measurement or {}).get("clock")
+    if stored:  # a resumed build times with the clock its entries were timed with: two clocks do not add up
+        from latency_tables.measure import resolve_clock
+        if args.clock is not None and resolve_clock(args.clock, backend) != stored:
+            raise VitslimError(f"--clock {args.clock}: {args.out} was measured with the {stored} clock, and times "
+                               f"from two clocks do not add up (leave out --clock to resume with {stored}, "
+                               "or use a new --out)")
+        args.clock = stored
+    proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry)
+    proc_nets = _proc(args, backend, args.time_per_network)
     if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):
         raise VitslimError(f"{args.out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
                            f"not {args.procedure}: entries of both kinds would not add up (use a new --out)")

@@ -73,6 +73,8 @@ def test_validate_json_keys_are_fractions(capsys, table_file):
      "--report {t}/r.json: cannot be created ("),
     (["import", "--manifest", "{t}.json", "--csv", "{t}.csv", "--out", "{t}/x.yaml", "--device", "x"],
      "cannot be created ("),
+    (["build", "--space", TINY, "--out", "{t}.new", "--threads", "0", "--dry-run"], "--threads: got 0, expected"),
+    (["build", "--space", TINY, "--out", "{t}.new", "--batch", "0", "--dry-run"], "--batch: got 0, expected"),
 ])
 def test_bad_input_is_one_line_exit_2_and_the_table_is_untouched(capsys, table_file, tmp_path, argv, needle):
     bad = tmp_path / "bad.yaml"
@@ -100,3 +102,18 @@ def test_coreml_backend_off_macos_is_one_line_pointing_to_export(capsys, tmp_pat
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "only on macOS" in lines[0] and "export-coreml" in lines[0]
     assert not (tmp_path / "t.yaml").exists()
+
+
+def test_a_resumed_build_keeps_the_clock_its_entries_were_timed_with(capsys, tmp_path, tiny_space):
+    vitslim.save_arch(tiny_space.to_arch(tiny_space.largest_choice()), tmp_path / "a.yaml")
+    t = tmp_path / "t.yaml"
+    quick = ["--arch", tmp_path / "a.yaml", "--out", t, "--time-per-network", 0.001, "--min-samples", 3,
+             "--calibrate", 0, "--contexts", 1, "--no-drift-reference", "--quiet"]
+    code, out, err = run(capsys, "latency", "build", *quick, "--clock", "wall")
+    assert code == 0, err
+    before = t.read_bytes()
+    code, out, err = run(capsys, "latency", "build", *quick, "--clock", "thread")
+    assert code == 2 and "--clock thread:" in err and "measured with the wall clock" in err and len(err.splitlines()) == 1
+    assert t.read_bytes() == before
+    code, out, err = run(capsys, "latency", "build", *quick, "--dry-run")  # no --clock: the table's
+    assert code == 0 and "clock wall)" in out, out + err

@@ -166,6 +166,11 @@ def test_cli_extract_writes_a_model_equal_to_the_supernet(tmp_path, capsys):
     (["supernet", "extract", "RUN", "--choice", '{"widths": [16, 16, 32, 32], "blocks": [["meta4d"], ["meta4d"], '
       '["meta3d", "meta4d"], ["meta4d", "meta4d"]]}', "--out", "OUT"], "choice.blocks[2][1]: got 'meta4d'"),
     (["supernet", "extract", "RUN", "--choice", "{nope", "--out", "OUT"], "--choice: got '{nope'"),
+    (["supernet", "extract", "RUN", "--choice", '{"widths": [16, 16, 32, 32], "blocks": [["meta4d"], ["meta4d"], '
+      '["meta4d", "meta4d"], ["meta4d", "meta4d"]], "width": [16]}', "--out", "OUT"],
+     "choice.width: got [16], expected no other keys than widths and blocks"),
+    (["supernet", "extract", "RUN", "--choice", "best", "--widths", "16,16", "--out", "OUT"],
+     "choice.widths: got [16, 16], expected 4 entries, one per stage"),
     (["supernet", "show", "NORUN"], "no such run directory"),
     (["supernet", "train", "--out", "NORUN"], "--config: missing"),
 ])
