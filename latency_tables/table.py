@@ -282,7 +282,7 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return _plain({"format": TABLE_FORMAT, "version": TABLE_VERSION, "created": self.created, "notes": self.notes,
                 "device": self.device, "measurement": self.measurement, "built_for": self.built_for,
-                "overhead": self.overhead,
+                "overhead": self.overhead, "entry_count": len(self.entries),
                 "entries": [self.entries[s].to_dict() for s in sorted(self.entries)]})
 
     def to_yaml(self) -> str:
@@ -356,6 +356,10 @@ class LatencyTable:
             _check_entry(e, s, p)
             e.ms, e.p10, e.p90 = float(e.ms), float(e.p10), float(e.p90)
             entries.append(e)
+        count = d.get("entry_count")  # absent in tables written before it (still read)
+        if count is not None and count != len(raw):
+            raise LatencyError(f"{where}: holds {len(raw)} entries, expected the {count} its entry_count says "
+                               "(the file was cut short or edited: rebuild or restore it, or fix entry_count)")
         return cls(dev, entries, over, d.get("measurement") or {}, d.get("built_for") or {}, d.get("created"),
                    d.get("notes") or "")
 

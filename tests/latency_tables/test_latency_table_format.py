@@ -60,6 +60,8 @@ def _corrupt(text, old, new):
     (lambda t: t + t[t.index("- {key:"):t.index("\n", t.index("- {key:")) + 1], "appears twice"),
     (lambda t: t.replace("entries:", "entries: {}\nx:", 1), "entries"),
     (lambda t: "[1, 2", "not valid YAML"),
+    (lambda t: t[:t.rindex("- {key:")], "expected the 74 its entry_count says"),  # cut at a line boundary
+    (lambda t: t[:t.index("- {key:")], "expected the 74 its entry_count says"),
 ])
 def test_malformed_table_is_refused_and_left_untouched(tmp_path, tiny_table, edit, needle):
     p = tmp_path / "t.yaml"
