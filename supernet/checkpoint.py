@@ -2,6 +2,7 @@
 every family, with the architecture read from tensor shapes."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -13,6 +14,7 @@ import torch.nn as nn
 from .arch import validate
 from .errors import ArchError, CheckpointError
 from .registry import FAMILIES, _load_families, get_family
+from .safetensors_io import SUFFIX as SAFETENSORS, is_safetensors, read_safetensors, write_safetensors
 
 FORMAT = "vitslim-checkpoint"
 VERSION = 1
@@ -23,11 +25,13 @@ def read_file(path) -> object:
     """torch.load with weights_only=True and errors that say what is wrong with the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file, expected a checkpoint (.pt/.pth)")
+        raise CheckpointError(f"{path}: no such file, expected a checkpoint (.pt/.pth/.safetensors)")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file, expected a checkpoint")
+    if is_safetensors(path):
+        return _from_safetensors(path)
     if _is_torchscript(path):
         raise CheckpointError(f"{path}: a TorchScript archive (an export), expected a checkpoint with weights "
                               "(a vitslim model.pt, or an official / timm .pth)")
@@ -47,6 +51,23 @@ def read_file(path) -> object:
     except OSError as e:  # e.g. a truncated zip: "[Errno 22] Invalid argument" from the reader's seek
         raise CheckpointError(f"{path}: truncated or unreadable ({e.strerror or e}), expected a complete torch "
                               "checkpoint") from None
+
+
+def _from_safetensors(path: str) -> object:
+    """A plain state dict, or (a vitslim checkpoint written as .safetensors) the checkpoint dict."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        return tensors
+    try:
+        version, arch = int(meta.get("version", "")), json.loads(meta.get("arch", ""))
+        extra = json.loads(meta["extra"]) if "extra" in meta else None
+    except ValueError:
+        raise CheckpointError(f"{path}: vitslim metadata (version, arch) unreadable, expected what "
+                              "save_checkpoint writes") from None
+    obj = {"format": FORMAT, "version": version, "arch": arch, "state_dict": tensors}
+    if extra is not None:
+        obj["extra"] = extra
+    return obj
 
 
 def _is_torchscript(path: str) -> bool:
@@ -142,13 +163,20 @@ def load_checkpoint(path) -> Tuple[nn.Module, dict]:
 
 
 def save_checkpoint(model: nn.Module, arch: Mapping, path, extra: Mapping | None = None) -> None:
-    """One file: {"format", "version", "arch", "state_dict"}; written atomically."""
+    """One file: {"format", "version", "arch", "state_dict"}; written atomically. A path ending in
+    .safetensors gets that format, the arch (and `extra`) as JSON in its metadata."""
     arch = validate(arch)
     obj = {"format": FORMAT, "version": VERSION, "arch": arch,
            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
     if extra:
         obj["extra"] = dict(extra)
     path = os.fspath(path)
+    if path.endswith(SAFETENSORS):  # the arch in the metadata: loads back here, readable by any safetensors reader
+        meta = {"format": FORMAT, "version": str(VERSION), "arch": json.dumps(arch, sort_keys=True)}
+        if extra:
+            meta["extra"] = json.dumps(obj["extra"], sort_keys=True, default=str)
+        write_safetensors(obj["state_dict"], path, meta)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(obj, tmp)

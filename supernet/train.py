@@ -220,7 +220,7 @@ class TrainConfig:
             dist = _keys(dist, "distillation.", ("teacher", "weight", "tau", "kind"))
             teacher = dist.get("teacher")
             if not isinstance(teacher, str) or not teacher:
-                raise _bad("distillation.teacher", teacher, "a path to a teacher checkpoint (.pt/.pth)")
+                raise _bad("distillation.teacher", teacher, "a path to a teacher checkpoint (.pt/.pth/.safetensors)")
             c.distillation = DistillConfig(
                 teacher=os.path.normpath(os.path.join(base_dir, os.path.expanduser(teacher))),
                 weight=_num(dist, "weight", "distillation.", 0.5, lo=0, hi=1), tau=_num(dist, "tau", "distillation.", 1.0, lo=1e-3),

@@ -37,7 +37,7 @@ def resolve_arch(target: ArchLike) -> dict:
         if s.endswith((".yaml", ".yml")) or os.path.isfile(s):
             return _arch.load_arch(s)
         if s.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar")) or os.sep in s:
-            raise ArchError(f"{s}: no such file, expected a preset name, an arch .yaml or a checkpoint (.pt/.pth)")
+            raise ArchError(f"{s}: no such file, expected a preset name, an arch .yaml or a checkpoint (.pt/.pth/.safetensors)")
         return get_preset(s)  # raises with the list of presets and near matches
     raise ArchError(f"arch: got {type(target).__name__}, expected a dict, a preset name or a path to an arch .yaml")
 
@@ -56,7 +56,8 @@ def load_checkpoint(path) -> Tuple[nn.Module, dict]:
 
 
 def save_checkpoint(model: nn.Module, arch: Mapping, path) -> None:
-    """Write one file that `load_checkpoint` reads back (arch config + state dict)."""
+    """Write one file that `load_checkpoint` reads back (arch config + state dict); a path ending in
+    .safetensors writes that format (the arch in its metadata), else a torch file."""
     _ckpt.save_checkpoint(model, arch, path)
 
 

@@ -42,7 +42,7 @@ def _target_arch_and_model(target: str):
 
 # ------------------------------------------------------------------ info
 def _info_args(p):
-    p.add_argument("target", help="preset name, arch .yaml or checkpoint (.pt/.pth)")
+    p.add_argument("target", help="preset name, arch .yaml or checkpoint (.pt/.pth/.safetensors)")
     p.add_argument("--input-size", type=int, default=None, help="count at this input side (default: the arch's)")
     p.add_argument("--json", action="store_true", help='print {"family", "params", "macs", "input_size"}')
 

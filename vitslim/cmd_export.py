@@ -6,8 +6,8 @@ from .cli import register_command
 
 def _args(p):
     p.add_argument("target", help="preset name, arch .yaml, or checkpoint (official, timm or vitslim)")
-    p.add_argument("--format", required=True, choices=["yaml", "onnx", "coreml", "torchscript"])
-    p.add_argument("--out", required=True, help="output path (.yaml, .onnx, .mlpackage, .pt/.ts)")
+    p.add_argument("--format", required=True, choices=["yaml", "onnx", "coreml", "torchscript", "safetensors"])
+    p.add_argument("--out", required=True, help="output path (.yaml, .onnx, .mlpackage, .pt/.ts, .safetensors)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced example (default 1)")
     p.add_argument("--input-size", type=int, default=None,
                    help="export at this input side (default: the arch's); trained weights must run at it")
@@ -30,6 +30,6 @@ def _run(args):
     return 0
 
 
-register_command("export", _args, _run, "write a network as arch .yaml (+ weights), ONNX, Core ML or TorchScript",
+register_command("export", _args, _run, "write a network as arch .yaml (+ weights), ONNX, Core ML, TorchScript or safetensors",
                  "vitslim export efficientformer_l1 --format onnx --out l1.onnx\n"
                  "vitslim export run/model.pt --format coreml --out l1.mlpackage")

@@ -16,8 +16,9 @@ import torch.nn as nn
 
 from supernet.errors import VitslimError
 
-FORMATS = ("yaml", "onnx", "coreml", "torchscript")
-_SUFFIX = {"yaml": (".yaml", ".yml"), "onnx": (".onnx",), "coreml": (".mlpackage",), "torchscript": (".pt", ".ts", ".torchscript")}
+FORMATS = ("yaml", "onnx", "coreml", "torchscript", "safetensors")
+_SUFFIX = {"yaml": (".yaml", ".yml"), "onnx": (".onnx",), "coreml": (".mlpackage",), "torchscript": (".pt", ".ts", ".torchscript"),
+           "safetensors": (".safetensors",)}
 
 
 class ExportError(VitslimError):
@@ -97,7 +98,8 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
         model, arch = _with_input_size(model, arch, trained, input_size)
     del _TEMPS[:]
     try:
-        return {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript}[fmt](
+        return {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript,
+                "safetensors": _safetensors}[fmt](
             model, arch, trained, out, batch=batch, overwrite=overwrite, check=check, opset=opset)
     except OSError as e:
         raise ExportError(f"--out {out}: cannot write ({e.strerror or e})") from None
@@ -145,6 +147,26 @@ def _yaml(model, arch, trained, out, overwrite, **_):
             raise ExportError(f"{wpath}: already exists, expected a new path (or pass --overwrite)")
         save_checkpoint(model, arch, wpath)
         res["checkpoint"] = wpath
+    _commit(tmp, out, overwrite)
+    return res
+
+
+def _safetensors(model, arch, trained, out, batch, overwrite, check, **_):
+    """The weights (unfused, as trained: the file fine-tunes and prunes like any checkpoint) with the arch
+    config in the metadata; loads back with vitslim.load_checkpoint, and reads in any safetensors reader."""
+    from supernet.checkpoint import load_checkpoint, save_checkpoint
+    tmp = _tmp_beside(out) + ".safetensors"
+    _TEMPS.append(tmp)
+    save_checkpoint(model, arch, tmp)
+    res = {"format": "safetensors", "path": out, "trained": bool(trained)}
+    if check:
+        x = _example(arch, batch)
+        back, _ = load_checkpoint(tmp)
+        with torch.no_grad():
+            err = _rel_err(back(x), model.eval()(x))
+        if err > 0:
+            raise ExportError(f"safetensors check: the reloaded network differs by {err:.2e} (relative), expected 0")
+        res["max_rel_error"] = err
     _commit(tmp, out, overwrite)
     return res
 
