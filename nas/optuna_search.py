@@ -108,11 +108,11 @@ class OptunaSearch(SearchStrategy):
     def __init__(self, n_trials: int = 100, sampler: str = "nsga2", storage: str = "journal",
                  population_size: Optional[int] = None, run_args: Optional[Mapping] = None):
         if n_trials < 1:
-            raise SearchError(f"trials: got {n_trials}, expected an integer >= 1")
+            raise SearchError(f"--trials: got {n_trials}, expected an integer >= 1")
         if sampler not in SAMPLERS:
-            raise SearchError(f"sampler: got {sampler!r}, expected one of {', '.join(SAMPLERS)}")
+            raise SearchError(f"--sampler: got {sampler!r}, expected one of {', '.join(SAMPLERS)}")
         if storage not in STORAGES:
-            raise SearchError(f"storage: got {storage!r}, expected one of {', '.join(STORAGES)}")
+            raise SearchError(f"--storage: got {storage!r}, expected one of {', '.join(STORAGES)}")
         self.n_trials, self.sampler_name, self.storage_kind = int(n_trials), sampler, storage
         self.population_size = population_size
         self.run_args = dict(run_args or {})

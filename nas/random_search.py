@@ -16,9 +16,9 @@ class RandomSearch(SearchStrategy):
 
     def __init__(self, budget: int = 50, max_draws: int = 200_000, batch: int = 512, band: float = 0.0):
         if budget < 1:
-            raise SearchError(f"budget: got {budget}, expected an integer >= 1")
+            raise SearchError(f"--budget: got {budget}, expected an integer >= 1")
         if not 0 <= band < 1:
-            raise SearchError(f"band: got {band}, expected a fraction in [0, 1) (0.1: only networks predicted "
+            raise SearchError(f"--band: got {band}, expected a fraction in [0, 1) (0.1: only networks predicted "
                               "within 10% under the target)")
         self.budget, self.max_draws, self.batch, self.band = int(budget), int(max_draws), int(batch), float(band)
 

@@ -163,6 +163,39 @@ def make_strategy(name: str, run_args: Mapping, trials: int = 100, sampler: str 
     raise SearchError(f"--strategy: got {name!r}, expected one of {', '.join(STRATEGIES)}")
 
 
+def check_search_args(strategy: str = "slim", seed: int = 0, eval_images: int = 512, bn_batches: int = 0,
+                      eval_batch_size: int = 256, finetune: int = 0, finetune_lr: float = 1e-3, trials: int = 100,
+                      sampler: str = "nsga2", storage: str = "journal", budget: int = 50, device: str = "cpu",
+                      verify: str = "auto", tolerance: float = 0.05, verify_seconds: float = 1.0,
+                      verify_rounds: int = 4, band: float = 0.0, criterion: str = "acc", actions: str = "paper",
+                      refine: int = 0, interpolate: bool = False) -> None:
+    """Every search setting that needs neither the supernet nor the table, checked at once (a pipeline
+    checks them before it trains anything); one-line SearchError naming the option."""
+    def whole(name, v, lo):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise SearchError(f"--{name}: got {v!r}, expected an integer >= {lo}")
+
+    def positive(name, v, what):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SearchError(f"--{name}: got {v!r}, expected {what} > 0")
+
+    whole("seed", seed, 0)
+    whole("eval-images", eval_images, 1)
+    whole("bn-batches", bn_batches, 0)
+    whole("eval-batch-size", eval_batch_size, 1)
+    whole("finetune", finetune, 0)
+    positive("finetune-lr", finetune_lr, "a learning rate")
+    if verify not in VERIFY_MODES:
+        raise SearchError(f"--verify: got {verify!r}, expected one of {', '.join(VERIFY_MODES)}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise SearchError(f"--tolerance: got {tolerance!r}, expected a fraction in [0, 1) (0.05 = 5%)")
+    positive("verify-seconds", verify_seconds, "seconds")
+    whole("verify-rounds", verify_rounds, 1)
+    check_device(device)
+    make_strategy(strategy, {}, trials=trials, sampler=sampler, storage=storage, budget=budget, band=band,
+                  criterion=criterion, actions=actions, refine=refine)
+
+
 # ---------------------------------------------------------------- the run
 def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "slim", seed: int = 0,
                eval_images: int = 512, bn_batches: int = 0, eval_batch_size: int = 256, finetune: int = 0,
@@ -180,15 +213,11 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
     each); "on" requires the measurement; "off" trusts the table. `measure(arch) -> {"ms": ...}`
     replaces the measurement (a remote device, tests)."""
     target = check_target(target_ms)
-    if finetune < 0:
-        raise SearchError(f"--finetune: got {finetune}, expected a number of steps >= 0")
-    if verify not in VERIFY_MODES:
-        raise SearchError(f"--verify: got {verify!r}, expected one of {', '.join(VERIFY_MODES)}")
-    if not (isinstance(finetune_lr, (int, float)) and math.isfinite(finetune_lr) and finetune_lr > 0):
-        raise SearchError(f"--finetune-lr: got {finetune_lr!r}, expected a learning rate > 0")
-    if eval_batch_size < 1:
-        raise SearchError(f"--eval-batch-size: got {eval_batch_size}, expected an integer >= 1")
-    check_device(device)
+    check_search_args(strategy=strategy, seed=seed, eval_images=eval_images, bn_batches=bn_batches,
+                      eval_batch_size=eval_batch_size, finetune=finetune, finetune_lr=finetune_lr, trials=trials,
+                      sampler=sampler, storage=storage, budget=budget, device=device, verify=verify,
+                      tolerance=tolerance, verify_seconds=verify_seconds, verify_rounds=verify_rounds, band=band,
+                      criterion=criterion, actions=actions, refine=refine)
     model, cfg, obj = load_supernet_run(supernet)
     tab, compiled = load_table(table, model.space, interpolate)
     verifier, skipped = None, None

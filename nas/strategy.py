@@ -78,9 +78,9 @@ def check_target(target_ms) -> float:
     try:
         t = float(target_ms)
     except (TypeError, ValueError):
-        raise SearchError(f"target-ms: got {target_ms!r}, expected a number of milliseconds > 0") from None
+        raise SearchError(f"--target-ms: got {target_ms!r}, expected a number of milliseconds > 0") from None
     if not np.isfinite(t) or t <= 0:
-        raise SearchError(f"target-ms: got {target_ms!r}, expected a number of milliseconds > 0")
+        raise SearchError(f"--target-ms: got {target_ms!r}, expected a number of milliseconds > 0")
     return t
 
 

@@ -4,12 +4,14 @@ table, search to a target, export), each stage resumable."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
 import yaml
 
 from supernet.arch import read_yaml
-from supernet.errors import VitslimError
+from supernet.errors import VitslimError, check_writable
 
 from .cli import finite_float, register_command
 
@@ -130,21 +132,60 @@ def load_pipeline(path: str) -> dict:
         if k not in SEARCH_KEYS + ("target_ms", "target_fraction"):
             raise VitslimError(f"search.{k}: unknown key, expected one of target_ms, target_fraction, "
                                f"{', '.join(SEARCH_KEYS)}")
-    if "verify" in s and s["verify"] not in ("auto", "on", "off"):
-        raise _bad("search.verify", s["verify"], "auto, on or off")
-    if "tolerance" in s and not (isinstance(s["tolerance"], (int, float)) and 0 <= s["tolerance"] < 1):
-        raise _bad("search.tolerance", s["tolerance"], "a fraction in [0, 1) (0.05 = 5%)")
-    from nas.run import make_strategy
-    from nas.strategy import SearchError
-    try:  # the strategy's own settings (criterion, actions, refine, band, budget, trials, ...)
-        make_strategy(s.get("strategy", "slim"), {}, **{k: s[k] for k in ("trials", "sampler", "storage", "budget", "band",
-                                                                          "criterion", "actions", "refine") if k in s})
-    except (SearchError, TypeError) as e:
-        raise VitslimError(f"search: {e}") from None
+    if isinstance(s.get("verify"), bool):  # YAML 1.1 reads a bare on/off as a boolean
+        s["verify"] = "on" if s["verify"] else "off"
+    from nas.run import check_search_args
+    from nas.strategy import SearchError, check_target
+    try:  # every setting that needs neither the supernet nor the table, before anything is trained
+        check_search_args(**{k: s[k] for k in SEARCH_KEYS if k in s})
+        if "target_ms" in s:
+            check_target(s["target_ms"])
+    except SearchError as e:  # named as the pipeline's key: --eval-images -> search.eval_images
+        msg = re.sub(r"^--([a-z-]+)", lambda m: "search." + m.group(1).replace("-", "_"), str(e))
+        raise VitslimError(msg if msg.startswith("search.") else f"search: {msg}") from None
     if ("target_ms" in s) == ("target_fraction" in s):
         raise VitslimError("search: expected exactly one of target_ms (milliseconds) or target_fraction "
                            "(of the start network's predicted latency)")
+    if "target_fraction" in s:
+        f = s["target_fraction"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise _bad("search.target_fraction", f, "a number in (0, 1]")
+    fmts = d.get("export") or []
+    if not isinstance(fmts, list):
+        raise _bad("export", fmts, "a list of formats (" + ", ".join(EXPORT_SUFFIX) + ")")
+    for i, fmt in enumerate(fmts):
+        if fmt not in EXPORT_SUFFIX:
+            raise _bad(f"export[{i}]", fmt, "one of " + ", ".join(EXPORT_SUFFIX))
+    _check_table_section(d.get("table") or {}, os.path.dirname(os.path.abspath(path)))
     return d
+
+
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "coreml": ".mlpackage", "yaml": ".yaml",
+                 "safetensors": ".safetensors"}
+TABLE_KEYS = ("reuse", "backend", "time_per_network", "min_samples", "calibrate")
+
+
+def _check_table_section(t, base: str) -> None:
+    from latency_tables.backends import BACKENDS
+    if not isinstance(t, dict):
+        raise _bad("table", t, "a mapping with " + ", ".join(TABLE_KEYS))
+    for k in t:
+        if k not in TABLE_KEYS:
+            raise VitslimError(f"table.{k}: unknown key, expected one of {', '.join(TABLE_KEYS)}")
+    if "backend" in t and t["backend"] not in BACKENDS:
+        raise _bad("table.backend", t["backend"], "one of " + ", ".join(BACKENDS))
+    if "time_per_network" in t:
+        v = t["time_per_network"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise _bad("table.time_per_network", v, "seconds > 0")
+    for k, lo in (("min_samples", 1), ("calibrate", 0)):
+        if k in t and (isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < lo):
+            raise _bad(f"table.{k}", t[k], f"an integer >= {lo}")
+    if t.get("reuse"):
+        reuse = os.path.normpath(os.path.join(base, str(t["reuse"])))
+        if not os.path.isfile(reuse):
+            raise VitslimError(f"table.reuse: {reuse}: no such file, expected a latency table .yaml (or remove "
+                               "the key to measure one)")
 
 
 def _supernet_stage(d, base, out, progress):
@@ -222,6 +263,7 @@ def _run(args):
     d = load_pipeline(args.pipeline)
     base = os.path.dirname(os.path.abspath(args.pipeline))
     progress = not args.no_progress
+    check_writable(args.out, "--out", is_dir=True)
     os.makedirs(args.out, exist_ok=True)
     run, cfg = _supernet_stage(d, base, args.out, progress)
     if cfg.threads:  # the whole pipeline, also when the supernet stage was reused (a resumed run)
@@ -232,8 +274,6 @@ def _run(args):
     search_dir = os.path.join(args.out, "search")
     if "target_fraction" in s:
         frac = float(s.pop("target_fraction"))
-        if not 0 < frac <= 1:
-            raise _bad("search.target_fraction", frac, "a number in (0, 1]")
         model, _, _ = load_supernet_run(run)
         _, compiled = load_table(table, model.space)
         target = round(frac * float(compiled.score_choices([largest_choice(model)])[0]), 4)
@@ -256,10 +296,7 @@ def _run(args):
         rep = run_search(run, table, target, search_dir, progress=progress, **s)
     _print_report(rep, search_dir)
     fmts = d.get("export") or []
-    suffix = {"onnx": ".onnx", "torchscript": ".ts", "coreml": ".mlpackage", "yaml": ".yaml"}
-    for i, fmt in enumerate(fmts):
-        if fmt not in suffix:
-            raise _bad(f"export[{i}]", fmt, "one of " + ", ".join(suffix))
+    suffix = EXPORT_SUFFIX
     print(f"[4/4] export: {', '.join(fmts) or 'nothing'}")
     for fmt in fmts:
         dst = os.path.join(args.out, "export", "model" + suffix[fmt])

@@ -29,7 +29,7 @@ def write_pipeline(tmp_path, **search):
          "verify_seconds": 0.05, "verify_rounds": 2, "seed": 0}
     s.update(search)
     pipe = {"version": 1, "supernet": {"config": "sn.yaml", "steps": 6, "threads": 1},
-            "table": {"reuse": "table.yaml"}, "search": s, "export": ["torchscript"]}
+            "table": {"reuse": "table.yaml"}, "search": s, "export": ["torchscript", "safetensors"]}
     p = tmp_path / "pipe.yaml"
     p.write_text(yaml.safe_dump(pipe))
     return str(p)
@@ -47,6 +47,7 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert rep["predicted_ms"] <= rep["bound_ms"] <= rep["target_ms"]
     assert 1 <= len(v["rounds"]) <= 2 and v["measured_ms"] > 0 and rep["finetune"]["steps"] == 2
     assert os.path.isfile(os.path.join(out, "export", "model.ts"))
+    assert os.path.isfile(os.path.join(out, "export", "model.safetensors"))
     # a second run reuses everything: nothing is trained, measured or exported again
     before = os.path.getmtime(os.path.join(out, "search", "report.json"))
     assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
@@ -91,15 +92,61 @@ def test_a_resumed_pipeline_keeps_its_thread_count(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("search,msg", [({"tolerance": -0.1}, "search.tolerance: got -0.1"),
                                         ({"verify": "maybe"}, "search.verify: got 'maybe'"),
                                         ({"colour": "red"}, "search.colour: unknown key"),
-                                        ({"refine": -2}, "--refine: got -2"),
-                                        ({"criterion": "top5"}, "--criterion: got 'top5'"),
-                                        ({"strategy": "random", "refine": 3}, "refinement follows slimming")])
+                                        ({"refine": -2}, "search.refine: got -2"),
+                                        ({"criterion": "top5"}, "search.criterion: got 'top5'"),
+                                        ({"strategy": "random", "refine": 3}, "refinement follows slimming"),
+                                        ({"target_fraction": 1.5}, "search.target_fraction: got 1.5"),
+                                        ({"target_fraction": None, "target_ms": -1}, "search.target_ms: got -1"),
+                                        ({"eval_images": 0}, "search.eval_images: got 0, expected an integer >= 1"),
+                                        ({"verify_seconds": 0}, "search.verify_seconds: got 0"),
+                                        ({"seed": -1}, "search.seed: got -1"),
+                                        ({"device": "tpu"}, "tpu")])
 def test_bad_search_settings_in_a_pipeline_are_refused_before_training(tmp_path, capsys, search, msg):
     pipe = write_pipeline(tmp_path, **search)
+    if search.get("target_fraction", 0) is None:
+        d = yaml.safe_load(open(pipe))
+        del d["search"]["target_fraction"]
+        (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
     rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and msg in err and len(err.splitlines()) == 1
-    assert not os.path.exists(tmp_path / "run" / "supernet")
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(export=["onnx", "pdf"]), "export[1]: got 'pdf', expected one of onnx"),
+    (lambda d: d.update(export="onnx"), "export: got 'onnx', expected a list of formats"),
+    (lambda d: d["table"].update(backend="torch-cpuu"), "table.backend: got 'torch-cpuu', expected one of"),
+    (lambda d: d["table"].update(reuse="nothere.yaml"), "nothere.yaml: no such file, expected a latency table"),
+    (lambda d: d["table"].update(min_samples=0), "table.min_samples: got 0, expected an integer >= 1"),
+    (lambda d: d["table"].update(colour="red"), "table.colour: unknown key"),
+])
+def test_bad_table_and_export_sections_are_refused_before_training(tmp_path, capsys, edit, msg):
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    edit(d)
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_bare_on_off_in_yaml_mean_the_verify_modes(tmp_path):
+    from vitslim.cmd_search import load_pipeline
+    pipe = write_pipeline(tmp_path)
+    text = open(pipe).read().replace("verify: auto", "verify: off")
+    (tmp_path / "pipe.yaml").write_text(text)
+    assert yaml.safe_load(text)["search"]["verify"] is False  # what YAML makes of it
+    assert load_pipeline(pipe)["search"]["verify"] == "off"
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    pipe = write_pipeline(tmp_path)
+    (tmp_path / "f").write_text("x")
+    assert main(["run", pipe, "--out", str(tmp_path / "f"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file, expected a directory" in err
 
 
 def test_a_missing_supernet_config_is_one_line(tmp_path, capsys):

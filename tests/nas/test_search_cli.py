@@ -62,3 +62,15 @@ def test_cli_writes_a_run_and_refuses_to_overwrite_it(supernet_run, table_path, 
     assert rc == 2 and "--overwrite" in err
     rc, err = run_cli(capsys, *args, "--overwrite", "--finetune", "1")
     assert rc == 0, err
+
+
+def test_settings_are_checked_even_where_they_would_not_be_used(supernet_run, table_path, tmp_path, capsys):
+    """--tolerance matters only when verifying; a bad one is still refused (it is a typo the user would
+    meet on the next run), and before anything is written."""
+    for extra, needle in ((["--tolerance", "-1", "--verify", "off"], "--tolerance: got -1.0"),
+                          (["--eval-images", "0"], "--eval-images: got 0, expected an integer >= 1"),
+                          (["--verify-rounds", "0"], "--verify-rounds: got 0")):
+        rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", table_path, "--target-ms", "3",
+                          "--out", str(tmp_path / "o"), *extra)
+        assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+        assert not os.path.exists(tmp_path / "o")
