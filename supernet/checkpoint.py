@@ -39,6 +39,9 @@ def read_file(path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
+        if "Unsupported operand" in msg or "invalid load key" in msg:  # not a pickle at all (a text file, ...)
+            raise CheckpointError(f"{path}: not a torch checkpoint ({_looks_like(path)}), expected a checkpoint "
+                                  "(.pt/.pth/.safetensors)") from None
         if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
             raise CheckpointError(f"{path}: needs pickle to load (it stores Python objects, not only tensors); "
                                   "refusing to run code from a file, expected a plain state dict") from None
@@ -68,6 +71,16 @@ def _from_safetensors(path: str) -> object:
     if extra is not None:
         obj["extra"] = extra
     return obj
+
+
+def _looks_like(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "unknown binary data"
 
 
 def _is_torchscript(path: str) -> bool:
@@ -166,8 +179,15 @@ def save_checkpoint(model: nn.Module, arch: Mapping, path, extra: Mapping | None
     """One file: {"format", "version", "arch", "state_dict"}; written atomically. A path ending in
     .safetensors gets that format, the arch (and `extra`) as JSON in its metadata."""
     arch = validate(arch)
-    obj = {"format": FORMAT, "version": VERSION, "arch": arch,
-           "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fam = get_family(arch["family"])
+    try:  # a file that would not load back is refused now, not when it is read
+        with torch.device("meta"):
+            ref = fam.build(arch)
+    except (NotImplementedError, RuntimeError):
+        ref = fam.build(arch)
+    check_fit(ref, sd, f"save_checkpoint {os.fspath(path)}: the model")
+    obj = {"format": FORMAT, "version": VERSION, "arch": arch, "state_dict": sd}
     if extra:
         obj["extra"] = dict(extra)
     path = os.fspath(path)

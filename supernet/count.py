@@ -38,7 +38,10 @@ def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = Non
         if arch:
             # MACs from the arch on the meta device: the same figure as count(arch), and it includes
             # attention products that fused CPU kernels hide from the FLOP counter. Some families
-            # also fix grids by input size (attention bias tables), so another size is a rebuild.
+            # also fix grids by input size (attention bias tables, position embeddings), so another
+            # size is a rebuild: params and MACs both of the network at that size, as count(arch, size).
+            if size != arch.get("input_size", size):
+                return count(dict(arch, input_size=size))
             return {"params": count_params(model), "macs": count(dict(arch, input_size=size))["macs"]}
         chans = arch.get("in_chans", 3)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -36,7 +36,9 @@ def resolve_arch(target: ArchLike) -> dict:
             return get_preset(s)
         if s.endswith((".yaml", ".yml")) or os.path.isfile(s):
             return _arch.load_arch(s)
-        if s.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar")) or os.sep in s:
+        if os.path.isdir(s):
+            raise ArchError(f"{s}: is a directory, expected a preset name, an arch .yaml or a checkpoint file")
+        if s.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")) or os.sep in s:
             raise ArchError(f"{s}: no such file, expected a preset name, an arch .yaml or a checkpoint (.pt/.pth/.safetensors)")
         return get_preset(s)  # raises with the list of presets and near matches
     raise ArchError(f"arch: got {type(target).__name__}, expected a dict, a preset name or a path to an arch .yaml")

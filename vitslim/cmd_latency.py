@@ -274,6 +274,23 @@ def _validate_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _table_space_file(table, table_path: str, needed: bool):
+    """The search space a table was built for (built_for.space_file, written relative to where the build
+    ran): found from here, beside the table, or one folder up (the shipped tables: the repo root).
+    None when the table names none; an error when it names one that cannot be found and samples need it."""
+    rel = (table.built_for or {}).get("space_file")
+    if not rel:
+        return None
+    here = os.path.dirname(os.path.abspath(table_path))
+    for cand in (rel, os.path.join(here, rel), os.path.join(os.path.dirname(here), rel)):
+        if os.path.isfile(cand):
+            return cand
+    if needed:
+        raise VitslimError(f"{table_path}: built for {rel} (built_for.space_file), which is not found from here or "
+                           "beside the table; pass --space SPACE.yaml to sample from it (or --samples 0)")
+    return None
+
+
 def _validate(args):
     from latency_tables.build import table_reference
     from latency_tables.table import atomic_write, describe_device
@@ -288,9 +305,7 @@ def _validate(args):
     table.check_device(backend.describe(), args.allow_device_mismatch, what=args.table)
     backend.check_available()
     proc = _proc(args, backend, args.time_per_network, table)
-    space_path = args.space or table.built_for.get("space_file")
-    if space_path and not os.path.isfile(space_path) and not args.space:
-        space_path = None
+    space_path = args.space or _table_space_file(table, args.table, needed=args.samples > 0)
     space = _space(space_path) if space_path else None
     archs, names = [], []
     if space is not None and args.samples:

@@ -117,3 +117,20 @@ def test_a_resumed_build_keeps_the_clock_its_entries_were_timed_with(capsys, tmp
     assert t.read_bytes() == before
     code, out, err = run(capsys, "latency", "build", *quick, "--dry-run")  # no --clock: the table's
     assert code == 0 and "clock wall)" in out, out + err
+
+
+def test_validate_finds_the_tables_space_beside_it_from_any_folder(capsys, table_file, tmp_path, monkeypatch):
+    from latency_tables import LatencyTable
+    t = LatencyTable.load(str(table_file))
+    t.built_for = {"space": "tiny", "space_file": "spaces/tiny.yaml"}
+    t.save(str(table_file))
+    args = ["latency", "validate", "--table", table_file, "--samples", 1, "--time-per-network", 0.001,
+            "--min-samples", 3, "--no-presets", "--no-drift-reference", "--allow-device-mismatch", "--json", "--quiet"]
+    monkeypatch.chdir(tmp_path.parent)
+    code, out, err = run(capsys, *args)  # named but nowhere: said, not silently fewer samples
+    assert code == 2 and "built for spaces/tiny.yaml (built_for.space_file), which is not found" in err
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "tiny.yaml").write_text(open(TINY).read())
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 1

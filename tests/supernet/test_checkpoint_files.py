@@ -110,3 +110,10 @@ def test_vitslim_checkpoint_with_wrong_shape_names_key(tmp_path):
     torch.save({"format": "vitslim-checkpoint", "version": 1, "arch": vitslim.resolve_arch(a), "state_dict": sd}, p)
     with pytest.raises(vitslim.CheckpointError, match=r"blocks\.1\.mlp\.fc1\.weight"):
         vitslim.load_checkpoint(p)
+
+
+def test_saving_a_model_under_an_arch_it_does_not_fit_is_refused_and_writes_nothing(tmp_path):
+    m = vitslim.build_model(_tiny_deit())
+    with pytest.raises(vitslim.CheckpointError, match="does not fit the architecture: missing keys stem"):
+        vitslim.save_checkpoint(m, vitslim.get_preset("efficientformer_l1"), tmp_path / "mm.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -29,6 +29,19 @@ def test_info_input_size_changes_macs(capsys):
     assert json.loads(out2)["input_size"] == 112
 
 
+def test_info_at_another_input_size_counts_a_checkpoint_as_its_arch(capsys, tmp_path):
+    a = {**vitslim.get_preset("deit_tiny"), "input_size": 64}
+    vitslim.save_checkpoint(vitslim.build_model(a), a, tmp_path / "d.pt")
+    vitslim.save_arch(a, tmp_path / "d.yaml")
+    outs = []
+    for t in ("d.pt", "d.yaml"):
+        code, out, err = run(capsys, "info", str(tmp_path / t), "--input-size", "128", "--json")
+        assert code == 0, err
+        outs.append(json.loads(out))
+    assert outs[0] == outs[1] and outs[0]["params"] == vitslim.count(a, input_size=128)["params"]
+    assert outs[0]["params"] != vitslim.count(a)["params"]  # DeiT's position embedding grows with the input
+
+
 def test_info_human_output_has_stage_rows(capsys):
     code, out, _ = run(capsys, "info", "efficientformer_l1")
     assert code == 0
@@ -52,8 +65,13 @@ def test_presets_lists_every_preset(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["info", "nosuchpreset"], "preset: got 'nosuchpreset'"),
     (["info", "deit_tiny", "--input-size", "0"], "--input-size: got 0"),
+    (["info", "TMP"], "TMP: is a directory, expected a preset name"),
+    (["info", "TMP/mk.py"], "TMP/mk.py: not a torch checkpoint (a text file)"),
 ])
-def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
+    (tmp_path / "mk.py").write_text("import os\nprint(1)\n")
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    needle = needle.replace("TMP", str(tmp_path))
     code, out, err = run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
