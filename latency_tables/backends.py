@@ -260,7 +260,7 @@ COREML_OFF_MAC = ("coreml: Core ML models can be converted here but run only on 
                   "{system}). Measure on the device instead: `vitslim latency export-coreml --space S --out DIR` writes "
                   "one .mlpackage per entry and DIR/manifest.json; time them there (e.g. Xcode's Core ML performance "
                   "report) and fill a copy of DIR/times_template.csv; then `vitslim latency import --manifest "
-                  "DIR/manifest.json --csv times.csv --out TABLE.yaml` (CSV format: latency_tables/README.md)")
+                  "DIR/manifest.json --csv times.csv --device \"iPhone 12\" --out TABLE.yaml` (CSV format: latency_tables/README.md)")
 
 
 class CoreML(Backend):

@@ -77,9 +77,12 @@ def _presets_args(p):
 
 
 def _presets(args):
+    from tqdm import tqdm
     from . import api
     rows = []
-    for name in api.list_presets():
+    names = api.list_presets()
+    # counting builds each network on the meta device: a few seconds in all, so a bar (on a terminal)
+    for name in tqdm(names, desc="counting", unit="preset", leave=False, disable=None):
         a = api.get_preset(name)
         c = api.count(a)
         rows.append({"name": name, "family": a["family"], "input_size": a["input_size"], **c})
@@ -147,10 +150,12 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    name = " ".join(["vitslim", args.command] + [v for v in (getattr(args, "latency_command", None),
+                                                              getattr(args, "action", None)) if isinstance(v, str)])
     try:
         return int(args._run(args) or 0)
     except VitslimError as e:
-        print(f"vitslim {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vitslim ... | head`: the reader left; not an error of ours
         try:
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         what = ("state saved so far is kept; re-run to resume" if args.command in RESUMABLE
                 else "no output was written; re-run to start again")
-        print(f"vitslim {args.command}: interrupted ({what})", file=sys.stderr)
+        print(f"{name}: interrupted ({what})", file=sys.stderr)
         return 130
 
 

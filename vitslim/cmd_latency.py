@@ -397,6 +397,7 @@ def _export_coreml(args):
         raise VitslimError("export-coreml: expected --space SPACE.yaml and/or --arch ARCH")
     _positive("--networks", args.networks, 0)
     _positive("--batch", args.batch)
+    check_writable(args.out, "--out", is_dir=True)
     space = _space(args.space) if args.space else None
     archs = [_arch_of(a) for a in args.arch]
     keys = needed_keys(space, archs)

@@ -54,6 +54,7 @@ def _args(p):
     g.add_argument("--arch", help="an arch config .yaml inside the run's search space")
     e.add_argument("--widths", help="comma-separated stage widths for --choice best/largest (default: maximum)")
     e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--overwrite", action="store_true", help="replace the arch.yaml / model.pt / choice.json of --out")
 
 
 def _run(args):
@@ -169,6 +170,10 @@ def _extract(args):
     from supernet.checkpoint import save_checkpoint
     from supernet.train import load_supernet
     check_writable(args.out, "--out", is_dir=True)
+    mine = [f for f in ("arch.yaml", "model.pt", "choice.json") if os.path.exists(os.path.join(args.out, f))]
+    if mine and not args.overwrite:
+        raise VitslimError(f"--out {args.out}: already holds {', '.join(mine)}, expected a new folder "
+                           "(or pass --overwrite)")
     model, obj = load_supernet(args.run)
     sp = model.space
     if args.arch:

@@ -147,7 +147,13 @@ def test_cli_extract_writes_a_model_equal_to_the_supernet(tmp_path, capsys):
     with torch.no_grad():
         ref = sn(x, mode="fixed", choice=choice)
         assert (model(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert main(["supernet", "extract", run, "--choice", "best", "--widths", "16,16,16,32", "--out", out]) == 0
+    before = open(os.path.join(out, "model.pt"), "rb").read()
+    capsys.readouterr()
+    assert main(["supernet", "extract", run, "--choice", "best", "--widths", "16,16,16,32", "--out", out]) == 2
+    assert "already holds arch.yaml, model.pt, choice.json" in capsys.readouterr().err
+    assert open(os.path.join(out, "model.pt"), "rb").read() == before
+    assert main(["supernet", "extract", run, "--choice", "best", "--widths", "16,16,16,32", "--out", out,
+                 "--overwrite"]) == 0
     assert main(["supernet", "extract", run, "--arch", os.path.join(out, "arch.yaml"), "--out", str(tmp_path / "s2")]) == 0
     # an arch outside the space (another FFN width, class count) is refused, not silently replaced by the space's
     a = vitslim.load_arch(os.path.join(out, "arch.yaml"))
