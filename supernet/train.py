@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
@@ -475,11 +476,16 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
         if diff:
             more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
             raise ConfigError(f"cannot resume {out_dir}: the config differs from the run's: {'; '.join(diff[:3])}{more}")
-    elif os.path.exists(ckpt_path):
-        prev = read_file(ckpt_path)
-        at = prev.get("step") if isinstance(prev, Mapping) else None
-        raise ConfigError(f"{out_dir}: already holds a run (checkpoint.pt at step {at}); pass --resume to continue it "
-                          "or choose another --out")
+    elif os.path.exists(ckpt_path):  # the same command again: it continues (a different config is refused)
+        state = read_run(out_dir)
+        diff = config_diff(state["config"], cfg_dict)
+        if diff:
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise ConfigError(f"{out_dir}: already holds a run (checkpoint.pt at step {state['step']}) of another "
+                              f"config: {'; '.join(diff[:3])}{more}; choose another --out")
+        if main and int(state["step"]) < cfg.steps:
+            print(f"{out_dir}: resuming at step {state['step']} of {cfg.steps}", file=sys.stderr)
+        resume = True
     else:
         _check_not_foreign(out_dir, cfg_dict)
     if cfg.batch_size % dist.world:

@@ -240,6 +240,8 @@ def _table_stage(d, base, out, cfg, progress):
         argv.append("--quiet")
     print(f"[2/4] latency table: measuring {path} (resumable)")
     rc = cli_main(argv)
+    if rc == 130:  # Ctrl-C inside the build: an interruption of the pipeline, not a failure
+        raise KeyboardInterrupt
     if rc:
         raise VitslimError(f"latency table build failed (exit {rc}); re-run to resume it")
     return path

@@ -157,3 +157,15 @@ def test_a_missing_supernet_config_is_one_line(tmp_path, capsys):
     rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "nowhere.yaml: no such file" in err
+
+
+def test_ctrl_c_in_the_table_stage_is_an_interruption(tmp_path, capsys, monkeypatch):
+    import vitslim.cli
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    del d["table"]["reuse"]  # the table is built: `latency build` runs inside the pipeline
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.setattr(vitslim.cli, "main", lambda argv: 130)  # the build's own Ctrl-C exit
+    assert main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "vitslim run: interrupted (state saved so far is kept; re-run to resume)" in err and "error" not in err

@@ -60,8 +60,14 @@ def test_resume_refuses_a_different_config_and_says_what_differs(tmp_path):
     other = TrainConfig.from_dict(config(steps=2, optimizer={"lr": 0.01, "warmup_steps": 2, "grad_clip": 5.0}))
     with pytest.raises(ConfigError, match=r"cannot resume .*optimizer.lr: 0.002 -> 0.01"):
         train(other, run, resume=True, progress=False)
-    with pytest.raises(ConfigError, match="already holds a run .* pass --resume"):
-        train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint.pt at step 2\) of another config: "
+                                          r"optimizer.lr: 0.002 -> 0.01; choose another --out"):
+        train(other, run, progress=False)
+    before = read_run(run)["model"]
+    rep = train(TrainConfig.from_dict(config(steps=2)), run, progress=False)  # the same command again: resumes
+    assert rep["finished"] and rep["step"] == 2
+    after = read_run(run)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
     # logging frequency may change on resume: it changes no number
     assert config_diff({"log_every": 1, "seed": 0}, {"log_every": 5, "seed": 0}) == []
 
@@ -285,3 +291,14 @@ def test_show_plot_writes_the_named_file_in_the_named_format(tmp_path, capsys):
         assert main(["supernet", "show", run, "--plot", str(tmp_path / name)]) == 0
         assert (tmp_path / name).read_bytes().startswith(magic)
     assert sorted(os.listdir(tmp_path)) == ["imp", "imp.svg", "run"]  # no temp files, no imp.png beside imp
+
+
+def test_re_running_the_same_command_after_a_stop_resumes_exactly(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cfg = TrainConfig.from_dict(config())
+    train(cfg, a, progress=False)
+    train(cfg, b, progress=False, stop_at=3)  # as a kill after the step-3 checkpoint leaves it
+    train(cfg, b, progress=False)             # no --resume: the same config continues
+    assert losses(a) == losses(b)
+    sa, sb = read_run(a)["model"], read_run(b)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
