@@ -72,8 +72,10 @@ def convert_coreml(module: nn.Module, x: torch.Tensor, compute_units=None, preci
 
 
 def _save_package(mlmodel, path: str) -> None:
+    from supernet.runlock import remove_stale_temps, temp_prefix
     d = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=d)
+    remove_stale_temps(d, base=os.path.basename(path))
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(os.path.basename(path)), dir=d)
     try:
         p = os.path.join(tmp, os.path.basename(path))
         mlmodel.save(p)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -149,13 +150,13 @@ class OptunaSearch(SearchStrategy):
         return min(10, max(2, self.n_trials // 5))
 
     @staticmethod
-    def worker_seed(seed: int, existing_trials: int, rank: int) -> int:
-        """The sampler's seed for a worker: `seed` itself for the first worker of a fresh study (so a run is
-        reproducible), else derived from (seed, trials already in the study, rank among live workers): a
-        resumed run or a second worker must not draw the same parameters again."""
-        if existing_trials == 0 and rank == 0:
-            return int(seed)
-        return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, existing_trials, rank]).generate_state(1)[0])
+    def worker_seed(seed: int, completed: int, rank: int) -> int:
+        """The sampler's seed for the next trial: from (seed, trials the study has completed, rank among live
+        workers). The sampler is re-seeded before every trial, so a trial's parameters depend only on the
+        seed and the study's completed trials: a run killed mid-trial and resumed draws exactly what the
+        uninterrupted run drew (the killed trial is failed and drawn again), and a second worker (another
+        rank) draws other parameters."""
+        return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(completed), int(rank)]).generate_state(1)[0])
 
     def warm_start(self, ctx: SearchContext) -> List[dict]:
         """Networks enqueued as a fresh study's first trials: latency-matched random samples (predicted within
@@ -191,6 +192,14 @@ class OptunaSearch(SearchStrategy):
     def search(self, ctx: SearchContext) -> SearchResult:
         require_reachable(ctx)
         with _Workers(ctx.log_dir) as workers:
+            if workers.alone and ctx.log_dir and self.storage_kind == "journal":
+                # a lock a killed worker held (Optuna waits 30 s, then breaks it): no live worker holds it now
+                lock = os.path.join(ctx.log_dir, self.log_file + ".lock")
+                if os.path.lexists(lock):
+                    if os.path.isdir(lock) and not os.path.islink(lock):
+                        shutil.rmtree(lock, ignore_errors=True)
+                    else:
+                        os.remove(lock)
             return self._search(ctx, workers)
 
     def _search(self, ctx: SearchContext, workers: "_Workers") -> SearchResult:
@@ -202,12 +211,22 @@ class OptunaSearch(SearchStrategy):
             for t in existing:
                 if t.state == optuna.trial.TrialState.RUNNING:
                     study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-        seed = self.worker_seed(ctx.seed, len(existing), workers.rank)
-        if seed != ctx.seed:
-            study.sampler = self._sampler(ctx, seed)
-        if not existing and workers.rank == 0:
-            for c in self.warm_start(ctx):
-                study.enqueue_trial(enc.encode(c), user_attrs={"warm_start": True})
+            _drop_unused_parent_cache(study)
+        if "vitslim_warm" not in study.user_attrs:  # fixed with the study, so a resumed run uses the same
+            study.set_user_attr("vitslim_warm", [enc.encode(c) for c in self.warm_start(ctx)] if not existing else [])
+        warm = study.user_attrs["vitslim_warm"]
+        Complete, Waiting = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING
+
+        def next_trial(study, _trial=None):
+            """Before each trial: the warm-start network of this position (one at a time, in order, so a
+            killed one is the next again), and the sampler seeded for the study's completed count."""
+            trials = study.get_trials(deepcopy=False)
+            n = sum(t.state == Complete for t in trials)
+            if workers.rank == 0 and n < len(warm) and not any(t.state == Waiting for t in trials):
+                study.enqueue_trial(warm[n], user_attrs={"warm_start": True})
+            study.sampler = self._sampler(ctx, self.worker_seed(ctx.seed, n, workers.rank))
+
+        next_trial(study)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for t in done:  # reuse logged evaluations
             if "choice" in t.user_attrs:
@@ -231,8 +250,8 @@ class OptunaSearch(SearchStrategy):
             # may finish the trial it is running: with W workers, up to W - 1 more)
             stop = optuna.study.MaxTrialsCallback(self.n_trials, states=(optuna.trial.TrialState.COMPLETE,))
             with _stop_on_interrupt(study, ctx.progress):
-                study.optimize(objective, n_trials=left, callbacks=[stop], show_progress_bar=bool(ctx.progress),
-                               gc_after_trial=False)
+                study.optimize(objective, n_trials=left, callbacks=[stop, next_trial],
+                               show_progress_bar=bool(ctx.progress), gc_after_trial=False)
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         rows = [{"number": t.number, "acc": t.values[0], "ms": t.values[1], "loss": t.user_attrs["loss"],
                  "feasible": t.values[1] <= ctx.bound_ms, "choice": t.user_attrs["choice"]} for t in trials]
@@ -248,6 +267,22 @@ class OptunaSearch(SearchStrategy):
                             extra={"trials": len(rows), "best_trial": best["number"], "pareto": front,
                                    "trial_rows": rows, "distinct_choices": len({choice_key(r["choice"]) for r in rows}),
                                    "workers_seen": workers.seen})
+
+
+def _drop_unused_parent_cache(study) -> None:
+    """NSGA-II caches a generation's parents (study attribute) when its first child is drawn, and a cached
+    list comes back in trial order where a fresh one is in selection order, which changes the children
+    drawn. A generation whose only child so far was killed has a cache the uninterrupted run did not have
+    at that point: drop it, so the resumed run draws what the uninterrupted one did."""
+    import optuna
+    sampler = study.sampler
+    if not (hasattr(sampler, "_get_parent_cache_key_prefix") and hasattr(sampler, "_get_generation_key")):
+        return
+    prefix, gkey = sampler._get_parent_cache_key_prefix(), sampler._get_generation_key()
+    used = {t.system_attrs.get(gkey) for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if key.startswith(prefix) and value is not None and key[len(prefix):].isdigit() and int(key[len(prefix):]) not in used:
+            study._storage.set_study_system_attr(study._study_id, key, None)
 
 
 @contextlib.contextmanager

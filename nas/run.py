@@ -13,11 +13,9 @@ a directory holding only a log is resumed from it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from typing import Mapping, Optional
@@ -31,7 +29,7 @@ from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
 from supernet.errors import CheckpointError, check_device
-from supernet.runlock import LOCK_FILE, pid_alive, run_lock
+from supernet.runlock import LOCK_FILE, remove_stale_temps, run_lock
 from supernet.train import TrainConfig, read_run
 from supernet.supernet import MetaPathSupernet
 
@@ -102,9 +100,24 @@ def _search_report(out: str):
     return rep
 
 
-def prepare_out(out: str, overwrite: bool, extend=None) -> str:
+SEARCH_LOGS = {"trajectory.jsonl": "slim search (--strategy slim)",
+               "study.journal": "Optuna search (--strategy optuna --storage journal)",
+               "study.db": "Optuna search (--strategy optuna --storage sqlite)"}
+
+
+def search_log(strategy: str, storage: str = "journal") -> Optional[str]:
+    """The log file a strategy resumes from (None: it does not resume)."""
+    if strategy == "slim":
+        return "trajectory.jsonl"
+    if strategy == "optuna":
+        return "study.journal" if storage == "journal" else "study.db"
+    return None
+
+
+def prepare_out(out: str, overwrite: bool, extend=None, log: Optional[str] = None) -> str:
     """'fresh' or 'resume'; refuses a finished run unless overwrite (then clears vitslim's files) or
-    `extend(report)` says the run continues (an Optuna study asked for more trials)."""
+    `extend(report)` says the run continues (an Optuna study asked for more trials), and an interrupted
+    run of another strategy or storage than `log` names (it would be left behind, silently)."""
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SearchError(f"--out {out}: exists and is not a directory")
@@ -115,6 +128,12 @@ def prepare_out(out: str, overwrite: bool, extend=None) -> str:
         if not overwrite:
             raise SearchError(f"--out {out}: already holds a finished search run (report.json); "
                               "pass --overwrite to replace it, or choose another --out")
+    elif not overwrite and os.path.isdir(out):
+        other = [f for f in SEARCH_LOGS if f != log and os.path.exists(os.path.join(out, f))]
+        if other:
+            raise SearchError(f"--out {out}: holds an interrupted {SEARCH_LOGS[other[0]]} ({other[0]}); re-run it with "
+                              "its options to resume it, pass --overwrite to start this search instead, or choose "
+                              "another --out")
     if overwrite and os.path.isdir(out):
         for f in RUN_FILES:
             p = os.path.join(out, f)
@@ -240,7 +259,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
         _search_report(out)  # another kind of run there: refused before anything (a lock file) is written in it
     try:
         with _run_lock(out, shared=strategy == "optuna"):
-            prepare_out(out, overwrite, extend=more_trials)
+            prepare_out(out, overwrite, extend=more_trials, log=search_log(strategy, storage))
             if verifier is not None:
                 verifier.attach(os.path.join(out, VERIFY_FILE))
             return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
@@ -252,16 +271,9 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
         raise
 
 
-_TMP = re.compile(r".+\.tmp\.(\d+)(\.png)?$")
-
-
 def _remove_stale_temps(out: str) -> None:
     """Temporary files (NAME.tmp.PID) a killed process left before its rename: never a result, removed."""
-    for name in os.listdir(out):
-        m = _TMP.match(name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):  # else its writer still runs
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.remove(os.path.join(out, name))
+    remove_stale_temps(out)
 
 
 def _run_lock(out: str, shared: bool = False):

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from supernet.arch import atomic_savefig
 from supernet.errors import VitslimError, check_writable
+from supernet.runlock import pid_alive, remove_stale_temps, temp_prefix
 
 from .units import PruneError
 
@@ -63,6 +64,19 @@ def plot_reallocation(report: Mapping, path: str) -> Optional[str]:
     return atomic_savefig(fig, path)
 
 
+def _recover(out: str, parent: str, base: str) -> None:
+    """A run killed between its two renames (the previous run moved aside, the new one not yet in place)
+    left no `out`: put the previous run back before the leftovers are swept."""
+    if os.path.exists(out):
+        return
+    for name in sorted(os.listdir(parent)):
+        if name.startswith(f".{base}.pid") and ".old." in name and os.path.isfile(os.path.join(parent, name, "report.json")):
+            pid = name[len(f".{base}.pid"):].split(".", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                os.replace(os.path.join(parent, name), out)
+                return
+
+
 def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite: bool = False) -> dict:
     """Write the run directory atomically; returns {"arch", "model", "report", "plot"} paths."""
     from supernet.arch import save_arch
@@ -71,7 +85,13 @@ def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite
     check_out_dir(out, overwrite)
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    base = os.path.basename(out)
+    _recover(out, parent, base)
+    remove_stale_temps(parent, base=base)  # a killed run's half-written folders
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(base), dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode (mkdtemp's is 0700)
     try:
         save_arch(arch, os.path.join(tmp, "arch.yaml"))
         save_checkpoint(model, arch, os.path.join(tmp, "model.pt"))
@@ -85,7 +105,7 @@ def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite
             json.dump(report, f, indent=2)
             f.write("\n")
         if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
+            old = tempfile.mkdtemp(prefix=temp_prefix(base) + "old.", dir=parent)
             os.rmdir(old)
             os.replace(out, old)
             os.replace(tmp, out)

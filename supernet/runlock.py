@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+from typing import List, Optional
 
 from .errors import VitslimError
 
@@ -20,6 +22,46 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# Temporary names carry their writer's pid, so a later run can tell a killed writer's leftovers (removed)
+# from a live writer's (kept): NAME.tmp.PID[.ext] (atomic file writes) and .BASE.pidPID.* (temp folders
+# and files made with tempfile, prefix from temp_prefix).
+_TMP_FILE = re.compile(r"^(?P<base>.+)\.tmp\.(?P<pid>\d+)(\.[A-Za-z0-9]+)?$")
+_TMP_HIDDEN = re.compile(r"^\.(?P<base>.+?)\.pid(?P<pid>\d+)\.")
+
+
+def temp_prefix(base: str) -> str:
+    """tempfile prefix for a temporary beside `base` (a file or folder name): .BASE.pidPID."""
+    return f".{base}.pid{os.getpid()}."
+
+
+def remove_stale_temps(folder: str, base: Optional[str] = None) -> List[str]:
+    """Remove the temporaries in `folder` (of `base` only, if given) whose writer is no longer running;
+    returns the names removed."""
+    import shutil
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    gone = []
+    for name in names:
+        m = next((m for m in (_TMP_FILE.match(name), _TMP_HIDDEN.match(name))
+                  if m and (base is None or m.group("base") == base or m.group("base").startswith(f".{base}.pid"))),
+                 None)
+        if m is None:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or pid_alive(pid):  # its writer still runs
+            continue
+        p = os.path.join(folder, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+        gone.append(name)
+    return gone
 
 
 @contextlib.contextmanager

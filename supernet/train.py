@@ -51,7 +51,7 @@ from .arch import atomic_write_text, read_yaml
 from .checkpoint import read_file
 from .data import DataConfig, DataError, build_datasets, heldout_batches, make_loader
 from .errors import CheckpointError, VitslimError, check_device
-from .runlock import LOCK_FILE, run_lock
+from .runlock import LOCK_FILE, run_lock, remove_stale_temps
 from .space import SearchSpace
 from .supernet import MetaPathSupernet
 
@@ -454,6 +454,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, progress: boo
         existed = os.path.isdir(out_dir)
         try:
             with run_lock(out_dir, error=ConfigError, what="supernet training"):
+                remove_stale_temps(out_dir)  # what a killed run left half-written (never a result)
                 return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
         except BaseException:
             if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {LOCK_FILE}:

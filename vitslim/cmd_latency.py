@@ -159,6 +159,8 @@ def _build(args):
     if grid_spec is not None:
         built_for["prune_grid"] = grid_spec.to_dict()
     check_writable(args.out, "--out")
+    from supernet.runlock import remove_stale_temps
+    remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
     table = open_table(args.out, backend, built_for)
     stored = (table.measurement or {}).get("clock")
     if stored:  # a resumed build times with the clock its entries were timed with: two clocks do not add up

@@ -52,14 +52,16 @@ _TEMPS: list = []  # temporary paths of the export in progress: removed whatever
 def _tmp_beside(out: str, is_dir: bool = False) -> str:
     """A fresh temporary path in the output's folder (so the final rename is atomic), with the mode a
     plain file created there would get (mkstemp's are 0600: other users could not read the artefact)."""
+    from supernet.runlock import remove_stale_temps, temp_prefix
     d = os.path.dirname(os.path.abspath(out)) or "."
     base = os.path.basename(out)
     try:
         os.makedirs(d, exist_ok=True)
+        remove_stale_temps(d, base=base)  # what a killed export of this path left
         if is_dir:
-            p = tempfile.mkdtemp(prefix=f".{base}.", dir=d)
+            p = tempfile.mkdtemp(prefix=temp_prefix(base), dir=d)
         else:
-            fd, p = tempfile.mkstemp(prefix=f".{base}.", dir=d)
+            fd, p = tempfile.mkstemp(prefix=temp_prefix(base), dir=d)
             os.close(fd)
             umask = os.umask(0)
             os.umask(umask)
@@ -145,6 +147,8 @@ def _yaml(model, arch, trained, out, overwrite, **_):
         if os.path.exists(wpath) and not overwrite:
             os.remove(tmp)
             raise ExportError(f"{wpath}: already exists, expected a new path (or pass --overwrite)")
+        from supernet.runlock import remove_stale_temps
+        remove_stale_temps(os.path.dirname(os.path.abspath(wpath)), base=os.path.basename(wpath))
         save_checkpoint(model, arch, wpath)
         res["checkpoint"] = wpath
     _commit(tmp, out, overwrite)

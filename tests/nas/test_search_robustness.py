@@ -187,11 +187,52 @@ def test_workers_get_distinct_ranks_and_dead_ones_are_forgotten(tmp_path):
         assert w.rank == 0 and w.alone
 
 
-def test_worker_seeds_differ_but_a_fresh_single_run_keeps_its_seed():
-    assert OptunaSearch.worker_seed(5, 0, 0) == 5
+def test_worker_seeds_differ_by_completed_count_and_rank_and_are_deterministic():
     seeds = {OptunaSearch.worker_seed(5, n, r) for n in (0, 3, 10) for r in (0, 1, 2)}
     assert len(seeds) == 9
-    assert OptunaSearch.worker_seed(5, 3, 1) == OptunaSearch.worker_seed(5, 3, 1)  # deterministic
+    assert OptunaSearch.worker_seed(5, 3, 1) == OptunaSearch.worker_seed(5, 3, 1)
+    assert OptunaSearch.worker_seed(5, 3, 1) != OptunaSearch.worker_seed(6, 3, 1)
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import nas.evaluator as ev
+from nas.run import run_search
+real, n = ev.HeldoutEvaluator.__call__, [0]
+def call(self, c):
+    if choice_key(c) not in self.cache:
+        n[0] += 1
+        if n[0] == {at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-trial, as kill -9 does
+    return real(self, c)
+from nas.evaluator import choice_key
+ev.HeldoutEvaluator.__call__ = call
+run_search({sn!r}, {tab!r}, 4.0, {out!r}, strategy="optuna", trials=10, sampler={sampler!r}, eval_images=16,
+           progress=False, verify="off")
+"""
+
+
+@pytest.mark.parametrize("sampler,at", [("nsga2", 2), ("nsga2", 7), ("tpe", 6)])
+def test_an_optuna_search_killed_mid_trial_resumes_to_the_uninterrupted_result(supernet_run, table_path, tmp_path,
+                                                                               sampler, at):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    kw = dict(strategy="optuna", trials=10, sampler=sampler, eval_images=16, progress=False, verify="off")
+    ref = run_search(supernet_run, table_path, 4.0, str(tmp_path / "ref"), **kw)
+    out = str(tmp_path / "killed")
+    p = subprocess.run([sys.executable, "-c", KILLER.format(root=root, at=at, sn=supernet_run, tab=table_path,
+                                                            out=out, sampler=sampler)], cwd=root)
+    assert p.returncode == -9  # it was killed, leaving a trial RUNNING
+    rep = run_search(supernet_run, table_path, 4.0, out, **kw)
+    for k in ("choice", "predicted_ms", "accuracy"):
+        assert rep.get(k) == ref.get(k), k
+    params = lambda d: [t.params for t in optuna.load_study(  # noqa: E731
+        study_name="vitslim-search", storage=OptunaSearch(run_args={})._storage(
+            SearchContext(None, None, None, None, None, 1.0, log_dir=d))).trials
+        if t.state == optuna.trial.TrialState.COMPLETE]
+    assert params(out) == params(str(tmp_path / "ref"))
 
 
 def test_a_second_worker_does_not_repeat_the_first(supernet_run, table_path, tmp_path):
@@ -254,3 +295,37 @@ def test_a_finished_study_continues_when_asked_for_more_trials(supernet_run, tab
     assert rep["search"]["trials"] == 7
     with pytest.raises(SearchError, match="already holds a finished search run"):  # no more asked: refused
         run_search(supernet_run, table_path, 4.0, out, trials=7, **kw)
+
+
+def test_a_journal_lock_left_by_a_killed_worker_does_not_stall_the_next_run(supernet_run, table_path, tmp_path,
+                                                                              monkeypatch):
+    import optuna.storages.journal._file as journal_file
+    out = tmp_path / "o"
+    out.mkdir()
+    os.symlink(str(out / "gone"), str(out / "study.journal.lock"))  # what a kill -9 mid-write leaves
+
+    def no_waiting(seconds):
+        raise AssertionError("waited on a stale journal lock")
+
+    monkeypatch.setattr(journal_file.time, "sleep", no_waiting)
+    rep = run_search(supernet_run, table_path, 4.0, str(out), strategy="optuna", trials=3, eval_images=16,
+                     progress=False, verify="off")
+    assert rep["search"]["trials"] == 3 and not os.path.lexists(out / "study.journal.lock")
+
+
+def test_an_interrupted_search_of_another_strategy_or_storage_is_not_silently_left_behind(supernet_run, table_path,
+                                                                                          tmp_path):
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    with open(os.path.join(out, "trajectory.jsonl"), "w") as f:
+        f.write('{"type": "header"}\n')  # an interrupted slim search
+    kw = dict(eval_images=16, progress=False, verify="off")
+    with pytest.raises(SearchError, match=r"holds an interrupted slim search \(--strategy slim\) \(trajectory.jsonl\)"):
+        run_search(supernet_run, table_path, 4.0, out, strategy="optuna", trials=3, **kw)
+    os.remove(os.path.join(out, "trajectory.jsonl"))
+    open(os.path.join(out, "study.journal"), "w").close()
+    with pytest.raises(SearchError, match=r"interrupted Optuna search \(--strategy optuna --storage journal\)"):
+        run_search(supernet_run, table_path, 4.0, out, strategy="optuna", storage="sqlite", trials=3, **kw)
+    rep = run_search(supernet_run, table_path, 4.0, out, strategy="optuna", storage="sqlite", trials=3,
+                     overwrite=True, **kw)
+    assert rep["search"]["trials"] == 3 and "study.journal" not in os.listdir(out)
