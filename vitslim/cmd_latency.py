@@ -90,10 +90,13 @@ def _build_args(p):
                         "isolated: time each entry alone")
     p.add_argument("--contexts", type=int, default=2,
                    help="in-context: networks each entry is timed in, at least (default 2)")
-    p.add_argument("--time-per-network", type=finite_float, default=0.4,
-                   help="in-context and calibration: seconds of timed runs per network (default 0.4)")
-    p.add_argument("--time-per-entry", type=finite_float, default=0.5, help="isolated: seconds of timed calls per entry (default 0.5)")
-    p.add_argument("--min-samples", type=int, default=15, help="timed runs per entry or network at least (default 15)")
+    p.add_argument("--time-per-network", type=finite_float, default=None,
+                   help="in-context and calibration: seconds of timed runs per network (default 0.4; a resumed "
+                        "build: the table's)")
+    p.add_argument("--time-per-entry", type=finite_float, default=None,
+                   help="isolated: seconds of timed calls per entry (default 0.5; a resumed build: the table's)")
+    p.add_argument("--min-samples", type=int, default=None,
+                   help="timed runs per entry or network at least (default 15; a resumed build: the table's)")
     p.add_argument("--group", type=int, default=8, help="networks (or isolated entries) interleaved at a time (default 8)")
     p.add_argument("--calibrate", type=int, default=10,
                    help="networks measured end to end to fit the overhead (default 10; 0: none)")
@@ -124,6 +127,23 @@ def _grid(args, archs):
                            "whose pruned widths the grid prices)")
     spec = parse_grid_step(args.grid_step)
     return [prune_grid_keys(a, spec) for a in archs], spec
+
+
+BUILD_DEFAULTS = {"time_per_network": 0.4, "time_per_entry": 0.5, "min_samples": 15}
+
+
+def _resume_settings(args, table, in_context: bool) -> None:
+    """The sampling settings of a build: a resumed table's own (another value given is refused: its entries
+    would be measured two ways under one header), else the options or their defaults."""
+    m = table.measurement or {}
+    timed = "time_per_network" if in_context else "time_per_entry"
+    stored = {timed: m.get("time_per_item_s"), "min_samples": m.get("min_samples")}
+    for k, default in BUILD_DEFAULTS.items():
+        given, was = getattr(args, k), stored.get(k)
+        if was is not None and given is not None and float(given) != float(was):
+            raise VitslimError(f"--{k.replace('_', '-')} {given:g}: {args.out} was measured with {was:g}; a resumed "
+                               f"build keeps its settings (leave the option out, or use a new --out)")
+        setattr(args, k, given if given is not None else (was if was is not None else default))
 
 
 def _build(args):
@@ -170,6 +190,7 @@ def _build(args):
                                f"from two clocks do not add up (leave out --clock to resume with {stored}, "
                                "or use a new --out)")
         args.clock = stored
+    _resume_settings(args, table, in_context)
     proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry)
     proc_nets = _proc(args, backend, args.time_per_network)
     if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):

@@ -118,6 +118,16 @@ def test_a_resumed_build_keeps_the_clock_its_entries_were_timed_with(capsys, tmp
     assert t.read_bytes() == before
     code, out, err = run(capsys, "latency", "build", *quick, "--dry-run")  # no --clock: the table's
     assert code == 0 and "clock wall)" in out, out + err
+    # the sampling settings likewise: the table's header describes every entry
+    for opt, val, needle in (("--time-per-network", "0.5", "--time-per-network 0.5: "),
+                             ("--min-samples", "40", "--min-samples 40: ")):
+        args = [a for a in quick if str(a) not in ("--time-per-network", "0.001", "--min-samples", "3")]
+        code, out, err = run(capsys, "latency", "build", *args, opt, val)
+        assert code == 2 and needle in err and "a resumed build keeps its settings" in err, err
+    assert t.read_bytes() == before
+    args = [a for a in quick if str(a) not in ("--time-per-network", "0.001", "--min-samples", "3")]
+    code, out, err = run(capsys, "latency", "build", *args, "--dry-run")
+    assert code == 0, err
 
 
 def test_validate_finds_the_tables_space_beside_it_from_any_folder(capsys, table_file, tmp_path, monkeypatch):
