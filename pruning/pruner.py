@@ -374,7 +374,7 @@ class PruneConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise PruneError(f"--{k.replace('_', '-')}: got {v!r}, expected an integer >= {lo}")
         if not 0 <= self.momentum < 1:
-            raise PruneError(f"momentum: got {self.momentum!r}, expected a number in [0, 1)")
+            raise PruneError(f"--momentum: got {self.momentum!r}, expected a number in [0, 1)")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise PruneError(f"--lr: got {self.lr!r}, expected a learning rate > 0")
         if self.kd and self.finetune_steps == 0:

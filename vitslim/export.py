@@ -92,7 +92,7 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
     if os.path.exists(out) and not overwrite:
         raise ExportError(f"{out}: already exists, expected a new path (or pass --overwrite)")
     if batch < 1:
-        raise ExportError(f"batch: got {batch}, expected an integer >= 1")
+        raise ExportError(f"--batch: got {batch}, expected an integer >= 1")
     model, arch, trained = resolve_source(target)
     if input_size is not None and input_size != arch["input_size"]:
         if not (isinstance(input_size, int) and input_size >= 16):
