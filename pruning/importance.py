@@ -96,6 +96,22 @@ class Scores:
                   for k, b in self.branch.items()}
         return Scores(out, self.criterion, self.batches, embed, branch)
 
+    def to_state(self) -> dict:
+        """Tensors only (loads with torch.load(weights_only=True)): a resumable prune keeps its momentum."""
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
+        return {"criterion": self.criterion, "batches": int(self.batches),
+                "blocks": {f"{i}.{j}": {k: t(v) for k, v in b.items()} for (i, j), b in self.blocks.items()},
+                "embed": {str(i): t(e) for i, e in self.embed.items()},
+                "branch": {f"{i}.{j}": t(b) for (i, j), b in self.branch.items()}}
+
+    @classmethod
+    def from_state(cls, d: Mapping) -> "Scores":
+        key = lambda s: tuple(int(x) for x in s.split("."))  # noqa: E731
+        a = lambda v: v.numpy()  # noqa: E731
+        return cls({key(k): {n: a(v) for n, v in b.items()} for k, b in d["blocks"].items()}, d["criterion"],
+                   int(d["batches"]), {int(i): a(e) for i, e in d["embed"].items()},
+                   {key(k): a(b) for k, b in d["branch"].items()})
+
     def kind_totals(self) -> Dict[str, float]:
         tot = {"head": 0.0, "qk": 0.0, "v": 0.0, "ffn": 0.0}
         for s in self.blocks.values():

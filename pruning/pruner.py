@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 import time
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supernet.count import count
+from supernet.registry import get_family
 
 from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Target,
                      floor_cost, floor_cost_depth, floor_cost_embed, parse_targets, select_constrained, select_knapsack,
@@ -411,10 +413,16 @@ def block_widths(arch: Mapping) -> List[dict]:
 
 def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[DataSource] = None,
           calibration: Optional[List[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
-          progress: bool = False, importance: Optional[Importance] = None) -> PruneResult:
+          progress: bool = False, importance: Optional[Importance] = None, state_path: Optional[str] = None,
+          state_key: Optional[Mapping] = None) -> PruneResult:
     """Prune `model` (not modified) to `config.target`; returns the smaller model, its arch and the
     report (report.py adds the file-level fields). Calibration batches come from `calibration` or
-    `data`; fine-tuning batches from `data`."""
+    `data`; fine-tuning batches from `data`.
+
+    `state_path`: iterative pruning saves its state there after every step but the last (the pruned
+    network, the scores' momentum, the report so far, the RNG) and a later call with the same
+    `state_key` (what the run depends on: config, checkpoint, data, table) continues from it, ending
+    where an uninterrupted run ends. A state of another key is refused."""
     from tqdm import tqdm
     cfg = config.check()
     arch = dict(arch)
@@ -459,7 +467,19 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     ft_per = [cfg.finetune_steps // K + (1 if k >= K - cfg.finetune_steps % K else 0) for k in range(K)]
     ft_start = 1000
     scoring_seconds = 0.0
-    for step in range(K):
+    first = 0
+    key = json.loads(json.dumps(dict(state_key or {}), sort_keys=True, default=str))
+    st = _read_state(state_path, key) if state_path else None
+    if st is not None:  # an interrupted iterative run: continue after its last finished step
+        first, cur_arch = int(st["step"]), st["arch"]
+        cur = get_family(cur_arch["family"]).build(cur_arch)
+        cur.load_state_dict(st["state_dict"])
+        cur.arch = cur_arch
+        cur.eval()
+        prev = Scores.from_state(st["prev"]) if st.get("prev") is not None else None
+        steps_report, scoring_seconds, ft_start = json.loads(st["steps_report"]), float(st["scoring_seconds"]), int(st["ft_start"])
+        torch.set_rng_state(st["rng"])
+    for step in range(first, K):
         budgets = [c0 - (c0 - goal) * (step + 1) / K for c0, goal in zip(c0s, goals)]
         infos = block_infos(cur_arch)
         bar = tqdm(total=len(calibration) if imp.needs_data else 0, desc=f"score {step + 1}/{K}",
@@ -512,6 +532,12 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
             for m, w in weights.items():
                 srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
         steps_report.append(srep)
+        if state_path and step + 1 < K:
+            _write_state(state_path, {"key": json.dumps(key, sort_keys=True), "step": step + 1, "arch": cur_arch,
+                                      "state_dict": {k: v.detach().cpu().clone() for k, v in cur.state_dict().items()},
+                                      "prev": prev.to_state() if prev is not None else None,
+                                      "steps_report": json.dumps(steps_report), "scoring_seconds": scoring_seconds,
+                                      "ft_start": ft_start, "rng": torch.get_rng_state()})
     cur.eval()
     after = count(cur_arch)
     finals = [make_cost(t, cur_arch, table, cost_fn).total(cur_arch) for t in targets]
@@ -553,6 +579,33 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     rep["emptied"] = [f"stages[{b['stage']}].blocks[{b['block']}].{what}" for b in rep["blocks"]
                       for what, k in (("attention", "heads"), ("mlp", "ffn_hidden")) if b[k] == 0 and b[k + "_before"] > 0]
     return PruneResult(cur, cur_arch, rep)
+
+
+STATE_FORMAT = "vitslim-prune-state"
+
+
+def _read_state(path: str, key: Mapping) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a state cut by a kill is written atomically; anything else is not ours
+        raise PruneError(f"{path}: an unreadable prune state; delete it to start over") from None
+    if not isinstance(st, Mapping) or st.get("format") != STATE_FORMAT:
+        raise PruneError(f"{path}: not a prune state (format {st.get('format') if isinstance(st, Mapping) else None!r}); "
+                         "delete it to start over")
+    if st.get("key") != json.dumps(key, sort_keys=True):
+        old = json.loads(st.get("key") or "{}")
+        diff = [f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
+        raise PruneError(f"{path}: an interrupted prune of other settings ({'; '.join(diff[:3])}); re-run it with "
+                         "its settings to resume it, or pass --overwrite to start this one")
+    return dict(st)
+
+
+def _write_state(path: str, state: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save({"format": STATE_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
 
 
 def per_block(arch_before: Mapping, arch_after: Mapping) -> List[dict]:

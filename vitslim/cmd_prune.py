@@ -61,6 +61,26 @@ def _args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _state(args, cfg):
+    """(path, key) of the resume state of an iterative prune: beside --out (the run folder itself is written
+    only at the end), keyed by everything the result depends on."""
+    import dataclasses
+    out = os.path.abspath(args.out)
+    path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.resume.pt")
+
+    def ident(p):
+        if not p:
+            return None
+        st = os.stat(p)
+        return [os.path.abspath(p), st.st_size, st.st_mtime_ns]
+
+    conf = {k: (str(v) if k == "target" else v) for k, v in dataclasses.asdict(cfg).items()}
+    key = {"config": conf, "checkpoint": ident(args.checkpoint), "table": ident(args.table),
+           "data": os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
+           "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed}
+    return path, key
+
+
 def _run(args):
     from supernet.checkpoint import load_checkpoint
     from pruning.budget import Target, parse_targets
@@ -95,8 +115,12 @@ def _run(args):
                       seed=args.seed).check()
     data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed, labels=args.labels,
                       heldout_images=cfg.eval_batches * args.batch_size)
+    state_path, state_key = _state(args, cfg)
+    if args.overwrite and os.path.exists(state_path):
+        os.remove(state_path)
     try:
-        res = prune(model, arch, cfg, data=data, table=table, progress=not args.quiet)
+        res = prune(model, arch, cfg, data=data, table=table, progress=not args.quiet, state_path=state_path,
+                    state_key=state_key)
     except PruneError as e:
         if implied is not None and str(implied) in str(e):
             raise PruneError(f"{e} [latency={implied.value:g}x was added to macs={macs.value:g} because --table was "
@@ -108,6 +132,8 @@ def _run(args):
                 "batch_size": args.batch_size, "labels": "data" if data.labels_valid else "model",
                 "heldout_shared": data.heldout_shared, "proportional_target": str(implied) if implied else None})
     paths = write_run(args.out, res.model, res.arch, rep, overwrite=args.overwrite)
+    if os.path.exists(state_path):  # the run is written: its resume state has served
+        os.remove(state_path)
     if args.json:
         keys = ("target", "params_before", "params_after", "macs_before", "macs_after", "cost_before", "cost_after")
         print(json.dumps({k: rep[k] for k in keys} | {"out": os.path.abspath(args.out)}))

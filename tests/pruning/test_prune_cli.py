@@ -168,3 +168,41 @@ def _prune_both(arch, ck, tmp_path, capsys):
         assert rep["latency_after_ms"] <= goal + 1e-9
         assert rep["latency_grid_blocks"] == (2 if name == "grid" else 0) and rep["blocks_total"] == 2
         assert ("no pruning grid" in out) == (name == "nogrid")
+
+
+def test_an_interrupted_iterative_prune_resumes_to_the_uninterrupted_result(deit_ckpt, tmp_path, capsys, monkeypatch):
+    import torch
+    import pruning.pruner as pp
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps", "3",
+            "--finetune-steps", "6", "--kd"] + FAST
+    ref = tmp_path / "ref"
+    assert run(args + ["--out", str(ref)], capsys)[0] == 0
+    out = tmp_path / "p"
+    real, calls = pp.finetune, []
+
+    def interrupted(*a, **k):  # Ctrl-C (or a kill) during step 2's fine-tuning
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pp, "finetune", interrupted)
+    rc, _, err = run(args + ["--out", str(out)], capsys)
+    assert rc == 130 and "continues after its last finished step when re-run" in err and not out.exists()
+    assert (tmp_path / ".p.resume.pt").exists()
+    other = args[:] + ["--out", str(out)]
+    other[other.index("--finetune-steps") + 1] = "9"
+    rc, _, err = run(other, capsys)  # other settings: refused, the state kept
+    assert rc == 2 and "an interrupted prune of other settings" in err and (tmp_path / ".p.resume.pt").exists()
+    calls.clear()
+    monkeypatch.setattr(pp, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert run(args + ["--out", str(out)], capsys)[0] == 0
+    assert len(calls) == 2  # steps 2 and 3 only: step 1 came from the state
+    assert not (tmp_path / ".p.resume.pt").exists()
+    a = torch.load(ref / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.load(open(d / "report.json")) for d in (ref, out))
+    for r in (ra, rb):
+        r.pop("scoring_seconds")
+    assert ra["blocks"] == rb["blocks"] and ra["steps"] == rb["steps"] and ra["macs_after"] == rb["macs_after"]
