@@ -433,19 +433,8 @@ def describe_device(d: Mapping) -> str:
 
 
 def atomic_write(path: str, text: str) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from supernet.arch import atomic_write_text
+    atomic_write_text(path, text)
 
 
 def _as_arch(arch):

@@ -139,9 +139,17 @@ class OptunaSearch(SearchStrategy):
         seed = ctx.seed if seed is None else seed
         cons = {} if _native_constraints() else {"constraints_func": _constraints}
         if self.sampler_name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                              n_startup_trials=self._n_startup(), **cons)
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self._population(), **cons)
+            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                                 n_startup_trials=self._n_startup(), **cons)
+        else:
+            sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=self._population(), **cons)
+        # Both samplers seed their own generator and their inner RandomSampler with the same seed. Re-seeded
+        # before every trial (see worker_seed), the two would replay one stream: NSGA-II's mutate-or-not
+        # draws would be the very numbers the mutated values are drawn from. Give the inner one its own.
+        if isinstance(getattr(sampler, "_random_sampler", None), optuna.samplers.RandomSampler):
+            inner = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5EED]).generate_state(1)[0])
+            sampler._random_sampler = optuna.samplers.RandomSampler(seed=inner)
+        return sampler
 
     def _population(self) -> int:
         return self.population_size or max(4, min(50, self.n_trials // 4))

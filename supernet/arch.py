@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import contextlib
 import os
 from numbers import Integral
 from typing import Any, Iterable, Mapping
@@ -169,17 +170,28 @@ def to_yaml(arch: Mapping) -> str:
     return out.getvalue()
 
 
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w"):
+    """open() a temporary beside `path` (PATH.tmp.PID), fsync and rename it over `path` when the block ends
+    without an error, else remove it: a crash never leaves a half-written file under the real name."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write then rename, so a crash never leaves a half-written file under the real name."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_savefig(fig, path: str, **kwargs) -> str:

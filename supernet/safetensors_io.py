@@ -153,19 +153,10 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata: Optio
         at += nbytes
     text = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % 8)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
-            for _, v in items:
-                if v.numel():
-                    f.write(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .arch import atomic_file
+    with atomic_file(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, v in items:
+            if v.numel():
+                f.write(v.reshape(-1).view(torch.uint8).numpy().tobytes())
