@@ -50,12 +50,16 @@ def req(d: Mapping, key: str, path: str):
     return d[key]
 
 
+MAX_INT = 2 ** 31 - 1  # no size of a network comes near; larger values are typos or hostile files
+
+
 def check_int(v, path: str, lo: int | None = 1, hi: int | None = None) -> int:
     if not is_int(v):
         raise bad(path, v, "an integer")
     if lo is not None and v < lo:
         raise bad(path, v, f"an integer >= {lo}")
-    if hi is not None and v > hi:
+    hi = MAX_INT if hi is None else hi
+    if v > hi:
         raise bad(path, v, f"an integer <= {hi}")
     return int(v)
 
@@ -111,7 +115,10 @@ def validate(arch) -> dict:
     version = a.setdefault("version", ARCH_VERSION)
     if not is_int(version) or version != ARCH_VERSION:
         raise bad("version", version, f"{ARCH_VERSION} (this vitslim reads arch configs of version {ARCH_VERSION})")
-    fam = get_family(req(a, "family", ""))
+    fam_name = req(a, "family", "")
+    if not isinstance(fam_name, str):
+        raise bad("family", fam_name, "a family name (efficientformer, efficientvit, shvit, deit or swin)")
+    fam = get_family(fam_name)
     check_int(a.setdefault("input_size", fam.default_input_size), "input_size", lo=16)
     check_int(a.setdefault("in_chans", 3), "in_chans")
     check_int(a.setdefault("num_classes", 1000), "num_classes")

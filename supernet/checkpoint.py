@@ -30,7 +30,7 @@ def read_file(path) -> object:
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file, expected a checkpoint")
-    if is_safetensors(path):
+    if path.endswith(SAFETENSORS) or is_safetensors(path):  # our reader, also for a damaged one: one-line errors
         return _from_safetensors(path)
     if _is_torchscript(path):
         raise CheckpointError(f"{path}: a TorchScript archive (an export), expected a checkpoint with weights "
@@ -130,6 +130,11 @@ def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> N
 
 def _build_loaded(arch: dict, sd: Mapping[str, torch.Tensor], where: str) -> nn.Module:
     fam = get_family(arch["family"])
+    try:  # shapes first, on the meta device: an arch that does not fit the tensors allocates nothing
+        with torch.device("meta"):
+            check_fit(fam.build(arch), sd, where)
+    except (NotImplementedError, RuntimeError):
+        pass  # a family that cannot build on meta is checked below
     model = fam.build(arch)
     check_fit(model, sd, where)
     model.load_state_dict(sd, strict=True)

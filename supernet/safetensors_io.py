@@ -32,6 +32,7 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100_000_000  # the reference implementation's limit
+MAX_ELEMENTS = 2 ** 48
 SUFFIX = ".safetensors"
 
 
@@ -60,14 +61,16 @@ def _header(path: str, f, size: int) -> Tuple[dict, dict, int]:
         raise bad(f"header length {n} does not fit a file of {size} bytes")
     raw = f.read(n)
     def no_repeats(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"a name appears twice: {next(k for k in keys if keys.count(k) > 1)!r}")
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"a name appears twice: {k!r}")
+            seen.add(k)
         return dict(pairs)
 
     try:
         hdr = json.loads(raw.decode("utf-8"), object_pairs_hook=no_repeats)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise bad(f"header is not JSON: {str(e)[:60]}") from None
     if not isinstance(hdr, dict):
         raise bad(f"header is a JSON {type(hdr).__name__}, not an object")
@@ -79,11 +82,16 @@ def _header(path: str, f, size: int) -> Tuple[dict, dict, int]:
     for name, t in hdr.items():
         if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r}: expected exactly dtype, shape and data_offsets")
-        if t["dtype"] not in DTYPES:
-            raise bad(f"tensor {name!r}: dtype {t['dtype']!r}, expected one of {', '.join(DTYPES)}")
+        if not isinstance(t["dtype"], str) or t["dtype"] not in DTYPES:
+            raise bad(f"tensor {name!r}: dtype {t['dtype']!r:.40}, expected one of {', '.join(DTYPES)}")
         shape, off = t["shape"], t["data_offsets"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise bad(f"tensor {name!r}: shape {shape!r}, expected a list of sizes >= 0")
+            raise bad(f"tensor {name!r}: shape {shape!r:.60}, expected a list of sizes >= 0")
+        span = 1
+        for d in shape:
+            span *= max(d, 1)
+        if span > MAX_ELEMENTS:  # a 0 in the shape lets any other size "fit" in no bytes: still unbuildable
+            raise bad(f"tensor {name!r}: shape {shape!r:.60} is too large to build (over 2**48 elements)")
         if not (isinstance(off, list) and len(off) == 2 and all(type(o) is int for o in off)
                 and 0 <= off[0] <= off[1] <= data_len):
             raise bad(f"tensor {name!r}: data_offsets {off!r} outside the {data_len} bytes of data")

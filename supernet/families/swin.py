@@ -357,7 +357,11 @@ def _convert_swin(sd: Mapping[str, torch.Tensor]):
     head = sd.get("head.fc.weight")
     if head is None:
         raise KeyError("head.fc.weight")
-    arch = {"version": 1, "family": "swin", "input_size": size or 224, "in_chans": in_chans,
+    if size is None:  # no attn_mask to read it from (timm files): the smallest input at which no stage's
+        # window is clamped below the window its bias tables were trained for (224 for window 7; 384 for the
+        # window-12 models), and at least 224
+        size = max([224] + [st["window_size"] * patch * 2 ** i for i, st in enumerate(stages)])
+    arch = {"version": 1, "family": "swin", "input_size": size, "in_chans": in_chans,
             "num_classes": head.shape[0], "distillation": False, "stem": {"patch_size": patch}, "stages": stages}
     return arch, sd
 

@@ -117,3 +117,24 @@ def test_saving_a_model_under_an_arch_it_does_not_fit_is_refused_and_writes_noth
     with pytest.raises(vitslim.CheckpointError, match="does not fit the architecture: missing keys stem"):
         vitslim.save_checkpoint(m, vitslim.get_preset("efficientformer_l1"), tmp_path / "mm.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_numbers_with_a_gap_are_refused_at_once(tmp_path):
+    sd = vitslim.build_model(_tiny_deit()).state_dict()
+    sd = {k.replace("blocks.1.", "blocks.3000000."): v for k, v in sd.items()}  # an edited file
+    torch.save(sd, tmp_path / "gap.pth")
+    with pytest.raises(vitslim.CheckpointError, match=r"blocks numbered up to 3000000 but \d+ present \(no block 1\)"):
+        vitslim.load_checkpoint(tmp_path / "gap.pth")
+
+
+def test_a_timm_swin_with_window_12_loads_at_the_input_its_windows_need(tmp_path):
+    a = {**vitslim.get_preset("swin_tiny"), "input_size": 384, "num_classes": 10}
+    for st in a["stages"]:
+        st["window_size"], st["blocks"] = 12, st["blocks"][:1]
+    m = vitslim.build_model(a).eval()
+    torch.save(m.state_dict(), tmp_path / "swin.pth")  # timm layout: no attn_mask to read the size from
+    m2, a2 = vitslim.load_checkpoint(tmp_path / "swin.pth")
+    assert a2["input_size"] == 384 and [s["window_size"] for s in a2["stages"]] == [12] * 4
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))

@@ -133,6 +133,10 @@ def _file(tmp_path, hdr, data, name="bad.safetensors"):
     (lambda h, d: (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
                    b'"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', d), "a name appears twice"),
     (lambda h, d: (b'{"a": [1, 2', d), "header is not JSON"),
+    (lambda h, d: ({**h, "a": {**h["a"], "dtype": ["F32"]}}, d), "dtype ['F32']"),
+    (lambda h, d: ({"a": {"dtype": "F32", "shape": [0, 2 ** 70], "data_offsets": [0, 0]}}, b""), "too large to build"),
+    (lambda h, d: ({"a": {"dtype": "F32", "shape": [0, 2 ** 62, 4], "data_offsets": [0, 0]}}, b""), "too large"),
+    (lambda h, d: (b'{"a":' + b"[" * 200000 + b"]" * 200000 + b"}", b""), "header is not JSON"),
 ])
 def test_a_damaged_file_is_refused_in_one_line(tmp_path, edit, needle):
     hdr, data = _valid(tmp_path)
@@ -157,3 +161,46 @@ def test_a_vitslim_safetensors_with_unreadable_metadata_is_refused(tmp_path):
                                                                          "version": "1", "arch": "{not json"})
     with pytest.raises(vitslim.CheckpointError, match="vitslim metadata .* unreadable"):
         vitslim.load_checkpoint(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("payload", [b"", b"12345678", b"\x00" * 7, None])
+def test_a_file_named_safetensors_is_read_as_one_even_when_damaged(tmp_path, payload):
+    p = tmp_path / "m.safetensors"
+    if payload is None:  # a torch file under the wrong name
+        torch.save({"a": torch.ones(2)}, p)
+    else:
+        p.write_bytes(payload)
+    with pytest.raises(vitslim.CheckpointError) as e:
+        vitslim.load_checkpoint(p)
+    assert "\n" not in str(e.value) and ("damaged safetensors file" in str(e.value) or "empty file" in str(e.value))
+
+
+def test_many_names_are_checked_for_repeats_in_linear_time(tmp_path):
+    n = 200_000  # quadratic checking took minutes here
+    hdr = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(n)}
+    text = json.dumps(hdr)[:-1] + ', "t0": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}'
+    p = _file(tmp_path, text.encode(), b"")
+    with pytest.raises(vitslim.CheckpointError, match="a name appears twice: 't0'"):
+        vitslim.load_checkpoint(p)
+
+
+def test_arch_metadata_that_does_not_fit_the_tensors_is_refused_before_building(tmp_path):
+    from supernet.checkpoint import save_checkpoint
+    g = golden("deit_p4_d48_h3_l2")
+    model, arch = vitslim.load_checkpoint(os.path.join(DATA, "deit_p4_d48_h3_l2_timm.safetensors"))
+    save_checkpoint(model, arch, tmp_path / "m.safetensors")
+    tensors, meta = read_safetensors(tmp_path / "m.safetensors")
+    a = json.loads(meta["arch"])
+    a["stages"][0]["blocks"][0]["ffn_hidden"] = 2 ** 31 - 1  # 2**31 x 48 floats: would need 400 GB
+    write_safetensors(tensors, tmp_path / "big.safetensors", {**meta, "arch": json.dumps(a)})
+    with pytest.raises(vitslim.CheckpointError, match=r"does not fit the architecture: wrong shapes"):
+        vitslim.load_checkpoint(tmp_path / "big.safetensors")
+    a["stages"][0]["blocks"][0]["ffn_hidden"] = 2 ** 63
+    write_safetensors(tensors, tmp_path / "huge.safetensors", {**meta, "arch": json.dumps(a)})
+    with pytest.raises(vitslim.CheckpointError, match=r"ffn_hidden: got 9223372036854775808, expected an integer <="):
+        vitslim.load_checkpoint(tmp_path / "huge.safetensors")
+    a = {**json.loads(meta["arch"]), "family": ["deit"]}
+    write_safetensors(tensors, tmp_path / "fam.safetensors", {**meta, "arch": json.dumps(a)})
+    with pytest.raises(vitslim.CheckpointError, match=r"family: got \['deit'\], expected a family name"):
+        vitslim.load_checkpoint(tmp_path / "fam.safetensors")
+    assert g is not None
