@@ -162,6 +162,15 @@ class DataSource:
                 first = False
             yield x, (y if self.labels_valid else None)
 
+    @property
+    def calib_size(self) -> int:
+        """Distinct images calibration draws from (batches beyond them repeat images)."""
+        return len(self._calib)
+
+    @property
+    def heldout_size(self) -> int:
+        return len(self._held)
+
     def check(self, x: torch.Tensor) -> None:
         check_images(x, self.arch, f"--data {self.spec}")
 

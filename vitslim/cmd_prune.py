@@ -131,6 +131,10 @@ def _run(args):
                 "table": os.path.abspath(args.table) if args.table else None, "seed": args.seed,
                 "batch_size": args.batch_size, "labels": "data" if data.labels_valid else "model",
                 "heldout_shared": data.heldout_shared, "proportional_target": str(implied) if implied else None})
+    # batches larger than the data repeat images: say how many distinct ones the figures rest on
+    rep["calib_distinct_images"] = min(rep["calib_images"], data.calib_size)
+    if "heldout_before" in rep:
+        rep["heldout_distinct_images"] = min(rep["heldout_before"]["images"], data.heldout_size)
     paths = write_run(args.out, res.model, res.arch, rep, overwrite=args.overwrite)
     if os.path.exists(state_path):  # the run is written: its resume state has served
         os.remove(state_path)

@@ -196,3 +196,20 @@ def test_nan_settings_are_usage_errors(deit_ckpt, tmp_path, capsys):
               "--out", str(tmp_path / "r"), "--lr", "nan"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--lr: invalid finite float value: 'nan'" in err
+
+
+def test_the_report_says_how_many_distinct_images_repeated_batches_rest_on(tmp_path, capsys):
+    import json
+    arch = tiny_deit()
+    arch["num_classes"] = 2
+    ck = tmp_path / "d.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    _folder(tmp_path / "imgs", "RGB", n=10)  # 20 images
+    rc = main(["prune", "--checkpoint", str(ck), "--data", str(tmp_path / "imgs"), "--target", "macs=0.6",
+               "--batch-size", "16", "--calib-batches", "2", "--eval-batches", "1", "--quiet", "--out", str(tmp_path / "r")])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.load(open(tmp_path / "r" / "report.json"))
+    assert rep["calib_images"] == 32 and rep["calib_distinct_images"] < 32
+    assert rep["calib_distinct_images"] == DataSource(str(tmp_path / "imgs"), vitslim.resolve_arch(arch), batch_size=16,
+                                                      heldout_images=16).calib_size
+    assert rep["heldout_distinct_images"] <= rep["heldout_before"]["images"]
