@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import time
@@ -202,12 +201,8 @@ class OptunaSearch(SearchStrategy):
         with _Workers(ctx.log_dir) as workers:
             if workers.alone and ctx.log_dir and self.storage_kind == "journal":
                 # a lock a killed worker held (Optuna waits 30 s, then breaks it): no live worker holds it now
-                lock = os.path.join(ctx.log_dir, self.log_file + ".lock")
-                if os.path.lexists(lock):
-                    if os.path.isdir(lock) and not os.path.islink(lock):
-                        shutil.rmtree(lock, ignore_errors=True)
-                    else:
-                        os.remove(lock)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(ctx.log_dir, self.log_file + ".lock"))
             return self._search(ctx, workers)
 
     def _search(self, ctx: SearchContext, workers: "_Workers") -> SearchResult:

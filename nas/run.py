@@ -105,15 +105,6 @@ SEARCH_LOGS = {"trajectory.jsonl": "slim search (--strategy slim)",
                "study.db": "Optuna search (--strategy optuna --storage sqlite)"}
 
 
-def search_log(strategy: str, storage: str = "journal") -> Optional[str]:
-    """The log file a strategy resumes from (None: it does not resume)."""
-    if strategy == "slim":
-        return "trajectory.jsonl"
-    if strategy == "optuna":
-        return "study.journal" if storage == "journal" else "study.db"
-    return None
-
-
 def prepare_out(out: str, overwrite: bool, extend=None, log: Optional[str] = None) -> str:
     """'fresh' or 'resume'; refuses a finished run unless overwrite (then clears vitslim's files) or
     `extend(report)` says the run continues (an Optuna study asked for more trials), and an interrupted
@@ -142,7 +133,7 @@ def prepare_out(out: str, overwrite: bool, extend=None, log: Optional[str] = Non
             elif os.path.exists(p):
                 os.remove(p)
     os.makedirs(out, exist_ok=True)
-    _remove_stale_temps(out)
+    remove_stale_temps(out)  # what a killed writer left before its rename: never a result
     return "resume" if any(os.path.exists(os.path.join(out, f)) for f in ("trajectory.jsonl", "study.journal",
                                                                           "study.db")) else "fresh"
 
@@ -259,7 +250,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
         _search_report(out)  # another kind of run there: refused before anything (a lock file) is written in it
     try:
         with _run_lock(out, shared=strategy == "optuna"):
-            prepare_out(out, overwrite, extend=more_trials, log=search_log(strategy, storage))
+            prepare_out(out, overwrite, extend=more_trials, log=make_strategy(strategy, {}, storage=storage).log_file)
             if verifier is not None:
                 verifier.attach(os.path.join(out, VERIFY_FILE))
             return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
@@ -269,11 +260,6 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
         if not existed and os.path.isdir(out) and not set(os.listdir(out)) - {LOCK_FILE, ".workers"}:
             shutil.rmtree(out, ignore_errors=True)  # a search refused before it started leaves nothing behind
         raise
-
-
-def _remove_stale_temps(out: str) -> None:
-    """Temporary files (NAME.tmp.PID) a killed process left before its rename: never a result, removed."""
-    remove_stale_temps(out)
 
 
 def _run_lock(out: str, shared: bool = False):

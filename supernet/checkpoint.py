@@ -128,15 +128,21 @@ def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> N
         raise CheckpointError(f"{where}: does not fit the architecture: " + "; ".join(parts))
 
 
-def _build_loaded(arch: dict, sd: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+def _check_shapes(arch: Mapping, sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """check_fit against the arch built on the meta device (an arch that does not fit the tensors allocates
+    nothing), on the CPU for a family that cannot build there."""
     fam = get_family(arch["family"])
-    try:  # shapes first, on the meta device: an arch that does not fit the tensors allocates nothing
+    try:
         with torch.device("meta"):
-            check_fit(fam.build(arch), sd, where)
+            ref = fam.build(arch)
     except (NotImplementedError, RuntimeError):
-        pass  # a family that cannot build on meta is checked below
-    model = fam.build(arch)
-    check_fit(model, sd, where)
+        ref = fam.build(arch)
+    check_fit(ref, sd, where)
+
+
+def _build_loaded(arch: dict, sd: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+    _check_shapes(arch, sd, where)
+    model = get_family(arch["family"]).build(arch)
     model.load_state_dict(sd, strict=True)
     model.eval()
     return model
@@ -185,13 +191,7 @@ def save_checkpoint(model: nn.Module, arch: Mapping, path, extra: Mapping | None
     .safetensors gets that format, the arch (and `extra`) as JSON in its metadata."""
     arch = validate(arch)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fam = get_family(arch["family"])
-    try:  # a file that would not load back is refused now, not when it is read
-        with torch.device("meta"):
-            ref = fam.build(arch)
-    except (NotImplementedError, RuntimeError):
-        ref = fam.build(arch)
-    check_fit(ref, sd, f"save_checkpoint {os.fspath(path)}: the model")
+    _check_shapes(arch, sd, f"save_checkpoint {os.fspath(path)}: the model")  # a file that would not load back
     obj = {"format": FORMAT, "version": VERSION, "arch": arch, "state_dict": sd}
     if extra:
         obj["extra"] = dict(extra)

@@ -132,10 +132,18 @@ def _grid(args, archs):
 BUILD_DEFAULTS = {"time_per_network": 0.4, "time_per_entry": 0.5, "min_samples": 15}
 
 
-def _resume_settings(args, table, in_context: bool) -> None:
-    """The sampling settings of a build: a resumed table's own (another value given is refused: its entries
-    would be measured two ways under one header), else the options or their defaults."""
+def _resume_settings(args, table, backend, in_context: bool) -> None:
+    """The clock and sampling settings of a build: a resumed table's own (another value given is refused:
+    its entries would be measured two ways under one header), else the options or their defaults."""
     m = table.measurement or {}
+    stored = m.get("clock")
+    if stored:  # two clocks do not add up
+        from latency_tables.measure import resolve_clock
+        if args.clock is not None and resolve_clock(args.clock, backend) != stored:
+            raise VitslimError(f"--clock {args.clock}: {args.out} was measured with the {stored} clock, and times "
+                               f"from two clocks do not add up (leave out --clock to resume with {stored}, "
+                               "or use a new --out)")
+        args.clock = stored
     timed = "time_per_network" if in_context else "time_per_entry"
     stored = {timed: m.get("time_per_item_s"), "min_samples": m.get("min_samples")}
     for k, default in BUILD_DEFAULTS.items():
@@ -182,15 +190,7 @@ def _build(args):
     from supernet.runlock import remove_stale_temps
     remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
     table = open_table(args.out, backend, built_for)
-    stored = (table.measurement or {}).get("clock")
-    if stored:  # a resumed build times with the clock its entries were timed with: two clocks do not add up
-        from latency_tables.measure import resolve_clock
-        if args.clock is not None and resolve_clock(args.clock, backend) != stored:
-            raise VitslimError(f"--clock {args.clock}: {args.out} was measured with the {stored} clock, and times "
-                               f"from two clocks do not add up (leave out --clock to resume with {stored}, "
-                               "or use a new --out)")
-        args.clock = stored
-    _resume_settings(args, table, in_context)
+    _resume_settings(args, table, backend, in_context)
     proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry)
     proc_nets = _proc(args, backend, args.time_per_network)
     if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):

@@ -298,10 +298,9 @@ def _run(args):
         rep = run_search(run, table, target, search_dir, progress=progress, **s)
     _print_report(rep, search_dir)
     fmts = d.get("export") or []
-    suffix = EXPORT_SUFFIX
     print(f"[4/4] export: {', '.join(fmts) or 'nothing'}")
     for fmt in fmts:
-        dst = os.path.join(args.out, "export", "model" + suffix[fmt])
+        dst = os.path.join(args.out, "export", "model" + EXPORT_SUFFIX[fmt])
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.exists(dst):
             print(f"  {dst} exists")
