@@ -200,22 +200,34 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 1.0) -> torch.T
 
 def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float = 1e-4, weight_decay: float = 0.05,
              teacher: Optional[nn.Module] = None, kd_weight: float = 0.5, temperature: float = 1.0,
-             progress: bool = False, desc: str = "fine-tune") -> dict:
+             progress: bool = False, desc: str = "fine-tune", resume: Optional[Mapping] = None,
+             save: Optional[Callable[[dict], None]] = None, save_seconds: float = 60.0) -> dict:
     """AdamW with cosine decay for `steps` batches. Loss: cross-entropy on the labels, mixed with KD
     (KL to the teacher's softened outputs) when a teacher is given; without labels, KD alone (or,
-    without a teacher, the model's own top-1 at the start as labels)."""
+    without a teacher, the model's own top-1 at the start as labels).
+
+    `save(state)` is called after a step whenever `save_seconds` (and 20x the last call's duration) have passed
+    since the last call, after every step if `save_seconds` is 0 (never after the last step): `state` (steps done, optimiser, schedule, losses, RNG; the caller adds the weights) given
+    back as `resume`, with `model` holding the weights of that moment and `batches` starting at the next
+    batch, continues to the result an uninterrupted call gives."""
     if steps <= 0:
         return {"steps": 0}
     from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    done, losses = 0, []
+    if resume is not None:
+        done, losses = int(resume["done"]), [float(v) for v in resume["losses"]]
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
     model.train()
     if teacher is not None:
         teacher.eval()
-    losses = []
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for step, (x, y) in enumerate(itertools.islice(batches, steps)):
+    bar = tqdm(total=steps, initial=done, desc=desc, disable=not progress, leave=False)
+    last_save, save_cost = time.monotonic(), 0.0
+    for step, (x, y) in enumerate(itertools.islice(batches, steps - done), start=done):
         out = _logits(model(x))
         t_out = None
         if teacher is not None:
@@ -234,6 +246,13 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
         losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if save is not None and step + 1 < steps and time.monotonic() - last_save >= (
+                max(save_seconds, 20 * save_cost) if save_seconds > 0 else 0):
+            t0 = time.monotonic()  # a large model's save takes seconds: at most ~5% of the time goes to saving
+            save({"done": step + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "losses": list(losses), "rng": torch.get_rng_state()})
+            last_save = time.monotonic()
+            save_cost = last_save - t0
     bar.close()
     model.eval()
     for p in params:
@@ -428,8 +447,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     report (report.py adds the file-level fields). Calibration batches come from `calibration` or
     `data`; fine-tuning batches from `data`.
 
-    `state_path`: iterative pruning saves its state there after every step but the last (the pruned
-    network, the scores' momentum, the report so far, the RNG) and a later call with the same
+    `state_path`: the run saves its state there after every step but the last (the pruned network, the
+    scores' momentum, the report so far, the RNG), once a step that fine-tunes is selected, and during
+    fine-tuning every FINETUNE_SAVE_SECONDS (weights, optimiser, schedule); a later call with the same
     `state_key` (what the run depends on: config, checkpoint, data, table) continues from it, ending
     where an uninterrupted run ends. A state of another key is refused."""
     from tqdm import tqdm
@@ -478,8 +498,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     scoring_seconds = 0.0
     first = 0
     key = json.loads(json.dumps(dict(state_key or {}), sort_keys=True, default=str))
+    pending = None  # a step selected before an interrupt: (its report so far, its fine-tuning state or None)
     st = _read_state(state_path, key) if state_path else None
-    if st is not None:  # an interrupted iterative run: continue after its last finished step
+    if st is not None:  # an interrupted run: continue from its last saved point
         first, cur_arch = int(st["step"]), st["arch"]
         cur = get_family(cur_arch["family"]).build(cur_arch)
         cur.load_state_dict(st["state_dict"])
@@ -488,65 +509,86 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         prev = Scores.from_state(st["prev"]) if st.get("prev") is not None else None
         steps_report, scoring_seconds, ft_start = json.loads(st["steps_report"]), float(st["scoring_seconds"]), int(st["ft_start"])
         torch.set_rng_state(st["rng"])
+        if st.get("pending") is not None:
+            pending = (json.loads(st["pending"]["step_report"]), st["pending"]["finetune"])
+
+    def save_state(steps_done: int, step_report: Optional[dict] = None, ft_state: Optional[dict] = None) -> None:
+        """The state after `steps_done` finished steps; with `step_report`, the next step is selected (cur is
+        its network) and fine-tuning, from `ft_state` (None: not started)."""
+        _write_state(state_path, {
+            "key": json.dumps(key, sort_keys=True), "step": steps_done, "arch": cur_arch,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in cur.state_dict().items()},
+            "prev": prev.to_state() if prev is not None else None, "steps_report": json.dumps(steps_report),
+            "scoring_seconds": scoring_seconds, "ft_start": ft_start, "rng": torch.get_rng_state(),
+            "pending": None if step_report is None else {"step_report": json.dumps(step_report), "finetune": ft_state}})
+
     for step in range(first, K):
-        budgets = [c0 - (c0 - goal) * (step + 1) / K for c0, goal in zip(c0s, goals)]
-        infos = block_infos(cur_arch)
-        bar = tqdm(total=len(calibration) if imp.needs_data else 0, desc=f"score {step + 1}/{K}",
-                   disable=not progress, leave=False)
-        t0 = time.perf_counter()
-        scores = imp.score(cur, cur_arch, calibration, progress=bar, embed=cfg.prune_embed)
-        scoring_seconds += time.perf_counter() - t0
-        bar.close()
-        scores = scores.blend(prev, cfg.momentum)
-        costs = [make_cost(t, cur_arch, table, cost_fn) for t in targets]
-        methods = ["ratio", "knapsack"] if cfg.selection == "auto" else [cfg.selection]
-        cands, weights, tightenings = {}, {}, {}
+        ft_resume = None
+        if pending is not None:  # selected before the interrupt: fine-tune on from its last save
+            srep, ft_resume = pending
+            pending = None
+        else:
+            budgets = [c0 - (c0 - goal) * (step + 1) / K for c0, goal in zip(c0s, goals)]
+            infos = block_infos(cur_arch)
+            bar = tqdm(total=len(calibration) if imp.needs_data else 0, desc=f"score {step + 1}/{K}",
+                       disable=not progress, leave=False)
+            t0 = time.perf_counter()
+            scores = imp.score(cur, cur_arch, calibration, progress=bar, embed=cfg.prune_embed)
+            scoring_seconds += time.perf_counter() - t0
+            bar.close()
+            scores = scores.blend(prev, cfg.momentum)
+            costs = [make_cost(t, cur_arch, table, cost_fn) for t in targets]
+            methods = ["ratio", "knapsack"] if cfg.selection == "auto" else [cfg.selection]
+            cands, weights, tightenings = {}, {}, {}
 
-        def make_net(c: CostModel) -> Network:
-            return Network(cur_arch, scores, c, floor, embed=cfg.prune_embed, depth=depth)
+            def make_net(c: CostModel) -> Network:
+                return Network(cur_arch, scores, c, floor, embed=cfg.prune_embed, depth=depth)
 
-        for m in methods:
-            fn = select_ratio if m == "ratio" else select_knapsack
-            sel, info, tightened = select_exact(fn, make_net, costs, budgets, cur_arch)
-            if info is not None:
-                weights[m] = info["weights"]
-            if tightened:
-                tightenings[m] = tightened
-            pm, pa = apply_plan(cur, cur_arch, sel.plan)
-            ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
-            cands[m] = (sel, pm, pa, ev)
-        chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
-        sel, cur, cur_arch, ev = cands[chosen]
-        for t, c, budget in zip(targets, costs, budgets):
-            reached = c.total(cur_arch)
-            if reached > budget + 1e-6 * max(abs(budget), 1e-9):  # never silently over a target
-                raise PruneError(f"--target {t}: step {step + 1} reached {reached:.6g} {c.unit}, above its budget "
-                                 f"{budget:.6g} (the cost model is not reachable by removing units; raise the target)")
-        prev = scores.restrict(infos, sel.plan)
+            for m in methods:
+                fn = select_ratio if m == "ratio" else select_knapsack
+                sel, info, tightened = select_exact(fn, make_net, costs, budgets, cur_arch)
+                if info is not None:
+                    weights[m] = info["weights"]
+                if tightened:
+                    tightenings[m] = tightened
+                pm, pa = apply_plan(cur, cur_arch, sel.plan)
+                ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
+                cands[m] = (sel, pm, pa, ev)
+            chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
+            sel, cur, cur_arch, ev = cands[chosen]
+            for t, c, budget in zip(targets, costs, budgets):
+                reached = c.total(cur_arch)
+                if reached > budget + 1e-6 * max(abs(budget), 1e-9):  # never silently over a target
+                    raise PruneError(f"--target {t}: step {step + 1} reached {reached:.6g} {c.unit}, above its budget "
+                                     f"{budget:.6g} (the cost model is not reachable by removing units; raise the target)")
+            prev = scores.restrict(infos, sel.plan)
+            srep = {"step": step + 1, "budget": budgets[0], "cost": costs[0].total(cur_arch), "selection": chosen,
+                    "candidates": {m: {"predicted_cost": c[0].cost, "removed_importance": c[0].removed_importance,
+                                       "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
+                                   for m, c in cands.items()},
+                    "finetune": None}
+            if tightenings:  # selections repeated under lower budgets (select_exact)
+                srep["tightened"] = tightenings
+            if len(costs) > 1:
+                srep["budgets"] = {str(t): b for t, b in zip(targets, budgets)}
+                srep["costs"] = {str(t): c.total(cur_arch) for t, c in zip(targets, costs)}
+                for m, w in weights.items():
+                    srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
         ft = {"steps": 0}
         if ft_per[step]:
-            ft = finetune(cur, data.training(ft_per[step], ft_start), ft_per[step], cfg.lr, cfg.weight_decay,
-                          teacher, cfg.kd_weight, cfg.kd_temperature, progress, desc=f"fine-tune {step + 1}/{K}")
+            if state_path and ft_resume is None:  # selected: an interrupt from here on keeps the selection
+                save_state(step, srep)
+            done = int(ft_resume["done"]) if ft_resume else 0
+            ft = finetune(cur, data.training(ft_per[step] - done, ft_start + done), ft_per[step], cfg.lr,
+                          cfg.weight_decay, teacher, cfg.kd_weight, cfg.kd_temperature, progress,
+                          desc=f"fine-tune {step + 1}/{K}", resume=ft_resume,
+                          save=(lambda fs, s=step, r=srep: save_state(s, r, fs)) if state_path else None,
+                          save_seconds=FINETUNE_SAVE_SECONDS)
             ft_start += ft_per[step]
-        srep = {"step": step + 1, "budget": budgets[0], "cost": costs[0].total(cur_arch), "selection": chosen,
-                "candidates": {m: {"predicted_cost": c[0].cost, "removed_importance": c[0].removed_importance,
-                                   "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
-                               for m, c in cands.items()},
-                "finetune": ft}
-        if tightenings:  # selections repeated under lower budgets (select_exact)
-            srep["tightened"] = tightenings
-        if len(costs) > 1:
-            srep["budgets"] = {str(t): b for t, b in zip(targets, budgets)}
-            srep["costs"] = {str(t): c.total(cur_arch) for t, c in zip(targets, costs)}
-            for m, w in weights.items():
-                srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
+        srep["finetune"] = ft
         steps_report.append(srep)
         if state_path and step + 1 < K:
-            _write_state(state_path, {"key": json.dumps(key, sort_keys=True), "step": step + 1, "arch": cur_arch,
-                                      "state_dict": {k: v.detach().cpu().clone() for k, v in cur.state_dict().items()},
-                                      "prev": prev.to_state() if prev is not None else None,
-                                      "steps_report": json.dumps(steps_report), "scoring_seconds": scoring_seconds,
-                                      "ft_start": ft_start, "rng": torch.get_rng_state()})
+            save_state(step + 1)
     cur.eval()
     after = count(cur_arch)
     finals = [make_cost(t, cur_arch, table, cost_fn).total(cur_arch) for t in targets]
@@ -591,6 +633,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
 
 
 STATE_FORMAT = "vitslim-prune-state"
+FINETUNE_SAVE_SECONDS = 60.0  # how often an interrupted fine-tuning may lose its work, at most
 
 
 def _read_state(path: str, key: Mapping) -> Optional[dict]:
@@ -612,6 +655,9 @@ def _read_state(path: str, key: Mapping) -> Optional[dict]:
 
 
 def _write_state(path: str, state: dict) -> None:
+    from supernet.runlock import remove_stale_temps
+    folder, base = os.path.split(os.path.abspath(path))
+    remove_stale_temps(folder, base=base)  # a killed writer's .tmp.PID
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save({"format": STATE_FORMAT, **state}, tmp)
     os.replace(tmp, path)

@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         return 0
     except KeyboardInterrupt:
         what = ("state saved so far is kept; re-run to resume" if args.command in RESUMABLE
-                else "no output was written; an iterative run continues after its last finished step when re-run"
+                else "no output was written; re-run to continue from the last saved point: a run that fine-tunes "
+                     "keeps its selection and saves its fine-tuning every minute, an iterative one every finished step"
                 if args.command == "prune" else "no output was written; re-run to start again")
         print(f"{name}: interrupted ({what})", file=sys.stderr)
         return 130

@@ -62,7 +62,7 @@ def _args(p):
 
 
 def _state(args, cfg):
-    """(path, key) of the resume state of an iterative prune: beside --out (the run folder itself is written
+    """(path, key) of the resume state of a prune: beside --out (the run folder itself is written
     only at the end), keyed by everything the result depends on."""
     import dataclasses
     out = os.path.abspath(args.out)

@@ -188,7 +188,7 @@ def test_an_interrupted_iterative_prune_resumes_to_the_uninterrupted_result(deit
 
     monkeypatch.setattr(pp, "finetune", interrupted)
     rc, _, err = run(args + ["--out", str(out)], capsys)
-    assert rc == 130 and "continues after its last finished step when re-run" in err and not out.exists()
+    assert rc == 130 and "re-run to continue from the last saved point" in err and not out.exists()
     assert (tmp_path / ".p.resume.pt").exists()
     other = args[:] + ["--out", str(out)]
     other[other.index("--finetune-steps") + 1] = "9"
@@ -197,7 +197,7 @@ def test_an_interrupted_iterative_prune_resumes_to_the_uninterrupted_result(deit
     calls.clear()
     monkeypatch.setattr(pp, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert run(args + ["--out", str(out)], capsys)[0] == 0
-    assert len(calls) == 2  # steps 2 and 3 only: step 1 came from the state
+    assert len(calls) == 2  # steps 2 (selected before the interrupt: not scored again) and 3; step 1 from the state
     assert not (tmp_path / ".p.resume.pt").exists()
     a = torch.load(ref / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
@@ -206,3 +206,59 @@ def test_an_interrupted_iterative_prune_resumes_to_the_uninterrupted_result(deit
     for r in (ra, rb):
         r.pop("scoring_seconds")
     assert ra["blocks"] == rb["blocks"] and ra["steps"] == rb["steps"] and ra["macs_after"] == rb["macs_after"]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_prune_interrupted_during_fine_tuning_continues_from_its_last_save(deit_ckpt, tmp_path, capsys, monkeypatch,
+                                                                              steps):
+    """One-shot too: the selection is kept and fine-tuning goes on from the save before the interrupt, to the
+    weights and report of an uninterrupted run; nothing is scored again."""
+    import pruning.pruner as pp
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps",
+            str(steps), "--finetune-steps", "8", "--kd"] + FAST
+    ref = tmp_path / "ref"
+    assert run(args + ["--out", str(ref)], capsys)[0] == 0
+    monkeypatch.setattr(pp, "FINETUNE_SAVE_SECONDS", 0.0)  # save after every batch
+    real_training, served = pp.DataSource.training, []
+
+    def training(self, n, start=1000):  # Ctrl-C while fetching the 4th batch of the last step
+        for i, b in enumerate(real_training(self, n, start)):
+            if len(served) == 8 // steps * (steps - 1) + 3:
+                raise KeyboardInterrupt
+            served.append(start + i)
+            yield b
+
+    monkeypatch.setattr(pp.DataSource, "training", training)
+    out = tmp_path / "p"
+    rc, _, err = run(args + ["--out", str(out)], capsys)
+    assert rc == 130 and "continue from the last saved point" in err and not out.exists()
+    state = torch.load(tmp_path / ".p.resume.pt", weights_only=True)
+    assert state["step"] == steps - 1 and state["pending"]["finetune"]["done"] == 3
+    monkeypatch.setattr(pp.DataSource, "training", real_training)
+    scored, resumed = [], []
+    import pruning.importance as pi
+    real_score, real_ft = pi.TaylorImportance.score, pp.finetune
+    monkeypatch.setattr(pi.TaylorImportance, "score", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    monkeypatch.setattr(pp, "finetune", lambda *a, **k: resumed.append(k["resume"]) or real_ft(*a, **k))
+    assert run(args + ["--out", str(out)], capsys)[0] == 0
+    assert scored == [] and [r["done"] for r in resumed] == [3]
+    assert not (tmp_path / ".p.resume.pt").exists()
+    a = torch.load(ref / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.load(open(d / "report.json")) for d in (ref, out))
+    for r in (ra, rb):
+        r.pop("scoring_seconds")
+    assert ra["steps"] == rb["steps"] and ra["heldout_after"] == rb["heldout_after"] and ra["blocks"] == rb["blocks"]
+
+
+def test_a_killed_state_writer_leaves_no_temporary_behind(deit_ckpt, tmp_path, capsys):
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".p.resume.pt.tmp.{dead.pid}"
+    stale.write_bytes(b"half a state")
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps", "2",
+            "--out", str(tmp_path / "p")] + FAST
+    assert run(args, capsys)[0] == 0
+    assert not stale.exists() and (tmp_path / "p" / "model.pt").exists()
