@@ -370,6 +370,7 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "supernet": run_args.get("supernet"), "supernet_step": run_args.get("supernet_step"),
         "table": run_args.get("table"), "device": dict(ctx.table.device),
         "evaluation": {"images": ctx.evaluator.n_images, "bn_batches": ctx.evaluator.bn_batches,
+                       "torch_threads": torch.get_num_threads(),  # float sums (and fine-tuning) depend on it
                        # over the whole run (a resumed run counts what its log held), and in this process
                        "evaluations": ctx.evaluator.evaluations + ctx.evaluator.primed,
                        "evaluated_this_run": ctx.evaluator.evaluations, "cached": len(ctx.evaluator.cache)},

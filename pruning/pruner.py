@@ -86,11 +86,20 @@ class DataSource:
         if self.heldout_images is None:
             self.heldout_images = 4 * self.batch_size
         self.heldout_shared = False
+        self.data_classes: Optional[int] = None
         self.kind, self._train, self._calib, self._held, fits = self._open(self.arch)
         if self.labels == "data" and not fits:
-            raise PruneError(f"--labels data: the labels of --data {self.spec} are not classes of the model "
-                             f"({self.arch['num_classes']} classes); use --labels model")
+            raise PruneError(f"--labels data: the labels of --data {self.spec} ({self.describe_classes()}) are not "
+                             f"classes of the model ({self.arch['num_classes']} classes); use --labels model")
         self.labels_valid = fits if self.labels == "auto" else self.labels == "data"
+
+    def describe_classes(self) -> str:
+        """The data's classes in words, for messages."""
+        if self.data_classes is None:
+            return "no labels"
+        if self.kind == "tensor":
+            return f"labels up to {self.data_classes - 1}"
+        return f"{self.data_classes} classes"
 
     def _split(self, n: int) -> Tuple[List[int], List[int]]:
         """(train indices, held-out indices): a seeded draw of heldout_images when n >= 2x that."""
@@ -110,6 +119,7 @@ class DataSource:
             k = min(max(n_cls, 2), len(synthetic_classes(60)))  # 60: every class the generator has
             kw = dict(num_classes=k, image_size=size, seed=self.seed)
             train = SyntheticShapes(length=20000, split="train", **kw)
+            self.data_classes = k
             return "synthetic", train, train, SyntheticShapes(length=1000, split="heldout", **kw), k == n_cls
         if os.path.isdir(spec):
             try:
@@ -123,6 +133,7 @@ class DataSource:
             except DataError as e:
                 raise PruneError(f"--data: {e}") from None
             calib = ImageFolder(spec, train=False, samples=tr, **kw)  # no augmentation
+            self.data_classes = len(classes)
             held = ImageFolder(spec, train=False, samples=he, **kw)
             return "imagefolder", train, calib, held, len(classes) == n_cls
         if os.path.isfile(spec) and spec.endswith((".pt", ".pth")):
@@ -148,6 +159,7 @@ class DataSource:
             xf = x.float()
             train = _TensorImages(xf, yy, tr)
             fits = y is not None and int(y.max()) < n_cls and int(y.min()) >= 0
+            self.data_classes = None if y is None else int(y.max()) + 1
             return "tensor", train, train, _TensorImages(xf, yy, he), fits
         raise PruneError(f"--data: got {spec!r}, expected 'synthetic', an ImageFolder directory (root/<class>/<images>) "
                          "or a .pt file with an image tensor")

@@ -188,16 +188,17 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"data directory {root}: no such directory, expected root/<class>/<images>")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not _junk(d))
     if not classes:
         raise DataError(f"data directory {root}: no class sub-directories, expected root/<class>/<images>")
     Image = _pil()
-    samples, skipped, first_bad = [], 0, None
+    samples, skipped, first_bad, empty = [], 0, None, []
     for label, c in enumerate(classes):
+        n0 = len(samples)
         for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not _junk(d))
             for fn in sorted(files):
-                if not fn.lower().endswith(IMAGE_EXTENSIONS):
+                if _junk(fn) or not fn.lower().endswith(IMAGE_EXTENSIONS):
                     continue
                 p = os.path.join(dirpath, fn)
                 if verify:
@@ -209,6 +210,8 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
                         first_bad = first_bad or f"{p} ({type(e).__name__})"
                         continue
                 samples.append((p, label))
+        if len(samples) == n0:
+            empty.append(c)
     if skipped:
         warnings.warn(f"data directory {root}: skipped {skipped} unreadable image file(s), e.g. {first_bad}; "
                       f"{len(samples)} remain", stacklevel=2)
@@ -216,7 +219,35 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
         what = f"all {skipped} image files are unreadable" if skipped else \
             f"no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under its class directories"
         raise DataError(f"data directory {root}: {what}, expected at least one readable image")
+    if empty:  # every sub-directory is a class: an empty one would shift the labels after it
+        raise DataError(f"data directory {root}: {len(empty)} class director{'y has' if len(empty) == 1 else 'ies have'} "
+                        f"no readable image ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), expected "
+                        "images in every sub-directory (each is a class): remove or fill them")
     return classes, samples, skipped
+
+
+def _junk(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, AppleDouble ._x.jpg, .ipynb_checkpoints) and the __MACOSX folder
+    of archives made on a Mac: never classes or images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _convert(im, mode: str):
+    """`im` in `mode` (L, RGB or RGBA) with 8 bits per channel. PIL's own convert() clips 16- and 32-bit
+    greyscale (I;16, I) at 255 and floats (F) likewise, so those are rescaled first: I;16 from 16 bits, I
+    from the smallest of 8, 16 or 31 bits that holds its values, F from [0, 1] (or [0, 255] beyond 1)."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        Image = _pil()
+        a = np.asarray(im, dtype=np.float64)
+        top = a.max(initial=0.0)
+        if im.mode.startswith("I;16"):
+            a = a * (255.0 / 65535.0)
+        elif im.mode == "I":
+            a = a * (255.0 / next(t for t in (255.0, 65535.0, 2.0 ** 31 - 1) if top <= t))
+        elif top <= 1.0:
+            a = a * 255.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return im if im.mode == mode else im.convert(mode)
 
 
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -279,7 +310,7 @@ class ImageFolder(Dataset):
             path, label = self.samples[(i + attempt) % n]
             try:
                 with Image.open(path) as im:
-                    im = im.convert(self.mode)
+                    im = _convert(im, self.mode)
                     w, h = im.size
                     s = self.image_size
                     if self.train:
@@ -299,7 +330,7 @@ class ImageFolder(Dataset):
                     if arr.ndim == 2:
                         arr = arr[:, :, None]
                 return arr, label
-            except (OSError, ValueError, SyntaxError):
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # the bomb: over PIL's pixel limit
                 self.decode_failures += 1
                 if self.decode_failures in (1, 10, 100, 1000):
                     warnings.warn(f"{path}: could not be decoded, used the next image instead "
@@ -417,7 +448,7 @@ def build_datasets(cfg: DataConfig, image_size: int, num_classes: int, seed: int
     want = cfg.num_classes or num_classes
     if len(classes) != want:
         raise DataError(f"data.train_dir {cfg.train_dir}: has {len(classes)} classes, expected {want} "
-                        "(the search space's num_classes; set data.num_classes or the space's to match)")
+                        f"(the search space's num_classes; set the space's num_classes to {len(classes)})")
     train = ImageFolder(cfg.train_dir, train=True, samples=samples, classes=classes, scale=tuple(cfg.scale),
                         hflip=cfg.hflip, crop_pct=cfg.crop_pct, **kw)
     held = ImageFolder(cfg.val_dir or cfg.train_dir, train=False, samples=vsamples, classes=classes,

@@ -183,6 +183,12 @@ class TrainConfig:
             raise _bad("space", sp, "a path to a search space .yaml or a mapping")
         c = cls(space=space)
         c.data = DataConfig.from_dict(d.get("data") or {}, base_dir=base_dir)
+        for k, want in (("image_size", space.input_size), ("num_classes", space.num_classes)):
+            got = getattr(c.data, k)
+            if got is not None and got != want:  # the supernet is built for the space's input and classes
+                what = "input_size" if k == "image_size" else k
+                raise ConfigError(f"data.{k}: got {got}, expected the search space's {what} ({want}); leave it out, "
+                                  f"or set the space's {what}")
         c.seed = _num(d, "seed", "", 0, lo=0, integer=True)
         c.steps = _num(d, "steps", "", 300, lo=1, integer=True)
         c.batch_size = _num(d, "batch_size", "", 64, lo=1, integer=True)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 
 from supernet.errors import VitslimError
 
@@ -152,6 +153,8 @@ def main(argv=None) -> int:
         return 2
     name = " ".join(["vitslim", args.command] + [v for v in (getattr(args, "latency_command", None),
                                                               getattr(args, "action", None)) if isinstance(v, str)])
+    old_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args._run(args) or 0)
     except VitslimError as e:
@@ -171,6 +174,19 @@ def main(argv=None) -> int:
                 if args.command == "prune" else "no output was written; re-run to start again")
         print(f"{name}: interrupted ({what})", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = old_format
+
+
+_OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep
+              for p in ("supernet", "pruning", "nas", "latency_tables", "vitslim"))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Our warnings as one line for the user (no source path, no code line); others keep where they came from."""
+    if str(os.path.abspath(filename)).startswith(_OURS):
+        return f"warning: {message}\n"
+    return f"warning: {message} ({category.__name__}, {filename}:{lineno})\n"
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def _state(args, cfg):
 
 
 def _run(args):
+    import torch
     from supernet.checkpoint import load_checkpoint
     from pruning.budget import Target, parse_targets
     from pruning.pruner import DataSource, PruneConfig, prune
@@ -127,7 +128,9 @@ def _run(args):
                              "given (--proportional, the default); --no-proportional prunes to the MACs alone]") from None
         raise
     rep = res.report
-    rep.update({"checkpoint": os.path.abspath(args.checkpoint), "family": arch["family"], "data": args.data,
+    rep.update({"checkpoint": os.path.abspath(args.checkpoint), "family": arch["family"],
+                "data": os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
+                "torch_threads": torch.get_num_threads(),
                 "table": os.path.abspath(args.table) if args.table else None, "seed": args.seed,
                 "batch_size": args.batch_size, "labels": "data" if data.labels_valid else "model",
                 "heldout_shared": data.heldout_shared, "proportional_target": str(implied) if implied else None})
@@ -155,6 +158,9 @@ def _run(args):
         print(f"note: {rep['blocks_total'] - rep['latency_grid_blocks']} of {rep['blocks_total']} blocks have no pruning "
               f"grid in {args.table}: their pruned widths were estimated by interpolating in MACs (build one with "
               f"`vitslim latency build --arch {args.checkpoint} --prune-grid --out {args.table}`)")
+    if args.labels == "auto" and not data.labels_valid:  # not only in report.json
+        print(f"note: --data {args.data} ({data.describe_classes()}) does not match the model's {arch['num_classes']} "
+              "classes: scored and evaluated against the unpruned model's own top-1 (as --labels model)")
     if "heldout_after" in rep:
         print(f"held-out top-1 {rep['heldout_before']['top1']:.3f} -> {rep['heldout_after']['top1']:.3f}"
               f" (selection: {rep['steps'][-1]['selection']})")

@@ -221,7 +221,10 @@ def _torchscript(model, arch, trained, out, batch, overwrite, check, **_):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(fused, x)
-    tmp = _tmp_beside(out)
+    # saved under its final name in a temporary folder: the archive's inner folder is named after the file,
+    # so the same model exports to the same bytes
+    tmp_dir = _tmp_beside(out, is_dir=True)
+    tmp = os.path.join(tmp_dir, os.path.basename(out))
     torch.jit.save(traced, tmp)
     res = {"format": "torchscript", "path": out}
     if check:
@@ -229,7 +232,6 @@ def _torchscript(model, arch, trained, out, batch, overwrite, check, **_):
             got = torch.jit.load(tmp)(x)
         err = _rel_err(got, ref)
         if err > 1e-5:
-            os.remove(tmp)
             raise ExportError(f"torchscript check: output differs by {err:.2e} (relative), expected <= 1e-5")
         res["max_rel_error"] = err
     _commit(tmp, out, overwrite)

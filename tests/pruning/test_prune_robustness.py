@@ -94,8 +94,26 @@ def test_labels_option(tmp_path):
     assert DataSource("synthetic", arch, batch_size=4, labels="model").calibration(1)[0][1] is None
     _folder(tmp_path / "imgs", "RGB", n=2)  # 2 classes for a 10-class model
     from pruning.units import PruneError
-    with pytest.raises(PruneError, match="--labels data: the labels of --data .* are not classes of the model"):
+    with pytest.raises(PruneError, match=r"--labels data: the labels of --data .* \(2 classes\) are not classes of "
+                                         r"the model \(10 classes\)"):
         DataSource(str(tmp_path / "imgs"), arch, batch_size=4, labels="data")
+
+
+def test_data_of_other_classes_is_said_and_the_report_keeps_paths_absolute(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import json
+    ck = tmp_path / "d.pt"
+    vitslim.save_checkpoint(build(tiny_deit()), tiny_deit(), ck)  # 10 classes
+    _folder(tmp_path / "imgs", "RGB", n=4)  # 2
+    monkeypatch.chdir(tmp_path)
+    rc = main(["prune", "--checkpoint", "d.pt", "--data", "imgs", "--target", "macs=0.6", "--out", "r"] + FAST)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "note: --data imgs (2 classes) does not match the model's 10 classes: scored and evaluated against the " \
+           "unpruned model's own top-1" in out
+    rep = json.load(open(tmp_path / "r" / "report.json"))
+    assert rep["labels"] == "model" and rep["data"] == str(tmp_path / "imgs") and rep["checkpoint"] == str(ck)
+    assert rep["torch_threads"] == torch.get_num_threads()
 
 
 @pytest.mark.parametrize("extra,pattern", [
@@ -213,3 +231,21 @@ def test_the_report_says_how_many_distinct_images_repeated_batches_rest_on(tmp_p
     assert rep["calib_distinct_images"] == DataSource(str(tmp_path / "imgs"), vitslim.resolve_arch(arch), batch_size=16,
                                                       heldout_images=16).calib_size
     assert rep["heldout_distinct_images"] <= rep["heldout_before"]["images"]
+
+
+def test_warnings_reach_the_user_as_one_line(tmp_path):
+    """A skipped file is one `warning:` line on stderr, not a Python warning with its source path and code line."""
+    import subprocess
+    import sys
+    arch = {**tiny_deit(), "num_classes": 2}
+    vitslim.save_checkpoint(build(arch), arch, tmp_path / "d.pt")
+    _folder(tmp_path / "imgs", "RGB", n=4)
+    (tmp_path / "imgs" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    root = os.path.dirname(os.path.dirname(vitslim.__file__))
+    r = subprocess.run([sys.executable, "-m", "vitslim", "prune", "--checkpoint", str(tmp_path / "d.pt"), "--data",
+                        str(tmp_path / "imgs"), "--target", "macs=0.6", "--out", str(tmp_path / "r")] + FAST,
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "broken.jpg" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: data directory ") and "skipped 1 unreadable" in lines[0]
+    assert "UserWarning" not in r.stderr and "scan_image_folder(" not in r.stderr

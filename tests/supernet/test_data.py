@@ -90,6 +90,60 @@ def test_image_folder_without_images_is_an_error(tmp_path, layout, needle):
         scan_image_folder(str(root))
 
 
+def test_junk_of_other_systems_is_neither_a_class_nor_an_image(tmp_path):
+    _write_folder(tmp_path, n_per_class=2)
+    for junk in ("__MACOSX/cat/._0.png", "cat/._1.png", ".ipynb_checkpoints/x.png", "dog/.hidden/y.png"):
+        os.makedirs(os.path.dirname(tmp_path / junk), exist_ok=True)
+        (tmp_path / junk).write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # unreadable as an image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped: the junk is not looked at
+        classes, samples, skipped = scan_image_folder(str(tmp_path))
+    assert classes == ["cat", "dog"] and skipped == 0 and len(samples) == 4
+
+
+def test_a_class_directory_without_readable_images_is_named(tmp_path):
+    """Every sub-directory is a class: an empty one would shift the labels of those after it."""
+    _write_folder(tmp_path, n_per_class=2)
+    os.makedirs(tmp_path / "ant")
+    (tmp_path / "ant" / "notes.txt").write_text("todo")
+    with pytest.raises(DataError, match=r"1 class directory has no readable image \(ant\)"):
+        scan_image_folder(str(tmp_path))
+    (tmp_path / "ant" / "broken.jpg").write_bytes(b"not a jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=r"\(ant\), expected images in every sub-directory"):
+            scan_image_folder(str(tmp_path))
+
+
+def test_deep_greyscale_images_keep_their_brightness(tmp_path):
+    """PIL's convert() clips 16-bit greyscale at 255 (nearly all white): rescaled from the bit depth instead."""
+    from PIL import Image
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / c)
+        Image.fromarray(ramp).save(tmp_path / c / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I")
+    for chans in (1, 3):
+        ds = ImageFolder(str(tmp_path), image_size=32, train=False, crop_pct=1.0, in_chans=chans, mean=(0,) * chans,
+                         std=(1,) * chans)
+        x = ds[0][0]
+        assert x.shape == (chans, 32, 32) and abs(float(x.mean()) - 0.5) < 0.01 and float(x.min()) < 0.01
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_when_read(tmp_path, monkeypatch):
+    """With verify off (the ImageNet config) a decompression bomb is met only when read: skipped like any
+    undecodable file, not a crash."""
+    from PIL import Image
+    _write_folder(tmp_path, n_per_class=2)
+    Image.new("L", (300, 300)).save(tmp_path / "cat" / "0huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)  # over twice the limit: an error, not a warning
+    ds = ImageFolder(str(tmp_path), image_size=16, verify=False)
+    i = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("0huge.png"))
+    with pytest.warns(UserWarning, match="0huge.png: could not be decoded"):
+        x, y = ds[i]
+    assert x.shape == (3, 16, 16) and ds.decode_failures == 1
+
+
 def test_image_folder_eval_transform_and_heldout_fraction(tmp_path):
     _write_folder(tmp_path, n_per_class=5)
     cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "val_fraction": 0.2})

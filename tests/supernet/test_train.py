@@ -116,6 +116,8 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
     ({"distillation": {"weight": 0.5}}, "distillation.teacher: got None"),
     ({"optimizer": {"lr": 0.001, "min_lr": 0.01}}, "optimizer.min_lr: got 0.01, expected at most optimizer.lr (0.001)"),
     ({"optimizer": {"lr": 0.001, "warmup_steps": 7}}, "optimizer.warmup_steps: got 7, expected at most steps (6)"),
+    ({"data": {"image_size": 48}}, "data.image_size: got 48, expected the search space's input_size (32)"),
+    ({"data": {"num_classes": 5}}, "data.num_classes: got 5, expected the search space's num_classes (4)"),
 ])
 def test_bad_config_names_the_key(tmp_path, over, needle):
     with pytest.raises(VitslimError) as e:

@@ -59,6 +59,20 @@ def test_torchscript_export_round_trips(ckpt, tmp_path):
     assert res["max_rel_error"] <= 1e-5 and os.path.isfile(out)
 
 
+
+def test_the_same_model_exports_to_the_same_torchscript_bytes(ckpt, tmp_path):
+    """No temporary name inside the archive (its inner folder is named after the file). Separate processes:
+    within one, TorchScript renames classes traced before (___torch_mangle_N)."""
+    import subprocess
+    import sys
+    outs = [tmp_path / d / "m.ts" for d in ("a", "b")]
+    for out in outs:
+        subprocess.run([sys.executable, "-m", "vitslim", "export", str(ckpt), "--format", "torchscript", "--out",
+                        str(out)], check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(vitslim.__file__)))
+        assert sorted(os.listdir(out.parent)) == ["m.ts"]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
 def test_coreml_export_writes_mlpackage(tmp_path):
     out = tmp_path / "m.mlpackage"
     res = vitslim.export_model(tiny_arch(), "coreml", out)
