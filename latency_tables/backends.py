@@ -313,6 +313,6 @@ def get_backend(name: str, threads: int = 1, batch_size: int = 1, dtype: str = "
 
 def backend_for(device: Dict) -> Backend:
     """The backend a table's `device` header describes (backend, threads, batch size, dtype, fusing)."""
-    return get_backend(device.get("backend", "torch-cpu"), threads=int(device.get("threads", 1)),
-                       batch_size=int(device.get("batch_size", 1)), dtype=device.get("dtype", "float32"),
+    return get_backend(device.get("backend") or "torch-cpu", threads=int(device.get("threads") or 1),
+                       batch_size=int(device.get("batch_size") or 1), dtype=device.get("dtype") or "float32",
                        fused=bool(device.get("fused", True)))

@@ -237,6 +237,8 @@ class OptunaSearch(SearchStrategy):
         left = self.n_trials - len(done)
         native = _native_constraints()
 
+        worker_id = f"{socket.gethostname()}-{os.getpid()}"
+
         def objective(trial):
             c = enc.suggest(trial)
             ms = ctx.latency(c)
@@ -244,6 +246,7 @@ class OptunaSearch(SearchStrategy):
             trial.set_user_attr("choice", c)
             trial.set_user_attr("loss", e["loss"])
             trial.set_user_attr("constraint", [ms - ctx.bound_ms])
+            trial.set_user_attr("worker", worker_id)
             if native:
                 trial.set_constraint("latency", ms - ctx.bound_ms)
             return e["acc"], ms
@@ -269,7 +272,10 @@ class OptunaSearch(SearchStrategy):
                             evaluations=ctx.evaluator.evaluations,
                             extra={"trials": len(rows), "best_trial": best["number"], "pareto": front,
                                    "trial_rows": rows, "distinct_choices": len({choice_key(r["choice"]) for r in rows}),
-                                   "workers_seen": workers.seen})
+                                   "workers_seen": workers.seen,  # live when this worker started, itself included
+                                   # processes that completed trials of the study (each resumed run counts)
+                                   "worker_processes": len({t.user_attrs["worker"] for t in trials
+                                                            if "worker" in t.user_attrs})})
 
 
 def _drop_unused_parent_cache(study) -> None:

@@ -37,14 +37,14 @@ def unavailable_reason(table) -> Optional[str]:
     from latency_tables.backends import BackendError, backend_for, cpu_model
     d = table.device
     name = d.get("backend", "torch-cpu")
+    if name == "coreml":  # before building a backend: imported tables carry device settings of the phone
+        return "Core ML tables are measured on Apple devices (the export-coreml / import route)"
     try:
         backend = backend_for(d)
         backend.check_available()
     except BackendError as e:
         return f"the table's backend {name} cannot run here ({e})"
     here = backend.device_name() if name == "torch-cuda" else cpu_model()
-    if name == "coreml":
-        return "Core ML tables are measured on Apple devices (the export-coreml / import route)"
     if d.get("device") and d.get("device") != here:
         return f"the table was measured on {d.get('device')!r}, this machine is {here!r}"
     return None

@@ -98,7 +98,7 @@ def _presets(args):
 
 COMMANDS = {
     "info": (_info_args, _info, "params, MACs and per-stage summary of a preset, arch .yaml or checkpoint",
-             "vitslim info efficientformer_l1\n  vitslim info run/arch.yaml --input-size 256 --json"),
+             "vitslim info efficientformer_l1\nvitslim info run/arch.yaml --input-size 256 --json"),
     "presets": (_presets_args, _presets, "list presets with params and MACs", "vitslim presets"),
 }
 

@@ -324,6 +324,9 @@ def _validate(args):
     if args.report:  # before the measuring, not after it
         check_writable(args.report, "--report")
     table = LatencyTable.load(args.table)
+    if table.device.get("backend") == "coreml" and not args.backend:
+        raise VitslimError(f"--table {args.table}: Core ML timings of {table.device.get('device')!r}, measured on the "
+                           "device (export-coreml / import); validate measures on this machine, so it cannot check them")
     backend = _make_backend(args, table)
     table.check_device(backend.describe(), args.allow_device_mismatch, what=args.table)
     backend.check_available()
@@ -463,12 +466,12 @@ SUB = {
 }
 
 EXAMPLE = """vitslim latency build --space experiments/spaces/tiny.yaml --out latency_tables/cpu_torch_tiny.yaml
-  vitslim latency build --arch deit_tiny --prune-grid --out cpu_deit_tiny_grid.yaml
-  vitslim latency predict --table latency_tables/cpu_torch_efficientformer_l1.yaml efficientformer_l1
-  vitslim latency show --table latency_tables/cpu_torch_tiny.yaml
-  vitslim latency validate --table latency_tables/cpu_torch_tiny.yaml --samples 50 --noise --json
-  vitslim latency export-coreml --space experiments/spaces/tiny.yaml --out coreml_tiny/
-  vitslim latency import --manifest coreml_tiny/manifest.json --csv times.csv --device "iPhone 12" --out t.yaml"""
+vitslim latency build --arch deit_tiny --prune-grid --out cpu_deit_tiny_grid.yaml
+vitslim latency predict --table latency_tables/cpu_torch_efficientformer_l1.yaml efficientformer_l1
+vitslim latency show --table latency_tables/cpu_torch_tiny.yaml
+vitslim latency validate --table latency_tables/cpu_torch_tiny.yaml --samples 50 --noise --json
+vitslim latency export-coreml --space experiments/spaces/tiny.yaml --out coreml_tiny/
+vitslim latency import --manifest coreml_tiny/manifest.json --csv times.csv --device "iPhone 12" --out t.yaml"""
 
 
 def _args(p):

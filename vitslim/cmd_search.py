@@ -15,9 +15,9 @@ from supernet.errors import VitslimError, check_writable
 
 from .cli import finite_float, register_command
 
-SEARCH_EXAMPLE = """vitslim search --supernet runs/supernet_tiny --table runs/quickstart/table.yaml --target-ms 2.5 --out runs/slim
-  vitslim search --supernet runs/supernet_tiny --table T.yaml --target-ms 2.5 --strategy optuna --trials 200 --out runs/opt
-  vitslim search ... --finetune 300      # then train the found network for 300 steps"""
+SEARCH_EXAMPLE = """vitslim search --supernet runs/tiny --table latency_tables/cpu_torch_tiny.yaml --target-ms 1.6 --out runs/slim
+vitslim search --supernet runs/tiny --table latency_tables/cpu_torch_tiny.yaml --target-ms 1.6 --strategy optuna --trials 200 --out runs/opt
+vitslim search ... --finetune 300      # then train the found network for 300 steps"""
 
 
 def _search_args(p):
@@ -34,7 +34,8 @@ def _search_args(p):
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--bn-batches", type=int, default=0,
                    help="re-estimate BatchNorm statistics of each candidate on N training batches (default 0)")
-    p.add_argument("--trials", type=int, default=100, help="optuna: trials in total, across resumes (default 100)")
+    p.add_argument("--trials", type=int, default=100, help="optuna: trials in total, across resumes (default 100; workers sharing a study stop "
+                        "together, each finishing the trial it runs: up to one more per extra worker)")
     p.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2", help="optuna sampler (default nsga2)")
     p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
                    help="optuna study storage in --out: journal file (default; several workers) or SQLite")

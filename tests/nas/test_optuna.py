@@ -58,6 +58,7 @@ def test_study_resumes_from_its_storage(supernet_run, table_path, tmp_path, stor
     OptunaSearch(n_trials=3, storage=storage, run_args=run_args).search(ctx)
     rep = run_search(supernet_run, table_path, target, out, trials=7, **kw)
     assert rep["search"]["trials"] == 7
+    assert rep["search"]["worker_processes"] == 1 and rep["search"]["workers_seen"] == 1  # both runs: this process
     assert rep["predicted_ms"] <= target
     with open(os.path.join(out, "pareto.json")) as f:
         pj = json.load(f)

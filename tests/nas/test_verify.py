@@ -141,6 +141,25 @@ def test_a_table_of_another_machine_is_not_measured_here(supernet_run, table_pat
     assert not os.path.exists(tmp_path / "on")
 
 
+def test_an_imported_phone_table_is_searched_without_measuring_and_says_why(supernet_run, table_path, tmp_path,
+                                                                            capsys):
+    """A table imported from on-device times (export-coreml / import) has no thread count and a Core ML dtype:
+    the search records why it cannot measure here (it crashed on the thread count); validate says so too."""
+    from vitslim.cli import main
+    t = LatencyTable.load(table_path)
+    t.device.update(backend="coreml", device="iPhone 12 (A14)", threads=None, dtype="float32 inputs, float16 compute",
+                    platform="on-device (imported)")
+    phone = str(tmp_path / "phone.yaml")
+    t.save(phone)
+    target = 0.6 * slim_tests.start_ms(supernet_run, phone)
+    rep = run_search(supernet_run, phone, target, str(tmp_path / "auto"), eval_images=16, progress=False)
+    assert "Core ML tables are measured on Apple devices" in rep["verification"]["skipped"]
+    assert rep["measured_ms"] is None and rep["predicted_ms"] <= target
+    assert main(["latency", "validate", "--table", phone, "--samples", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Core ML timings of 'iPhone 12 (A14)'" in err
+
+
 @pytest.mark.parametrize("kw,msg", [({"tolerance": 1.5}, "--tolerance: got 1.5"),
                                     ({"verify_rounds": 0}, "--verify-rounds: got 0"),
                                     ({"verify": "maybe"}, "--verify: got 'maybe'")])
