@@ -103,6 +103,22 @@ COMMANDS = {
 }
 
 
+def add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the run (default: torch's, one per core); results depend on it "
+                        "in the last float digits, so pass the same number to reproduce a run bit for bit")
+
+
+def apply_threads(args) -> None:
+    """Set torch's thread count from --threads (checked: an integer >= 1); recorded by the reports."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise VitslimError(f"--threads: got {args.threads}, expected an integer >= 1")
+    import torch
+    torch.set_num_threads(args.threads)
+
+
 RESUMABLE = {"latency", "supernet", "search", "run"}  # commands whose interrupted work a re-run continues
 
 

@@ -4,7 +4,7 @@ import argparse
 import json
 import os
 
-from .cli import finite_float, register_command
+from .cli import add_threads_arg, apply_threads, finite_float, register_command
 
 
 def _args(p):
@@ -58,6 +58,7 @@ def _args(p):
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0)
+    add_threads_arg(p)
     p.add_argument("--json", action="store_true", help="print report.json's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -90,6 +91,7 @@ def _run(args):
     from pruning.report import check_out_dir, write_run
     from pruning.units import PruneError, check_family
 
+    apply_threads(args)
     targets = parse_targets(",".join(args.target))
     macs = next((t for t in targets if t.kind == "macs"), None)
     if args.proportional and (macs is None or not args.table):

@@ -13,7 +13,7 @@ import yaml
 from supernet.arch import read_yaml
 from supernet.errors import VitslimError, check_writable
 
-from .cli import finite_float, register_command
+from .cli import add_threads_arg, apply_threads, finite_float, register_command
 
 SEARCH_EXAMPLE = """vitslim search --supernet runs/tiny --table latency_tables/cpu_torch_tiny.yaml --target-ms 1.6 --out runs/slim
 vitslim search --supernet runs/tiny --table latency_tables/cpu_torch_tiny.yaml --target-ms 1.6 --strategy optuna --trials 200 --out runs/opt
@@ -67,6 +67,7 @@ def _search_args(p):
     p.add_argument("--verify-seconds", type=finite_float, default=1.0, help="timed seconds per measurement (default 1)")
     p.add_argument("--verify-rounds", type=int, default=4, help="measurements at most (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    add_threads_arg(p)
     p.add_argument("--json", action="store_true", help="print report.json")
     p.add_argument("--no-progress", action="store_true")
 
@@ -93,6 +94,7 @@ def _print_report(rep, out):
 
 def _search(args):
     from nas.run import run_search
+    apply_threads(args)
     rep = run_search(args.supernet, args.table, args.target_ms, args.out, strategy=args.strategy, seed=args.seed,
                      eval_images=args.eval_images, bn_batches=args.bn_batches, eval_batch_size=args.eval_batch_size,
                      finetune=args.finetune, finetune_lr=args.finetune_lr, trials=args.trials, sampler=args.sampler,

@@ -52,12 +52,18 @@ def test_missing_supernet_run_is_refused(tmp_path, table_path, capsys):
 
 
 def test_cli_writes_a_run_and_refuses_to_overwrite_it(supernet_run, table_path, tmp_path, capsys):
+    import json
     out = str(tmp_path / "o")
     args = ["--supernet", supernet_run, "--table", table_path, "--target-ms", "4", "--out", out,
             "--eval-images", "16", "--strategy", "uniform"]
-    rc, err = run_cli(capsys, *args)
+    old = torch.get_num_threads()
+    try:
+        rc, err = run_cli(capsys, *args, "--threads", "1")
+    finally:
+        torch.set_num_threads(old)
     assert rc == 0, err
     assert {"arch.yaml", "model.pt", "report.json"} <= set(os.listdir(out))
+    assert json.load(open(os.path.join(out, "report.json")))["evaluation"]["torch_threads"] == 1
     rc, err = run_cli(capsys, *args)
     assert rc == 2 and "--overwrite" in err
     rc, err = run_cli(capsys, *args, "--overwrite", "--finetune", "1")

@@ -249,3 +249,19 @@ def test_warnings_reach_the_user_as_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if "broken.jpg" in ln]
     assert len(lines) == 1 and lines[0].startswith("warning: data directory ") and "skipped 1 unreadable" in lines[0]
     assert "UserWarning" not in r.stderr and "scan_image_folder(" not in r.stderr
+
+
+def test_threads_are_set_and_recorded(deit_ckpt, tmp_path, capsys):
+    import json
+    old = torch.get_num_threads()
+    try:
+        rc = main(["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.6", "--threads", "1",
+                   "--out", str(tmp_path / "r")] + FAST)
+        assert rc == 0, capsys.readouterr().err
+        assert json.load(open(tmp_path / "r" / "report.json"))["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(old)
+    rc = main(["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.6", "--threads", "0",
+               "--out", str(tmp_path / "r0")] + FAST)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "vitslim prune: error: --threads: got 0, expected an integer >= 1"
