@@ -16,7 +16,7 @@ from collections import defaultdict
 
 # (strategy as named in the pooled table, the reference it is paired with)
 PAIRS = (("slim", "random"), ("slim", "uniform"), ("slim", "random_any"), ("slim_loss", "random"),
-         ("slim_refine", "random_same_total"))
+         ("slim_refine", "random_same_total"), ("slim_refine", "uniform"), ("slim_refine", "slim"))
 
 
 def _load(paths, what):
