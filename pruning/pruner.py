@@ -219,9 +219,10 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
     without a teacher, the model's own top-1 at the start as labels).
 
     `save(state)` is called after a step whenever `save_seconds` (and 20x the last call's duration) have passed
-    since the last call, after every step if `save_seconds` is 0 (never after the last step): `state` (steps done, optimiser, schedule, losses, RNG; the caller adds the weights) given
-    back as `resume`, with `model` holding the weights of that moment and `batches` starting at the next
-    batch, continues to the result an uninterrupted call gives."""
+    since the last call, after every step if `save_seconds` is 0, never after the last step. `state` (steps
+    done, optimiser, schedule, losses, RNG; the caller adds the weights), given back as `resume` with `model`
+    holding the weights of that moment and `batches` starting at the next batch, continues to the result an
+    uninterrupted call gives."""
     if steps <= 0:
         return {"steps": 0}
     from tqdm import tqdm

@@ -220,7 +220,8 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
             f"no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under its class directories"
         raise DataError(f"data directory {root}: {what}, expected at least one readable image")
     if empty:  # every sub-directory is a class: an empty one would shift the labels after it
-        raise DataError(f"data directory {root}: {len(empty)} class director{'y has' if len(empty) == 1 else 'ies have'} "
+        has = "directory has" if len(empty) == 1 else "directories have"
+        raise DataError(f"data directory {root}: {len(empty)} class {has} "
                         f"no readable image ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), expected "
                         "images in every sub-directory (each is a class): remove or fill them")
     return classes, samples, skipped

@@ -34,8 +34,8 @@ def _args(p):
     p.add_argument("--labels", default="auto", choices=["auto", "data", "model"],
                    help="what the loss compares to: the data's labels (data), the unpruned model's own top-1 (model: "
                         "the model's task is not the data's), or auto: the data's labels when they are the model's "
-                        "classes (an ImageFolder with as many classes; a .pt whose labels are all class indices of the model; "
-                        "--data synthetic: a model trained on vitslim's synthetic task)")
+                        "classes (an ImageFolder with as many classes; a .pt whose labels are all class indices "
+                        "of the model; --data synthetic: a model trained on vitslim's synthetic task)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--iterative-steps", type=int, default=1, help="prune in K steps (default 1: one-shot)")
     p.add_argument("--finetune-steps", type=int, default=0,

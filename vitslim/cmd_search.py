@@ -34,7 +34,8 @@ def _search_args(p):
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--bn-batches", type=int, default=0,
                    help="re-estimate BatchNorm statistics of each candidate on N training batches (default 0)")
-    p.add_argument("--trials", type=int, default=100, help="optuna: trials in total, across resumes (default 100; workers sharing a study stop "
+    p.add_argument("--trials", type=int, default=100,
+                   help="optuna: trials in total, across resumes (default 100; workers sharing a study stop "
                         "together, each finishing the trial it runs: up to one more per extra worker)")
     p.add_argument("--sampler", choices=["nsga2", "tpe"], default="nsga2", help="optuna sampler (default nsga2)")
     p.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
