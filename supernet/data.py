@@ -179,7 +179,8 @@ def _pil():
     return Image
 
 
-def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[Tuple[str, int]], int]:
+def scan_image_folder(root: str, verify: bool = True,
+                      progress: bool = False) -> Tuple[List[str], List[Tuple[str, int]], int]:
     """(class names, [(path, label)], number of files skipped) of root/<class>/**/<image>.
 
     With `verify`, each file's header is opened with PIL (cheap: no decoding) and files that do
@@ -192,6 +193,8 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
     if not classes:
         raise DataError(f"data directory {root}: no class sub-directories, expected root/<class>/<images>")
     Image = _pil()
+    from tqdm import tqdm
+    bar = tqdm(desc=f"scanning {root}", unit=" files", disable=not progress, leave=False)  # ImageNet: minutes
     samples, skipped, first_bad, empty = [], 0, None, []
     for label, c in enumerate(classes):
         n0 = len(samples)
@@ -201,6 +204,7 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
                 if _junk(fn) or not fn.lower().endswith(IMAGE_EXTENSIONS):
                     continue
                 p = os.path.join(dirpath, fn)
+                bar.update(1)
                 if verify:
                     try:
                         with Image.open(p) as im:
@@ -212,6 +216,7 @@ def scan_image_folder(root: str, verify: bool = True) -> Tuple[List[str], List[T
                 samples.append((p, label))
         if len(samples) == n0:
             empty.append(c)
+    bar.close()
     if skipped:
         warnings.warn(f"data directory {root}: skipped {skipped} unreadable image file(s), e.g. {first_bad}; "
                       f"{len(samples)} remain", stacklevel=2)
@@ -419,9 +424,10 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def build_datasets(cfg: DataConfig, image_size: int, num_classes: int, seed: int = 0) -> Tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataConfig, image_size: int, num_classes: int, seed: int = 0,
+                   progress: bool = False) -> Tuple[Dataset, Dataset]:
     """(train, held-out) datasets for a data config; image size and classes default to the caller's
-    (the search space's) when the config leaves them out."""
+    (the search space's) when the config leaves them out. `progress`: a bar while image folders are scanned."""
     size = cfg.image_size or image_size
     if cfg.type == "synthetic":
         n = cfg.num_classes or num_classes
@@ -430,9 +436,9 @@ def build_datasets(cfg: DataConfig, image_size: int, num_classes: int, seed: int
         return (SyntheticShapes(length=cfg.train_size, split="train", **kw),
                 SyntheticShapes(length=cfg.heldout_size, split="heldout", **kw))
     kw = dict(image_size=size, seed=seed, mean=cfg.mean or IMAGENET_MEAN, std=cfg.std or IMAGENET_STD)
-    classes, samples, _ = scan_image_folder(cfg.train_dir, verify=cfg.verify)
+    classes, samples, _ = scan_image_folder(cfg.train_dir, verify=cfg.verify, progress=progress)
     if cfg.val_dir:
-        vclasses, vsamples, _ = scan_image_folder(cfg.val_dir, verify=cfg.verify)
+        vclasses, vsamples, _ = scan_image_folder(cfg.val_dir, verify=cfg.verify, progress=progress)
         if vclasses != classes:
             extra = sorted(set(vclasses) ^ set(classes))[:3]
             raise DataError(f"data.val_dir {cfg.val_dir}: its classes differ from train_dir's (e.g. {', '.join(extra)})")

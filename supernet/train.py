@@ -500,7 +500,8 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
 
     # --- data (build first: a bad data directory fails before any file is written)
     space = cfg.space
-    train_ds, held_ds = build_datasets(cfg.data, space.input_size, space.num_classes, seed=cfg.seed)
+    train_ds, held_ds = build_datasets(cfg.data, space.input_size, space.num_classes, seed=cfg.seed,
+                                       progress=progress and dist.rank == 0)
     ncls = getattr(train_ds, "num_classes", space.num_classes)
     if ncls != space.num_classes:
         raise DataError(f"data.num_classes: got {ncls}, expected the search space's num_classes ({space.num_classes})")

@@ -200,3 +200,12 @@ def test_data_config_checks_every_transform_setting_up_front(over, needle):
     with pytest.raises(DataError) as e:
         DataConfig.from_dict({"type": "imagefolder", "train_dir": "x", **over})
     assert needle in str(e.value)
+
+
+def test_a_folder_scan_shows_its_progress_when_asked(tmp_path, capsys):
+    _write_folder(tmp_path, n_per_class=3)
+    scan_image_folder(str(tmp_path))
+    assert capsys.readouterr().err == ""
+    classes, samples, _ = scan_image_folder(str(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    assert f"scanning {tmp_path}: " in err and " files" in err and len(samples) == 6
