@@ -668,12 +668,12 @@ def _read_state(path: str, key: Mapping) -> Optional[dict]:
 
 
 def _write_state(path: str, state: dict) -> None:
+    from supernet.arch import atomic_file
     from supernet.runlock import remove_stale_temps
     folder, base = os.path.split(os.path.abspath(path))
     remove_stale_temps(folder, base=base)  # a killed writer's .tmp.PID
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save({"format": STATE_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        torch.save({"format": STATE_FORMAT, **state}, f)
 
 
 def per_block(arch_before: Mapping, arch_after: Mapping) -> List[dict]:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from supernet.arch import atomic_savefig
 from supernet.errors import VitslimError, check_writable
-from supernet.runlock import pid_alive, remove_stale_temps, temp_prefix
+from supernet.runlock import pid_alive, plain_mode, remove_stale_temps, temp_prefix
 
 from .units import PruneError
 
@@ -89,9 +89,7 @@ def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite
     _recover(out, parent, base)
     remove_stale_temps(parent, base=base)  # a killed run's half-written folders
     tmp = tempfile.mkdtemp(prefix=temp_prefix(base), dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode (mkdtemp's is 0700)
+    plain_mode(tmp)  # becomes the run folder
     try:
         save_arch(arch, os.path.join(tmp, "arch.yaml"))
         save_checkpoint(model, arch, os.path.join(tmp, "model.pt"))

@@ -36,6 +36,14 @@ def temp_prefix(base: str) -> str:
     return f".{base}.pid{os.getpid()}."
 
 
+def plain_mode(path: str) -> None:
+    """Give a temporary the mode a plain file or folder created there would get (the umask's; mkstemp's and
+    mkdtemp's 0600 / 0700 would keep other users from reading the result it becomes)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def remove_stale_temps(folder: str, base: Optional[str] = None) -> List[str]:
     """Remove the temporaries in `folder` (of `base` only, if given) whose writer is no longer running;
     returns the names removed."""

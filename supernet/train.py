@@ -49,7 +49,7 @@ import yaml
 
 from .arch import atomic_write_text, read_yaml
 from .checkpoint import read_file
-from .data import DataConfig, DataError, build_datasets, heldout_batches, make_loader
+from .data import DataConfig, build_datasets, heldout_batches, make_loader
 from .errors import CheckpointError, VitslimError, check_device
 from .runlock import LOCK_FILE, run_lock, remove_stale_temps
 from .space import SearchSpace
@@ -502,9 +502,6 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
     space = cfg.space
     train_ds, held_ds = build_datasets(cfg.data, space.input_size, space.num_classes, seed=cfg.seed,
                                        progress=progress and dist.rank == 0)
-    ncls = getattr(train_ds, "num_classes", space.num_classes)
-    if ncls != space.num_classes:
-        raise DataError(f"data.num_classes: got {ncls}, expected the search space's num_classes ({space.num_classes})")
     if cfg.batch_size > len(train_ds):
         raise ConfigError(f"batch_size: got {cfg.batch_size}, expected at most the training split's "
                           f"{len(train_ds)} images (each batch would repeat images)")

@@ -52,7 +52,7 @@ _TEMPS: list = []  # temporary paths of the export in progress: removed whatever
 def _tmp_beside(out: str, is_dir: bool = False) -> str:
     """A fresh temporary path in the output's folder (so the final rename is atomic), with the mode a
     plain file created there would get (mkstemp's are 0600: other users could not read the artefact)."""
-    from supernet.runlock import remove_stale_temps, temp_prefix
+    from supernet.runlock import plain_mode, remove_stale_temps, temp_prefix
     d = os.path.dirname(os.path.abspath(out)) or "."
     base = os.path.basename(out)
     try:
@@ -63,9 +63,7 @@ def _tmp_beside(out: str, is_dir: bool = False) -> str:
         else:
             fd, p = tempfile.mkstemp(prefix=temp_prefix(base), dir=d)
             os.close(fd)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(p, 0o666 & ~umask)
+            plain_mode(p)
     except OSError as e:
         raise ExportError(f"--out {out}: cannot write in {d} ({e.strerror or e}), expected a writable folder") from None
     _TEMPS.append(p)
