@@ -461,8 +461,8 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     `data`; fine-tuning batches from `data`.
 
     `state_path`: the run saves its state there after every step but the last (the pruned network, the
-    scores' momentum, the report so far, the RNG), once a step that fine-tunes is selected, and during
-    fine-tuning every FINETUNE_SAVE_SECONDS (weights, optimiser, schedule); a later call with the same
+    scores' momentum, the report so far, the RNG), once a step that fine-tunes (or the last step) is
+    selected, and during fine-tuning every FINETUNE_SAVE_SECONDS (weights, optimiser, schedule); a later call with the same
     `state_key` (what the run depends on: config, checkpoint, data, table) continues from it, ending
     where an uninterrupted run ends. A state of another key is refused."""
     from tqdm import tqdm
@@ -588,9 +588,11 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
                 for m, w in weights.items():
                     srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
         ft = {"steps": 0}
+        if state_path and ft_resume is None and (ft_per[step] or step + 1 == K):
+            # selected: an interrupt from here on keeps the selection (fine-tuning or, after the last step,
+            # the held-out evaluation still to come); a middle step without fine-tuning is saved at its end
+            save_state(step, srep)
         if ft_per[step]:
-            if state_path and ft_resume is None:  # selected: an interrupt from here on keeps the selection
-                save_state(step, srep)
             done = int(ft_resume["done"]) if ft_resume else 0
             ft = finetune(cur, data.training(ft_per[step] - done, ft_start + done), ft_per[step], cfg.lr,
                           cfg.weight_decay, teacher, cfg.kd_weight, cfg.kd_temperature, progress,

@@ -252,6 +252,35 @@ def test_a_prune_interrupted_during_fine_tuning_continues_from_its_last_save(dei
     assert_same_run(ref, out)
 
 
+def test_a_one_shot_prune_interrupted_after_selection_is_not_scored_again(deit_ckpt, tmp_path, capsys, monkeypatch):
+    """No fine-tuning: the held-out evaluation after the last selection (long on real data) is where an
+    interrupt lands; the selection is kept and the resumed run ends as the uninterrupted one."""
+    import pruning.importance as pi
+    import pruning.pruner as pp
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5"] + FAST
+    ref = tmp_path / "ref"
+    assert run(args + ["--out", str(ref)], capsys)[0] == 0
+    real_eval = pp.evaluate
+
+    def interrupted(model, batches, reference=None):  # Ctrl-C in the final evaluation of the unpruned model
+        if model is reference:
+            raise KeyboardInterrupt
+        return real_eval(model, batches, reference)
+
+    monkeypatch.setattr(pp, "evaluate", interrupted)
+    out = tmp_path / "p"
+    rc, _, err = run(args + ["--out", str(out)], capsys)
+    assert rc == 130 and "continue from the last saved point" in err and not out.exists()
+    state = torch.load(tmp_path / ".p.resume.pt", weights_only=True)
+    assert state["step"] == 0 and state["pending"] is not None and state["pending"]["finetune"] is None
+    monkeypatch.setattr(pp, "evaluate", real_eval)
+    scored, real_score = [], pi.TaylorImportance.score
+    monkeypatch.setattr(pi.TaylorImportance, "score", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    assert run(args + ["--out", str(out)], capsys)[0] == 0
+    assert scored == [] and not (tmp_path / ".p.resume.pt").exists()
+    assert_same_run(ref, out)
+
+
 def test_a_killed_state_writer_leaves_no_temporary_behind(deit_ckpt, tmp_path, capsys):
     import subprocess
     dead = subprocess.Popen(["true"])
