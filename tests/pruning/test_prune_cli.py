@@ -214,12 +214,11 @@ def test_an_interrupted_iterative_prune_resumes_to_the_uninterrupted_result(deit
     assert_same_run(ref, out)
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_a_prune_interrupted_during_fine_tuning_continues_from_its_last_save(deit_ckpt, tmp_path, capsys, monkeypatch,
-                                                                              steps):
-    """One-shot too: the selection is kept and fine-tuning goes on from the save before the interrupt, to the
-    weights and report of an uninterrupted run; nothing is scored again."""
+def test_a_prune_interrupted_during_fine_tuning_continues_from_its_last_save(deit_ckpt, tmp_path, capsys, monkeypatch):
+    """One-shot (two steps: the kill -9 test below): the selection is kept and fine-tuning goes on from the save
+    before the interrupt, to the weights and report of an uninterrupted run; nothing is scored again."""
     import pruning.pruner as pp
+    steps = 1
     args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps",
             str(steps), "--finetune-steps", "8", "--kd"] + FAST
     ref = tmp_path / "ref"
@@ -278,6 +277,45 @@ def test_a_one_shot_prune_interrupted_after_selection_is_not_scored_again(deit_c
     monkeypatch.setattr(pi.TaylorImportance, "score", lambda *a, **k: scored.append(1) or real_score(*a, **k))
     assert run(args + ["--out", str(out)], capsys)[0] == 0
     assert scored == [] and not (tmp_path / ".p.resume.pt").exists()
+    assert_same_run(ref, out)
+
+
+KILLED_PRUNE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import pruning.pruner as pp
+from vitslim.cli import main
+pp.FINETUNE_SAVE_SECONDS = 0.0  # save after every batch
+real, served = pp.DataSource.training, []
+def training(self, n, start=1000):
+    for b in real(self, n, start):
+        if len(served) == {at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no handler, no cleanup runs
+        served.append(1)
+        yield b
+pp.DataSource.training = training
+main({argv!r})
+"""
+
+
+def test_a_prune_killed_during_fine_tuning_resumes_to_the_uninterrupted_result(deit_ckpt, tmp_path, capsys):
+    """kill -9, not Ctrl-C: nothing of the killed process cleans up (its lock, its temporaries); re-running the
+    command continues from the last save to the weights and report of an uninterrupted run."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps",
+            "2", "--finetune-steps", "8", "--kd"] + FAST
+    ref, out = tmp_path / "ref", tmp_path / "p"
+    assert run(args + ["--out", str(ref)], capsys)[0] == 0
+    p = subprocess.run([sys.executable, "-c", KILLED_PRUNE.format(root=root, at=6, argv=args + ["--out", str(out)])],
+                       cwd=root)
+    assert p.returncode == -9 and not out.exists()
+    state = torch.load(tmp_path / ".p.resume.pt", weights_only=True)
+    assert state["step"] == 1 and state["pending"]["finetune"]["done"] == 2  # 4 of step 1, 2 of step 2
+    assert run(args + ["--out", str(out)], capsys)[0] == 0
+    assert not (tmp_path / ".p.resume.pt").exists()
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # no lock or temporary left
     assert_same_run(ref, out)
 
 
