@@ -179,12 +179,78 @@ def _pil():
     return Image
 
 
-def scan_image_folder(root: str, verify: bool = True,
-                      progress: bool = False) -> Tuple[List[str], List[Tuple[str, int]], int]:
+SCAN_CACHE_ENV = "VITSLIM_CACHE_DIR"
+
+
+def scan_cache_path(root: str) -> Optional[str]:
+    """Where the header checks of image folder `root` are remembered: $VITSLIM_CACHE_DIR (empty: off), else
+    $XDG_CACHE_HOME/vitslim, else ~/.cache/vitslim; under scans/, one file per folder (its real path)."""
+    import hashlib
+    base = os.environ.get(SCAN_CACHE_ENV)
+    if base is None:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "vitslim")
+    if not base:
+        return None
+    key = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return os.path.join(base, "scans", f"{key}.json")
+
+
+def _read_scan_cache(path: Optional[str], root: str) -> Dict[str, dict]:
+    """{folder relative to root: {"fp": fingerprint, "bad": {file: error}}}; empty when there is none or it is
+    not ours (a damaged cache only costs the header checks again)."""
+    import json
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+        if c.get("format") == "vitslim-scan" and c.get("version") == 1 and c.get("root") == os.path.realpath(root) \
+                and isinstance(c.get("dirs"), dict):
+            return c["dirs"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def _write_scan_cache(path: Optional[str], root: str, dirs: Dict[str, dict]) -> None:
+    import json
+
+    from .arch import atomic_file
+    from .runlock import remove_stale_temps
+    if not path:
+        return
+    try:
+        remove_stale_temps(os.path.dirname(path), os.path.basename(path))
+        with atomic_file(path) as f:
+            json.dump({"format": "vitslim-scan", "version": 1, "root": os.path.realpath(root), "dirs": dirs}, f)
+    except OSError:  # a read-only home or cache: the next scan checks the headers again, nothing else is lost
+        pass
+
+
+def _fingerprint(dirpath: str, files: Sequence[str]) -> Optional[str]:
+    """The names, sizes and modification times of a folder's image files: equal fingerprints, same headers."""
+    import hashlib
+    h = hashlib.sha256()
+    for fn in files:
+        try:
+            st = os.stat(os.path.join(dirpath, fn))
+        except OSError:
+            return None  # gone while scanning: check this folder's headers
+        h.update(f"{fn}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def scan_image_folder(root: str, verify: bool = True, progress: bool = False,
+                      cache: bool = True) -> Tuple[List[str], List[Tuple[str, int]], int]:
     """(class names, [(path, label)], number of files skipped) of root/<class>/**/<image>.
 
     With `verify`, each file's header is opened with PIL (cheap: no decoding) and files that do
     not open are skipped with one warning giving the count. Raises DataError when nothing is left.
+    With `cache` (and `verify`), the outcome is remembered per folder under `scan_cache_path(root)`,
+    keyed by its image files' names, sizes and modification times: a later scan of an unchanged
+    folder (a resumed run, the search after training, ImageNet's 1.28M headers) opens no file, a
+    changed folder is checked again.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -194,29 +260,49 @@ def scan_image_folder(root: str, verify: bool = True,
         raise DataError(f"data directory {root}: no class sub-directories, expected root/<class>/<images>")
     Image = _pil()
     from tqdm import tqdm
+    cache_path = scan_cache_path(root) if (cache and verify) else None
+    known = _read_scan_cache(cache_path, root)
+    dirs: Dict[str, dict] = {}
     bar = tqdm(desc=f"scanning {root}", unit=" files", disable=not progress, leave=False)  # ImageNet: minutes
     samples, skipped, first_bad, empty = [], 0, None, []
     for label, c in enumerate(classes):
         n0 = len(samples)
         for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not _junk(d))
-            for fn in sorted(files):
-                if _junk(fn) or not fn.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
+            images = [fn for fn in sorted(files) if not _junk(fn) and fn.lower().endswith(IMAGE_EXTENSIONS)]
+            bad: Optional[Dict[str, str]] = None
+            if verify:
+                rel = os.path.relpath(dirpath, root)
+                fp = _fingerprint(dirpath, images) if cache_path else None
+                hit = known.get(rel)
+                if fp is not None and isinstance(hit, dict) and hit.get("fp") == fp and isinstance(hit.get("bad"), dict):
+                    bad = {str(k): str(v) for k, v in hit["bad"].items()}
+                    bar.update(len(images))
+                else:
+                    bad = {}
+                    for fn in images:
+                        bar.update(1)
+                        try:
+                            with Image.open(os.path.join(dirpath, fn)) as im:
+                                im.verify()
+                        except Exception as e:  # PIL raises many types for a bad file
+                            bad[fn] = type(e).__name__
+                if fp is not None:
+                    dirs[rel] = {"fp": fp, "bad": bad}
+            if not verify:
+                bar.update(len(images))
+            for fn in images:
                 p = os.path.join(dirpath, fn)
-                bar.update(1)
-                if verify:
-                    try:
-                        with Image.open(p) as im:
-                            im.verify()
-                    except Exception as e:  # PIL raises many types for a bad file
-                        skipped += 1
-                        first_bad = first_bad or f"{p} ({type(e).__name__})"
-                        continue
+                if bad and fn in bad:
+                    skipped += 1
+                    first_bad = first_bad or f"{p} ({bad[fn]})"
+                    continue
                 samples.append((p, label))
         if len(samples) == n0:
             empty.append(c)
     bar.close()
+    if cache_path and dirs != known:
+        _write_scan_cache(cache_path, root, dirs)
     if skipped:
         warnings.warn(f"data directory {root}: skipped {skipped} unreadable image file(s), e.g. {first_bad}; "
                       f"{len(samples)} remain", stacklevel=2)

@@ -209,3 +209,77 @@ def test_a_folder_scan_shows_its_progress_when_asked(tmp_path, capsys):
     classes, samples, _ = scan_image_folder(str(tmp_path), progress=True)
     err = capsys.readouterr().err
     assert f"scanning {tmp_path}: " in err and " files" in err and len(samples) == 6
+
+
+def _counting_opens(monkeypatch):
+    from PIL import Image
+    opened, real = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda p, *a, **k: opened.append(os.path.basename(str(p))) or real(p, *a, **k))
+    return opened
+
+
+def test_a_second_scan_of_an_unchanged_folder_opens_no_file(tmp_path, monkeypatch, scan_cache):
+    from supernet.data import scan_cache_path
+    root = tmp_path / "data"
+    _write_folder(root, n_per_class=3, corrupt=1)
+    opened = _counting_opens(monkeypatch)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\), e.g. .*bad0.jpg \(UnidentifiedImageError\)"):
+        first = scan_image_folder(str(root))
+    assert len(opened) == 7 and os.path.dirname(scan_cache_path(str(root))) == str(scan_cache / "scans")
+    opened.clear()
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\), e.g. .*bad0.jpg \(UnidentifiedImageError\)"):
+        again = scan_image_folder(str(root))
+    assert opened == [] and again == first  # the same classes, samples and skipped count, no header opened
+
+
+def test_a_changed_folder_is_checked_again_and_only_it(tmp_path, monkeypatch):
+    from PIL import Image
+    root = tmp_path / "data"
+    _write_folder(root, n_per_class=3, corrupt=1)
+    os.makedirs(root / "eel" / "deeper")
+    for name in ("eel/e0.png", "eel/deeper/e1.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan_image_folder(str(root))
+    opened = _counting_opens(monkeypatch)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cat" / "bad0.jpg", format="JPEG")  # mended
+    os.remove(root / "dog" / "2.png")  # a folder that only lost a file is checked again too
+    classes, samples, skipped = scan_image_folder(str(root))
+    assert sorted(opened) == ["0.png", "0.png", "1.png", "1.png", "2.png", "bad0.jpg"]  # not eel's
+    assert skipped == 0 and len(samples) == 8 and (str(root / "cat" / "bad0.jpg"), 0) in samples
+    assert (str(root / "dog" / "2.png"), 1) not in samples
+    opened.clear()
+    with open(root / "eel" / "deeper" / "e1.png", "r+b") as f:  # the same name and size, damaged in place
+        f.write(b"\0" * 8)
+    os.utime(root / "eel" / "deeper" / "e1.png", ns=(1, 1))
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        _, samples, skipped = scan_image_folder(str(root))
+    assert opened == ["e1.png"] and skipped == 1 and len(samples) == 7  # only the sub-folder that changed
+
+
+def test_a_damaged_or_unwritable_scan_cache_costs_only_the_checks(tmp_path, monkeypatch, scan_cache):
+    from supernet.data import scan_cache_path
+    root = tmp_path / "data"
+    _write_folder(root, n_per_class=2)
+    ref = scan_image_folder(str(root))
+    path = scan_cache_path(str(root))
+    for junk in ("{not json", '{"format": "vitslim-scan", "version": 1, "root": "/elsewhere", "dirs": {}}',
+                 '{"format": "vitslim-scan", "version": 1, "root": %r, "dirs": {"cat": {"fp": 3}}}' % os.path.realpath(root)):
+        with open(path, "w") as f:
+            f.write(junk.replace("'", '"'))
+        opened = _counting_opens(monkeypatch)
+        assert scan_image_folder(str(root)) == ref
+        assert len(opened) >= 2  # checked again
+        monkeypatch.undo()
+        monkeypatch.setenv("VITSLIM_CACHE_DIR", str(scan_cache))
+    opened = _counting_opens(monkeypatch)
+    assert scan_image_folder(str(root)) == ref and opened == []  # rewritten by the last scan
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("VITSLIM_CACHE_DIR", str(tmp_path / "afile"))  # cannot hold a folder: no cache, no error
+    assert scan_image_folder(str(root)) == ref and len(opened) == 4
+    monkeypatch.setenv("VITSLIM_CACHE_DIR", "")  # off
+    assert scan_cache_path(str(root)) is None
+    assert scan_image_folder(str(root)) == ref and len(opened) == 8
+    assert not os.listdir(tmp_path / "data" / "cat") == []  # the data folder itself is never written
+    assert sorted(os.listdir(tmp_path / "data")) == ["cat", "dog"]
