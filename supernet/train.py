@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from .arch import atomic_write_text, read_yaml
+from .arch import atomic_file, atomic_write_text, read_yaml
 from .checkpoint import read_file
 from .data import DataConfig, build_datasets, heldout_batches, make_loader
 from .errors import CheckpointError, VitslimError, check_device
@@ -380,15 +380,39 @@ class _Dist:
         if self.enabled:
             torch.distributed.barrier()
 
+    def check_same_data(self, train_ds, held_ds, data_cfg) -> None:
+        """Every rank must index the same images: a rank whose image folder lists other files (another copy
+        on another node, files added or unreadable during the scan) would silently train on mislabelled or
+        repeated batches. Every rank compares all digests, so all of them raise together."""
+        if not self.enabled:
+            return
+        import hashlib
+        mine = []
+        for ds in (train_ds, held_ds):
+            h = hashlib.sha256(f"{type(ds).__name__}:{len(ds)}".encode())
+            for p, label in getattr(ds, "samples", ()):
+                h.update(f"{p}\0{label}\n".encode("utf-8", "surrogateescape"))
+            mine.append((len(ds), h.hexdigest()))
+        every = [None] * self.world
+        torch.distributed.all_gather_object(every, mine)
+        for r, theirs in enumerate(every):
+            if theirs != every[0]:
+                where = data_cfg.train_dir or "the data"
+                raise ConfigError(f"data.train_dir {where}: rank {r} sees {theirs[0][0]} training and {theirs[1][0]} "
+                                  f"held-out images, rank 0 {every[0][0][0]} and {every[0][1][0]} (or other files), "
+                                  "expected the same images on every rank (one copy of the folder, unchanged while "
+                                  "the run starts)")
+
     def close(self):
         if self.started_here:
             torch.distributed.destroy_process_group()
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a synced temporary: the previous checkpoint stays until the new one is whole on disk
+    (a crash or power cut never leaves a truncated checkpoint.pt, an error never leaves the temporary)."""
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _atomic_json(obj, path: str) -> None:
@@ -502,6 +526,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
     space = cfg.space
     train_ds, held_ds = build_datasets(cfg.data, space.input_size, space.num_classes, seed=cfg.seed,
                                        progress=progress and dist.rank == 0)
+    dist.check_same_data(train_ds, held_ds, cfg.data)
     if cfg.batch_size > len(train_ds):
         raise ConfigError(f"batch_size: got {cfg.batch_size}, expected at most the training split's "
                           f"{len(train_ds)} images (each batch would repeat images)")
