@@ -17,7 +17,9 @@ Choices the paper leaves open, decided here:
 - importance: `MetaPathSupernet.importance()` (fixed for the run); a stage's importance is the sum
   over its positions that still run a block (a stage whose blocks are gone costs only its
   downsample and is shrunk first); stages without an identity candidate rank last;
-- accuracy drop = held-out top-1 before minus after; the loss increase per ms breaks ties (top-1 on
+- accuracy drop = held-out top-1 before minus after (`per_ms`: drop / ms saved; an action that gains
+  accuracy ranks ahead of every one that loses some, by gain x ms saved, so an action both more
+  accurate and faster than another is never passed over for it); the loss increase per ms breaks ties (top-1 on
   a small split is coarse), then the action order a, b, c (`criterion="loss"`: the held-out loss
   increase per ms decides and top-1 breaks ties: a less noisy signal on a small split); actions that save no time are skipped,
   and if none saves time before the target is met the search stops with an error;
@@ -62,6 +64,13 @@ from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy,
 ACTIONS = ("to_identity", "meta3d_to_meta4d", "shrink")
 LOG_VERSION = 1
 
+
+def per_ms(delta: float, saved: float) -> float:
+    """The slimming score of an action that costs `delta` (accuracy drop or loss increase) and saves `saved`
+    ms (> 0): smaller is better. delta / saved, the paper's rule, when the action costs something or nothing;
+    when it gains (delta < 0) the ratio would rank a smaller saving first (-0.01 / 0.01 ms below -0.02 / 1 ms,
+    a dominated action), so a gain scores delta x saved: below every cost, larger gains and savings first."""
+    return delta / saved if delta >= 0 else delta * saved
 
 class TrajectoryLog:
     """Append-only JSON lines, one fsync'd line per record; a torn last line (an interrupt mid-write)
@@ -408,8 +417,8 @@ class LatencySlimming(SearchStrategy):
                     feasible = saved > 1e-12
                     rows.append({"action": action, "where": where, "choice": c, "predicted_ms": float(cms),
                                  "acc": e["acc"], "loss": e["loss"], "ms_saved": saved, "drop": drop,
-                                 "score": drop / saved if feasible else None,
-                                 "loss_per_ms": dloss / saved if feasible else None, "feasible": feasible})
+                                 "score": per_ms(drop, saved) if feasible else None,
+                                 "loss_per_ms": per_ms(dloss, saved) if feasible else None, "feasible": feasible})
                 if self.criterion == "acc":
                     ok = [(r["score"], r["loss_per_ms"], k) for k, r in enumerate(rows) if r["feasible"]]
                 else:

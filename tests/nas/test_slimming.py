@@ -200,3 +200,51 @@ def test_every_action_set_considers_every_position_and_stage(supernet_run, table
     with pytest.raises(SearchError, match="--actions: got 'all'"):
         run_search(supernet_run, table_path, target, str(tmp_path / "bad"), eval_images=16, progress=False,
                    actions="all")
+
+
+def test_an_action_that_is_more_accurate_and_faster_is_never_passed_over():
+    """A small held-out split can score a candidate above the current network (a negative drop): the ratio
+    drop / ms would then prefer the smallest saving. Fake space, latency and evaluator: removing stage 0's
+    block gains 0.02 and saves 1 ms, shrinking stage 0 gains 0.01 and saves 0.01 ms."""
+    import numpy as np
+    from nas.slimming import LatencySlimming, per_ms
+    from nas.strategy import SearchContext
+    from supernet.space import SearchSpace
+    stage = {"max_depth": 1, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]}
+    space = SearchSpace.from_dict({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
+                                   "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
+                                   "stages": [stage] * 4})
+
+    def ms(c):
+        return sum((b[0] != "identity") + 0.01 * w / 16 for w, b in zip(c["widths"], c["blocks"]))
+
+    class Compiled:
+        def score_choices(self, cs):
+            return np.array([ms(c) for c in cs])
+
+    class Supernet:
+        def probabilities(self):
+            return [torch.tensor([[0.9, 0.1]])] * 4
+
+        def importance(self):  # stage 0: the least important position and stage
+            return {"metapath": [[1.0], [5.0], [5.0], [5.0]], "stage": [1.0, 5.0, 5.0, 5.0]}
+    Supernet.space = space
+
+    class Evaluator:
+        evaluations = 0
+
+        def __call__(self, c):
+            self.evaluations += 1
+            g = 0.02 * sum(b[0] == "identity" for b in c["blocks"]) + 0.01 * sum((32 - w) // 16 for w in c["widths"])
+            return {"acc": 0.5 + g, "loss": 1.0 - g}
+
+        def prime(self, *a):
+            pass
+
+    start = {"widths": [32] * 4, "blocks": [["meta4d"]] * 4}
+    ctx = SearchContext(space=space, supernet=Supernet(), table=None, compiled=Compiled(), evaluator=Evaluator(),
+                        target_ms=ms(start) - 0.005, progress=False)
+    for criterion in ("acc", "loss"):
+        res = LatencySlimming(criterion=criterion).search(ctx)
+        assert res.extra["trajectory"][1]["action"] == "to_identity", criterion
+    assert per_ms(-0.02, 1.0) < per_ms(-0.01, 0.01) < per_ms(0.0, 5.0) < per_ms(0.01, 5.0) < per_ms(0.01, 1.0)
