@@ -204,6 +204,16 @@ def _logits(out):
     return (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
 
 
+def reference_labels(batches: Iterable[Batch], reference: nn.Module, num_classes: int) -> Iterator[Batch]:
+    """The batches, each without labels of the model's classes (None, or an index outside them) labelled
+    with `reference`'s top-1 (the unpruned model's: `--labels model`)."""
+    for x, y in batches:
+        if y is None or y.numel() == 0 or int(y.max()) >= num_classes or int(y.min()) < 0:
+            with torch.no_grad():
+                y = _logits(reference(x)).argmax(-1)
+        yield x, y
+
+
 def kd_loss(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
@@ -216,7 +226,8 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
              save: Optional[Callable[[dict], None]] = None, save_seconds: float = 60.0) -> dict:
     """AdamW with cosine decay for `steps` batches. Loss: cross-entropy on the labels, mixed with KD
     (KL to the teacher's softened outputs) when a teacher is given; without labels, KD alone (or,
-    without a teacher, the model's own top-1 at the start as labels).
+    without a teacher, the model's own current top-1: `prune` labels such batches with the unpruned
+    model's top-1 first, `reference_labels`).
 
     `save(state)` is called after a step whenever `save_seconds` (and 20x the last call's duration) have passed
     since the last call, after every step if `save_seconds` is 0, never after the last step. `state` (steps
@@ -502,6 +513,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         for p in teacher.parameters():
             p.requires_grad_(False)
     reference = copy.deepcopy(model).eval()
+    # without labels of the model's classes, every loss is against the unpruned model's top-1: the scores of
+    # later steps and fine-tuning without a teacher would otherwise chase the pruned model's own drifting top-1
+    calibration = list(reference_labels(calibration, reference, arch["num_classes"]))
     cur, cur_arch = copy.deepcopy(model).eval(), copy.deepcopy(arch)
     prev: Optional[Scores] = None
     steps_report = []
@@ -594,7 +608,10 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
             save_state(step, srep)
         if ft_per[step]:
             done = int(ft_resume["done"]) if ft_resume else 0
-            ft = finetune(cur, data.training(ft_per[step] - done, ft_start + done), ft_per[step], cfg.lr,
+            batches = data.training(ft_per[step] - done, ft_start + done)
+            if teacher is None:  # KD alone needs no labels; cross-entropy does
+                batches = reference_labels(batches, reference, arch["num_classes"])
+            ft = finetune(cur, batches, ft_per[step], cfg.lr,
                           cfg.weight_decay, teacher, cfg.kd_weight, cfg.kd_temperature, progress,
                           desc=f"fine-tune {step + 1}/{K}", resume=ft_resume,
                           save=(lambda fs, s=step, r=srep: save_state(s, r, fs)) if state_path else None,

@@ -265,3 +265,40 @@ def test_threads_are_set_and_recorded(deit_ckpt, tmp_path, capsys):
                "--out", str(tmp_path / "r0")] + FAST)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == "vitslim prune: error: --threads: got 0, expected an integer >= 1"
+
+
+def test_without_labels_every_loss_is_against_the_unpruned_models_top1(monkeypatch):
+    """--labels model: fine-tuning without a teacher and the scores of later steps use the unpruned model's
+    top-1, not the pruned model's own (which would only sharpen whatever it drifted to)."""
+    import pruning.importance as pi
+    import pruning.pruner as pp
+    arch = tiny_deit()
+    model = build(arch).eval()
+    data = DataSource("synthetic", arch, batch_size=4, labels="model")
+
+    def top1(x):
+        with torch.no_grad():
+            return pp._logits(model(x)).argmax(-1)
+
+    seen, real_ft, real_score = {"ft": [], "score": []}, pp.finetune, pi.TaylorImportance.score
+
+    def finetune(m, batches, *a, **k):
+        got = list(batches)
+        seen["ft"] += got
+        return real_ft(m, iter(got), *a, **k)
+
+    def score(self, m, arch_, calibration, **k):
+        seen["score"] += list(calibration)
+        return real_score(self, m, arch_, calibration, **k)
+
+    monkeypatch.setattr(pp, "finetune", finetune)
+    monkeypatch.setattr(pi.TaylorImportance, "score", score)
+    cfg = PruneConfig(target="macs=0.6", iterative_steps=2, finetune_steps=6, calib_batches=2, eval_batches=1, lr=1e-2)
+    prune(model, arch, cfg, data=data)
+    assert len(seen["ft"]) == 6 and len(seen["score"]) == 4
+    for x, y in seen["ft"] + seen["score"]:
+        assert y is not None and torch.equal(y, top1(x))
+    assert list(pp.reference_labels([(seen["ft"][0][0], torch.tensor([0, 1, 99, 2]))], model, arch["num_classes"]))[0][1] \
+        .tolist() == top1(seen["ft"][0][0]).tolist()  # an index outside the classes: relabelled too
+    kept = torch.tensor([0, 1, 2, 3]) % arch["num_classes"]
+    assert list(pp.reference_labels([(seen["ft"][0][0], kept)], model, arch["num_classes"]))[0][1] is kept
