@@ -79,12 +79,13 @@ class HeldoutEvaluator:
         return {"acc": correct / self.n_images, "loss": loss / self.n_images}
 
     def __call__(self, choice: Mapping) -> dict:
-        key = choice_key(choice)
+        choice = self.space.check_choice(choice)  # first: the key canonicalises (int(64.9) is 64), a hit must not
+        key = choice_key(choice)                  # answer for a choice that is not in the space (13 us)
         hit = self.cache.get(key)
         if hit is not None:
             return dict(hit)
         t0 = time.perf_counter()
-        model, _ = self.model(self.space.check_choice(choice))
+        model, _ = self.model(choice)
         res = self.score_model(model)
         self.seconds += time.perf_counter() - t0
         self.evaluations += 1

@@ -329,3 +329,18 @@ def test_an_interrupted_search_of_another_strategy_or_storage_is_not_silently_le
     rep = run_search(supernet_run, table_path, 4.0, out, strategy="optuna", storage="sqlite", trials=3,
                      overwrite=True, **kw)
     assert rep["search"]["trials"] == 3 and "study.journal" not in os.listdir(out)
+
+
+def test_a_choice_outside_the_space_is_refused_even_when_its_key_is_cached(supernet_run):
+    """choice_key canonicalises widths with int(): 64.9 must not be answered with 64's cached result."""
+    from nas.strategy import largest_choice
+    from supernet.errors import VitslimError
+    model, cfg, _ = load_supernet_run(supernet_run)
+    ev, _ = make_evaluator(model, cfg, eval_images=16)
+    good = largest_choice(model)
+    ev(good)
+    bad = {"widths": list(good["widths"]), "blocks": good["blocks"]}
+    bad["widths"][-1] = bad["widths"][-1] + 0.9
+    with pytest.raises(VitslimError, match=r"choice.widths\[%d\]: got %s" % (len(bad["widths"]) - 1, bad["widths"][-1])):
+        ev(bad)
+    assert ev.evaluations == 1
