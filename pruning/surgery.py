@@ -126,9 +126,10 @@ def apply_plan(model: nn.Module, arch: Mapping, plan: Plan) -> Tuple[nn.Module, 
     fam = get_family(new_arch["family"])
     new = fam.build(new_arch)
     new.arch = new_arch
+    first = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if first is not None:  # the model's device and dtype (float64, half), before the copy: values kept exactly
+        new.to(device=first.device, dtype=first.dtype)
     sd = pruned_state_dict(model, arch, plan)
     new.load_state_dict(sd, strict=True)
-    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
-    new.to(dev)
     new.train(model.training)
     return new, new_arch

@@ -114,3 +114,22 @@ def test_surgery_keeps_the_input_model_and_its_mode():
     assert small.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_surgery_keeps_the_models_dtype(net):
+    """A float64 (or half) model stays one: the copy is exact and the pruned model takes the original's inputs."""
+    model, arch = net
+    x = batches(arch, 1)[0][0].double()
+    model = model.double().eval()
+    plan = random_plan(arch, 0)
+    small, _ = apply_plan(model, arch, plan)
+    assert {p.dtype for p in small.parameters()} == {torch.float64}
+    hs = gated(model, arch, plan)
+    with torch.no_grad():
+        ref = model(x)
+    for h in hs:
+        h.remove()
+    with torch.no_grad():
+        assert rel_err(small(x), ref) <= 1e-12
+    half, _ = apply_plan(model.half(), arch, plan)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
