@@ -683,9 +683,42 @@ def select_ratio(net: Network, budget: float) -> Selection:
                 epoch[i] += 1
                 push_embed(i)
         total -= dc
+    if total > budget and net.depth:  # the last branch left is not one the budget can hold
+        total = _one_branch_left(net, budget)
     if total <= budget:
         total = grow(net, budget)
     return Selection(net.plan(), total, net.removed_importance(), "ratio")
+
+
+def _one_branch_left(net: Network, budget: float) -> float:
+    """Greedy depth moves end with the branch nothing cheaper outranked, and a network's last branch
+    never goes: at a budget below it but above the depth floor (`floor_cost_depth`: the cheapest
+    branch alone, at its floor widths) they stop over budget. Keep instead, of the branches that fit
+    the budget alone at their floor widths (every residual width at its floor too), the most
+    important; `grow` then adds back what the budget pays for. Returns the cost (still over budget
+    only when no branch fits, i.e. below the floor)."""
+    start = net.counts()
+    blocks0, embeds0 = start
+    embeds = {i: e.min for i, e in net.embeds.items()}
+    options = []
+    for bi, st in enumerate(net.blocks):
+        for br in BRANCHES:
+            if not (st.info.heads if br == "attn" else st.info.ffn_hidden):
+                continue
+            blocks = [(dict(k), {b: True for b in BRANCHES}) for k, _ in blocks0]
+            k, gone = blocks[bi]
+            gone[br] = False
+            for kind in BRANCH_UNITS[br]:
+                k[kind] = st.mins[kind]
+            net.set_counts(start)
+            net.set_counts((blocks, embeds))
+            options.append((net.total(), st.b[br], (blocks, embeds)))
+    net.set_counts(start)
+    fits = [o for o in options if o[0] <= budget]
+    if not fits:
+        return net.total()
+    net.set_counts(max(fits, key=lambda o: (o[1], -o[0]))[2])
+    return net.total()
 
 
 def grow(net: Network, budget: float) -> float:

@@ -216,6 +216,23 @@ def test_the_floor_does_not_hold_a_branch_back_but_the_last_branch_stays():
     assert "\n" not in str(e.value) and f"{lowest:.3f} ms" in str(e.value)
 
 
+@pytest.mark.parametrize("selection", ["ratio", "knapsack"])
+def test_every_target_above_the_depth_floor_is_met(selection):
+    """The floor is the cheapest branch alone at its floor widths; greedy branch moves can leave another,
+    costlier branch last (the last branch never goes). Targets between the two were refused as unreachable
+    after the floor check had accepted them: the selection now keeps a branch that fits instead."""
+    arch = tiny_deit()
+    t = grid_table(arch)
+    model = build(arch)
+    cal = batches(arch, n=2, bs=4)
+    lowest = floor_cost_depth(arch, LatencyCost(t, arch), Floor(0.1).of(block_infos(arch)))
+    for f in (1.002, 1.05, 1.1):
+        res = prune(model, arch, PruneConfig(target=f"latency={f * lowest}", selection=selection, eval_batches=0),
+                    calibration=cal, table=t)
+        assert res.report["latency_after_ms"] <= f * lowest + 1e-9, f
+        assert any(b["heads"] or b["ffn_hidden"] for b in res.report["blocks"])
+
+
 def test_iterative_pruning_with_depth_restricts_branch_scores():
     arch = tiny_swin()
     model = build(arch)
