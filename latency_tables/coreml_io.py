@@ -98,11 +98,17 @@ def export_coreml(keys: Sequence[Mapping], out_dir: str, networks: Sequence[Mapp
     os.makedirs(out_dir, exist_ok=True)
     man_path = os.path.join(out_dir, "manifest.json")
     old = {}
+    dtype = "float32 inputs, " + precision + " compute"
     if os.path.exists(man_path):
         old_m = read_manifest(man_path)
+        diffs = [f"{what} {old_m.get(k)!r}, asked {v!r}" for what, k, v in
+                 (("batch", "batch_size", batch_size), ("precision", "dtype", dtype)) if old_m.get(k) != v]
+        if diffs:  # its packages would be reused as they are: a mixed export under a manifest that says otherwise
+            raise CSVImportError(f"{out_dir}: holds an export of other settings ({'; '.join(diffs)}), expected the same "
+                                 "--batch and --precision to continue it; choose another --out")
         old = {r["key_str"]: r for r in old_m["entries"]}
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created": now_iso(),
-                "batch_size": batch_size, "dtype": "float32 inputs, " + precision + " compute", "fused": True,
+                "batch_size": batch_size, "dtype": dtype, "fused": True,
                 "coremltools": ct.__version__, "torch": torch.__version__, "built_for": dict(built_for or {}),
                 "entries": [], "networks": []}
     used = {r["name"] for r in old.values()}
@@ -148,8 +154,15 @@ def export_coreml(keys: Sequence[Mapping], out_dir: str, networks: Sequence[Mapp
         for r in manifest["entries"]:
             w.writerow([r["name"], "", "", "", "", r["key_str"]])
         for r in manifest["networks"]:
-            w.writerow([r["name"], "", "", "", "", "network"])
+            w.writerow([r["name"], "", "", "", "", network_key(r["arch"])])
     return manifest
+
+
+def network_key(arch: Mapping) -> str:
+    """The key column of a network row: 'network' and a digest of its arch, so that times of another
+    export's net00 are not taken for this one's."""
+    import hashlib
+    return "network " + hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_manifest(path: str) -> dict:
@@ -207,23 +220,28 @@ def read_times_csv(path: str, manifest: Mapping) -> Dict[str, dict]:
     """{name: {"ms", "p10", "p90", "n"}} for every row, every row checked against the manifest."""
     if not os.path.isfile(path):
         raise CSVImportError(f"{path}: no such file, expected a CSV of on-device times (name,median_ms,...)")
-    names = {}
+    names, keys = {}, {}
     for r in manifest["entries"]:
         names[r["name"]] = r["name"]
         names[r["package"]] = r["name"]
         names[r["key_str"]] = r["name"]
+        keys[r["name"]] = r["key_str"]
     for r in manifest["networks"]:
         names[r["name"]] = r["name"]
         names[r["package"]] = r["name"]
+        keys[r["name"]] = network_key(r["arch"]) if isinstance(r.get("arch"), Mapping) else "network"
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return _read_rows(path, csv.DictReader(f), names)
+            return _read_rows(path, csv.DictReader(f), names, keys)
     except (UnicodeDecodeError, csv.Error) as e:
         raise CSVImportError(f"{path}: not a UTF-8 text CSV ({e.__class__.__name__}: {str(e)[:80]}), expected rows of "
                              "name,median_ms[,p10_ms,p90_ms,samples]") from None
 
 
-def _read_rows(path: str, reader, names: Mapping[str, str]) -> Dict[str, dict]:
+def _read_rows(path: str, reader, names: Mapping[str, str], keys: Mapping[str, str] = {}) -> Dict[str, dict]:
+    """Rows by package name; a row's `key` column (times_template.csv writes one), when filled, must be the
+    manifest's key of that name: package names are numbered per export, so another export's CSV would
+    otherwise file its times under other keys."""
     cols = [c.strip() for c in (reader.fieldnames or [])]
     if "name" not in cols or "median_ms" not in cols:
         raise CSVImportError(f"{path}: header: got {cols}, expected at least name,median_ms "
@@ -240,6 +258,10 @@ def _read_rows(path: str, reader, names: Mapping[str, str]) -> Dict[str, dict]:
             unknown.append(f"{raw!r} (line {i})")
             continue
         where = f"{path} line {i} ({raw})"
+        given, want = (row.get("key") or "").strip(), keys.get(name)
+        if given and want and given != want and not (given == "network" and want.startswith("network ")):
+            raise CSVImportError(f"{where}: key column {given!r:.80}, but {name} of this manifest is {want!r:.80}; "
+                                 "expected the CSV of this export (package names are numbered per export)")
         ms = _number(row.get("median_ms", ""), where, "median_ms", True)
         p10 = _number(row.get("p10_ms", ""), where, "p10_ms", False)
         p90 = _number(row.get("p90_ms", ""), where, "p90_ms", False)
@@ -265,14 +287,24 @@ def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, co
                runtime: Optional[Mapping] = None) -> LatencyTable:
     """Read on-device medians into the table at `out_path` (created, or merged into if it exists and is for
     the same device). Everything is checked before anything is written: on error the file is untouched."""
+    if not isinstance(device, str) or not device.strip() or any(c in device for c in "\r\n"):
+        raise CSVImportError(f"--device: got {device!r}, expected a non-empty one-line name of what the times were "
+                             'measured on, e.g. "iPhone 12 (A14), iOS 17"')
+    device = device.strip()
     m = read_manifest(manifest_path)
     times = read_times_csv(csv_path, m)
+    med = sorted(t["ms"] for t in times.values())[len(times) // 2]
+    if med < 1e-3:  # a Core ML prediction takes tens of microseconds at least
+        warnings.warn(f"{csv_path}: the median time is {med:.3g} ms (under 1 us): times in seconds? The CSV's "
+                      "columns are milliseconds", stacklevel=2)
     dev = {"backend": "coreml", "device": device, "threads": None, "batch_size": int(m.get("batch_size", 1)),
            "dtype": m.get("dtype", "float16"), "fused": bool(m.get("fused", True)), "compute_units": compute_units,
            "runtime": dict(runtime or {"coremltools": m.get("coremltools")}), "platform": "on-device (imported)"}
     if os.path.exists(out_path):
         table = LatencyTable.load(out_path)
-        diffs = table.matches({k: dev[k] for k in ("backend", "device", "batch_size")})
+        diffs = table.matches({k: dev[k] for k in ("backend", "device", "batch_size", "dtype", "fused")})
+        if table.device.get("compute_units") != compute_units:  # CPU_ONLY vs ALL: other times for the same keys
+            diffs.append(f"compute_units {table.device.get('compute_units')!r} vs {compute_units!r}")
         if diffs:
             raise CSVImportError(f"{out_path}: a table for another device ({'; '.join(diffs)}); import into a new --out")
     else:

@@ -10,6 +10,7 @@ is registered in `DECOMPOSE`; one builder per operator in `OPS`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Tuple
 
@@ -114,6 +115,9 @@ def check_key(key: Mapping) -> dict:
         raise SegmentError(f"entry key {key_str(key)}: {what} (an {op} key has {', '.join(spec.fields)})")
     for k in spec.fields:
         v = key[k]
+        if isinstance(v, str) and (k in spec.widths or re.fullmatch(r"[+-]?\d+(\.\d*)?", v.strip())):
+            # a quoted number keys like the number (key_str) but builds nothing: refused, not half-accepted
+            raise SegmentError(f"entry key {key_str(key)}: {k}={v!r}, expected an integer (not a quoted string)")
         if isinstance(v, str):
             if not v or any(c in v for c in "|= "):
                 raise SegmentError(f"entry key {key_str(key)}: {k}={v!r}, expected a word without '|', '=' or spaces")

@@ -65,12 +65,12 @@ def _make_backend(args, table=None):
     return get_backend(name, threads=threads, batch_size=batch, dtype=dtype, fused=fused)
 
 
-def _proc(args, backend, time_per_item, table=None):
+def _proc(args, backend, time_per_item, table=None, option="--time-per-network"):
     from latency_tables.measure import Procedure, resolve_clock
     m = (table.measurement if table is not None else {}) or {}
     clock = args.clock or m.get("clock") or "auto"
     if time_per_item <= 0:
-        raise VitslimError(f"time per item: got {time_per_item}, expected seconds > 0")
+        raise VitslimError(f"{option}: got {time_per_item:g}, expected seconds > 0")
     return Procedure(time_per_item=time_per_item, min_samples=_positive("--min-samples", args.min_samples),
                      max_samples=m.get("max_samples", 2000), warmup=m.get("warmup_s", 0.05),
                      clock=resolve_clock(clock, backend))
@@ -191,7 +191,8 @@ def _build(args):
     remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
     table = open_table(args.out, backend, built_for)
     _resume_settings(args, table, backend, in_context)
-    proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry)
+    proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry, None,
+                 "--time-per-network" if in_context else "--time-per-entry")
     proc_nets = _proc(args, backend, args.time_per_network)
     if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):
         raise VitslimError(f"{args.out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
@@ -250,7 +251,9 @@ def _predict_args(p):
     p.add_argument("arch", metavar="ARCH", help="preset, arch .yaml or checkpoint")
     p.add_argument("--table", required=True, help="latency table .yaml")
     p.add_argument("--interpolate", action="store_true", help="estimate missing entries across widths (flagged)")
-    p.add_argument("--backend", default=None, help="fail unless the table was measured on this backend")
+    from latency_tables.backends import BACKENDS
+    p.add_argument("--backend", default=None, choices=sorted(BACKENDS),
+                   help="fail unless the table was measured on this backend")
     p.add_argument("--allow-device-mismatch", action="store_true", help="use a table of another backend/device anyway")
     p.add_argument("--json", action="store_true",
                    help='print {"predicted_ms", "stages", "overhead_ms", "estimated", "device"}')

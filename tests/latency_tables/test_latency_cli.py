@@ -10,7 +10,10 @@ from latency_tables.segments import arch_keys
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (an invalid choice) exit from parse_args
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -76,6 +79,14 @@ def test_validate_json_keys_are_fractions(capsys, table_file):
      "cannot be created ("),
     (["build", "--space", TINY, "--out", "{t}.new", "--threads", "0", "--dry-run"], "--threads: got 0, expected"),
     (["build", "--space", TINY, "--out", "{t}.new", "--batch", "0", "--dry-run"], "--batch: got 0, expected"),
+    (["predict", "--table", "{t}", "efficientformer_l1", "--backend", "tpu"], "invalid choice: 'tpu' (choose from"),
+    (["build", "--space", TINY, "--out", "{t}.new", "--time-per-network", "0"], "--time-per-network: got 0, expected"),
+    (["build", "--space", TINY, "--out", "{t}.new", "--procedure", "isolated", "--time-per-entry", "-1"],
+     "--time-per-entry: got -1, expected"),
+    (["validate", "--table", "{t}", "--samples", "1", "--time-per-network", "0", "--allow-device-mismatch"],
+     "--time-per-network: got 0, expected"),
+    (["import", "--manifest", "{t}.json", "--csv", "{t}.csv", "--out", "{t}.new", "--device", " "],
+     "--device: got ' ', expected a non-empty one-line name"),
 ])
 def test_bad_input_is_one_line_exit_2_and_the_table_is_untouched(capsys, table_file, tmp_path, argv, needle):
     bad = tmp_path / "bad.yaml"

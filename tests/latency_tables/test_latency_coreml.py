@@ -193,3 +193,63 @@ def test_a_binary_times_file_is_refused_in_one_line(tmp_path, payload):
         import_csv(_manifest(tmp_path, [GOOD_ENTRY]), str(tmp_path / "t.csv"), str(tmp_path / "t.yaml"), "iPhone 12")
     assert "not a UTF-8 text CSV" in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "t.yaml")
+
+
+def test_the_key_column_must_be_this_exports(exported, tmp_path):
+    """Package names are numbered per export: another export's CSV (its key column says so) is refused."""
+    out, manifest = exported
+    e0, e1 = manifest["entries"][0], manifest["entries"][1]
+    header = ("name", "median_ms", "p10_ms", "p90_ms", "samples", "key")
+    man = os.path.join(out, "manifest.json")
+    bad = _write_csv(tmp_path / "other.csv", [[e0["name"], "0.5", "", "", "", e1["key_str"]]], header)
+    with pytest.raises(CSVImportError, match=f"key column '{e1['key_str']}'.*expected the CSV of this export"):
+        import_csv(man, bad, str(tmp_path / "t.yaml"), "iPhone 12")
+    assert not os.path.exists(tmp_path / "t.yaml")
+    rows = list(csv.DictReader(open(os.path.join(out, "times_template.csv"))))
+    assert rows[-1]["key"].startswith("network ") and len(rows[-1]["key"]) == len("network ") + 12
+    net_bad = _write_csv(tmp_path / "net.csv", [[e0["name"], "0.5", "", "", "", e0["key_str"]],
+                                                 ["net00", "9", "", "", "", "network 000000000000"]], header)
+    with pytest.raises(CSVImportError, match="net00 of this manifest is 'network "):
+        import_csv(man, net_bad, str(tmp_path / "t.yaml"), "iPhone 12")
+    good = _write_csv(tmp_path / "good.csv", [[e0["name"], "0.5", "", "", "", e0["key_str"]],
+                                              [e1["name"], "0.6", "", "", "", ""]], header)  # an empty key: by name
+    t = import_csv(man, good, str(tmp_path / "t.yaml"), "iPhone 12")
+    assert t.get(e0["key"]).ms == 0.5 and t.get(e1["key"]).ms == 0.6
+
+
+def test_import_refuses_other_compute_units_or_precision_and_a_blank_device(exported, tmp_path):
+    out, manifest = exported
+    man = os.path.join(out, "manifest.json")
+    good = _write_csv(tmp_path / "good.csv", [[manifest["entries"][0]["name"], "0.5", "", "", ""]])
+    t_path = str(tmp_path / "t.yaml")
+    import_csv(man, good, t_path, "iPhone 12")
+    before = open(t_path, "rb").read()
+    with pytest.raises(CSVImportError, match="compute_units 'ALL' vs 'CPU_ONLY'"):
+        import_csv(man, good, t_path, "iPhone 12", compute_units="CPU_ONLY")
+    other = json.load(open(man))
+    other["dtype"] = "float32 inputs, float32 compute"
+    (tmp_path / "m32.json").write_text(json.dumps(other))
+    with pytest.raises(CSVImportError, match="dtype 'float32 inputs, float16 compute' vs 'float32 inputs, float32"):
+        import_csv(str(tmp_path / "m32.json"), good, t_path, "iPhone 12")
+    assert open(t_path, "rb").read() == before
+    for device in ("", "   ", "iPhone\n12"):
+        with pytest.raises(CSVImportError, match=r"--device: got .*, expected a non-empty one-line name"):
+            import_csv(man, good, str(tmp_path / "blank.yaml"), device)
+    assert not os.path.exists(tmp_path / "blank.yaml")
+
+
+def test_times_that_look_like_seconds_are_warned_about(exported, tmp_path):
+    out, manifest = exported
+    rows = [[r["name"], f"{t / 1000:.8f}", "", "", ""] for r, t in zip(manifest["entries"], (0.2, 0.3, 0.4))]
+    with pytest.warns(UserWarning, match="times in seconds"):
+        import_csv(os.path.join(out, "manifest.json"), _write_csv(tmp_path / "s.csv", rows), str(tmp_path / "t.yaml"),
+                   "iPhone 12")
+
+
+def test_continuing_an_export_with_another_batch_or_precision_is_refused(exported, tmp_path):
+    out, manifest = exported
+    for kw, needle in (({"precision": "float32"}, "precision 'float32 inputs, float16 compute', asked 'float32 inputs, "
+                        "float32 compute'"), ({"batch_size": 4}, "batch 1, asked 4")):
+        with pytest.raises(CSVImportError, match=needle):
+            export_coreml([manifest["entries"][0]["key"]], out, **kw)
+    assert json.load(open(os.path.join(out, "manifest.json")))["entries"] == manifest["entries"]

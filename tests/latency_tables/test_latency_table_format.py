@@ -1,6 +1,7 @@
 """The table file: a round trip keeps every number, saving is atomic, and every malformed file is
 refused with an error naming the entry, leaving the file byte-identical."""
 import os
+import re
 
 import pytest
 import yaml
@@ -57,6 +58,8 @@ def _corrupt(text, old, new):
     (lambda t: _corrupt(t, ", ms: ", ", ms: fast, x: "), "ms"),
     (lambda t: _corrupt(t, "{op: meta4d,", "{op: meta5d,"), "unknown op"),
     (lambda t: _corrupt(t, "{op: meta4d, res:", "{op: meta4d, ress:"), "missing res"),
+    (lambda t: re.sub(r"(op: meta4d, res: \d+, dim: \d+, ffn_hidden: )(\d+)", r"\1'\2'", t, count=1),
+     "expected an integer (not a quoted string)"),  # keyed like 128, built as '128': a crash later
     (lambda t: t + t[t.index("- {key:"):t.index("\n", t.index("- {key:")) + 1], "appears twice"),
     (lambda t: t.replace("entries:", "entries: {}\nx:", 1), "entries"),
     (lambda t: "[1, 2", "not valid YAML"),
