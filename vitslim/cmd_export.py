@@ -25,8 +25,14 @@ def _run(args):
     else:
         extra = f" (max relative error {res['max_rel_error']:.1e} vs PyTorch)" if "max_rel_error" in res else ""
         print(f"wrote {res['path']}{extra}" + (f" and {res['checkpoint']}" if "checkpoint" in res else ""))
+        if res.get("weights"):
+            print(f"weights: {res['weights']} (beside {args.target})")
+        elif not res["trained"] and args.format != "yaml":
+            print(f"note: untrained (random, seed 0) weights: {args.target} is an architecture; export a checkpoint "
+                  "for a trained network (right for latency measurement, not for accuracy)")
         if args.format == "coreml" and not res.get("predicted"):
-            print("note: Core ML converted here; it runs only on macOS/iOS (check it there, e.g. Xcode's performance report)")
+            print("note: Core ML converted here (float16 compute); it runs only on macOS/iOS (check it there, e.g. "
+                  "Xcode's performance report)")
     return 0
 
 

@@ -26,7 +26,9 @@ class ExportError(VitslimError):
 
 
 def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
-    """(model, arch, has_trained_weights) from a module, checkpoint, arch .yaml, preset or dict."""
+    """(model, arch, has_trained_weights) from a module, checkpoint, arch .yaml, preset or dict. An arch .yaml
+    with a vitslim checkpoint of the same arch beside it (X.yaml + X.pt, as `export --format yaml` writes
+    them) brings those weights."""
     from . import api
     if isinstance(target, nn.Module):
         arch = getattr(target, "arch", None)
@@ -37,8 +39,21 @@ def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
         model, arch = api.load_checkpoint(target)
         return model, arch, True
     arch = api.resolve_arch(target)
+    beside = weights_beside(target)
+    if beside is not None:
+        model, warch = api.load_checkpoint(beside)
+        if warch == arch:
+            return model, arch, True
     torch.manual_seed(0)
     return api.build_model(arch), arch, False
+
+
+def weights_beside(target) -> "str | None":
+    """X.pt or X.safetensors beside an arch file X.yaml (the pair `export --format yaml` writes), or None."""
+    if not isinstance(target, (str, os.PathLike)) or not os.fspath(target).endswith((".yaml", ".yml")):
+        return None
+    stem = os.path.splitext(os.fspath(target))[0]
+    return next((stem + e for e in (".pt", ".safetensors") if os.path.isfile(stem + e)), None)
 
 
 def _example(arch: Mapping, batch: int) -> torch.Tensor:
@@ -65,6 +80,11 @@ def _tmp_beside(out: str, is_dir: bool = False) -> str:
             os.close(fd)
             plain_mode(p)
     except OSError as e:
+        up = d
+        while up and not os.path.exists(up) and os.path.dirname(up) != up:
+            up = os.path.dirname(up)
+        if os.path.isfile(up):
+            raise ExportError(f"--out {out}: {up} is a file, expected a folder to write in") from None
         raise ExportError(f"--out {out}: cannot write in {d} ({e.strerror or e}), expected a writable folder") from None
     _TEMPS.append(p)
     return p
@@ -74,7 +94,9 @@ def _commit(tmp: str, out: str, overwrite: bool) -> None:
     if os.path.exists(out):
         if not overwrite:
             raise ExportError(f"{out}: already exists, expected a new path (or pass overwrite=True / --overwrite)")
-        if os.path.isdir(out):
+        if os.path.isdir(out) and not os.path.isdir(tmp):  # checked up front too: --overwrite replaces files only
+            raise ExportError(f"--out {out}: is a directory, expected a file path (--overwrite replaces a file)")
+        if os.path.isdir(out):  # a .mlpackage folder replaced by the new one
             shutil.rmtree(out)
     os.replace(tmp, out)
 
@@ -89,6 +111,8 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
         raise ExportError(f"--out: got {out!r}, expected a path ending in {' or '.join(_SUFFIX[fmt])} for format {fmt}")
     if os.path.exists(out) and not overwrite:
         raise ExportError(f"{out}: already exists, expected a new path (or pass --overwrite)")
+    if os.path.isdir(out) and fmt != "coreml":
+        raise ExportError(f"--out {out}: is a directory, expected a file path for format {fmt}")
     if batch < 1:
         raise ExportError(f"--batch: got {batch}, expected an integer >= 1")
     model, arch, trained = resolve_source(target)
@@ -98,9 +122,13 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
         model, arch = _with_input_size(model, arch, trained, input_size)
     del _TEMPS[:]
     try:
-        return {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript,
-                "safetensors": _safetensors}[fmt](
-            model, arch, trained, out, batch=batch, overwrite=overwrite, check=check, opset=opset)
+        res = {"yaml": _yaml, "onnx": _onnx, "coreml": _coreml, "torchscript": _torchscript,
+               "safetensors": _safetensors}[fmt](
+            model, arch, trained, out, batch=batch, overwrite=overwrite, check=check, opset=opset, source=target)
+        res["trained"] = bool(trained)
+        if not isinstance(target, nn.Module) and trained and weights_beside(target):
+            res["weights"] = weights_beside(target)
+        return res
     except OSError as e:
         raise ExportError(f"--out {out}: cannot write ({e.strerror or e})") from None
     finally:
@@ -133,15 +161,18 @@ def _with_input_size(model: nn.Module, arch: Mapping, trained: bool, size: int):
     return new.eval(), a
 
 
-def _yaml(model, arch, trained, out, overwrite, **_):
+def _yaml(model, arch, trained, out, overwrite, source=None, **_):
     from supernet.arch import to_yaml, validate
     from supernet.checkpoint import save_checkpoint
     tmp = _tmp_beside(out)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(to_yaml(validate(arch)))
     res = {"format": "yaml", "path": out}
-    if trained:  # weights travel beside the config: arch.yaml + arch.pt
-        wpath = os.path.splitext(out)[0] + ".pt"
+    wpath = os.path.splitext(out)[0] + ".pt"
+    if trained and isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and os.path.exists(wpath) \
+            and os.path.samefile(source, wpath):  # the yaml of a checkpoint, beside it: the pair is already there
+        res["checkpoint"] = wpath
+    elif trained:  # weights travel beside the config: arch.yaml + arch.pt
         if os.path.exists(wpath) and not overwrite:
             os.remove(tmp)
             raise ExportError(f"{wpath}: already exists, expected a new path (or pass --overwrite)")
@@ -189,6 +220,10 @@ def _rel_err(a, b) -> float:
 
 
 def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
+    try:
+        import onnx  # noqa: F401 - torch.onnx.export writes through it
+    except ImportError:
+        raise ExportError("onnx: the onnx package is not installed, expected `pip install vitslim[export]`") from None
     fused, x, ref = _deploy(model, arch, batch)
     tmp = _tmp_beside(out)
     with warnings.catch_warnings():
@@ -250,6 +285,9 @@ def to_coreml(model: nn.Module, example: torch.Tensor):
                           minimum_deployment_target=ct.target.iOS16)
 
 
+COREML_TOLERANCE = 5e-2  # float16 compute (coremltools' default for an iOS 16 mlprogram): ~1e-3 typical
+
+
 def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
     import sys
     fused, x, ref = _deploy(model, arch, batch)
@@ -260,7 +298,11 @@ def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
     res = {"format": "coreml", "path": out, "predicted": False}
     if check and sys.platform == "darwin":  # Core ML predicts only on Apple's OSes
         got = ml.predict({"image": x.numpy()})["logits"]
-        res["max_rel_error"] = _rel_err(got, ref)
+        err = _rel_err(got, ref)
+        if err > COREML_TOLERANCE:
+            raise ExportError(f"coreml check: Core ML output differs from PyTorch by {err:.2e} (relative), expected "
+                              f"<= {COREML_TOLERANCE:g} (the package computes in float16)")
+        res["max_rel_error"] = err
         res["predicted"] = True
     _commit(pkg, out, overwrite)
     shutil.rmtree(tmpdir, ignore_errors=True)

@@ -117,7 +117,7 @@ def test_an_unwritable_output_folder_is_one_line(capsys, ckpt, tmp_path):
     blocker.write_text("x")
     rc = main(["export", str(ckpt), "--format", "onnx", "--out", str(blocker / "sub" / "m.onnx")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "cannot write in" in err
+    assert rc == 2 and len(err.splitlines()) == 1 and f"{blocker} is a file, expected a folder to write in" in err
 
 
 def test_a_missing_checkpoint_says_no_such_file(capsys, tmp_path):
@@ -153,3 +153,100 @@ def test_export_at_another_input_size(ckpt, tmp_path):
         vitslim.export_model(str(ckpt), "onnx", tmp_path / "d.onnx", input_size=64)
     # a preset (no weights) is built at the size asked
     vitslim.export_model("deit_tiny", "torchscript", tmp_path / "d.ts", input_size=64, check=True)
+
+
+def test_an_arch_yaml_with_its_weights_beside_it_exports_the_trained_network(capsys, ckpt, tmp_path):
+    """export --format yaml writes X.yaml + X.pt; exporting X.yaml brings X.pt's weights, and an arch alone says
+    its weights are random."""
+    vitslim.export_model(str(ckpt), "yaml", tmp_path / "pair" / "net.yaml")
+    rc = main(["export", str(tmp_path / "pair" / "net.yaml"), "--format", "torchscript", "--out", str(tmp_path / "a.ts")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"weights: {tmp_path / 'pair' / 'net.pt'}" in out and "untrained" not in out
+    m, _ = vitslim.load_checkpoint(ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(tmp_path / "a.ts"))(x), m.eval()(x), atol=1e-5)
+    vitslim.save_arch(tiny_arch(), tmp_path / "alone.yaml")
+    rc = main(["export", str(tmp_path / "alone.yaml"), "--format", "torchscript", "--out", str(tmp_path / "b.ts")])
+    assert rc == 0 and "note: untrained (random, seed 0) weights" in capsys.readouterr().out
+    res = vitslim.export_model(str(tmp_path / "alone.yaml"), "torchscript", tmp_path / "c.ts")
+    assert res["trained"] is False
+
+
+def test_the_yaml_of_a_checkpoint_beside_it_needs_no_overwrite_and_keeps_it(ckpt, tmp_path):
+    before = open(ckpt, "rb").read()
+    res = vitslim.export_model(str(ckpt), "yaml", tmp_path / "m.yaml")  # ckpt is tmp_path/m.pt
+    assert res["checkpoint"] == str(tmp_path / "m.pt") and open(ckpt, "rb").read() == before
+    assert vitslim.load_arch(tmp_path / "m.yaml") == vitslim.resolve_arch(tiny_arch())
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused(capsys, ckpt, tmp_path):
+    d = bytearray(open(ckpt, "rb").read())
+    for i in range(len(d) // 2, len(d) // 2 + 64):
+        d[i] ^= 0xFF
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(d))
+    rc = main(["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "corrupt (CRC mismatch in " in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_without_the_onnx_package_is_one_line(monkeypatch, ckpt, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(vitslim.VitslimError, match="the onnx package is not installed"):
+        vitslim.export_model(str(ckpt), "onnx", tmp_path / "x.onnx", check=False)
+    assert os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_overwrite_never_removes_a_directory_for_a_file_format(ckpt, tmp_path):
+    d = tmp_path / "keep.onnx"
+    d.mkdir()
+    (d / "data.txt").write_text("precious")
+    with pytest.raises(vitslim.VitslimError, match="is a directory, expected a file path for format onnx"):
+        vitslim.export_model(str(ckpt), "onnx", d, overwrite=True)
+    assert (d / "data.txt").read_text() == "precious"
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_temporary(monkeypatch, ckpt, tmp_path):
+    real = torch.save
+
+    def interrupted(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        raise KeyboardInterrupt  # Ctrl-C after the bytes, before the rename
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    m, a = vitslim.load_checkpoint(ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        vitslim.export_model(str(ckpt), "yaml", tmp_path / "o" / "n.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        vitslim.save_checkpoint(m, a, tmp_path / "o" / "direct.pt")
+    assert os.listdir(tmp_path / "o") == []
+
+
+def test_a_core_ml_check_over_the_float16_tolerance_fails(monkeypatch, ckpt, tmp_path):
+    """On macOS the package predicts: an output far from PyTorch's is an error, not a figure (faked here)."""
+    import sys
+    import numpy as np
+    import vitslim.export as ex
+
+    class Fake:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def save(self, path):
+            os.makedirs(path)
+
+        def predict(self, d):
+            with torch.no_grad():
+                ref = ex._deploy(*vitslim.load_checkpoint(ckpt), 1)[2].numpy()
+            return {"logits": ref * self.scale}
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ex, "to_coreml", lambda model, x: Fake(1.001))
+    assert vitslim.export_model(str(ckpt), "coreml", tmp_path / "ok.mlpackage")["max_rel_error"] < 2e-3
+    monkeypatch.setattr(ex, "to_coreml", lambda model, x: Fake(np.float32(3.0)))
+    with pytest.raises(vitslim.VitslimError, match="coreml check: Core ML output differs .* expected <= 0.05"):
+        vitslim.export_model(str(ckpt), "coreml", tmp_path / "bad.mlpackage")
+    assert not (tmp_path / "bad.mlpackage").exists()
