@@ -366,6 +366,15 @@ def _convert_deit(sd: Mapping[str, torch.Tensor]):
         b = {"type": "vit", **attention_dims(sd, f"blocks.{j}.attn.", dim, None)}
         b["ffn_hidden"] = ffn_width(sd, f"blocks.{j}.mlp.")
         blocks.append(b)
+    guessed = [j for j, b in enumerate(blocks) if b["heads"] and (b["heads"] * b["qk_dim"] != dim
+                                                                  or b["heads"] * b["v_dim"] != dim)]
+    if guessed:  # a plain state dict does not say how pruned Q/K and V widths split into heads
+        import warnings
+        b = blocks[guessed[0]]
+        warnings.warn(f"a plain state dict of a pruned DeiT: the head counts of {len(guessed)} block(s) are guessed "
+                      f"(block {guessed[0]}: {b['heads']} head(s) of Q/K {b['qk_dim']}, V {b['v_dim']}); outputs are "
+                      "right only if the guess is: load the vitslim checkpoint (model.pt, save_checkpoint) instead",
+                      stacklevel=3)
     arch = {"version": 1, "family": "deit", "input_size": g * p, "in_chans": in_chans,
             "num_classes": sd["head.weight"].shape[0], "distillation": distilled,
             "stem": {"patch_size": p}, "stages": [{"width": dim, "downsample": None, "blocks": blocks}]}

@@ -2,6 +2,7 @@
 with the removed units gated to zero."""
 import random
 
+import pytest
 import torch
 
 import vitslim
@@ -133,3 +134,25 @@ def test_surgery_keeps_the_models_dtype(net):
         assert rel_err(small(x), ref) <= 1e-12
     half, _ = apply_plan(model.half(), arch, plan)
     assert {p.dtype for p in half.parameters()} == {torch.float16}
+
+
+def test_a_plain_state_dict_of_a_pruned_deit_warns_that_its_heads_are_guessed(tmp_path):
+    """The arch travels in vitslim checkpoints; torch.save(model.state_dict()) of a pruned DeiT keeps only the
+    total Q/K and V widths, which split into heads more than one way."""
+    import warnings
+    arch = tiny_deit()
+    model = build(arch)
+    infos = block_infos(arch)
+    keep = {i.key: BlockKeep([0, 2], {0: [0, 1, 2, 3], 2: [1, 2, 3, 4]}, {0: list(range(8)), 2: list(range(8))},
+                             list(range(i.ffn_hidden))) for i in infos}
+    small, small_arch = apply_plan(model, arch, Plan(keep))
+    torch.save(small.state_dict(), tmp_path / "plain.pt")
+    with pytest.warns(UserWarning, match=r"head counts of 2 block\(s\) are guessed"):
+        vitslim.load_checkpoint(tmp_path / "plain.pt")
+    vitslim.save_checkpoint(small, small_arch, tmp_path / "ours.pt")
+    torch.save(model.state_dict(), tmp_path / "unpruned.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back, back_arch = vitslim.load_checkpoint(tmp_path / "ours.pt")  # the arch is in the file
+        vitslim.load_checkpoint(tmp_path / "unpruned.pt")  # the official layout: nothing to guess
+    assert back_arch == small_arch
