@@ -258,6 +258,9 @@ def validate_patch_stem(a: dict) -> int:
     p = check_int(req(stem, "patch_size", "stem"), "stem.patch_size")
     if a["input_size"] < p:
         raise bad("input_size", a["input_size"], f"an integer >= stem.patch_size ({p})")
+    if a["input_size"] % p:  # a stride-p convolution would silently drop the last rows and columns
+        raise bad("input_size", a["input_size"], f"a multiple of stem.patch_size ({p}): the patch embedding would "
+                  f"drop its last {a['input_size'] % p} rows and columns")
     a["stem"] = {"patch_size": p}
     return p
 

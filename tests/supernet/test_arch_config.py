@@ -38,6 +38,16 @@ def test_bad_common_field_names_path():
         A.validate(a)
 
 
+@pytest.mark.parametrize("name,size,drop", [("deit_tiny", 100, 4), ("swin_tiny", 65, 1)])
+def test_an_input_size_the_patches_do_not_tile_is_refused(name, size, drop):
+    """A stride-p patch embedding drops the last input_size % p rows and columns without a word."""
+    a = vitslim.get_preset(name)
+    a["input_size"] = size
+    with pytest.raises(vitslim.ArchError, match=rf"input_size: got {size}, expected a multiple of stem.patch_size "
+                                                rf"\(\d+\): the patch embedding would drop its last {drop} rows"):
+        A.validate(a)
+
+
 def test_unknown_preset_suggests_near_names():
     with pytest.raises(vitslim.ArchError) as e:
         vitslim.get_preset("deit_tiney")
