@@ -72,6 +72,7 @@ def per_ms(delta: float, saved: float) -> float:
     a dominated action), so a gain scores delta x saved: below every cost, larger gains and savings first."""
     return delta / saved if delta >= 0 else delta * saved
 
+
 class TrajectoryLog:
     """Append-only JSON lines, one fsync'd line per record; a torn last line (an interrupt mid-write)
     is dropped on reading."""

@@ -473,9 +473,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
 
     `state_path`: the run saves its state there after every step but the last (the pruned network, the
     scores' momentum, the report so far, the RNG), once a step that fine-tunes (or the last step) is
-    selected, and during fine-tuning every FINETUNE_SAVE_SECONDS (weights, optimiser, schedule); a later call with the same
-    `state_key` (what the run depends on: config, checkpoint, data, table) continues from it, ending
-    where an uninterrupted run ends. A state of another key is refused."""
+    selected, and during fine-tuning every FINETUNE_SAVE_SECONDS (weights, optimiser, schedule); a later
+    call with the same `state_key` (what the run depends on: config, checkpoint, data, table) continues
+    from it, ending where an uninterrupted run ends. A state of another key is refused."""
     from tqdm import tqdm
     cfg = config.check()
     arch = dict(arch)

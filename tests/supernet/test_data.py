@@ -218,16 +218,19 @@ def _counting_opens(monkeypatch):
     return opened
 
 
+BAD0 = r"skipped 1 unreadable image file\(s\), e.g. .*bad0.jpg \(UnidentifiedImageError\)"
+
+
 def test_a_second_scan_of_an_unchanged_folder_opens_no_file(tmp_path, monkeypatch, scan_cache):
     from supernet.data import scan_cache_path
     root = tmp_path / "data"
     _write_folder(root, n_per_class=3, corrupt=1)
     opened = _counting_opens(monkeypatch)
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\), e.g. .*bad0.jpg \(UnidentifiedImageError\)"):
+    with pytest.warns(UserWarning, match=BAD0):
         first = scan_image_folder(str(root))
     assert len(opened) == 7 and os.path.dirname(scan_cache_path(str(root))) == str(scan_cache / "scans")
     opened.clear()
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\), e.g. .*bad0.jpg \(UnidentifiedImageError\)"):
+    with pytest.warns(UserWarning, match=BAD0):
         again = scan_image_folder(str(root))
     assert opened == [] and again == first  # the same classes, samples and skipped count, no header opened
 
