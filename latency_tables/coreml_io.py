@@ -238,7 +238,7 @@ def read_times_csv(path: str, manifest: Mapping) -> Dict[str, dict]:
                              "name,median_ms[,p10_ms,p90_ms,samples]") from None
 
 
-def _read_rows(path: str, reader, names: Mapping[str, str], keys: Mapping[str, str] = {}) -> Dict[str, dict]:
+def _read_rows(path: str, reader, names: Mapping[str, str], keys: Optional[Mapping[str, str]] = None) -> Dict[str, dict]:
     """Rows by package name; a row's `key` column (times_template.csv writes one), when filled, must be the
     manifest's key of that name: package names are numbered per export, so another export's CSV would
     otherwise file its times under other keys."""
@@ -258,7 +258,7 @@ def _read_rows(path: str, reader, names: Mapping[str, str], keys: Mapping[str, s
             unknown.append(f"{raw!r} (line {i})")
             continue
         where = f"{path} line {i} ({raw})"
-        given, want = (row.get("key") or "").strip(), keys.get(name)
+        given, want = (row.get("key") or "").strip(), (keys or {}).get(name)
         if given and want and given != want and not (given == "network" and want.startswith("network ")):
             raise CSVImportError(f"{where}: key column {given!r:.80}, but {name} of this manifest is {want!r:.80}; "
                                  "expected the CSV of this export (package names are numbered per export)")

@@ -698,7 +698,7 @@ def _one_branch_left(net: Network, budget: float) -> float:
     important; `grow` then adds back what the budget pays for. Returns the cost (still over budget
     only when no branch fits, i.e. below the floor)."""
     start = net.counts()
-    blocks0, embeds0 = start
+    blocks0 = start[0]
     embeds = {i: e.min for i, e in net.embeds.items()}
     options = []
     for bi, st in enumerate(net.blocks):
