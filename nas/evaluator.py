@@ -21,12 +21,14 @@ def choice_key(choice: Mapping) -> str:
 
 
 def stack_batches(dataset, n_images: int, batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """The first n_images of a dataset as in-memory (x, y) batches: evaluation never reloads or
-    re-augments an image, so every candidate sees exactly the same inputs."""
-    n = min(int(n_images), len(dataset))
+    """n_images of a dataset (`subset_indices`: the first ones, spread over every class for an image
+    folder) as in-memory (x, y) batches: evaluation never reloads or re-augments an image, so every
+    candidate sees exactly the same inputs."""
+    from supernet.data import subset_indices
+    idx = subset_indices(dataset, n_images)
     out = []
-    for a in range(0, n, batch_size):
-        items = [dataset[i] for i in range(a, min(n, a + batch_size))]
+    for a in range(0, len(idx), batch_size):
+        items = [dataset[i] for i in idx[a:a + batch_size]]
         out.append((torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
     return out
 

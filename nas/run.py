@@ -140,7 +140,7 @@ def prepare_out(out: str, overwrite: bool, extend=None, log: Optional[str] = Non
 
 def make_evaluator(supernet, cfg: TrainConfig, eval_images: int = 512, bn_batches: int = 0, batch_size: int = 256,
                    seed: int = 0, device: str = "cpu"):
-    """(HeldoutEvaluator on the first `eval_images` held-out images of the supernet run's data, train set)."""
+    """(HeldoutEvaluator on `eval_images` held-out images (`subset_indices`) of the supernet run's data, train set)."""
     if eval_images < 1:
         raise SearchError(f"--eval-images: got {eval_images}, expected an integer >= 1")
     if bn_batches < 0:
@@ -306,6 +306,7 @@ def verify_result(strat, ctx: SearchContext, result: SearchResult, verifier: Ver
     for n in range(verifier.max_rounds):
         arch = ctx.space.to_arch(ctx.space.check_choice(result.choice))
         rec = verifier.check(n, result.choice, arch, result.predicted_ms, ctx.bound_ms, target)
+        used = n + 1
         if rec["met"] or n == verifier.max_rounds - 1:
             break
         bound = Verifier.next_bound(rec, ctx.bound_ms, target)
@@ -320,6 +321,7 @@ def verify_result(strat, ctx: SearchContext, result: SearchResult, verifier: Ver
             ctx.limit_ms = old
             note = f"could not tighten further: {e}"
             break
+    verifier.keep(used)  # the rounds of this search only (a resumed run may stop sooner): the last measured `result`
     last = verifier.rounds[-1]
     met = bool(last["met"])
     if not met and note is None:

@@ -112,7 +112,12 @@ class Verifier:
         before), and whether it meets the target."""
         key = choice_key(choice)
         if n < len(self.rounds) and self.rounds[n].get("key") == key:
-            return self.rounds[n]
+            # the measurement is reused, the verdict is this run's: a resume may pass another --tolerance
+            rec = dict(self.rounds[n])
+            rec["over_target"] = float(rec["ms"]) / float(target_ms) - 1.0
+            rec["met"] = float(rec["ms"]) <= float(target_ms) * (1 + float(self.tolerance))
+            self.rounds[n] = rec
+            return rec
         del self.rounds[n:]
         m = (self.measure or (lambda a: measure_arch(self.table, a, self.seconds, seed=n)))(arch)
         rec = {"round": n, "key": key, "bound_ms": float(bound_ms), "predicted_ms": float(predicted_ms),
@@ -121,6 +126,13 @@ class Verifier:
         self.rounds.append(rec)
         self._write()
         return rec
+
+    def keep(self, n: int) -> None:
+        """Keep the first `n` rounds: those of the search that ended (a resumed one may stop earlier than
+        the run it resumes had gone, e.g. under a larger tolerance or fewer --verify-rounds)."""
+        if len(self.rounds) > n:
+            del self.rounds[n:]
+            self._write()
 
     @staticmethod
     def next_bound(rec: Mapping, bound_ms: float, target_ms: float) -> float:

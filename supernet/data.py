@@ -354,6 +354,7 @@ class ImageFolder(Dataset):
     Indices past len() address later epochs (index = epoch * len + i): the loader below uses that
     to give each epoch its own augmentation without any state in the dataset.
     """
+    class_ordered = True  # samples are listed class by class: a prefix holds the first classes only
 
     def __init__(self, root: str, image_size: int = 224, train: bool = True, seed: int = 0,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -605,12 +606,23 @@ def make_loader(dataset: Dataset, batch_size: int, steps: int, seed: int = 0, st
                       persistent_workers=False)
 
 
+def subset_indices(dataset: Dataset, n: int) -> List[int]:
+    """n fixed indices of a dataset to evaluate on: the first n, or, for a dataset listed class by class
+    (`class_ordered`: an ImageFolder), n spread evenly over it, so that every class is in the subset in
+    its share (the first 512 of ImageNet's validation set are 11 of its 1000 classes)."""
+    total = len(dataset)
+    n = min(int(n), total)
+    if n < total and getattr(dataset, "class_ordered", False):
+        return [k * total // n for k in range(n)]
+    return list(range(n))
+
+
 def heldout_batches(dataset: Dataset, batch_size: int, max_batches: Optional[int] = None, rank: int = 0,
                     world_size: int = 1, workers: int = 0) -> DataLoader:
-    """This rank's share of the held-out set in order (the first max_batches global batches)."""
+    """This rank's share of the held-out set in order (max_batches global batches of `subset_indices`)."""
     n = len(dataset)
     steps = math.ceil(n / batch_size) if max_batches is None else min(max_batches, math.ceil(n / batch_size))
-    idx = list(range(min(n, steps * batch_size)))
+    idx = subset_indices(dataset, steps * batch_size)
     mine = idx[rank::world_size]
     per = max(1, batch_size // world_size)
     batches = [mine[i:i + per] for i in range(0, len(mine), per)]

@@ -110,6 +110,27 @@ def test_a_resumed_verified_run_reuses_the_measurements_and_ends_in_the_same_pla
     assert rep3["choice"] == rep["choice"] and dev.calls == len(rep["verification"]["rounds"]) - 1
 
 
+def test_a_resume_under_another_tolerance_judges_the_logged_measurements_anew(verified_run, supernet_run,
+                                                                             table_path, tmp_path):
+    """The rounds logged under --tolerance 0.05 are measurements, not verdicts: resumed with 0.5, the first
+    network (30% over) meets it; the report describes that network, the later rounds are dropped."""
+    from nas.evaluator import choice_key
+    out, rep, target, _ = verified_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    os.remove(os.path.join(copy, "report.json"))
+    first = rep["verification"]["rounds"][0]
+    dev = SlowDevice(table_path, 1.3)
+    rep2 = run_search(supernet_run, table_path, target, copy, eval_images=16, progress=False, measure=dev,
+                      tolerance=0.5)
+    v = rep2["verification"]
+    assert dev.calls == 0 and len(v["rounds"]) == 1 and v["met"] and v["measured_ms"] == first["ms"]
+    assert rep2["measured_ms"] == first["ms"] and rep2["predicted_ms"] == pytest.approx(first["predicted_ms"])
+    with open(os.path.join(copy, "verify.json")) as f:
+        logged = json.load(f)["rounds"]
+    assert len(logged) == 1 and logged[0]["key"] == choice_key(rep2["choice"])
+
+
 def test_a_device_that_cannot_be_met_is_reported_not_hidden(supernet_run, table_path, tmp_path):
     target = 0.6 * slim_tests.start_ms(supernet_run, table_path)
     dev = SlowDevice(table_path, 10.0)

@@ -286,3 +286,27 @@ def test_a_damaged_or_unwritable_scan_cache_costs_only_the_checks(tmp_path, monk
     assert scan_image_folder(str(root)) == ref and len(opened) == 8
     assert not os.listdir(tmp_path / "data" / "cat") == []  # the data folder itself is never written
     assert sorted(os.listdir(tmp_path / "data")) == ["cat", "dog"]
+
+
+def test_a_held_out_subset_of_an_image_folder_covers_every_class(tmp_path):
+    """Image folders list samples class by class: the first n of ImageNet's validation set are a few classes.
+    Evaluation subsets (the search's --eval-images, training's eval_batches) spread over all of them; the
+    synthetic task (labels i % classes) keeps its first n images."""
+    from collections import Counter
+    from PIL import Image
+    from nas.evaluator import stack_batches
+    from supernet.data import subset_indices
+    for c in range(10):
+        os.makedirs(tmp_path / "val" / f"c{c}")
+        for i in range(20):
+            Image.fromarray(np.full((8, 8, 3), 10 * c + i, np.uint8)).save(tmp_path / "val" / f"c{c}" / f"{i}.png")
+    held = ImageFolder(str(tmp_path / "val"), image_size=16, train=False)
+    counts = Counter(int(y) for _, ys in stack_batches(held, 40, 8) for y in ys)
+    assert counts == {c: 4 for c in range(10)}
+    loader = heldout_batches(held, batch_size=10, max_batches=3)
+    assert Counter(int(y) for _, ys in loader for y in ys) == {c: 3 for c in range(10)}
+    assert subset_indices(held, 500) == list(range(200))  # all of it, in order
+    syn = SyntheticShapes(4, 16, length=100, split="heldout")
+    assert subset_indices(syn, 12) == list(range(12))
+    xs = torch.cat([x for x, _ in stack_batches(syn, 12, 5)])
+    assert torch.equal(xs, torch.stack([syn[i][0] for i in range(12)]))
