@@ -1,5 +1,5 @@
-"""Baselines behind the same interface: `RandomSearch` (uniform samples of the space that meet the
-target, optionally only those within `band` under it (a latency-matched baseline), the most accurate
+"""Baselines behind the same interface: `RandomSearch` (random samples of the space, `SearchSpace.sample`,
+that meet the target, optionally only those within `band` under it (a latency-matched baseline), the most accurate
 of `budget` evaluations) and `UniformShrink` (slimming's start network with
 every stage's width scaled by one factor until the target is met; blocks untouched)."""
 from __future__ import annotations

@@ -114,6 +114,11 @@ def prepare_out(out: str, overwrite: bool, extend=None, log: Optional[str] = Non
         raise SearchError(f"--out {out}: exists and is not a directory")
     rep = _search_report(out) if os.path.isdir(out) else None
     if rep is not None and not overwrite and extend is not None and extend(rep):
+        other = [f for f in SEARCH_LOGS if f != log and os.path.exists(os.path.join(out, f))]
+        if other:  # more trials of another storage would start a new study beside the finished one
+            raise SearchError(f"--out {out}: its study is in {other[0]} ({SEARCH_LOGS[other[0]]}); re-run with that "
+                              "storage to add trials to it, pass --overwrite to start this search instead, or choose "
+                              "another --out")
         return "resume"
     if rep is not None:
         if not overwrite:

@@ -92,6 +92,8 @@ class SearchSpace:
                     raise bad(f"{p}.{key}", w, f"a multiple of width_step ({step})")
             if mn > mw:
                 raise bad(p + ".min_width", mn, f"at most max_width ({mw})")
+            if i == 0 and mn < 2:  # the stem's first convolution has half the first stage's width
+                raise bad(p + ".min_width", mn, "at least 2 for stage 0 (the stem's first convolution is half of it)")
             cands = check_list(req(s, "candidates", p), p + ".candidates")
             for j, c in enumerate(cands):
                 check_choice(c, f"{p}.candidates[{j}]", BLOCK_KINDS)
@@ -166,7 +168,10 @@ class SearchSpace:
         return c
 
     def sample(self, rng: random.Random) -> dict:
-        """A uniformly random valid choice (types per position, then widths)."""
+        """A random valid choice: each stage's width uniform over its widths, each position's type uniform
+        over the kinds its predecessors allow (no meta4d after a meta3d). Not uniform over whole valid
+        choices: a stage's patterns with an early meta3d are likelier (in the L1 space's last stage, all
+        meta3d 1/192 vs all meta4d 1/2187); the random-search baseline and table sampling use this."""
         widths, blocks = [], []
         for s in self.stages:
             widths.append(rng.choice(list(range(s.min_width, s.max_width + 1, self.width_step))))

@@ -39,6 +39,19 @@ def test_pareto_front_keeps_the_non_dominated():
     assert pareto_front(rows) == [0, 3]
 
 
+def test_more_trials_under_another_storage_are_refused(supernet_run, table_path, tmp_path):
+    """A finished journal study asked for more trials with --storage sqlite would start an empty study beside it."""
+    from nas.strategy import SearchError
+    out = str(tmp_path / "opt")
+    kw = dict(strategy="optuna", eval_images=16, progress=False, seed=0, verify="off")
+    run_search(supernet_run, table_path, 4.0, out, trials=3, storage="journal", **kw)
+    with pytest.raises(SearchError, match=r"its study is in study.journal .*re-run with that storage"):
+        run_search(supernet_run, table_path, 4.0, out, trials=5, storage="sqlite", **kw)
+    assert not os.path.exists(os.path.join(out, "study.db"))
+    rep = run_search(supernet_run, table_path, 4.0, out, trials=5, storage="journal", **kw)
+    assert rep["search"]["trials"] == 5 and rep["evaluation"]["evaluated_this_run"] <= 2
+
+
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
 def test_study_resumes_from_its_storage(supernet_run, table_path, tmp_path, storage):
     out = str(tmp_path / "opt")

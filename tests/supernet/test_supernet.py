@@ -224,6 +224,8 @@ def test_recalibrate_bn_reestimates_statistics_of_the_running_width():
     ({"stages": [dict(SPACE["stages"][0], candidates=[])] + SPACE["stages"][1:]}, "stages[0].candidates: got []"),
     ({"stages": [dict(SPACE["stages"][0], max_depth=0)] + SPACE["stages"][1:]}, "stages[0].max_depth: got 0"),
     ({"stages": [dict(SPACE["stages"][0], candidates=["meta4d", "meta4d"])] + SPACE["stages"][1:]}, "listed twice"),
+    ({"width_step": 1, "stages": [dict(SPACE["stages"][0], min_width=1)] + SPACE["stages"][1:]},
+     "stages[0].min_width: got 1, expected at least 2 for stage 0"),  # its arch would not build (a stem of 0)
 ])
 def test_bad_search_spaces_are_refused_naming_the_value(patch, needle):
     with pytest.raises(ArchError) as e:
