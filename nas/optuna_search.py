@@ -115,6 +115,7 @@ class OptunaSearch(SearchStrategy):
             raise SearchError(f"--storage: got {storage!r}, expected one of {', '.join(STORAGES)}")
         self.n_trials, self.sampler_name, self.storage_kind = int(n_trials), sampler, storage
         self.population_size = population_size
+        self.n_startup: Optional[int] = None  # fixed by the study once it exists (see study())
         self.run_args = dict(run_args or {})
         self.log_file = "study.journal" if storage == "journal" else "study.db"
 
@@ -154,7 +155,7 @@ class OptunaSearch(SearchStrategy):
         return self.population_size or max(4, min(50, self.n_trials // 4))
 
     def _n_startup(self) -> int:
-        return min(10, max(2, self.n_trials // 5))
+        return self.n_startup or min(10, max(2, self.n_trials // 5))
 
     @staticmethod
     def worker_seed(seed: int, completed: int, rank: int) -> int:
@@ -183,8 +184,8 @@ class OptunaSearch(SearchStrategy):
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=STUDY_NAME, storage=self._storage(ctx),
-                                    sampler=self._sampler(ctx, seed), directions=["maximize", "minimize"],
-                                    load_if_exists=True)
+                                    sampler=optuna.samplers.RandomSampler(), directions=["maximize", "minimize"],
+                                    load_if_exists=True)  # its sampler is set below, once its shape is known
         args = json.loads(json.dumps({**self.args(), "target_ms": ctx.target_ms, "seed": ctx.seed}))
         old = study.user_attrs.get("vitslim_args")
         if old is None:
@@ -194,6 +195,15 @@ class OptunaSearch(SearchStrategy):
             if diff:
                 raise SearchError(f"cannot resume the study in {ctx.log_dir}: the arguments differ from its: "
                                   f"{'; '.join(diff[:3])} (use the same arguments, another --out, or --overwrite)")
+        # the sampler's shape follows --trials when the study starts and stays with it: more trials asked later
+        # must not regroup NSGA-II's generations (population) or TPE's random start mid-study
+        shape = study.user_attrs.get("vitslim_sampler")
+        if shape is None:
+            study.set_user_attr("vitslim_sampler", {"population_size": self._population(),
+                                                    "n_startup": self._n_startup()})
+        else:
+            self.population_size, self.n_startup = int(shape["population_size"]), int(shape["n_startup"])
+        study.sampler = self._sampler(ctx, seed)
         return study
 
     def search(self, ctx: SearchContext) -> SearchResult:

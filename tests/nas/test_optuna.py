@@ -39,6 +39,27 @@ def test_pareto_front_keeps_the_non_dominated():
     assert pareto_front(rows) == [0, 3]
 
 
+def test_more_trials_keep_the_samplers_shape_from_the_studys_start(supernet_run, table_path, tmp_path, monkeypatch):
+    """NSGA-II groups trials into generations of population_size, derived from --trials: a study extended from
+    8 to 40 trials keeps the population it started with (40 alone would be 10)."""
+    import optuna
+    from nas.optuna_search import OptunaSearch
+    out = str(tmp_path / "opt")
+    kw = dict(strategy="optuna", eval_images=16, progress=False, seed=0, verify="off")
+    run_search(supernet_run, table_path, 4.0, out, trials=8, **kw)
+    used = []
+    real = optuna.samplers.NSGAIISampler.__init__
+
+    def spy(self, *a, **k):
+        used.append(k.get("population_size"))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(optuna.samplers.NSGAIISampler, "__init__", spy)
+    assert OptunaSearch(n_trials=40)._population() == 10
+    rep = run_search(supernet_run, table_path, 4.0, out, trials=40, **kw)
+    assert rep["search"]["trials"] == 40 and used and set(used) == {4}
+
+
 def test_more_trials_under_another_storage_are_refused(supernet_run, table_path, tmp_path):
     """A finished journal study asked for more trials with --storage sqlite would start an empty study beside it."""
     from nas.strategy import SearchError
