@@ -301,12 +301,20 @@ main({argv!r})
 def test_a_prune_killed_during_fine_tuning_resumes_to_the_uninterrupted_result(deit_ckpt, tmp_path, capsys):
     """kill -9, not Ctrl-C: nothing of the killed process cleans up (its lock, its temporaries); re-running the
     command continues from the last save to the weights and report of an uninterrupted run."""
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps",
+            "2", "--finetune-steps", "8", "--kd", "--threads", "1"] + FAST  # float sums: one thread count in both
+    ref, out = tmp_path / "ref", tmp_path / "p"
+    threads = torch.get_num_threads()
+    try:
+        _killed_and_resumed(args, ref, out, tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_and_resumed(args, ref, out, tmp_path, capsys):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps",
-            "2", "--finetune-steps", "8", "--kd"] + FAST
-    ref, out = tmp_path / "ref", tmp_path / "p"
     assert run(args + ["--out", str(ref)], capsys)[0] == 0
     p = subprocess.run([sys.executable, "-c", KILLED_PRUNE.format(root=root, at=6, argv=args + ["--out", str(out)])],
                        cwd=root)
