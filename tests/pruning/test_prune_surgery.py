@@ -58,6 +58,17 @@ def gated(model, arch, plan, zero_branch_bias=False):
     return handles
 
 
+def gated_output(model, arch, plan, x, **kw):
+    """The unpruned model's output on x with the plan's removed units gated to zero (hooks removed after)."""
+    hs = gated(model, arch, plan, **kw)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hs:
+            h.remove()
+
+
 def test_nothing_pruned_reproduces_outputs_exactly(net):
     model, arch = net
     x = batches(arch, 1)[0][0]
@@ -73,11 +84,7 @@ def test_surgery_equals_gating_the_removed_units_to_zero(net):
     for seed in range(2):
         plan = random_plan(arch, seed)
         small, small_arch = apply_plan(model, arch, plan)
-        hs = gated(model, arch, plan)
-        with torch.no_grad():
-            ref = model(x)
-        for h in hs:
-            h.remove()
+        ref = gated_output(model, arch, plan, x)
         with torch.no_grad():
             out = small(x)
         assert rel_err(out, ref) <= 1e-5, seed
@@ -98,11 +105,7 @@ def test_emptied_branches_equal_gating_plus_their_output_bias():
     small, small_arch = apply_plan(model, arch, plan)
     assert all(b["heads"] == 0 and b["ffn_hidden"] == 0 for b in small_arch["stages"][0]["blocks"])
     assert small.blocks[0].attn is None and small.blocks[0].mlp is None
-    hs = gated(model, arch, plan, zero_branch_bias=True)
-    with torch.no_grad():
-        ref = model(x)
-    for h in hs:
-        h.remove()
+    ref = gated_output(model, arch, plan, x, zero_branch_bias=True)
     with torch.no_grad():
         assert rel_err(small(x), ref) <= 1e-5
 
@@ -125,11 +128,7 @@ def test_surgery_keeps_the_models_dtype(net):
     plan = random_plan(arch, 0)
     small, _ = apply_plan(model, arch, plan)
     assert {p.dtype for p in small.parameters()} == {torch.float64}
-    hs = gated(model, arch, plan)
-    with torch.no_grad():
-        ref = model(x)
-    for h in hs:
-        h.remove()
+    ref = gated_output(model, arch, plan, x)
     with torch.no_grad():
         assert rel_err(small(x), ref) <= 1e-12
     half, _ = apply_plan(model.half(), arch, plan)
