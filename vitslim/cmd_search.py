@@ -10,7 +10,7 @@ import re
 
 import yaml
 
-from supernet.arch import read_yaml
+from supernet.arch import atomic_write_text, read_yaml
 from supernet.errors import VitslimError, check_writable
 
 from .cli import add_threads_arg, apply_threads, finite_float, register_command
@@ -192,6 +192,15 @@ def _check_table_section(t, base: str) -> None:
                                "the key to measure one)")
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """`base` with `over`'s keys, nested sections merged key by key (an override of optimizer.lr keeps the
+    config's warmup and clipping)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _supernet_stage(d, base, out, progress):
     from supernet.train import TrainConfig, config_diff, read_run, train
     sn = dict(d.get("supernet") or {})
@@ -202,7 +211,13 @@ def _supernet_stage(d, base, out, progress):
     raw = read_yaml(cfg_path, VitslimError, "a supernet training config .yaml (supernet.config)")
     if not isinstance(raw, dict):
         raise _bad(cfg_path, raw, "a mapping (a supernet training config)")
-    raw.update(sn)  # overrides: steps, widths, ...
+    for keys in (("space",), ("data", "train_dir"), ("data", "val_dir"), ("distillation", "teacher")):
+        parent = sn  # a path given here is relative to the pipeline file, not to the supernet config
+        for k in keys[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(keys[-1]), str):
+            parent[keys[-1]] = os.path.normpath(os.path.join(base, os.path.expanduser(parent[keys[-1]])))
+    raw = _merged(raw, sn)  # overrides: steps, widths, optimizer.lr (the rest of optimizer kept), ...
     cfg = TrainConfig.from_dict(raw, base_dir=os.path.dirname(cfg_path))
     run = os.path.join(out, "supernet")
     ck = os.path.join(run, "checkpoint.pt")
@@ -230,10 +245,13 @@ def _table_stage(d, base, out, cfg, progress):
         reuse = os.path.normpath(os.path.join(base, reuse))
         if os.path.isfile(reuse):
             tab = LatencyTable.load(reuse)
-            if tab.device.get("device") == cpu_model() and not tab.missing(_space_keys(cfg.space)):
+            backend = t.get("backend", "torch-cpu")
+            if tab.device.get("device") == cpu_model() and tab.device.get("backend") == backend \
+                    and not tab.missing(_space_keys(cfg.space)):
                 print(f"[2/4] latency table: reusing {reuse}")
                 return reuse
-            print(f"[2/4] latency table: {reuse} is for another device or space; building one for this machine")
+            print(f"[2/4] latency table: {reuse} is for another device, backend ({tab.device.get('backend')}, "
+                  f"asked {backend}) or space; building one for this machine")
     path = os.path.join(out, "table.yaml")
     space_file = os.path.join(out, "space.yaml")
     atomic_write_text(space_file, yaml.safe_dump(cfg.space.to_dict(), sort_keys=False))
@@ -287,32 +305,80 @@ def _run(args):
     else:
         target = float(s.pop("target_ms"))
         print(f"[3/4] search: target {target:g} ms")
+    stage = {"target_ms": target, "strategy": s.get("strategy", "slim"), "seed": s.get("seed", 0),
+             "settings": json.loads(json.dumps(s, sort_keys=True)), "table": os.path.abspath(table),
+             "table_digest": _table_digest(table)}
+    stage_file = os.path.join(search_dir, STAGE_FILE)
+    was = None
+    if os.path.isfile(stage_file):
+        with open(stage_file) as f:
+            was = json.load(f)
+    elif os.path.isfile(os.path.join(search_dir, "report.json")):  # a run of an earlier version: what it recorded
+        with open(os.path.join(search_dir, "report.json")) as f:
+            rep = json.load(f)
+        was = {k: rep.get(k) for k in ("target_ms", "strategy", "seed")}
+    if was is not None:
+        diff = [f"{k}: {_short(was.get(k))} -> {_short(stage[k])}" for k in stage if k in was and was[k] != stage[k]]
+        if diff:  # the search (and its exports) answer another question
+            raise VitslimError(f"{search_dir}: holds a search for other settings ({'; '.join(diff[:3])}); use "
+                               f"another --out, or delete {search_dir} and {os.path.join(args.out, 'export')} to "
+                               "search again")
     if os.path.isfile(os.path.join(search_dir, "report.json")):
         with open(os.path.join(search_dir, "report.json")) as f:
             rep = json.load(f)
-        was = {"target_ms": rep.get("target_ms"), "strategy": rep.get("strategy"), "seed": rep.get("seed")}
-        now = {"target_ms": target, "strategy": s.get("strategy", "slim"), "seed": s.get("seed", 0)}
-        diff = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now[k]]
-        if diff:  # the finished search (and its exports) answer another question
-            raise VitslimError(f"{search_dir}: holds a finished search for other settings ({'; '.join(diff)}); "
-                               f"use another --out, or delete {search_dir} and {os.path.join(args.out, 'export')} "
-                               "to search again")
         print(f"  reusing {search_dir}")
     else:
+        os.makedirs(search_dir, exist_ok=True)
+        atomic_write_text(stage_file, json.dumps(stage, indent=1) + "\n")  # before: an interrupted one is keyed too
         rep = run_search(run, table, target, search_dir, progress=progress, **s)
     _print_report(rep, search_dir)
     fmts = d.get("export") or []
     print(f"[4/4] export: {', '.join(fmts) or 'nothing'}")
+    model = os.path.join(search_dir, "model.pt")
+    source, stamp = _sha256(model), os.path.join(args.out, "export", "source.json")
+    made = {}
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            made = json.load(f)
     for fmt in fmts:
         dst = os.path.join(args.out, "export", "model" + EXPORT_SUFFIX[fmt])
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(dst):
+        if os.path.exists(dst) and made.get(os.path.basename(dst)) == source:
             print(f"  {dst} exists")
             continue
-        res = export(os.path.join(search_dir, "model.pt"), fmt, dst)
+        # missing, or of another search/model.pt (or of an earlier version's run, unrecorded): written anew
+        res = export(model, fmt, dst, overwrite=True)
+        made[os.path.basename(dst)] = source
+        atomic_write_text(stamp, json.dumps(made, indent=1, sort_keys=True) + "\n")
         err = f" (max relative error {res['max_rel_error']:.1e} vs PyTorch)" if "max_rel_error" in res else ""
         print(f"  wrote {res['path']}{err}")
     return 0
+
+
+STAGE_FILE = "pipeline_stage.json"  # the pipeline settings a search/ folder was made for
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _table_digest(path: str) -> str:
+    """What a search read from a table: its device, entries and overhead (not when it was saved)."""
+    import hashlib
+    from latency_tables import LatencyTable
+    d = LatencyTable.load(path).to_dict()
+    d = {k: d[k] for k in ("device", "overhead", "entries")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _short(v) -> str:
+    t = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
+    return t if len(t) <= 60 else t[:57] + "..."
 
 
 register_command("search", _search_args, _search, "latency-constrained search of a supernet (slimming or Optuna)",

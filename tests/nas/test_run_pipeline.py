@@ -58,7 +58,7 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     pipe2 = write_pipeline(tmp_path, target_fraction=0.4)
     assert main(["run", pipe2, "--out", out, "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "holds a finished search for other settings (target_ms: " in err and "delete" in err
+    assert "holds a search for other settings (target_ms: " in err and "delete" in err
     with open(pipe) as f:
         d = yaml.safe_load(f)
     d["supernet"]["steps"] = 5
@@ -169,3 +169,51 @@ def test_ctrl_c_in_the_table_stage_is_an_interruption(tmp_path, capsys, monkeypa
     assert main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "vitslim run: interrupted (state saved so far is kept; re-run to resume)" in err and "error" not in err
+
+
+def test_a_search_or_table_changed_since_is_refused_and_exports_follow_the_search(tmp_path, capsys):
+    """Every search setting and the table's content key the search stage (not only target, strategy and seed);
+    an export of an earlier search/model.pt is written anew."""
+    pipe = write_pipeline(tmp_path)
+    out = str(tmp_path / "run")
+    assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["run", write_pipeline(tmp_path, finetune=0), "--out", out, "--no-progress"]) == 2
+    assert "holds a search for other settings (settings: " in capsys.readouterr().err
+    t = yaml.safe_load((tmp_path / "table.yaml").read_text())  # the same file re-measured: 3x slower
+    for e in t["entries"]:
+        e["ms"], e["p10"], e["p90"] = 3 * e["ms"], 3 * e["p10"], 3 * e["p90"]
+    pipe = write_pipeline(tmp_path)
+    (tmp_path / "table.yaml").write_text(yaml.safe_dump(t, sort_keys=False))
+    assert main(["run", pipe, "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a search for other settings (" in err and "table_digest" in err
+    # the search redone (its folder deleted, as the message says): the old exports are not kept
+    import shutil
+    before = open(os.path.join(out, "export", "model.safetensors"), "rb").read()
+    shutil.rmtree(os.path.join(out, "search"))
+    assert main(["run", write_pipeline(tmp_path, target_fraction=0.4), "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "model.safetensors exists" not in text and "wrote " in text
+    assert open(os.path.join(out, "export", "model.safetensors"), "rb").read() != before
+    assert main(["run", write_pipeline(tmp_path, target_fraction=0.4), "--out", out, "--no-progress"]) == 0
+    assert "model.safetensors exists" in capsys.readouterr().out
+
+
+def test_supernet_overrides_merge_into_nested_sections_and_a_reused_table_must_be_of_the_backend(
+        tmp_path, monkeypatch, capsys):
+    import supernet.train as st
+    import vitslim.cli as cli
+    from vitslim.cmd_search import _supernet_stage, _table_stage, load_pipeline
+    pipe = write_pipeline(tmp_path)
+    d = load_pipeline(pipe)
+    d["supernet"]["optimizer"] = {"lr": 0.01}
+    monkeypatch.setattr(st, "train", lambda *a, **k: None)
+    _, cfg = _supernet_stage(d, str(tmp_path), str(tmp_path / "run"), False)
+    assert cfg.optimizer.lr == 0.01 and cfg.optimizer.warmup_steps == 1  # warmup kept from sn.yaml
+    built = []
+    monkeypatch.setattr(cli, "main", lambda argv: built.append(argv) or 0)
+    d["table"] = {"reuse": "table.yaml", "backend": "onnxruntime"}  # the shipped table is torch-cpu
+    path = _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False)
+    assert path == str(tmp_path / "run" / "table.yaml") and built and "onnxruntime" in built[0]
+    assert "backend (torch-cpu, asked onnxruntime)" in capsys.readouterr().out
