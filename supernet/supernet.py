@@ -78,6 +78,8 @@ def _linear(lin: nn.Linear, x: torch.Tensor, cout: int) -> torch.Tensor:
 
 def _bn(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
+    if bn.training:  # the channels whose statistics this pass updates (recalibrate_bn keeps the others)
+        bn.__dict__["_vitslim_width"] = max(bn.__dict__.get("_vitslim_width", 0), c)
     if c == bn.num_features:
         return bn(x)
     use_batch = bn.training or bn.running_mean is None
@@ -543,12 +545,17 @@ class MetaPathSupernet(nn.Module):
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, forward=None, max_batches: int = 50) -> None:
     """Re-estimate BatchNorm running statistics of `model` as it runs now (a width, a choice) from
-    a few training batches: cumulative averages, weights untouched (OFA/BigNAS practice)."""
+    a few training batches: cumulative averages, weights untouched (OFA/BigNAS practice). Only what the
+    forward runs is re-estimated: in a supernet, the norms of blocks the choice skips and the channels
+    past its widths keep their statistics (the shared prefix is the running width's, as in training)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
+    before = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+              for m in bns if m.running_mean is not None and m.num_batches_tracked is not None}
     was = model.training
     model.train()
     for m in bns:
+        m.__dict__.pop("_vitslim_width", None)
         m.reset_running_stats()
         m.momentum = None
     dev = next(model.parameters()).device
@@ -559,4 +566,15 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward=None, max_batche
         (forward or model)(x.to(dev))
     for m, (mom, tr) in zip(bns, saved):
         m.momentum = mom
+        c = m.__dict__.pop("_vitslim_width", None)
+        if m in before:
+            rm, rv, nb = before[m]
+            if int(m.num_batches_tracked) == 0:  # not run: as it was
+                c = 0
+                m.num_batches_tracked.copy_(nb)
+            elif c is None:  # a plain BatchNorm module: all of its channels ran
+                c = m.num_features
+            with torch.no_grad():
+                m.running_mean[c:] = rm[c:]
+                m.running_var[c:] = rv[c:]
     model.train(was)

@@ -217,6 +217,40 @@ def test_recalibrate_bn_reestimates_statistics_of_the_running_width():
     assert rm[:32].abs().sum() > 0 and torch.isfinite(rm).all()
 
 
+def test_recalibrating_one_choice_leaves_the_rest_of_the_supernet_alone():
+    """Norms of blocks the choice skips, and channels past its widths, keep their statistics."""
+    sn = randomised()
+    bns = {n: m for n, m in sn.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    for m in bns.values():  # trained-looking statistics, so that a reset would show
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
+    ran = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: ran.setdefault(n, a[0].shape[1])) for n, m in bns.items()]
+    import supernet.supernet as ss
+    real = ss._bn
+
+    def spy(bn, x):
+        ran.setdefault(next(n for n, m in bns.items() if m is bn), x.shape[1])
+        return real(bn, x)
+    ss._bn = spy
+    try:
+        choice = {"widths": [16, 16, 32, 32], "blocks": [["identity"], ["meta4d", "identity"],
+                                                         ["meta4d", "identity", "identity"], ["meta4d", "identity"]]}
+        recalibrate_bn(sn, [torch.randn(4, 3, 64, 64) for _ in range(2)],
+                       forward=lambda x: sn(x, mode="fixed", choice=choice))
+    finally:
+        ss._bn = real
+        for h in hooks:
+            h.remove()
+    assert ran and len(ran) < len(bns)
+    for n, m in bns.items():
+        c = ran.get(n, 0)
+        assert torch.equal(m.running_mean[c:], before[n][0][c:]) and torch.equal(m.running_var[c:], before[n][1][c:]), n
+        if c:
+            assert not torch.equal(m.running_mean[:c], before[n][0][:c]), n
+
+
 @pytest.mark.parametrize("patch,needle", [
     ({"width_step": 16, "stages": [dict(SPACE["stages"][0], max_width=40)] + SPACE["stages"][1:]},
      "stages[0].max_width: got 40, expected a multiple of width_step (16)"),
