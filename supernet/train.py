@@ -584,8 +584,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
         mpath = os.path.join(out_dir, "metrics.jsonl")
         kept = []
         if resume and os.path.exists(mpath):  # drop what ran after the checkpoint: one continuous curve
-            with open(mpath, encoding="utf-8") as f:
-                kept = [ln for ln in f if _metric_step(ln) <= start]
+            on_schedule = start % cfg.log_every == 0 or bool(cfg.eval_every and start % cfg.eval_every == 0)
+            with open(mpath, encoding="utf-8") as f:  # (a stop's own last line is not the uninterrupted curve's)
+                kept = [ln for ln in f if _metric_step(ln) < start or (_metric_step(ln) == start and on_schedule)]
         atomic_write_text(mpath, "".join(kept))
 
     net: nn.Module = model
@@ -692,6 +693,11 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
         report["importance"] = {k: v for k, v in model.importance().items() if k in ("metapath", "stage")}
         report.update(alpha_stats(model))
         if main:
+            with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+                last = [json.loads(ln) for ln in f if _metric_step(ln) == done]
+            if last:  # the last step is always logged
+                report["final_loss"] = last[-1]["loss"]
+                report["final_train_acc"] = last[-1].get("train_acc")
             _atomic_json(report, os.path.join(out_dir, "report.json"))
     dist.barrier()
     return report

@@ -304,3 +304,16 @@ def test_re_running_the_same_command_after_a_stop_resumes_exactly(tmp_path):
     assert losses(a) == losses(b)
     sa, sb = read_run(a)["model"], read_run(b)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_stop_between_logged_steps_leaves_the_uninterrupted_curve_and_the_report_has_the_final_loss(tmp_path):
+    cfg = TrainConfig.from_dict(config(steps=8, log_every=4, checkpoint_every=0))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(cfg, a, progress=False)
+    train(cfg, b, progress=False, stop_at=3)  # its last step is logged (done == end), off the schedule
+    assert [s for s, _ in losses(b)] == [3]
+    train(cfg, b, resume=True, progress=False)
+    assert losses(a) == losses(b) and [s for s, _ in losses(b)] == [4, 8]
+    with open(os.path.join(b, "report.json")) as f:
+        rep = json.load(f)
+    assert rep["final_loss"] == losses(b)[-1][1] and 0 <= rep["final_train_acc"] <= 1
