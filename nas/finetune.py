@@ -1,6 +1,8 @@
 """A short fine-tuning of a found network (`vitslim search --finetune N`): AdamW with a cosine decay on
 the supernet run's training data, in a fixed sample order (the same for every network given a seed,
-so that baselines compared after fine-tuning saw exactly the same images)."""
+so that baselines compared after fine-tuning saw exactly the same images). Weight decay applies to every
+parameter, norms and LayerScale included (the supernet trainer's `param_groups` exempts them, timm's rule):
+every figure in BENCHMARKS.md was measured with this recipe, so it stays until they are re-measured."""
 from __future__ import annotations
 
 import math
