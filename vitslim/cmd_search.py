@@ -306,8 +306,8 @@ def _run(args):
         target = float(s.pop("target_ms"))
         print(f"[3/4] search: target {target:g} ms")
     stage = {"target_ms": target, "strategy": s.get("strategy", "slim"), "seed": s.get("seed", 0),
-             "settings": json.loads(json.dumps(s, sort_keys=True)), "table": os.path.abspath(table),
-             "table_digest": _table_digest(table)}
+             "settings": json.loads(json.dumps(s, sort_keys=True)),
+             "table_digest": _table_digest(table)}  # its content, not its path: a moved checkout still resumes
     stage_file = os.path.join(search_dir, STAGE_FILE)
     was = None
     if os.path.isfile(stage_file):
