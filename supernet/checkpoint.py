@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import zipfile
 from typing import Dict, Mapping, Tuple
 
@@ -53,6 +54,10 @@ def read_file(path) -> object:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         first = first.split(". ")[0][:120]  # PyTorch's reader appends advice on its zip internals
         raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({first})") from None
+    except (KeyError, IndexError, TypeError, ValueError, struct.error) as e:  # torch's weights-only unpickler on
+        # bytes that are no pickle it knows (a short text file named .pt: KeyError 105)
+        raise CheckpointError(f"{path}: not a torch checkpoint ({_looks_like(path)}; {type(e).__name__} while "
+                              "unpickling), expected a checkpoint (.pt/.pth/.safetensors)") from None
     except OSError as e:  # e.g. a truncated zip: "[Errno 22] Invalid argument" from the reader's seek
         raise CheckpointError(f"{path}: truncated or unreadable ({e.strerror or e}), expected a complete torch "
                               "checkpoint") from None

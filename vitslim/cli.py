@@ -62,7 +62,11 @@ def _info(args):
     print(f"{args.target}: {arch['family']}, input {size}x{size}, {arch['num_classes']} classes"
           f"{', distillation head' if arch.get('distillation') else ''}")
     print(f"params {_fmt_int(c['params'])} ({_fmt_m(c['params'])}), MACs {_fmt_int(c['macs'])} ({c['macs'] / 1e6:.0f}M)")
-    rows = get_family(arch["family"]).stage_summary(arch)
+    shown = arch
+    if size != arch["input_size"]:  # the per-stage resolutions at the size counted (validated like any arch)
+        from supernet.arch import validate
+        shown = validate({**arch, "input_size": size})
+    rows = get_family(arch["family"]).stage_summary(shown)
     if rows:
         cols = list(rows[0])
         w = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in cols}

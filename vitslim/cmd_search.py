@@ -318,7 +318,16 @@ def _run(args):
             rep = json.load(f)
         was = {k: rep.get(k) for k in ("target_ms", "strategy", "seed")}
     if was is not None:
-        diff = [f"{k}: {_short(was.get(k))} -> {_short(stage[k])}" for k in stage if k in was and was[k] != stage[k]]
+        diff = []
+        for k in stage:
+            if k not in was or was[k] == stage[k]:
+                continue
+            if k == "settings" and isinstance(was[k], dict):  # name the search keys that changed
+                for sk in sorted(set(was[k]) | set(stage[k])):
+                    if was[k].get(sk) != stage[k].get(sk):
+                        diff.append(f"search.{sk}: {_short(was[k].get(sk))} -> {_short(stage[k].get(sk))}")
+            else:
+                diff.append(f"{k}: {_short(was.get(k))} -> {_short(stage[k])}")
         if diff:  # the search (and its exports) answer another question
             raise VitslimError(f"{search_dir}: holds a search for other settings ({'; '.join(diff[:3])}); use "
                                f"another --out, or delete {search_dir} and {os.path.join(args.out, 'export')} to "

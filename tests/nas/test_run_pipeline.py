@@ -179,7 +179,9 @@ def test_a_search_or_table_changed_since_is_refused_and_exports_follow_the_searc
     assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["run", write_pipeline(tmp_path, finetune=0), "--out", out, "--no-progress"]) == 2
-    assert "holds a search for other settings (settings: " in capsys.readouterr().err
+    assert "holds a search for other settings (search.finetune: 2 -> 0)" in capsys.readouterr().err
+    assert main(["run", write_pipeline(tmp_path, verify_seconds=0.07), "--out", out, "--no-progress"]) == 2
+    assert "(search.verify_seconds: 0.05 -> 0.07)" in capsys.readouterr().err  # named, however late it sorts
     t = yaml.safe_load((tmp_path / "table.yaml").read_text())  # the same file re-measured: 3x slower
     for e in t["entries"]:
         e["ms"], e["p10"], e["p90"] = 3 * e["ms"], 3 * e["p10"], 3 * e["p90"]

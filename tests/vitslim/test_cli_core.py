@@ -67,15 +67,23 @@ def test_presets_lists_every_preset(capsys):
     (["info", "deit_tiny", "--input-size", "0"], "--input-size: got 0"),
     (["info", "TMP"], "TMP: is a directory, expected a preset name"),
     (["info", "TMP/mk.py"], "TMP/mk.py: not a torch checkpoint (a text file)"),
+    (["info", "TMP/hi.pt"], "TMP/hi.pt: not a torch checkpoint (a text file; KeyError while unpickling)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
     (tmp_path / "mk.py").write_text("import os\nprint(1)\n")
+    (tmp_path / "hi.pt").write_text("hi\n")  # torch's weights-only unpickler raised KeyError on it
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     needle = needle.replace("TMP", str(tmp_path))
     code, out, err = run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_info_at_another_input_size_shows_the_stages_at_it(capsys):
+    code, out, _ = run(capsys, "info", "swin_tiny", "--input-size", "112")
+    rows = [ln.split() for ln in out.splitlines()[3:]]
+    assert code == 0 and [r[2] for r in rows] == ["28x28", "14x14", "7x7", "4x4"]  # not 224's 56x56 ...
 
 
 def test_bad_checkpoint_via_cli(capsys, tmp_path):
