@@ -39,6 +39,8 @@ def read_file(path) -> object:
     try:
         _check_crcs(path)
         return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:  # ours, already one line (it is a ValueError too: not the unpickler's below)
+        raise
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Unsupported operand" in msg or "invalid load key" in msg:  # not a pickle at all (a text file, ...)
