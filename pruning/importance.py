@@ -141,10 +141,14 @@ def default_loss(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.
     classes) with the model's own top-1 as the label."""
     if isinstance(logits, (tuple, list)):
         logits = (logits[0] + logits[1]) / 2
-    n = logits.shape[-1]
-    if labels is None or labels.numel() == 0 or int(labels.max()) >= n or int(labels.min()) < 0:
+    if not labels_fit(labels, logits.shape[-1]):
         labels = logits.detach().argmax(-1)
     return F.cross_entropy(logits, labels)
+
+
+def labels_fit(labels: Optional[torch.Tensor], num_classes: int) -> bool:
+    """Whether `labels` are class indices of a model with `num_classes` outputs (None or empty: no)."""
+    return labels is not None and labels.numel() > 0 and 0 <= int(labels.min()) and int(labels.max()) < num_classes
 
 
 class TaylorImportance(Importance):

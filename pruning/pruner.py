@@ -207,8 +207,9 @@ def _logits(out):
 def reference_labels(batches: Iterable[Batch], reference: nn.Module, num_classes: int) -> Iterator[Batch]:
     """The batches, each without labels of the model's classes (None, or an index outside them) labelled
     with `reference`'s top-1 (the unpruned model's: `--labels model`)."""
+    from .importance import labels_fit
     for x, y in batches:
-        if y is None or y.numel() == 0 or int(y.max()) >= num_classes or int(y.min()) < 0:
+        if not labels_fit(y, num_classes):
             with torch.no_grad():
                 y = _logits(reference(x)).argmax(-1)
         yield x, y

@@ -78,7 +78,7 @@ def _linear(lin: nn.Linear, x: torch.Tensor, cout: int) -> torch.Tensor:
 
 def _bn(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
-    if bn.training:  # the channels whose statistics this pass updates (recalibrate_bn keeps the others)
+    if bn.training and bn.momentum is None:  # recalibrate_bn's pass: the channels it updates (it keeps the others)
         bn.__dict__["_vitslim_width"] = max(bn.__dict__.get("_vitslim_width", 0), c)
     if c == bn.num_features:
         return bn(x)

@@ -586,7 +586,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
         if resume and os.path.exists(mpath):  # drop what ran after the checkpoint: one continuous curve
             on_schedule = start % cfg.log_every == 0 or bool(cfg.eval_every and start % cfg.eval_every == 0)
             with open(mpath, encoding="utf-8") as f:  # (a stop's own last line is not the uninterrupted curve's)
-                kept = [ln for ln in f if _metric_step(ln) < start or (_metric_step(ln) == start and on_schedule)]
+                kept = [ln for ln in f for st in (_metric_step(ln),) if st < start or (st == start and on_schedule)]
         atomic_write_text(mpath, "".join(kept))
 
     net: nn.Module = model
