@@ -1,8 +1,9 @@
 """A short fine-tuning of a found network (`vitslim search --finetune N`): AdamW with a cosine decay on
 the supernet run's training data, in a fixed sample order (the same for every network given a seed,
-so that baselines compared after fine-tuning saw exactly the same images). Weight decay applies to every
-parameter, norms and LayerScale included (the supernet trainer's `param_groups` exempts them, timm's rule):
-every figure in BENCHMARKS.md was measured with this recipe, so it stays until they are re-measured."""
+so that baselines compared after fine-tuning saw exactly the same images). Weight decay skips norms,
+biases, LayerScale and attention bias tables (`supernet.train.decay_groups`, timm's rule, as in supernet
+training). It used to decay every parameter; `decay_all=True` reproduces that recipe, which BENCHMARKS.md's
+search figures up to session 7 were measured with."""
 from __future__ import annotations
 
 import math
@@ -11,18 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from supernet.data import make_loader
+from supernet.train import decay_groups
 
 
 def finetune(model, train_set, steps: int, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.025,
              label_smoothing: float = 0.1, seed: int = 0, warmup: int = 0, progress: bool = False,
-             device: str = "cpu"):
-    """Train `model` in place for `steps` steps; returns it in eval mode."""
+             device: str = "cpu", decay_all: bool = False):
+    """Train `model` in place for `steps` steps; returns it in eval mode. `decay_all`: the old recipe
+    (weight decay on every parameter), for re-measuring figures taken with it."""
     if steps <= 0:
         return model.eval()
     dev = torch.device(device)
     model.to(dev).train()
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    groups = list(model.parameters()) if decay_all else decay_groups(model.named_parameters(), weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     warmup = warmup or max(1, steps // 20)
 
     def factor(t):

@@ -221,11 +221,16 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 1.0) -> torch.T
                     reduction="batchmean", log_target=True) * t * t
 
 
+# how `finetune` builds its optimiser: part of a prune state's key (its saved optimiser has these groups)
+FINETUNE_RECIPE = "adamw-timm-no-decay"
+
+
 def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float = 1e-4, weight_decay: float = 0.05,
              teacher: Optional[nn.Module] = None, kd_weight: float = 0.5, temperature: float = 1.0,
              progress: bool = False, desc: str = "fine-tune", resume: Optional[Mapping] = None,
              save: Optional[Callable[[dict], None]] = None, save_seconds: float = 60.0) -> dict:
-    """AdamW with cosine decay for `steps` batches. Loss: cross-entropy on the labels, mixed with KD
+    """AdamW with cosine decay for `steps` batches, no weight decay on norms, biases, LayerScale, position
+    embeddings, tokens and attention bias tables (`supernet.train.decay_groups`). Loss: cross-entropy on the labels, mixed with KD
     (KL to the teacher's softened outputs) when a teacher is given; without labels, KD alone (or,
     without a teacher, the model's own current top-1: `prune` labels such batches with the unpruned
     model's top-1 first, `reference_labels`).
@@ -238,8 +243,9 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
     if steps <= 0:
         return {"steps": 0}
     from tqdm import tqdm
+    from supernet.train import decay_groups
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(decay_groups(model.named_parameters(), weight_decay), lr=lr)  # timm's no-decay rule
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     done, losses = 0, []
     if resume is not None:
@@ -526,6 +532,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     scoring_seconds = 0.0
     first = 0
     key = json.loads(json.dumps(dict(state_key or {}), sort_keys=True, default=str))
+    key["finetune_recipe"] = FINETUNE_RECIPE  # a state saved by another recipe's optimiser is not continued
     pending = None  # a step selected before an interrupt: (its report so far, its fine-tuning state or None)
     st = _read_state(state_path, key) if state_path else None
     if st is not None:  # an interrupted run: continue from its last saved point

@@ -322,12 +322,25 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def param_groups(model: MetaPathSupernet, weight_decay: float):
-    """No decay on norms, biases, LayerScale and attention biases (timm's rule for EfficientFormer)."""
+# parameters timm's models name in `no_weight_decay()` (ViT/DeiT, Swin, EfficientFormer, EfficientViT)
+NO_DECAY_NAMES = frozenset(("pos_embed", "cls_token", "dist_token", "absolute_pos_embed",
+                            "relative_position_bias_table", "attention_biases"))
+
+
+def decay_groups(named_parameters, weight_decay: float) -> list:
+    """AdamW parameter groups by timm's rule: no weight decay on norms, biases and LayerScale (every
+    tensor of at most one dimension), position embeddings, class / distillation tokens and attention
+    bias tables (`NO_DECAY_NAMES`); `weight_decay` on the rest. Frozen parameters are left out."""
     decay, no = [], []
-    for n, p in model.named_weight_parameters():
-        (no if p.dim() <= 1 or n.endswith("attention_biases") else decay).append(p)
+    for n, p in named_parameters:
+        if p.requires_grad:
+            (no if p.dim() <= 1 or n.rsplit(".", 1)[-1] in NO_DECAY_NAMES else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no, "weight_decay": 0.0}]
+
+
+def param_groups(model: MetaPathSupernet, weight_decay: float):
+    """The supernet's weights (not its architecture parameters) by `decay_groups`."""
+    return decay_groups(model.named_weight_parameters(), weight_decay)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
