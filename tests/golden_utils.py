@@ -28,3 +28,16 @@ def assert_golden_logits(model, g):
     err = (out - ref).abs().max().item()
     tol = 1e-4 * ref.abs().max().item()
     assert err <= tol, f"max |diff| {err:.3g} > {tol:.3g}"
+
+
+def with_matrix_1x1_convs(sd):
+    """The state dict with every 1x1 convolution weight stored as a matrix (out, in), as the official
+    EfficientViT / SHViT loaders expect some release files to hold them (they unsqueeze on a mismatch)."""
+    out = dict(sd)
+    n = 0
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 4 and v.shape[2:] == (1, 1):
+            out[k] = v[:, :, 0, 0].clone()
+            n += 1
+    assert n > 0
+    return out

@@ -462,6 +462,16 @@ def _stage_count(sd) -> int:
     return max(n, 1)
 
 
+def conv_weights_4d(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """1x1 convolution weights stored as matrices (out, in) made (out, in, 1, 1). The official EfficientViT
+    and SHViT loaders do the same to their release files (`d[k][:, :, None, None]` on a shape mismatch):
+    every other `.weight` of these networks is a convolution but the heads' Linear (`head*.l.weight`)."""
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 2 and not k.startswith("head"):
+            sd[k] = v[:, :, None, None]
+    return sd
+
+
 def fill_num_batches_tracked(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Older files lack BatchNorm's `num_batches_tracked`; it does not change the function."""
     for k in list(sd):
@@ -623,7 +633,7 @@ class EfficientViTFamily(Family):
         sd = dict(sd)
         if "patch_embed.conv1.conv.weight" in sd:
             sd = _evit_timm_to_official(sd)
-        sd = fill_num_batches_tracked(drop_keys(sd, ("attention_bias_idxs",)))
+        sd = conv_weights_4d(fill_num_batches_tracked(drop_keys(sd, ("attention_bias_idxs",))))
         arch = _infer_windows(read_staged(sd, self.name, _read_cga, "dw0.m.c.weight"))
         return arch, sd
 

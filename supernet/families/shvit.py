@@ -12,8 +12,9 @@ Differences from the official code (state-dict keys are the official ones):
   lists and fixes the FFN ratio at 2 and the patch-merging expansion at 4.
 - Block types may mix within a stage and any number of stages is allowed (official: one type per
   stage, three stages); a stage after the first may skip its downsample when the width is kept.
-- The input size is not stored in SHViT checkpoints (global attention, no bias tables), so a
-  converted checkpoint gets input_size 224 (shvit_s4 was trained at 256).
+- The input size is not stored in SHViT checkpoints (global attention, no bias tables): a converted
+  checkpoint whose shapes are those of a preset gets that preset's size (shvit_s4: 256, the size it
+  was trained at), any other 224.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import torch.nn as nn
 from ..arch import check_keys
 from ..errors import bad
 from ..layers import ConvBN
-from ..registry import Family, register_family, register_preset
-from .efficientvit import (FFN, Residual, StagedNet, _pos_int, _shape, drop_keys, dw_conv_bn,
+from ..registry import Family, get_preset, register_family, register_preset
+from .efficientvit import (FFN, Residual, StagedNet, _pos_int, _shape, conv_weights_4d, drop_keys, dw_conv_bn,
                            fill_num_batches_tracked, read_staged, staged_preset, timm_to_official,
                            validate_staged)
 
@@ -157,8 +158,17 @@ class SHViTFamily(Family):
         sd = dict(sd)
         if any(k.startswith("stages.") for k in sd):
             sd = timm_to_official(sd, _timm_downsample)
-        sd = fill_num_batches_tracked(drop_keys(sd, ("attention_bias_idxs",)))
-        return read_staged(sd, self.name, _read_block, "conv.m.c.weight"), sd
+        sd = conv_weights_4d(fill_num_batches_tracked(drop_keys(sd, ("attention_bias_idxs",))))
+        arch = read_staged(sd, self.name, _read_block, "conv.m.c.weight")
+        for name, (*_, size) in _SHVIT.items():  # the shapes of a preset: the size it was trained at
+            if size != arch["input_size"]:
+                try:
+                    same = self.validate(dict(arch, input_size=size)) == get_preset(name)
+                except ValueError:
+                    same = False
+                if same:
+                    arch["input_size"] = size
+        return arch, sd
 
 
 register_family(SHViTFamily())

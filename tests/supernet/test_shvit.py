@@ -239,3 +239,25 @@ def test_missing_key_names_the_key(tmp_path):
     torch.save({"model": sd}, p)
     with pytest.raises(vitslim.CheckpointError, match=r"missing keys blocks3\.1\.se\.fc2\.bias"):
         vitslim.load_checkpoint(p)
+
+
+@pytest.mark.parametrize("name", ["shvit_s4", "shvit_s2"])
+def test_official_file_of_a_preset_gets_the_size_it_was_trained_at(tmp_path, name):
+    """The shapes do not say the input size; those of a preset give its size (S4: 256, not 224)."""
+    with torch.device("meta"):
+        sd = vitslim.build_model(name).state_dict()
+    sd = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()}
+    p = tmp_path / f"{name}.pth"
+    torch.save({"model": sd}, p)
+    _, arch = vitslim.load_checkpoint(p)
+    assert arch == vitslim.get_preset(name)
+    assert vitslim.count(arch)["macs"] == vitslim.count(name)["macs"]
+
+
+def test_release_file_with_matrix_1x1_convs_loads_to_the_golden_logits(tmp_path):
+    from golden_utils import assert_golden_logits, with_matrix_1x1_convs
+    g = golden("shvit_tiny")
+    p = tmp_path / "release.pth"
+    torch.save({"model": with_matrix_1x1_convs(g["state_dict"])}, p)
+    model, _ = vitslim.load_checkpoint(p)
+    assert_golden_logits(model, g)
