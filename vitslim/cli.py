@@ -55,6 +55,13 @@ def _info(args):
         raise VitslimError(f"--input-size: got {args.input_size}, expected an integer >= 16")
     arch, model = _target_arch_and_model(args.target)
     size = args.input_size or arch["input_size"]
+    if model is not None and size != arch["input_size"]:
+        from supernet.arch import validate
+        from .export import size_bound_key
+        bad = size_bound_key(model, validate({**arch, "input_size": size}))
+        if bad:
+            warnings.warn(f"--input-size {size}: these weights fit only {arch['input_size']} ({bad} is sized for it); "
+                          f"the counts are of the network rebuilt at {size}, whose {bad} is new", stacklevel=1)
     c = api.count(model if model is not None else arch, input_size=size)
     if args.json:
         print(json.dumps({"family": arch["family"], "params": c["params"], "macs": c["macs"], "input_size": size}))

@@ -140,6 +140,17 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
         del _TEMPS[:]
 
 
+def size_bound_key(model: nn.Module, arch: Mapping):
+    """The first tensor of `model` that does not fit the network `arch` describes (the same network at
+    another input size: DeiT's position embedding, Swin's windows, EfficientFormer's and EfficientViT's
+    attention bias tables are sized by the input), or None."""
+    from . import api
+    sd = model.state_dict()
+    with torch.device("meta"):
+        ref = api.build_model(arch).state_dict()
+    return next((k for k in ref if k not in sd or sd[k].shape != ref[k].shape), None)
+
+
 def _with_input_size(model: nn.Module, arch: Mapping, trained: bool, size: int):
     """(model, arch) at another input side: the network built anew at that size, with the trained weights
     where it has them. Weights whose shapes depend on the input (DeiT's position embedding, Swin's
@@ -147,16 +158,15 @@ def _with_input_size(model: nn.Module, arch: Mapping, trained: bool, size: int):
     from supernet.arch import validate
     from . import api
     a = validate({**arch, "input_size": size})
+    if trained:
+        bad = size_bound_key(model, a)
+        if bad:
+            raise ExportError(f"--input-size: got {size}, but these weights fit only {arch['input_size']} "
+                              f"({arch['family']}: {bad} is sized for it); export at {arch['input_size']}")
     torch.manual_seed(0)
     new = api.build_model(a)
     if trained:
-        sd = model.state_dict()
-        ref = new.state_dict()
-        bad = [k for k in ref if k not in sd or sd[k].shape != ref[k].shape]
-        if bad:
-            raise ExportError(f"--input-size: got {size}, but these weights fit only {arch['input_size']} "
-                              f"({arch['family']}: {bad[0]} is sized for it); export at {arch['input_size']}")
-        new.load_state_dict(sd)
+        new.load_state_dict(model.state_dict())
     new.arch = a
     return new.eval(), a
 
