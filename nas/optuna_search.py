@@ -91,6 +91,16 @@ def pareto_front(rows: List[dict]) -> List[int]:
     return out
 
 
+def pick(rows: List[dict]):
+    """(the chosen row, the front's trial numbers) of trial rows {"number", "acc", "ms", "loss", "feasible"}.
+    The front is that of the trials that meet the bound (Optuna's constrained `best_trials`); the chosen
+    trial is the most accurate of them and, of equally accurate ones (accuracy moves in steps of one held-out
+    image), the fastest, then the one of lowest loss: always a member of the front."""
+    feas = [r for r in rows if r["feasible"]]
+    best = min(feas, key=lambda r: (-r["acc"], r["ms"], r["loss"], r["number"]))
+    return best, [feas[k]["number"] for k in pareto_front(feas)]
+
+
 def _constraints(trial):
     return trial.user_attrs.get("constraint", [1.0])
 
@@ -271,13 +281,11 @@ class OptunaSearch(SearchStrategy):
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         rows = [{"number": t.number, "acc": t.values[0], "ms": t.values[1], "loss": t.user_attrs["loss"],
                  "feasible": t.values[1] <= ctx.bound_ms, "choice": t.user_attrs["choice"]} for t in trials]
-        front = [rows[k]["number"] for k in pareto_front(rows)]
-        feas = [r for r in rows if r["feasible"]]
-        if not feas:
+        if not any(r["feasible"] for r in rows):
             best_ms = min(r["ms"] for r in rows)
             raise SearchError(f"optuna: none of {len(rows)} trials meets {ctx.bound_ms:g} ms (fastest {best_ms:.4g} ms); "
                               "run more trials (same command with a larger --trials resumes the study)")
-        best = min(feas, key=lambda r: (-r["acc"], r["loss"], r["ms"], r["number"]))
+        best, front = pick(rows)
         return SearchResult(self.name, best["choice"], float(best["ms"]), float(best["acc"]), float(best["loss"]),
                             evaluations=ctx.evaluator.evaluations,
                             extra={"trials": len(rows), "best_trial": best["number"], "pareto": front,

@@ -369,7 +369,10 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "measured_ms": (verification or {}).get("measured_ms"), "params": c["params"], "macs": c["macs"],
         "accuracy": result.acc, "heldout_loss": result.loss,
         "accuracy_note": "top-1 on the held-out images with the supernet's inherited weights"
-                         + (" (BatchNorm recalibrated)" if ctx.evaluator.bn_batches else ""),
+                         + (" (BatchNorm recalibrated)" if ctx.evaluator.bn_batches else "")
+                         + ("; model.pt is fine-tuned: its top-1 on the same images is model_accuracy" if ft else
+                            "; model.pt holds these weights"),
+        "model_accuracy": ft["acc_after"] if ft else result.acc,  # of the weights saved in model.pt
         "latency_split": {k: v for k, v in split.items() if k != "estimated"},
         "latency_estimated_entries": split.get("estimated", []),
         "strategy": result.strategy, "seed": ctx.seed,
@@ -394,12 +397,14 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
     if "trajectory" in result.extra:
         report["trajectory"] = result.extra["trajectory"]
         report["files"].append("trajectory.jsonl")
-        if plot_trajectory(result.extra["trajectory"], ctx.target_ms, os.path.join(out, "trajectory.png")):
+        if plot_trajectory(result.extra["trajectory"], ctx.target_ms, os.path.join(out, "trajectory.png"),
+                           refined=result.extra.get("refined"),
+                           chosen=(result.predicted_ms, result.acc, result.extra.get("picked", "end"))):
             report["files"].append("trajectory.png")
     if "trial_rows" in result.extra:
         rows = result.extra["trial_rows"]
         front = set(result.extra["pareto"])
-        pj = {"target_ms": ctx.target_ms, "best_trial": result.extra["best_trial"],
+        pj = {"target_ms": ctx.target_ms, "bound_ms": ctx.bound_ms, "best_trial": result.extra["best_trial"],
               "pareto": [r for r in rows if r["number"] in front],
               "trials": [{k: r[k] for k in ("number", "acc", "ms", "loss", "feasible")} for r in rows]}
         atomic_write_text(os.path.join(out, "pareto.json"), json.dumps(pj, indent=1) + "\n")
@@ -425,14 +430,21 @@ def _save(fig, plt, path):
     atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
 
 
-def plot_trajectory(traj, target_ms, path) -> bool:
+def plot_trajectory(traj, target_ms, path, refined=None, chosen=None) -> bool:
+    """The slimming path (predicted ms, held-out accuracy per step), refinement's evaluations and the
+    network returned (`chosen`: (ms, acc, where it was picked)), which need not be the path's end."""
     plt = _plt()
     if plt is None or not traj:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     ms = [t["predicted_ms"] for t in traj]
     acc = [t["acc"] for t in traj]
-    ax.plot(ms, acc, "o-", ms=3)
+    ax.plot(ms, acc, "o-", ms=3, label="slimming path")
+    if refined:
+        ax.scatter([r["predicted_ms"] for r in refined], [r["acc"] for r in refined], s=10, c="tab:green",
+                   label=f"refinement ({len(refined)})", zorder=4)
+    if chosen is not None:
+        ax.scatter([chosen[0]], [chosen[1]], marker="*", s=120, c="r", zorder=5, label=f"returned ({chosen[2]})")
     for t in traj[1:]:
         ax.annotate({"to_identity": "I", "meta3d_to_meta4d": "4D", "shrink": "w"}.get(t["action"], "?"),
                     (t["predicted_ms"], t["acc"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
@@ -451,9 +463,13 @@ def plot_pareto(rows, front, target_ms, best, path) -> bool:
     if plt is None or not rows:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["ms"] for r in rows], [r["acc"] for r in rows], s=8, c="0.6", label="trials")
+    ok = [r for r in rows if r.get("feasible", True)]
+    over = [r for r in rows if not r.get("feasible", True)]
+    ax.scatter([r["ms"] for r in ok], [r["acc"] for r in ok], s=8, c="0.45", label="trials")
+    if over:
+        ax.scatter([r["ms"] for r in over], [r["acc"] for r in over], s=8, c="0.8", label="trials over the bound")
     pf = sorted((r for r in rows if r["number"] in front), key=lambda r: r["ms"])
-    ax.plot([r["ms"] for r in pf], [r["acc"] for r in pf], "o-", ms=4, label="Pareto front")
+    ax.plot([r["ms"] for r in pf], [r["acc"] for r in pf], "o-", ms=4, label="Pareto front (within the bound)")
     b = next(r for r in rows if r["number"] == best)
     ax.scatter([b["ms"]], [b["acc"]], marker="*", s=120, c="r", zorder=5, label="chosen")
     ax.axvline(target_ms, color="r", ls="--", label=f"target {target_ms:g} ms")

@@ -44,7 +44,8 @@ again with a tighter bound (`ctx.bound_ms`): slimming logs a `retarget` line and
 network it stopped at.
 
 Every step is one JSON line in trajectory.jsonl (the chosen action, every candidate with its ms,
-accuracy, loss and score). Re-running with the same arguments continues from the last complete
+accuracy, loss and score); `done` is where the path met the bound, and the last line, `result`, is the
+network returned (after refinement, if any; one per bound when verification retargets). Re-running with the same arguments continues from the last complete
 line; the logged numbers are reused, so a resumed run ends exactly where an uninterrupted one does.
 """
 from __future__ import annotations
@@ -237,8 +238,10 @@ class LatencySlimming(SearchStrategy):
         return {**done, "choice": r["choice"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"]),
                 "loss": float(r["loss"]), "picked": where}
 
-    def _refine(self, ctx: SearchContext, done: dict, recs: List[Mapping], log: "TrajectoryLog", bound: float) -> dict:
-        """`self.refine` evaluations around `done` (see the module docstring); returns the best record."""
+    def _refine(self, ctx: SearchContext, done: dict, recs: List[Mapping], log: "TrajectoryLog",
+                bound: float) -> Tuple[dict, List[dict]]:
+        """`self.refine` evaluations around `done` (see the module docstring); returns the best record and
+        the refine records of this bound."""
         data = [r for r in recs if r.get("type") in ("start", "step") and "acc" in r]
         data += [c for r in recs if r.get("type") == "step" for c in r.get("candidates", ())]
         seen = {choice_key(d["choice"]) for d in data}
@@ -251,6 +254,7 @@ class LatencySlimming(SearchStrategy):
                     and float(r["predicted_ms"]) <= bound and self._better(r, best):
                 best = self._picked(best, r, f"refine{r['n']}@{float(r['bound_ms']):g}")
         hood, hood_of = None, None
+        mine = []
         for n in range(self.refine):
             if n < len(logged):  # resume: the logged evaluation, in order
                 r = logged[n]
@@ -271,12 +275,13 @@ class LatencySlimming(SearchStrategy):
                      "acc": e["acc"], "loss": e["loss"], "surrogate": float(pred[k])}
                 log.append(r, sync=False)  # one evaluation to redo if lost
             data.append(r)
+            mine.append(r)
             X.append(self.features(ctx.space, r["choice"]))
             y.append(self._target(r))
             seen.add(choice_key(r["choice"]))
             if self._better(r, best):
                 best = self._picked(best, r, f"refine{r['n']}")
-        return best
+        return best, mine
 
     # ------------------------------------------------------------ the three actions
     @staticmethod
@@ -443,8 +448,14 @@ class LatencySlimming(SearchStrategy):
             if bar is not None:
                 bar.close()
         path_pick = done.get("picked", "end")
+        refined = []
         if self.refine:
-            done = self._refine(ctx, done, recs, log, bound)
+            done, refined = self._refine(ctx, done, recs, log, bound)
+        if not any(r.get("type") == "result" and abs(float(r["bound_ms"]) - bound) < 1e-9 for r in recs):
+            log.append({"type": "result", "bound_ms": bound, "picked": done.get("picked", "end"),
+                        "choice": done["choice"], "predicted_ms": float(done["predicted_ms"]),
+                        "acc": float(done["acc"]), "loss": float(done["loss"])})
+        refined = [{"n": r["n"], "predicted_ms": float(r["predicted_ms"]), "acc": float(r["acc"])} for r in refined]
         start_rec = next(r for r in recs if r.get("type") == "start")
         traj = [{"step": 0, "action": "start", "predicted_ms": start_rec["predicted_ms"], "acc": start_rec["acc"]}]
         traj += [{"step": r["step"], "action": r["action"], "where": r["where"], "predicted_ms": r["predicted_ms"],
@@ -453,5 +464,5 @@ class LatencySlimming(SearchStrategy):
                             float(done["loss"]), evaluations=ctx.evaluator.evaluations,
                             extra={"steps": len(steps), "trajectory": traj, "criterion": self.criterion,
                                    "picked": done.get("picked", "end"), "path_pick": path_pick,
-                                   "refine": self.refine,
+                                   "refine": self.refine, "refined": refined,
                                    "path_end_ms": done.get("path_end_ms"), "path_end_acc": done.get("path_end_acc")})

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nas.optuna_search import FlatEncoding, pareto_front
+from nas.optuna_search import FlatEncoding, pareto_front, pick
 from nas.run import run_search
 from supernet.space import load_space
 
@@ -37,6 +37,16 @@ def test_every_point_of_the_flat_encoding_decodes_to_a_valid_choice():
 def test_pareto_front_keeps_the_non_dominated():
     rows = [{"acc": 0.5, "ms": 2.0}, {"acc": 0.6, "ms": 3.0}, {"acc": 0.4, "ms": 2.5}, {"acc": 0.6, "ms": 2.9}]
     assert pareto_front(rows) == [0, 3]
+
+
+def test_pick_takes_the_fastest_of_equally_accurate_trials_and_keeps_it_on_the_feasible_front():
+    rows = [{"number": 0, "acc": 0.25, "ms": 1.25, "loss": 2.10, "feasible": True},   # lower loss, slower
+            {"number": 1, "acc": 0.25, "ms": 0.71, "loss": 2.11, "feasible": True},   # dominates 0
+            {"number": 2, "acc": 0.20, "ms": 0.50, "loss": 2.30, "feasible": True},
+            {"number": 3, "acc": 0.40, "ms": 1.95, "loss": 1.90, "feasible": False}]  # over the bound
+    best, front = pick(rows)
+    assert best["number"] == 1 and front == [1, 2]
+    assert best["number"] in front and 3 not in front
 
 
 def test_more_trials_keep_the_samplers_shape_from_the_studys_start(supernet_run, table_path, tmp_path, monkeypatch):
@@ -100,3 +110,4 @@ def test_study_resumes_from_its_storage(supernet_run, table_path, tmp_path, stor
     assert os.path.isfile(os.path.join(out, "study.journal" if storage == "journal" else "study.db"))
     best = max((t for t in pj["trials"] if t["feasible"]), key=lambda t: t["acc"])
     assert rep["accuracy"] == best["acc"]
+    assert pj["best_trial"] in {t["number"] for t in pj["pareto"]} and all(t["feasible"] for t in pj["pareto"])

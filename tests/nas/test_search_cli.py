@@ -80,3 +80,20 @@ def test_settings_are_checked_even_where_they_would_not_be_used(supernet_run, ta
                           "--out", str(tmp_path / "o"), *extra)
         assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
         assert not os.path.exists(tmp_path / "o")
+
+
+def test_report_says_the_accuracy_of_the_saved_weights(supernet_run, table_path, tmp_path):
+    """`accuracy` is the search's (inherited weights); `model_accuracy` is model.pt's on the same images:
+    the same without fine-tuning, the fine-tuned weights' with it."""
+    import vitslim
+    from nas.run import load_supernet_run, make_evaluator, run_search
+    sn, cfg, _ = load_supernet_run(supernet_run)
+    ev, _ = make_evaluator(sn, cfg, eval_images=16)
+    for ft in (0, 3):
+        out = str(tmp_path / f"ft{ft}")
+        rep = run_search(supernet_run, table_path, 4.0, out, strategy="uniform", eval_images=16, finetune=ft,
+                         progress=False, verify="off")
+        saved, _ = vitslim.load_checkpoint(os.path.join(out, "model.pt"))
+        assert ev.score_model(saved)["acc"] == rep["model_accuracy"]
+        assert rep["model_accuracy"] == (rep["finetune"]["acc_after"] if ft else rep["accuracy"])
+        assert ("fine-tuned" in rep["accuracy_note"]) == bool(ft)

@@ -48,7 +48,8 @@ def test_slimming_meets_the_target_on_the_table(slim_run, table_path):
 def test_every_step_takes_the_smallest_accuracy_drop_per_ms(slim_run):
     out, rep, target = slim_run
     recs = read_log(out)
-    assert [r["type"] for r in recs[:2]] == ["header", "start"] and recs[-1]["type"] == "done"
+    assert [r["type"] for r in recs[:2]] == ["header", "start"] and [r["type"] for r in recs[-2:]] == ["done", "result"]
+    assert recs[-1]["choice"] == recs[-2]["choice"] == rep["choice"]  # no refinement: the result is where it stopped
     steps = [r for r in recs if r["type"] == "step"]
     assert len(steps) >= 2
     prev_ms = recs[1]["predicted_ms"]

@@ -60,6 +60,27 @@ def test_refinement_spends_its_evaluations_near_the_best_and_keeps_the_best(refi
     assert r1["accuracy"] >= r0["accuracy"] and r1["predicted_ms"] <= target
     assert r1["evaluation"]["evaluations"] == r0["evaluation"]["evaluations"] + 6
     assert r1["search"]["refine"] == 6 and r1["search"]["path_pick"] == r0["search"]["picked"]
+    # the log's last line is the network returned, so replaying the log gives the report's network
+    last = log[-1]
+    assert last["type"] == "result" and [r["type"] for r in log].count("result") == 1
+    assert (last["choice"], last["acc"], last["picked"]) == (r1["choice"], r1["accuracy"], r1["search"]["picked"])
+    assert last["predicted_ms"] == pytest.approx(r1["predicted_ms"], rel=1e-9)
+
+
+def test_the_trajectory_plot_shows_refinement_and_the_network_returned(supernet_run, table_path, tmp_path,
+                                                                         monkeypatch):
+    import nas.run
+    seen = {}
+
+    def spy(traj, target_ms, path, refined=None, chosen=None):
+        seen.update(traj=traj, refined=refined, chosen=chosen)
+        return False
+    monkeypatch.setattr(nas.run, "plot_trajectory", spy)
+    target = 0.5 * start_ms(supernet_run, table_path)
+    rep = run_search(supernet_run, table_path, target, str(tmp_path / "r"), eval_images=16, progress=False, refine=4)
+    refs = [r for r in read_log(str(tmp_path / "r")) if r["type"] == "refine"]
+    assert [(r["predicted_ms"], r["acc"]) for r in refs] == [(r["predicted_ms"], r["acc"]) for r in seen["refined"]]
+    assert seen["chosen"] == (rep["predicted_ms"], rep["accuracy"], rep["search"]["picked"])
 
 
 def test_each_refinement_takes_the_candidate_the_regression_ranks_first(refined, supernet_run, table_path):

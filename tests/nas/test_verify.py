@@ -76,7 +76,7 @@ def test_slimming_continues_its_path_under_the_tightened_bound(verified_run):
     out, rep, target, _ = verified_run
     log = read_log(out)
     kinds = [r["type"] for r in log]
-    assert kinds.count("done") == len(rep["verification"]["rounds"]) and "retarget" in kinds
+    assert kinds.count("done") == kinds.count("result") == len(rep["verification"]["rounds"]) and "retarget" in kinds
     steps = [r for r in log if r["type"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))     # one path, no restart
     assert all(b["predicted_ms"] < a["predicted_ms"] for a, b in zip(steps, steps[1:]))
