@@ -138,3 +138,25 @@ def test_a_timm_swin_with_window_12_loads_at_the_input_its_windows_need(tmp_path
     x = torch.randn(1, 3, 384, 384)
     with torch.no_grad():
         assert torch.equal(m(x), m2(x))
+
+
+def test_loading_builds_without_random_init_and_restores_it(tmp_path, monkeypatch):
+    """Weights are read from the file: the network is built without drawing random weights first (seconds
+    for a large one), non-persistent index buffers are still built, and torch.nn.init is left as it was."""
+    import torch
+    import vitslim
+    for name in ("swin_tiny", "efficientvit_m0"):
+        m = vitslim.build_model(name).eval()
+        vitslim.save_checkpoint(m, m.arch, tmp_path / f"{name}.pt")
+
+        def refuse(*a, **k):
+            raise AssertionError("random init while loading")
+        for fn in ("trunc_normal_", "normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "constant_"):
+            monkeypatch.setattr(torch.nn.init, fn, refuse)
+        loaded, _ = vitslim.load_checkpoint(tmp_path / f"{name}.pt")
+        assert torch.nn.init.trunc_normal_ is refuse  # restored
+        monkeypatch.undo()
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), m(x))
+    assert vitslim.build_model("deit_tiny").pos_embed.std() > 0.01  # an ordinary build still draws its init
