@@ -204,6 +204,14 @@ def _logits(out):
     return (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
 
 
+def _labelled(batches: Sequence[Batch], reference: nn.Module, num_classes: int, progress: bool, desc: str) -> List[Batch]:
+    from .importance import labels_fit
+    from tqdm import tqdm
+    need = sum(not labels_fit(y, num_classes) for _, y in batches)
+    return list(reference_labels(tqdm(batches, desc=desc, disable=not (progress and need), leave=False, unit="batch"),
+                                 reference, num_classes))
+
+
 def reference_labels(batches: Iterable[Batch], reference: nn.Module, num_classes: int) -> Iterator[Batch]:
     """The batches, each without labels of the model's classes (None, or an index outside them) labelled
     with `reference`'s top-1 (the unpruned model's: `--labels model`)."""
@@ -292,13 +300,15 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], reference: Optional[nn.Module] = None) -> dict:
+def evaluate(model: nn.Module, batches: Iterable[Batch], reference: Optional[nn.Module] = None,
+             progress: bool = False, desc: str = "evaluate") -> dict:
     """Mean cross-entropy and top-1 on the batches; without labels both are against `reference`'s
-    top-1 (agreement with the unpruned model)."""
+    top-1 (agreement with the unpruned model; `prune` labels its held-out batches once instead)."""
+    from tqdm import tqdm
     was = model.training
     model.eval()
     tot, correct, n = 0.0, 0, 0
-    for x, y in batches:
+    for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
         out = _logits(model(x))
         if y is None:
             y = _logits(reference(x)).argmax(-1) if reference is not None else out.argmax(-1)
@@ -522,7 +532,9 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     reference = copy.deepcopy(model).eval()
     # without labels of the model's classes, every loss is against the unpruned model's top-1: the scores of
     # later steps and fine-tuning without a teacher would otherwise chase the pruned model's own drifting top-1
-    calibration = list(reference_labels(calibration, reference, arch["num_classes"]))
+    calibration = _labelled(calibration, reference, arch["num_classes"], progress, "label calibration")
+    # held-out batches too, once: evaluating every candidate against them would run the reference each time
+    heldout = _labelled(heldout, reference, arch["num_classes"], progress, "label held-out")
     cur, cur_arch = copy.deepcopy(model).eval(), copy.deepcopy(arch)
     prev: Optional[Scores] = None
     steps_report = []
@@ -587,7 +599,8 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
                 if tightened:
                     tightenings[m] = tightened
                 pm, pa = apply_plan(cur, cur_arch, sel.plan)
-                ev = evaluate(pm, heldout, reference) if heldout else {"loss": sel.removed_importance}
+                ev = evaluate(pm, heldout, reference, progress, f"held-out {m} {step + 1}/{K}") if heldout \
+                    else {"loss": sel.removed_importance}
                 cands[m] = (sel, pm, pa, ev)
             chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
             sel, cur, cur_arch, ev = cands[chosen]
@@ -662,8 +675,8 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         rep["latency_after_ms"] = float(table.predict(cur_arch, interpolate=True))
         rep["latency_kept"] = rep["latency_after_ms"] / rep["latency_before_ms"]
     if heldout:
-        rep["heldout_before"] = evaluate(reference, heldout, reference)
-        rep["heldout_after"] = evaluate(cur, heldout, reference)
+        rep["heldout_before"] = evaluate(reference, heldout, reference, progress, "held-out, unpruned")
+        rep["heldout_after"] = evaluate(cur, heldout, reference, progress, "held-out, pruned")
     rep["removed_blocks"] = [f"stages[{b['stage']}].blocks[{b['block']}]" for b in rep["blocks"]
                              if b["heads"] == 0 and b["ffn_hidden"] == 0
                              and (b["heads_before"] > 0 or b["ffn_hidden_before"] > 0)]

@@ -261,10 +261,10 @@ def test_a_one_shot_prune_interrupted_after_selection_is_not_scored_again(deit_c
     assert run(args + ["--out", str(ref)], capsys)[0] == 0
     real_eval = pp.evaluate
 
-    def interrupted(model, batches, reference=None):  # Ctrl-C in the final evaluation of the unpruned model
+    def interrupted(model, batches, reference=None, *a, **k):  # Ctrl-C in the final evaluation of the unpruned model
         if model is reference:
             raise KeyboardInterrupt
-        return real_eval(model, batches, reference)
+        return real_eval(model, batches, reference, *a, **k)
 
     monkeypatch.setattr(pp, "evaluate", interrupted)
     out = tmp_path / "p"
