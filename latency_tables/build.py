@@ -276,6 +276,23 @@ def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optio
             **({"note": note} if note else {})}
 
 
+def overhead_warning(over: Mapping, limit: float = 0.25) -> Optional[str]:
+    """A warning when the entries sum far from the networks measured end to end (mean relative error over
+    `limit`): the fitted overhead then hides entries that do not add up (a loaded machine, too few samples),
+    and predictions for networks unlike the calibration ones inherit the error."""
+    err, n = over.get("mape_sum_only"), int(over.get("networks") or 0)
+    if err is None or err <= limit:
+        return None
+    pts = over.get("points") or []
+    high = sum(p[0] > p[2] for p in pts)
+    way = "above" if high * 2 > len(pts) else "below"
+    return (f"the table's entries sum {err:.0%} {way} the {n} network{'s' if n != 1 else ''} measured end to end; the "
+            f"fitted overhead (scale {float(over.get('scale', 0)):+.3f}) corrects those, but the entries do not add up: "
+            "re-measure on a quiet machine with a longer --time-per-network or more --min-samples"
+            + (", and calibrate on at least 3 networks (--calibrate)" if n < 3 else "")
+            + ", then check with `vitslim latency validate`")
+
+
 def calibrate(table: LatencyTable, backend, archs: Sequence[Mapping], proc: Procedure, progress=None,
               reference: Optional[DriftReference] = None, interpolate: bool = False) -> dict:
     """Measure `archs` end to end and fit the table's overhead; saved with the table. With
@@ -297,6 +314,10 @@ def calibrate(table: LatencyTable, backend, archs: Sequence[Mapping], proc: Proc
     if reference is not None:
         table.measurement["reference"] = _merge_ref(table.measurement.get("reference"), reference)
     over = fit_overhead(sums, [t.ms for t in timings], counts)
+    msg = overhead_warning(over)
+    if msg:
+        import warnings
+        warnings.warn(msg, stacklevel=2)
     over["measured_at"] = now_iso()
     table.overhead = over
     if table.path:

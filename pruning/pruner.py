@@ -672,7 +672,10 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         rep["blocks_total"] = len(infos0)
     if table is not None:
         rep["latency_before_ms"] = float(table.predict(arch, interpolate=True))
-        rep["latency_after_ms"] = float(table.predict(cur_arch, interpolate=True))
+        after = table.predict_stages(cur_arch, interpolate=True)
+        rep["latency_after_ms"] = float(after["total"])
+        # the pruned widths' entries the table prices by interpolation (`latency predict --interpolate` lists them)
+        rep["latency_estimated_entries"] = list(after.get("estimated", []))
         rep["latency_kept"] = rep["latency_after_ms"] / rep["latency_before_ms"]
     if heldout:
         rep["heldout_before"] = evaluate(reference, heldout, reference, progress, "held-out, unpruned")

@@ -105,6 +105,7 @@ def _load_importance(run):
 def _show(args):
     if args.plot:
         check_writable(args.plot, "--plot")
+        _pyplot()  # before printing anything: a missing matplotlib is said first
     imp = _load_importance(args.run)
     if args.json:
         print(json.dumps(imp, indent=1))
@@ -113,24 +114,34 @@ def _show(args):
         print("importance of a MetaPath = P(non-identity) / P(identity); of a stage = the sum (EfficientFormer)")
         for i, (cands, probs, mp, st) in enumerate(zip(imp["candidates"], imp["probabilities"], imp["metapath"], imp["stage"])):
             st_s = "n/a (no identity candidate)" if st is None else f"{st:.3f}"
-            print(f"stage {i + 1}: importance {st_s}")
+            print(f"stage {i}: importance {st_s}")
             for j, (p, s) in enumerate(zip(probs, mp)):
                 cells = "  ".join(f"{_SHORT.get(c, c):>2} {q:.3f} {'#' * int(round(q * 20)):<20}" for c, q in zip(cands, p))
                 s_s = "  -" if s is None else f"{s:6.3f}"
-                print(f"  block {j + 1}: {cells}  MP {s_s}")
+                print(f"  block {j}: {cells}  MP {s_s}")
     if args.plot:
         _plot(imp, args.plot)
         print(f"plot written to {args.plot}")
     return 0
 
 
-def _plot(imp, path):
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise VitslimError("--plot: needs matplotlib (pip install matplotlib, or pip install 'vitslim[plot]')") from None
+    return plt
+
+
+# one colour per MetaPath type in every stage (stages 0-1 have no meta3d candidate)
+_COLOURS = {"meta4d": "tab:blue", "meta3d": "tab:orange", "identity": "tab:gray"}
+
+
+def _plot(imp, path):
+    """Stages and blocks numbered from 0, as in arch configs, search logs and reports."""
+    plt = _pyplot()
     n = len(imp["stage"])
     fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.2))
     for i in range(n):
@@ -139,16 +150,18 @@ def _plot(imp, path):
         bottom = [0.0] * len(probs)
         for k, c in enumerate(cands):
             vals = [p[k] for p in probs]
-            ax.bar(range(1, len(probs) + 1), vals, bottom=bottom, label=_SHORT.get(c, c))
+            ax.bar(range(len(probs)), vals, bottom=bottom, label=_SHORT.get(c, c), color=_COLOURS.get(c))
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_title(f"stage {i + 1}")
+        ax.set_title(f"stage {i}")
+        ax.set_xticks(range(len(probs)))
         ax.set_xlabel("block")
         ax.set_ylim(0, 1)
         if i == 0:
             ax.set_ylabel("softmax(alpha)")
         ax.legend(fontsize=7)
     st = [s if s is not None else 0.0 for s in imp["stage"]]
-    axes[n].bar(range(1, n + 1), st)
+    axes[n].bar(range(n), st)
+    axes[n].set_xticks(range(n))
     axes[n].set_title("stage importance")
     axes[n].set_xlabel("stage")
     fig.tight_layout()

@@ -170,6 +170,15 @@ def test_overhead_fit_recovers_scale_and_intercept():
     assert three["intercept_ms"] == pytest.approx(0.2, abs=1e-6)
 
 
+def test_entries_that_do_not_add_up_to_the_network_are_warned_about():
+    from latency_tables.build import overhead_warning
+    assert overhead_warning(fit_overhead([1.0, 2.0, 5.0], [1.1, 2.2, 5.4])) is None  # 10% off: an overhead
+    one = overhead_warning(fit_overhead([50.0], [31.0]))  # one network, its entries sum 61% above it
+    assert one and "61% above the 1 network" in one and "--calibrate" in one
+    low = overhead_warning(fit_overhead([1.0, 2.0, 3.0, 4.0], [2.0, 3.5, 5.5, 7.0]))
+    assert low and "below the 4 networks" in low and "--calibrate" not in low
+
+
 def test_torch_cpu_measures_real_entries(tmp_path, tiny_space):
     b = get_backend("torch-cpu")
     d = b.describe()

@@ -42,6 +42,9 @@ def test_prune_to_a_latency_target_and_below_the_floor(quick_tables):
     res = prune(model, arch, PruneConfig(target=f"latency={goal}", calib_batches=1, eval_batches=0),
                 calibration=batches(arch, 1), table=t)
     assert res.report["latency_after_ms"] <= goal + 1e-9
+    # the pruned widths are priced off the table's entries: the report says which, as `latency predict` does
+    est = t.predict_stages(res.arch, interpolate=True)["estimated"]
+    assert est and res.report["latency_estimated_entries"] == est
     with pytest.raises(PruneError, match=f"below what the table can reach for this model \\(floor {lowest:.3f} ms"):
         prune(model, arch, PruneConfig(target=f"latency={0.9 * lowest}", calib_batches=1, depth=False),
               calibration=batches(arch, 1), table=t)

@@ -134,12 +134,19 @@ def test_cli_train_show_extract(tmp_path, capsys):
     capsys.readouterr()
     assert main(["supernet", "show", run]) == 0
     out = capsys.readouterr().out
-    assert "stage 4: importance" in out and "block 2:" in out and "3D" in out
+    # numbered from 0, as arch configs, search logs (stage2.block1) and reports number them
+    assert "stage 3: importance" in out and "stage 4:" not in out and "block 0:" in out and "3D" in out
     assert main(["supernet", "show", run, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 4
-    pytest.importorskip("matplotlib")
     assert main(["supernet", "show", run, "--plot", str(tmp_path / "imp.png")]) == 0
     assert os.path.getsize(tmp_path / "imp.png") > 1000
+    import sys
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:  # without matplotlib: said first, nothing printed before it
+        mp.setitem(sys.modules, "matplotlib", None)
+        assert main(["supernet", "show", run, "--plot", str(tmp_path / "imp2.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "needs matplotlib" in err and not os.path.exists(tmp_path / "imp2.png")
 
 
 def test_cli_extract_writes_a_model_equal_to_the_supernet(tmp_path, capsys):
