@@ -182,7 +182,7 @@ class TorchCUDA(Backend):
 
 
 def to_onnx_bytes(module: nn.Module, x: torch.Tensor, opset: int = 17) -> bytes:
-    """The module as an ONNX model (TorchScript exporter: no extra dependency), in memory."""
+    """The module as an ONNX model (torch's TorchScript-based exporter, which needs the onnx package), in memory."""
     f = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -219,10 +219,12 @@ class ONNXRuntime(Backend):
         return cache[sig]
 
     def check_available(self):
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise BackendError("onnxruntime: not installed (pip install onnxruntime)") from None
+        for mod in ("onnxruntime", "onnx"):  # torch's ONNX exporter needs the onnx package too
+            try:
+                __import__(mod)
+            except ImportError:
+                raise BackendError(f"onnxruntime backend: the {mod} package is not installed, expected "
+                                   "`pip install vitslim[export]` (onnx and onnxruntime)") from None
         if self.dtype != "float32":
             raise BackendError(f"onnxruntime: dtype {self.dtype} is not measured here, expected float32")
 

@@ -91,6 +91,9 @@ def _print_report(rep, out):
     if rep.get("finetune"):
         f = rep["finetune"]
         print(f"  fine-tuned {f['steps']} steps: accuracy {f['acc_before']:.4f} -> {f['acc_after']:.4f}")
+    files = rep.get("files", [])
+    if any(d in files and p not in files for d, p in (("trajectory.jsonl", "trajectory.png"), ("pareto.json", "pareto.png"))):
+        print("  no plot: matplotlib is not installed (pip install 'vitslim[plot]')")
 
 
 def _search(args):

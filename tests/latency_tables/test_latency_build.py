@@ -214,6 +214,14 @@ def test_cuda_backend_without_a_gpu_says_so(monkeypatch):
         get_backend("torch-cuda").check_available()
 
 
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_onnxruntime_backend_needs_both_packages_and_names_the_extra(monkeypatch, missing):
+    import sys
+    monkeypatch.setitem(sys.modules, missing, None)  # the import fails, as when the package is not installed
+    with pytest.raises(BackendError, match=f"the {missing} package is not installed.*vitslim\\[export\\]"):
+        get_backend("onnxruntime").check_available()
+
+
 def test_an_overhead_fit_never_predicts_negative_latency():
     """Networks measured far faster than their entries sum to (entries timed another way): a least-squares
     line would have a large negative constant and predict below zero for small networks; the fit falls back

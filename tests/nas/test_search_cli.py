@@ -97,3 +97,14 @@ def test_report_says_the_accuracy_of_the_saved_weights(supernet_run, table_path,
         assert ev.score_model(saved)["acc"] == rep["model_accuracy"]
         assert rep["model_accuracy"] == (rep["finetune"]["acc_after"] if ft else rep["accuracy"])
         assert ("fine-tuned" in rep["accuracy_note"]) == bool(ft)
+
+
+def test_without_matplotlib_the_search_says_there_is_no_plot(supernet_run, table_path, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = main(["search", "--supernet", supernet_run, "--table", table_path, "--target-ms", "4", "--no-progress",
+               "--out", str(tmp_path / "o"), "--eval-images", "16", "--verify", "off"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "no plot: matplotlib is not installed" in out
+    assert os.path.exists(tmp_path / "o" / "trajectory.jsonl") and not os.path.exists(tmp_path / "o" / "trajectory.png")
