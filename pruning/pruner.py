@@ -529,7 +529,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    reference = copy.deepcopy(model).eval()
+    reference = teacher if teacher is not None else copy.deepcopy(model).eval()  # both: the unpruned model, frozen
     # without labels of the model's classes, every loss is against the unpruned model's top-1: the scores of
     # later steps and fine-tuning without a teacher would otherwise chase the pruned model's own drifting top-1
     calibration = _labelled(calibration, reference, arch["num_classes"], progress, "label calibration")
@@ -622,6 +622,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
                 srep["costs"] = {str(t): c.total(cur_arch) for t, c in zip(targets, costs)}
                 for m, w in weights.items():
                     srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
+            cands = pm = None  # the other selection's network: not kept through fine-tuning
         ft = {"steps": 0}
         if state_path and ft_resume is None and (ft_per[step] or step + 1 == K):
             # selected: an interrupt from here on keeps the selection (fine-tuning or, after the last step,
