@@ -41,3 +41,13 @@ def with_matrix_1x1_convs(sd):
             n += 1
     assert n > 0
     return out
+
+
+def assert_matrix_1x1_release_loads(name, tmp_path):
+    """A release file ({"model": sd}) whose 1x1 convolutions are matrices loads to the golden logits."""
+    import vitslim
+    g = golden(name)
+    p = tmp_path / "release.pth"
+    torch.save({"model": with_matrix_1x1_convs(g["state_dict"])}, p)
+    model, _ = vitslim.load_checkpoint(p)
+    assert_golden_logits(model, g)

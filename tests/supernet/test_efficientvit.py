@@ -282,9 +282,5 @@ def test_missing_key_names_the_key(tmp_path):
 
 
 def test_release_file_with_matrix_1x1_convs_loads_to_the_golden_logits(tmp_path):
-    from golden_utils import assert_golden_logits, with_matrix_1x1_convs
-    g = golden("efficientvit_tiny")
-    p = tmp_path / "release.pth"
-    torch.save({"model": with_matrix_1x1_convs(g["state_dict"])}, p)
-    model, _ = vitslim.load_checkpoint(p)
-    assert_golden_logits(model, g)
+    from golden_utils import assert_matrix_1x1_release_loads
+    assert_matrix_1x1_release_loads("efficientvit_tiny", tmp_path)
