@@ -46,12 +46,13 @@ def measure(table, archs, seconds: float, seed: int = 0):
     return [t.ms for t in time_networks(backend, archs, proc, reference=ref)]
 
 
-def test_accuracy(model_path: str, data_cfg: dict, space, first: int, n: int, batch: int = 256) -> float:
-    """Top-1 of a saved network on held-out images [first, first + n): images the search never scored."""
+def test_accuracy(model_path, data_cfg: dict, space, first: int, n: int, batch: int = 256) -> float:
+    """Top-1 of a saved network (a path, or the module) on held-out images [first, first + n): images the
+    search never scored."""
     import torch
     import vitslim
     from supernet.data import SyntheticShapes
-    model, _ = vitslim.load_checkpoint(model_path)
+    model = vitslim.load_checkpoint(model_path)[0] if isinstance(model_path, str) else model_path.eval()
     ds = SyntheticShapes(num_classes=space.num_classes, image_size=space.input_size, length=first + n,
                          split="heldout", seed=int(data_cfg["seed"]), distractors=int(data_cfg.get("distractors", 2)))
     correct = 0

@@ -45,8 +45,9 @@ network it stopped at.
 
 Every step is one JSON line in trajectory.jsonl (the chosen action, every candidate with its ms,
 accuracy, loss and score); `done` is where the path met the bound, and the last line, `result`, is the
-network returned (after refinement, if any; one per bound when verification retargets). Re-running with the same arguments continues from the last complete
-line; the logged numbers are reused, so a resumed run ends exactly where an uninterrupted one does.
+network returned (after refinement, if any; one per bound when verification retargets). Re-running with
+the same arguments continues from the last complete line; the logged numbers are reused, so a resumed run
+ends exactly where an uninterrupted one does.
 """
 from __future__ import annotations
 
