@@ -2,7 +2,7 @@
 time, and `table.compile(space).score(codes)` for a batch of Choice codes (the search's path; goal
 >= 100k archs/s). Uses the shipped table when it covers the space, else fake numbers.
 
-    python benchmarks/latency_predict_speed.py [--space experiments/spaces/efficientformer_l1.yaml]
+    python benchmarks/latency_predict_speed.py [--space efficientformer_l1]
 """
 import argparse
 import json
@@ -23,7 +23,7 @@ from supernet.space import load_space  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--space", default=os.path.join(ROOT, "experiments", "spaces", "efficientformer_l1.yaml"))
+    ap.add_argument("--space", default=os.path.join(ROOT, "supernet", "spaces", "efficientformer_l1.yaml"))
     ap.add_argument("--table", default=os.path.join(ROOT, "latency_tables", "cpu_torch_efficientformer_l1.yaml"))
     ap.add_argument("--batch", type=int, default=100_000)
     ap.add_argument("--json", action="store_true")

@@ -14,7 +14,7 @@ Memory: the peak of one step (weights, gradients, optimiser state, activations, 
 by tensor with torch's MemTracker (torch.distributed._tools), on CPU and CUDA alike.
 
     python benchmarks/supernet_step.py                       # tiny space, batch 64, CPU
-    python benchmarks/supernet_step.py --space experiments/spaces/efficientformer_l1.yaml --batch 64 --device cuda
+    python benchmarks/supernet_step.py --space efficientformer_l1 --batch 64 --device cuda
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def memory_all(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--space", default=os.path.join(os.path.dirname(__file__), "..", "experiments", "spaces", "tiny.yaml"))
+    p.add_argument("--space", default=os.path.join(os.path.dirname(__file__), "..", "supernet", "spaces", "tiny.yaml"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--device", default="cpu")

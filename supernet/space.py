@@ -1,7 +1,7 @@
 """A search space: per stage, the candidate MetaPaths at each block position and the widths a
 stage may take; and the encoding of one sub-network in it (a `Choice`) into an arch config.
 
-File format (YAML, see experiments/spaces/):
+File format (YAML; the shipped spaces are in supernet/spaces/, loadable by name: `tiny`, `efficientformer_l1`):
 
     version: 1
     family: efficientformer
@@ -110,8 +110,9 @@ class SearchSpace:
                    in_chans=check_int(d.get("in_chans", 3), "in_chans"), name=str(d.get("name", name)))
 
     @classmethod
-    def load(cls, path) -> "SearchSpace":
-        path = os.fspath(path)
+    def load(cls, path, base_dir=None) -> "SearchSpace":
+        """A space from a .yaml file (relative to `base_dir` when given), or a shipped space by name."""
+        path = resolve_space_path(path, base_dir)
         d = read_yaml(path, ArchError, "a search space .yaml")
         try:
             return cls.from_dict(d, name=os.path.splitext(os.path.basename(path))[0])
@@ -232,6 +233,41 @@ def _first_difference(a, b, path: str = ""):
                 return d
         return None
     return None if a == b else (path, a, b)
+
+
+SPACES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spaces")  # shipped as package data
+
+
+def shipped_spaces() -> List[str]:
+    """Names of the search spaces shipped with vitslim (supernet/spaces/NAME.yaml)."""
+    try:
+        return sorted(f[:-5] for f in os.listdir(SPACES_DIR) if f.endswith(".yaml") and not f.startswith("."))
+    except OSError:
+        return []
+
+
+def shipped_space_file(name) -> str:
+    """The file of the shipped space `name` (with or without .yaml), or "" when there is none."""
+    name = os.fspath(name)
+    if not name or os.path.basename(name) != name or name.startswith("."):  # a bare name, not a path
+        return ""
+    base = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
+    path = os.path.join(SPACES_DIR, base + ".yaml")
+    return path if os.path.isfile(path) else ""
+
+
+def resolve_space_path(path, base_dir=None) -> str:
+    """The file a space argument names: the path (relative to `base_dir` when given) when it exists, else the
+    shipped space of that bare name (`tiny`, `tiny.yaml`); one line naming the shipped names when neither."""
+    text = os.path.expanduser(os.fspath(path))
+    cand = os.path.normpath(os.path.join(base_dir, text)) if base_dir else text
+    if os.path.exists(cand):
+        return cand
+    shipped = shipped_space_file(text)
+    if shipped:
+        return shipped
+    raise ArchError(f"{cand}: no such file, expected a search space .yaml or a shipped space name "
+                    f"({', '.join(shipped_spaces()) or 'none installed'})")
 
 
 def load_space(path_or_dict) -> SearchSpace:

@@ -12,7 +12,7 @@ Run directory:
 
 Config (see experiments/supernet_tiny.yaml):
     version: 1
-    space: spaces/tiny.yaml         # path relative to the config file, or the mapping itself
+    space: tiny                     # a shipped space's name, a path relative to the config file, or the mapping
     data: {type: synthetic, train_size: 20000, heldout_size: 1000}
     seed: 0
     steps: 400
@@ -178,7 +178,7 @@ class TrainConfig:
         if isinstance(sp, Mapping):
             space = SearchSpace.from_dict(sp)
         elif isinstance(sp, str):
-            space = SearchSpace.load(os.path.normpath(os.path.join(base_dir, os.path.expanduser(sp))))
+            space = SearchSpace.load(sp, base_dir=base_dir)  # a path, or a shipped space's name (tiny)
         else:
             raise _bad("space", sp, "a path to a search space .yaml or a mapping")
         c = cls(space=space)

@@ -25,6 +25,17 @@ def _space(path):
     return load_space(path)
 
 
+def _space_record(given: str) -> str:
+    """What a table records as the file of its space (built_for.space_file): the path relative to where the
+    build ran, or for a shipped space its place in the package (supernet/spaces/NAME.yaml), found from any
+    folder by `validate`."""
+    from supernet.space import SPACES_DIR, resolve_space_path
+    path = os.path.abspath(resolve_space_path(given))
+    if os.path.dirname(path) == os.path.abspath(SPACES_DIR):
+        return "supernet/spaces/" + os.path.basename(path)
+    return os.path.relpath(path)
+
+
 def _bar(total: int, what: str, quiet: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit=what, file=sys.stderr, disable=quiet, dynamic_ncols=True,
@@ -78,7 +89,8 @@ def _proc(args, backend, time_per_item, table=None, option="--time-per-network")
 
 # ------------------------------------------------------------------ build
 def _build_args(p):
-    p.add_argument("--space", help="search space .yaml: every candidate block at every width and resolution")
+    p.add_argument("--space", help="search space .yaml, or a shipped space's name (tiny, efficientformer_l1): every "
+                                   "candidate block at every width and resolution")
     p.add_argument("--arch", action="append", default=[], metavar="ARCH",
                    help="preset, arch .yaml or checkpoint whose entries to add (repeatable)")
     p.add_argument("--out", required=True, help="table .yaml (resumed if it exists: only missing entries are measured)")
@@ -180,8 +192,7 @@ def _build(args):
     in_context = args.procedure == "in-context"
     built_for = {}
     if space is not None:
-        built_for.update({"space": space.name, "space_file": os.path.relpath(os.path.abspath(args.space)),
-                          "input_size": space.input_size})
+        built_for.update({"space": space.name, "space_file": _space_record(args.space), "input_size": space.input_size})
     if args.arch:
         built_for["archs"] = list(args.arch)
     if grid_spec is not None:
@@ -281,7 +292,8 @@ def _predict(args):
 # ------------------------------------------------------------------ validate
 def _validate_args(p):
     p.add_argument("--table", required=True, help="latency table .yaml")
-    p.add_argument("--space", help="search space .yaml to sample networks from (default: the one the table was built for)")
+    p.add_argument("--space", help="search space .yaml or shipped name to sample networks from (default: the one the "
+                                   "table was built for)")
     p.add_argument("--samples", type=int, default=50, help="networks sampled from the space (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--arch", action="append", default=[], metavar="ARCH", help="also validate this arch (repeatable)")
@@ -302,15 +314,21 @@ def _validate_args(p):
 
 def _table_space_file(table, table_path: str, needed: bool):
     """The search space a table was built for (built_for.space_file, written relative to where the build
-    ran): found from here, beside the table, or one folder up (the shipped tables: the repo root).
+    ran): found from here, beside the table, or one folder up (the shipped tables: the repo root, or the
+    installed packages); else the shipped space of that file name when it is the space the table names
+    (built_for.space: a table built from experiments/spaces/tiny.yaml before the spaces moved into the package).
     None when the table names none; an error when it names one that cannot be found and samples need it."""
+    from supernet.space import load_space, shipped_space_file
     rel = (table.built_for or {}).get("space_file")
     if not rel:
         return None
-    here = os.path.dirname(os.path.abspath(table_path))
+    here = os.path.dirname(os.path.abspath(table.path or table_path))
     for cand in (rel, os.path.join(here, rel), os.path.join(os.path.dirname(here), rel)):
         if os.path.isfile(cand):
             return cand
+    shipped = shipped_space_file(os.path.basename(rel))
+    if shipped and load_space(shipped).name == (table.built_for or {}).get("space"):
+        return shipped
     if needed:
         raise VitslimError(f"{table_path}: built for {rel} (built_for.space_file), which is not found from here or "
                            "beside the table; pass --space SPACE.yaml to sample from it (or --samples 0)")
@@ -408,7 +426,7 @@ def _show(args):
 
 # ------------------------------------------------------------------ Core ML
 def _export_args(p):
-    p.add_argument("--space", help="search space .yaml: a package for each of its entries")
+    p.add_argument("--space", help="search space .yaml or shipped name (tiny): a package for each of its entries")
     p.add_argument("--arch", action="append", default=[], metavar="ARCH", help="a package for each entry of ARCH (repeatable)")
     p.add_argument("--out", required=True, help="folder for the .mlpackage files, manifest.json and times_template.csv")
     p.add_argument("--networks", type=int, default=4,
@@ -468,12 +486,12 @@ SUB = {
     "import": (_import_args, _import, "read on-device times (CSV) back into a table"),
 }
 
-EXAMPLE = """vitslim latency build --space experiments/spaces/tiny.yaml --out latency_tables/cpu_torch_tiny.yaml
+EXAMPLE = """vitslim latency build --space tiny --out latency_tables/cpu_torch_tiny.yaml
 vitslim latency build --arch deit_tiny --prune-grid --out cpu_deit_tiny_grid.yaml
 vitslim latency predict --table latency_tables/cpu_torch_efficientformer_l1.yaml efficientformer_l1
 vitslim latency show --table latency_tables/cpu_torch_tiny.yaml
 vitslim latency validate --table latency_tables/cpu_torch_tiny.yaml --samples 50 --noise --json
-vitslim latency export-coreml --space experiments/spaces/tiny.yaml --out coreml_tiny/
+vitslim latency export-coreml --space tiny --out coreml_tiny/
 vitslim latency import --manifest coreml_tiny/manifest.json --csv times.csv --device "iPhone 12" --out t.yaml"""
 
 

@@ -205,6 +205,7 @@ def _merged(base: dict, over: dict) -> dict:
 
 
 def _supernet_stage(d, base, out, progress):
+    from supernet.space import shipped_space_file
     from supernet.train import TrainConfig, config_diff, read_run, train
     sn = dict(d.get("supernet") or {})
     cfg_path = sn.pop("config", None)
@@ -219,7 +220,11 @@ def _supernet_stage(d, base, out, progress):
         for k in keys[:-1]:
             parent = parent.get(k) if isinstance(parent, dict) else None
         if isinstance(parent, dict) and isinstance(parent.get(keys[-1]), str):
-            parent[keys[-1]] = os.path.normpath(os.path.join(base, os.path.expanduser(parent[keys[-1]])))
+            given = parent[keys[-1]]
+            path = os.path.normpath(os.path.join(base, os.path.expanduser(given)))
+            if keys == ("space",) and not os.path.exists(path) and shipped_space_file(given):
+                continue  # a shipped space's name (tiny), not a path
+            parent[keys[-1]] = path
     raw = _merged(raw, sn)  # overrides: steps, widths, optimizer.lr (the rest of optimizer kept), ...
     cfg = TrainConfig.from_dict(raw, base_dir=os.path.dirname(cfg_path))
     run = os.path.join(out, "supernet")

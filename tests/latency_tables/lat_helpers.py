@@ -6,7 +6,7 @@ from latency_tables.segments import key_str, parse_key_str, segment_macs
 from latency_tables.table import LatencyTable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "experiments", "spaces", "tiny.yaml")
+TINY = os.path.join(ROOT, "supernet", "spaces", "tiny.yaml")
 
 FAKE_DEVICE = {"backend": "torch-cpu", "device": "Fake CPU 3000", "threads": 1, "batch_size": 1, "dtype": "float32",
                "fused": True, "runtime": {"torch": "x"}, "platform": "Linux-x86_64"}

@@ -6,7 +6,7 @@ import pytest
 import vitslim
 from vitslim.cli import main
 from lat_helpers import TINY, fake_table
-from latency_tables.segments import arch_keys
+from latency_tables.segments import arch_keys, space_keys
 
 
 def run(capsys, *argv):
@@ -144,15 +144,60 @@ def test_a_resumed_build_keeps_the_clock_its_entries_were_timed_with(capsys, tmp
 def test_validate_finds_the_tables_space_beside_it_from_any_folder(capsys, table_file, tmp_path, monkeypatch):
     from latency_tables import LatencyTable
     t = LatencyTable.load(str(table_file))
-    t.built_for = {"space": "tiny", "space_file": "spaces/tiny.yaml"}
+    t.built_for = {"space": "mine", "space_file": "spaces/mine.yaml"}  # no shipped space of that name
     t.save(str(table_file))
     args = ["latency", "validate", "--table", table_file, "--samples", 1, "--time-per-network", 0.001,
             "--min-samples", 3, "--no-presets", "--no-drift-reference", "--allow-device-mismatch", "--json", "--quiet"]
     monkeypatch.chdir(tmp_path.parent)
     code, out, err = run(capsys, *args)  # named but nowhere: said, not silently fewer samples
-    assert code == 2 and "built for spaces/tiny.yaml (built_for.space_file), which is not found" in err
+    assert code == 2 and "built for spaces/mine.yaml (built_for.space_file), which is not found" in err
     (tmp_path / "spaces").mkdir()
-    (tmp_path / "spaces" / "tiny.yaml").write_text(open(TINY).read())
+    (tmp_path / "spaces" / "mine.yaml").write_text(open(TINY).read())
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert json.loads(out)["samples"] == 1
+
+
+@pytest.mark.parametrize("recorded", ["experiments/spaces/tiny.yaml", "supernet/spaces/tiny.yaml"])
+def test_validate_finds_a_shipped_space_from_any_folder(capsys, table_file, tmp_path, monkeypatch, recorded):
+    # a table built before the spaces moved into the package (experiments/...) or after (supernet/...), copied
+    # away from any checkout: the shipped space of that file name is the one it was built for
+    from latency_tables import LatencyTable
+    t = LatencyTable.load(str(table_file))
+    t.built_for = {"space": "tiny", "space_file": recorded}
+    t.save(str(table_file))
+    monkeypatch.chdir(tmp_path)
+    args = ["latency", "validate", "--table", "t.yaml", "--samples", 1, "--time-per-network", 0.001, "--min-samples", 3,
+            "--no-presets", "--no-drift-reference", "--allow-device-mismatch", "--json", "--quiet"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 1
+    t.built_for = {"space": "other", "space_file": recorded}  # the file name alone does not make it the same space
+    t.save(str(table_file))
+    code, out, err = run(capsys, *args)
+    assert code == 2 and f"built for {recorded} (built_for.space_file), which is not found" in err
+
+
+def test_the_shipped_tables_record_their_shipped_space():
+    import os
+    from supernet.space import load_space, shipped_space_file
+    from latency_tables import LatencyTable
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for f in sorted(os.listdir(os.path.join(root, "latency_tables"))):
+        if f.endswith(".yaml"):
+            table = LatencyTable.load(os.path.join(root, "latency_tables", f))
+            bf = table.built_for
+            assert os.path.isfile(os.path.join(root, bf["space_file"])), (f, bf)  # the folder above the table's
+            space = load_space(shipped_space_file(bf["space"]))
+            assert space.name == bf["space"] and not table.missing(space_keys(space)), f  # what `run` reuses it for
+
+
+def test_build_takes_a_shipped_space_by_name_and_records_its_package_path(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no spaces folder here
+    code, out, err = run(capsys, "latency", "build", "--space", "tiny", "--out", "t.yaml", "--dry-run")
+    assert code == 0 and "t.yaml: " in out, err
+    from vitslim.cmd_latency import _space_record
+    assert _space_record("tiny.yaml") == "supernet/spaces/tiny.yaml"  # validate finds it from any folder
+    code, out, err = run(capsys, "latency", "build", "--space", "tiniest", "--out", "t.yaml", "--dry-run")
+    assert code == 2 and err.strip().endswith("tiniest: no such file, expected a search space .yaml or a shipped "
+                                              "space name (efficientformer_l1, tiny)"), err

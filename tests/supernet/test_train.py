@@ -324,3 +324,19 @@ def test_a_stop_between_logged_steps_leaves_the_uninterrupted_curve_and_the_repo
     with open(os.path.join(b, "report.json")) as f:
         rep = json.load(f)
     assert rep["final_loss"] == losses(b)[-1][1] and 0 <= rep["final_train_acc"] <= 1
+
+
+def test_a_config_names_a_shipped_space_or_a_path(tmp_path):
+    from supernet.space import SPACES_DIR, SearchSpace
+    by_name = TrainConfig.from_dict({"space": "tiny"}, base_dir=str(tmp_path))
+    assert by_name.space.to_dict() == SearchSpace.load(os.path.join(SPACES_DIR, "tiny.yaml")).to_dict()
+    assert TrainConfig.from_dict({"space": "tiny.yaml"}, base_dir=str(tmp_path)).space.name == "tiny"
+    # a file of that name beside the config comes first
+    text = open(os.path.join(SPACES_DIR, "tiny.yaml")).read().replace("name: tiny", "name: mine")
+    (tmp_path / "tiny.yaml").write_text(text)
+    assert TrainConfig.from_dict({"space": "tiny"}, base_dir=str(tmp_path)).space.name == "tiny"  # not a file: shipped
+    assert TrainConfig.from_dict({"space": "tiny.yaml"}, base_dir=str(tmp_path)).space.name == "mine"
+    with pytest.raises(Exception, match=r"spaces/tiny\.yaml: no such file, expected a search space \.yaml or a "
+                                        r"shipped space name \(efficientformer_l1, tiny\)"):
+        TrainConfig.from_dict({"space": "spaces/tiny.yaml"}, base_dir=str(tmp_path))  # a path is a path
+

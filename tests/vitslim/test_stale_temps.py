@@ -62,7 +62,7 @@ def test_a_latency_build_sweeps_its_tables_temporaries(tmp_path, capsys):
     t = tmp_path / "t.yaml"
     left = tmp_path / f"t.yaml.tmp.{dead_pid()}"
     left.write_text("half a table")
-    space = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "spaces", "tiny.yaml")
+    space = os.path.join(os.path.dirname(__file__), "..", "..", "supernet", "spaces", "tiny.yaml")
     assert main(["latency", "build", "--space", space, "--out", str(t), "--dry-run"]) == 0
     assert not left.exists()
 
