@@ -365,8 +365,9 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path, device: Optional[Mapping] = None, allow_mismatch: bool = False) -> "LatencyTable":
-        """Read and check a table file; with `device`, also check it was measured there."""
-        path = os.fspath(path)
+        """Read and check a table file (or a shipped table by name: `cpu_torch_tiny`); with `device`, also
+        check it was measured there."""
+        path = resolve_table_path(path)
         d = read_yaml(path, LatencyError, "a latency table .yaml", "a latency table")
         t = cls.from_dict(d, where=path)
         t.path = path
@@ -381,6 +382,34 @@ class LatencyTable:
             by_src[e.source] = by_src.get(e.source, 0) + 1
             by_op[e.key["op"]] = by_op.get(e.key["op"], 0) + 1
         return {"entries": len(self.entries), "sources": by_src, "ops": by_op, "device": describe_device(self.device)}
+
+
+# ---------------------------------------------------------------- shipped tables
+TABLES_DIR = os.path.dirname(os.path.abspath(__file__))  # the tables shipped with vitslim (package data)
+
+
+def shipped_tables() -> List[str]:
+    """Names of the latency tables shipped with vitslim (latency_tables/NAME.yaml)."""
+    try:
+        return sorted(f[:-5] for f in os.listdir(TABLES_DIR) if f.endswith(".yaml") and not f.startswith("."))
+    except OSError:
+        return []
+
+
+def resolve_table_path(path) -> str:
+    """The file a table argument names: the path when it exists, else the shipped table of that bare name
+    (`cpu_torch_tiny` or `cpu_torch_tiny.yaml`); a one-line error listing the shipped names when neither."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    name = os.path.expanduser(path)
+    if name and os.path.basename(name) == name and not name.startswith("."):
+        base = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
+        shipped = os.path.join(TABLES_DIR, base + ".yaml")
+        if os.path.isfile(shipped):
+            return shipped
+    raise LatencyError(f"{path}: no such file, expected a latency table .yaml or a shipped table name "
+                       f"({', '.join(shipped_tables()) or 'none installed'})")
 
 
 # ---------------------------------------------------------------- helpers

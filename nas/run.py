@@ -65,9 +65,12 @@ def load_supernet_run(run_dir: str):
 
 def load_table(path: str, space, interpolate: bool = False):
     """(LatencyTable, CompiledTable for `space`); names what the table lacks for the space."""
-    if not os.path.isfile(os.fspath(path)):
-        raise SearchError(f"--table {path}: no such file, expected a latency table .yaml "
-                          "(build one with `vitslim latency build --space SPACE.yaml --out T.yaml`)")
+    from latency_tables.table import resolve_table_path
+    try:
+        path = resolve_table_path(path)  # a file, or a shipped table's name (cpu_torch_tiny)
+    except LatencyError as e:
+        raise SearchError(f"--table {e} (or build one with `vitslim latency build --space SPACE.yaml --out T.yaml`)") \
+            from None
     try:
         table = LatencyTable.load(path)
     except LatencyError as e:
@@ -235,6 +238,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
                       criterion=criterion, actions=actions, refine=refine)
     model, cfg, obj = load_supernet_run(supernet)
     tab, compiled = load_table(table, model.space, interpolate)
+    table = tab.path  # a shipped table given by name: its file, as the report records it
     verifier, skipped = None, None
     if verify != "off":
         reason = None if measure is not None else unavailable_reason(tab)

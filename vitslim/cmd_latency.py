@@ -1,4 +1,4 @@
-"""`vitslim latency build | predict | validate | export-coreml | import | show`: per-device latency
+"""`vitslim latency build | predict | validate | export-coreml | import | show | list`: per-device latency
 lookup tables (see latency_tables/ and the README, 'Latency tables')."""
 from __future__ import annotations
 
@@ -260,7 +260,7 @@ def _load_table(args, device=None):
 
 def _predict_args(p):
     p.add_argument("arch", metavar="ARCH", help="preset, arch .yaml or checkpoint")
-    p.add_argument("--table", required=True, help="latency table .yaml")
+    p.add_argument("--table", required=True, help="latency table .yaml, or a shipped table's name (vitslim latency list)")
     p.add_argument("--interpolate", action="store_true", help="estimate missing entries across widths (flagged)")
     from latency_tables.backends import BACKENDS
     p.add_argument("--backend", default=None, choices=sorted(BACKENDS),
@@ -291,7 +291,7 @@ def _predict(args):
 
 # ------------------------------------------------------------------ validate
 def _validate_args(p):
-    p.add_argument("--table", required=True, help="latency table .yaml")
+    p.add_argument("--table", required=True, help="latency table .yaml, or a shipped table's name (vitslim latency list)")
     p.add_argument("--space", help="search space .yaml or shipped name to sample networks from (default: the one the "
                                    "table was built for)")
     p.add_argument("--samples", type=int, default=50, help="networks sampled from the space (default 50)")
@@ -403,7 +403,7 @@ def _print_metrics(title, m):
 
 # ------------------------------------------------------------------ show
 def _show_args(p):
-    p.add_argument("--table", required=True, help="latency table .yaml")
+    p.add_argument("--table", required=True, help="latency table .yaml, or a shipped table's name (vitslim latency list)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -421,6 +421,37 @@ def _show(args):
     o = s["overhead"]
     print(f"  overhead: scale {o.get('scale', 0):+.4f}, intercept {o.get('intercept_ms', 0):+.4f} ms "
           f"({o.get('provenance', 'none')}, {o.get('networks', 0)} networks)")
+    return 0
+
+
+# ------------------------------------------------------------------ list
+def _list_args(p):
+    p.add_argument("--json", action="store_true",
+                   help='print a JSON list of {"name", "path", "device", "backend", "built_for", "entries"}')
+
+
+def _list(args):
+    from latency_tables import LatencyTable
+    from latency_tables.table import TABLES_DIR, describe_device, shipped_tables
+    rows = []
+    for name in shipped_tables():
+        t = LatencyTable.load(os.path.join(TABLES_DIR, name + ".yaml"))
+        bf = t.built_for or {}
+        what = ", ".join(([f"space {bf['space']}"] if bf.get("space") else [])
+                         + [f"arch {a}" for a in bf.get("archs") or []]) or "-"
+        rows.append({"name": name, "path": t.path, "device": describe_device(t.device),
+                     "backend": t.device.get("backend"), "built_for": what, "entries": len(t)})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no tables shipped in {TABLES_DIR}")
+        return 0
+    w = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("name", "built_for", "entries")}
+    print(f"{'name':<{w['name']}}  {'built for':<{w['built_for']}}  {'entries':>{w['entries']}}  device")
+    for r in rows:
+        print(f"{r['name']:<{w['name']}}  {r['built_for']:<{w['built_for']}}  {r['entries']:>{w['entries']}}  {r['device']}")
+    print(f"(in {TABLES_DIR}; any command's --table takes these names)")
     return 0
 
 
@@ -482,6 +513,7 @@ SUB = {
     "predict": (_predict_args, _predict, "predicted ms of an arch, per stage"),
     "validate": (_validate_args, _validate, "measure sampled networks end to end and compare with the table"),
     "show": (_show_args, _show, "summary of a table: device, entries, overhead"),
+    "list": (_list_args, _list, "the tables shipped with vitslim: name, device, what they were built for"),
     "export-coreml": (_export_args, _export_coreml, "one Core ML package per entry + manifest, to time on a device"),
     "import": (_import_args, _import, "read on-device times (CSV) back into a table"),
 }
@@ -489,7 +521,8 @@ SUB = {
 EXAMPLE = """vitslim latency build --space tiny --out latency_tables/cpu_torch_tiny.yaml
 vitslim latency build --arch deit_tiny --prune-grid --out cpu_deit_tiny_grid.yaml
 vitslim latency predict --table latency_tables/cpu_torch_efficientformer_l1.yaml efficientformer_l1
-vitslim latency show --table latency_tables/cpu_torch_tiny.yaml
+vitslim latency show --table cpu_torch_tiny
+vitslim latency list                # the shipped tables: --table takes their names
 vitslim latency validate --table latency_tables/cpu_torch_tiny.yaml --samples 50 --noise --json
 vitslim latency export-coreml --space tiny --out coreml_tiny/
 vitslim latency import --manifest coreml_tiny/manifest.json --csv times.csv --device "iPhone 12" --out t.yaml"""
@@ -514,5 +547,5 @@ def _run(args):
     return run(args)
 
 
-register_command("latency", _args, _run, "latency lookup tables: build, predict, validate, Core ML export/import",
+register_command("latency", _args, _run, "latency lookup tables: build, predict, validate, show, list, Core ML export/import",
                  EXAMPLE)

@@ -16,7 +16,7 @@ def _args(p):
                    help="params=F or macs=F (fraction kept, in (0, 1]), latency=MS or latency=Fx (milliseconds, or "
                         "a fraction of the unpruned network's predicted latency, with --table); several at once, all "
                         "met: macs=0.5,latency=0.5x (or --target repeated)")
-    p.add_argument("--table", default=None, help="latency table .yaml of the device (for latency targets; with a "
+    p.add_argument("--table", default=None, help="latency table .yaml of the device, or a shipped table's name (for latency targets; with a "
                                                  "MACs target see --proportional)")
     p.add_argument("--proportional", action=argparse.BooleanOptionalAction, default=None,
                    help="with --table, a MACs target F also holds the predicted latency to F x the unpruned "

@@ -22,7 +22,8 @@ vitslim search ... --finetune 300      # then train the found network for 300 st
 
 def _search_args(p):
     p.add_argument("--supernet", required=True, help="a finished supernet run directory (vitslim supernet train)")
-    p.add_argument("--table", required=True, help="latency table .yaml covering the supernet's search space")
+    p.add_argument("--table", required=True, help="latency table .yaml covering the supernet's search space, or a "
+                                                  "shipped table's name (cpu_torch_tiny; vitslim latency list)")
     p.add_argument("--target-ms", required=True, type=finite_float, help="latency target in milliseconds (> 0)")
     p.add_argument("--out", required=True, help="run directory (arch.yaml, model.pt, report.json, logs); "
                                                 "an interrupted run in it is resumed")
@@ -189,10 +190,21 @@ def _check_table_section(t, base: str) -> None:
         if k in t and (isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < lo):
             raise _bad(f"table.{k}", t[k], f"an integer >= {lo}")
     if t.get("reuse"):
-        reuse = os.path.normpath(os.path.join(base, str(t["reuse"])))
-        if not os.path.isfile(reuse):
-            raise VitslimError(f"table.reuse: {reuse}: no such file, expected a latency table .yaml (or remove "
-                               "the key to measure one)")
+        _reuse_path(t["reuse"], base)
+
+
+def _reuse_path(reuse, base: str) -> str:
+    """The table `table.reuse` names: a path relative to the pipeline file, else a shipped table's name
+    (cpu_torch_tiny)."""
+    from latency_tables.table import LatencyError, resolve_table_path, shipped_tables
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(str(reuse))))
+    if os.path.exists(path):
+        return path
+    try:
+        return resolve_table_path(str(reuse))
+    except LatencyError:
+        raise VitslimError(f"table.reuse: {path}: no such file, expected a latency table .yaml or a shipped table "
+                           f"name ({', '.join(shipped_tables())}; or remove the key to measure one)") from None
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -250,7 +262,7 @@ def _table_stage(d, base, out, cfg, progress):
     t = dict(d.get("table") or {})
     reuse = t.get("reuse")
     if reuse:
-        reuse = os.path.normpath(os.path.join(base, reuse))
+        reuse = _reuse_path(reuse, base)
         if os.path.isfile(reuse):
             tab = LatencyTable.load(reuse)
             backend = t.get("backend", "torch-cpu")

@@ -1,5 +1,6 @@
 """`vitslim latency ...`: JSON outputs, and one-line errors (exit 2) that leave table files untouched."""
 import json
+import os
 
 import pytest
 
@@ -201,3 +202,46 @@ def test_build_takes_a_shipped_space_by_name_and_records_its_package_path(capsys
     code, out, err = run(capsys, "latency", "build", "--space", "tiniest", "--out", "t.yaml", "--dry-run")
     assert code == 2 and err.strip().endswith("tiniest: no such file, expected a search space .yaml or a shipped "
                                               "space name (efficientformer_l1, tiny)"), err
+
+
+def test_a_shipped_table_is_reached_by_name_from_any_folder(capsys, tmp_path, monkeypatch):
+    from latency_tables import LatencyTable
+    from latency_tables.table import TABLES_DIR, shipped_tables
+    monkeypatch.chdir(tmp_path)
+    assert "cpu_torch_tiny" in shipped_tables()
+    for given in ("cpu_torch_tiny", "cpu_torch_tiny.yaml"):
+        t = LatencyTable.load(given)
+        assert t.path == os.path.join(TABLES_DIR, "cpu_torch_tiny.yaml") and t.built_for["space"] == "tiny"
+        code, out, err = run(capsys, "latency", "show", "--table", given, "--json")
+        assert code == 0 and json.loads(out)["entries"] == len(t), err
+    code, out, err = run(capsys, "latency", "predict", "--table", "cpu_torch_tni", "efficientformer_l1")
+    assert code == 2 and err.strip().endswith(
+        "cpu_torch_tni: no such file, expected a latency table .yaml or a shipped table name "
+        "(" + ", ".join(shipped_tables()) + ")"), err
+    (tmp_path / "cpu_torch_tiny.yaml").write_text("format: x\n")  # a file of that name here comes first
+    code, out, err = run(capsys, "latency", "show", "--table", "cpu_torch_tiny.yaml")
+    assert code == 2 and "cpu_torch_tiny.yaml: format: got 'x'" in err, err
+
+
+def test_validate_of_a_shipped_table_by_name_finds_its_space(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "latency", "validate", "--table", "cpu_torch_tiny", "--samples", 1,
+                         "--time-per-network", 0.001, "--min-samples", 3, "--no-presets", "--no-drift-reference",
+                         "--allow-device-mismatch", "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 1
+
+
+def test_latency_list_names_the_shipped_tables(capsys):
+    from latency_tables import LatencyTable
+    from latency_tables.table import shipped_tables
+    code, out, err = run(capsys, "latency", "list", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == shipped_tables()
+    tiny = next(r for r in rows if r["name"] == "cpu_torch_tiny")
+    assert tiny["backend"] == "torch-cpu" and tiny["built_for"] == "space tiny"
+    assert tiny["entries"] == len(LatencyTable.load("cpu_torch_tiny"))
+    code, out, err = run(capsys, "latency", "list")
+    assert code == 0 and out.splitlines()[0].split() == ["name", "built", "for", "entries", "device"]
+    assert any(l.startswith("cpu_torch_tiny ") and "space tiny" in l for l in out.splitlines())

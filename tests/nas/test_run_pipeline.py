@@ -219,3 +219,22 @@ def test_supernet_overrides_merge_into_nested_sections_and_a_reused_table_must_b
     path = _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False)
     assert path == str(tmp_path / "run" / "table.yaml") and built and "onnxruntime" in built[0]
     assert "backend (torch-cpu, asked onnxruntime)" in capsys.readouterr().out
+
+
+def test_table_reuse_takes_a_shipped_tables_name(tmp_path, capsys):
+    from latency_tables.table import TABLES_DIR, shipped_tables
+    from vitslim.cmd_search import _reuse_path, load_pipeline
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    d["table"]["reuse"] = "cpu_torch_tiny"  # no such file beside the pipeline: the shipped table
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    assert load_pipeline(pipe)["table"]["reuse"] == "cpu_torch_tiny"
+    assert _reuse_path("cpu_torch_tiny", str(tmp_path)) == os.path.join(TABLES_DIR, "cpu_torch_tiny.yaml")
+    assert _reuse_path("table.yaml", str(tmp_path)) == str(tmp_path / "table.yaml")  # a file beside it first
+    d["table"]["reuse"] = "cpu_torch_tiniest"
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    assert main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cpu_torch_tiniest: no such file, expected a latency table .yaml or a " \
+        "shipped table name (" + ", ".join(shipped_tables()) in err, err
+    assert not os.path.exists(tmp_path / "run")

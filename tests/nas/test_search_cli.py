@@ -1,6 +1,7 @@
 """`vitslim search` on bad input: one line on stderr and exit code 2, naming what is wrong."""
 import os
 
+import pytest
 import torch
 
 from vitslim.cli import main
@@ -108,3 +109,16 @@ def test_without_matplotlib_the_search_says_there_is_no_plot(supernet_run, table
     assert rc == 0, err
     assert "no plot: matplotlib is not installed" in out
     assert os.path.exists(tmp_path / "o" / "trajectory.jsonl") and not os.path.exists(tmp_path / "o" / "trajectory.png")
+
+
+def test_search_takes_a_shipped_table_by_name(tmp_path, monkeypatch):
+    from latency_tables.table import TABLES_DIR
+    from nas.run import load_table
+    from nas.strategy import SearchError
+    from supernet.space import load_space
+    monkeypatch.chdir(tmp_path)
+    table, compiled = load_table("cpu_torch_tiny", load_space("tiny"))
+    assert table.path == os.path.join(TABLES_DIR, "cpu_torch_tiny.yaml") and compiled is not None
+    with pytest.raises(SearchError, match=r"^--table cpu_torch_tni: no such file, expected a latency table \.yaml or a "
+                                          r"shipped table name \(.*cpu_torch_tiny\) \(or build one with"):
+        load_table("cpu_torch_tni", load_space("tiny"))
