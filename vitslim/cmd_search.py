@@ -164,6 +164,11 @@ def load_pipeline(path: str) -> dict:
     for i, fmt in enumerate(fmts):
         if fmt not in EXPORT_SUFFIX:
             raise _bad(f"export[{i}]", fmt, "one of " + ", ".join(EXPORT_SUFFIX))
+    from .export import missing_extra
+    for i, fmt in enumerate(fmts):  # a missing extra found now, not at stage 4 after the training and the search
+        why = missing_extra(fmt)
+        if why:
+            raise VitslimError(f"export[{i}]: {why}")
     _check_table_section(d.get("table") or {}, os.path.dirname(os.path.abspath(path)))
     return d
 

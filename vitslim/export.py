@@ -25,6 +25,33 @@ class ExportError(VitslimError):
     pass
 
 
+# The modules a format needs beyond torch (the `export` extra), with the one line naming each when it is missing.
+EXTRA_HINT = "expected `pip install vitslim[export]`"
+EXTRA_MODULES = {"onnx": (("onnx", "onnx: the onnx package is not installed"),
+                          ("onnxruntime", "onnx check: onnxruntime is not installed")),  # the check only
+                 "coreml": (("coremltools", "coreml: coremltools is not installed"),)}
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (coremltools takes seconds)."""
+    import importlib.util
+    import sys
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_extra(fmt: str, check: bool = True) -> str:
+    """The one-line reason `fmt` cannot be exported here (a module of the export extra is missing), or ""."""
+    for i, (module, what) in enumerate(EXTRA_MODULES.get(fmt, ())):
+        if (check or i == 0) and not _installed(module):
+            return f"{what}, {EXTRA_HINT}"
+    return ""
+
+
 def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
     """(model, arch, has_trained_weights) from a module, checkpoint, arch .yaml, preset or dict. An arch .yaml
     with a vitslim checkpoint of the same arch beside it (X.yaml + X.pt, as `export --format yaml` writes
@@ -233,7 +260,7 @@ def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
     try:
         import onnx  # noqa: F401 - torch.onnx.export writes through it
     except ImportError:
-        raise ExportError("onnx: the onnx package is not installed, expected `pip install vitslim[export]`") from None
+        raise ExportError(f"{EXTRA_MODULES['onnx'][0][1]}, {EXTRA_HINT}") from None
     fused, x, ref = _deploy(model, arch, batch)
     tmp = _tmp_beside(out)
     with warnings.catch_warnings():
@@ -246,8 +273,7 @@ def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
             import onnxruntime as ort
         except ImportError:
             os.remove(tmp)
-            raise ExportError("onnx check: onnxruntime is not installed, expected `pip install vitslim[export]` "
-                              "(or pass --no-check)") from None
+            raise ExportError(f"{EXTRA_MODULES['onnx'][1][1]}, {EXTRA_HINT} (or pass --no-check)") from None
         sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         got = sess.run(None, {"image": x.numpy()})[0]
         err = _rel_err(got, ref)
@@ -286,7 +312,7 @@ def to_coreml(model: nn.Module, example: torch.Tensor):
     try:
         import coremltools as ct
     except ImportError:
-        raise ExportError("coreml: coremltools is not installed, expected `pip install vitslim[export]`") from None
+        raise ExportError(f"{EXTRA_MODULES['coreml'][0][1]}, {EXTRA_HINT}") from None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)

@@ -238,3 +238,23 @@ def test_table_reuse_takes_a_shipped_tables_name(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "cpu_torch_tiniest: no such file, expected a latency table .yaml or a " \
         "shipped table name (" + ", ".join(shipped_tables()) in err, err
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("fmt,module,msg", [
+    ("onnx", "onnx", "export[1]: onnx: the onnx package is not installed, expected `pip install vitslim[export]`"),
+    ("onnx", "onnxruntime", "export[1]: onnx check: onnxruntime is not installed, expected `pip install vitslim[export]`"),
+    ("coreml", "coremltools", "export[1]: coreml: coremltools is not installed, expected `pip install vitslim[export]`"),
+])
+def test_a_missing_export_extra_is_refused_before_training(tmp_path, capsys, monkeypatch, fmt, module, msg):
+    import sys
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    d["export"] = ["torchscript", fmt]
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails, as where it is not installed
+    with pytest.raises(ImportError):
+        __import__(module)
+    rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.endswith(msg), err
+    assert not os.path.exists(tmp_path / "run")  # stage 1 never started
