@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitslim", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Find and make fast vision transformers for a target device.",
         epilog="example:\n  vitslim presets\n  vitslim info efficientformer_l1 --json")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"vitslim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add_args, run, help_text, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
