@@ -77,7 +77,9 @@ def run_quickstart(seed: int, out: str) -> dict:
     d["supernet"]["config"] = os.path.join(base, d["supernet"]["config"])
     d["supernet"]["seed"] = seed
     if d.get("table", {}).get("reuse"):
-        d["table"]["reuse"] = os.path.normpath(os.path.join(base, d["table"]["reuse"]))
+        reuse = os.path.normpath(os.path.join(base, d["table"]["reuse"]))
+        if os.path.exists(reuse):  # else a shipped table's name (cpu_torch_tiny), found from anywhere
+            d["table"]["reuse"] = reuse
     d["search"]["seed"] = seed
     d["search"]["refine"] = 0  # the paper's slimming (benchmarks/search_refine.py measures --refine)
     os.makedirs(out, exist_ok=True)

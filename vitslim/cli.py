@@ -41,6 +41,22 @@ def _target_arch_and_model(target: str):
     return api.resolve_arch(target), None
 
 
+# ------------------------------------------------------------------ built-in configs
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
+BUILTIN_CONFIGS = {"pipeline": ("quickstart",), "supernet": ("supernet_tiny",)}  # copies of experiments/NAME.yaml
+
+
+def builtin_config(path: str, kind: str) -> str:
+    """`path` when it exists, else the shipped config of that bare name (`vitslim run quickstart`, `supernet train
+    --config supernet_tiny`), else `path` (whose reader then says it is missing)."""
+    if os.path.exists(path) or os.path.basename(path) != path:
+        return path
+    name = path[:-5] if path.endswith(".yaml") else path
+    if name in BUILTIN_CONFIGS[kind] and os.path.isfile(os.path.join(CONFIGS_DIR, name + ".yaml")):
+        return os.path.join(CONFIGS_DIR, name + ".yaml")
+    return path
+
+
 # ------------------------------------------------------------------ info
 def _info_args(p):
     p.add_argument("target", help="preset name, arch .yaml or checkpoint (.pt/.pth/.safetensors)")

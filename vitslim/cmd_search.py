@@ -13,7 +13,7 @@ import yaml
 from supernet.arch import atomic_write_text, read_yaml
 from supernet.errors import VitslimError, check_writable
 
-from .cli import add_threads_arg, apply_threads, finite_float, register_command
+from .cli import BUILTIN_CONFIGS, add_threads_arg, apply_threads, builtin_config, finite_float, register_command
 
 SEARCH_EXAMPLE = """vitslim search --supernet runs/tiny --table latency_tables/cpu_torch_tiny.yaml --target-ms 1.6 --out runs/slim
 vitslim search --supernet runs/tiny --table latency_tables/cpu_torch_tiny.yaml --target-ms 1.6 --strategy optuna --trials 200 --out runs/opt
@@ -127,7 +127,8 @@ def _bad(key, value, expected):
 
 
 def load_pipeline(path: str) -> dict:
-    d = read_yaml(path, VitslimError, "a pipeline .yaml (e.g. experiments/quickstart.yaml)") or {}
+    d = read_yaml(path, VitslimError, "a pipeline .yaml (e.g. experiments/quickstart.yaml) or a built-in name "
+                                      f"({', '.join(BUILTIN_CONFIGS['pipeline'])})") or {}
     if not isinstance(d, dict):
         raise _bad(path, d, "a mapping with supernet, table, search, export")
     for k in d:
@@ -300,7 +301,8 @@ def _space_keys(space):
 
 
 def _run_args(p):
-    p.add_argument("pipeline", help="pipeline .yaml (experiments/quickstart.yaml)")
+    p.add_argument("pipeline", help="pipeline .yaml (experiments/quickstart.yaml), or a built-in one by name "
+                                    "(quickstart: the same file, shipped with the package)")
     p.add_argument("--out", required=True, help="output directory: supernet/, table.yaml, search/, export/")
     p.add_argument("--no-progress", action="store_true")
 
@@ -309,8 +311,9 @@ def _run(args):
     from nas.run import load_supernet_run, load_table, run_search
     from nas.strategy import largest_choice
     from .export import export
-    d = load_pipeline(args.pipeline)
-    base = os.path.dirname(os.path.abspath(args.pipeline))
+    pipeline = builtin_config(args.pipeline, "pipeline")  # a file, or `quickstart`
+    d = load_pipeline(pipeline)
+    base = os.path.dirname(os.path.abspath(pipeline))
     progress = not args.no_progress
     check_writable(args.out, "--out", is_dir=True)
     os.makedirs(args.out, exist_ok=True)
@@ -418,4 +421,5 @@ def _short(v) -> str:
 register_command("search", _search_args, _search, "latency-constrained search of a supernet (slimming or Optuna)",
                  SEARCH_EXAMPLE)
 register_command("run", _run_args, _run, "the whole pipeline of a .yaml: supernet, latency table, search, export",
-                 "vitslim run experiments/quickstart.yaml --out runs/quickstart")
+                 "vitslim run experiments/quickstart.yaml --out runs/quickstart\n"
+                 "vitslim run quickstart --out runs/quickstart      # the same, shipped with the package")

@@ -32,7 +32,8 @@ def _args(p):
     t = sub.add_parser("train", help="train a supernet (resumable; works under torchrun)", description="train a supernet (resumable; works under torchrun)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n" + textwrap.indent(EXAMPLES["train"], "  "))
-    t.add_argument("--config", help="training config .yaml (with --resume: defaults to RUN/config.yaml)")
+    t.add_argument("--config", help="training config .yaml, or supernet_tiny (shipped: experiments/supernet_tiny.yaml) "
+                                    "(with --resume: defaults to RUN/config.yaml)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -70,6 +71,7 @@ def _run(args):
 
 def _train(args):
     from supernet.train import ConfigError, load_config, train
+    from .cli import BUILTIN_CONFIGS, builtin_config
     cfg_path = args.config
     if cfg_path is None:
         if not args.resume:
@@ -79,6 +81,10 @@ def _train(args):
             raise ConfigError(f"{args.out}: no config.yaml to resume from, expected a run directory")
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at: got {args.stop_at}, expected a step >= 1")
+    cfg_path = builtin_config(cfg_path, "supernet")  # a file, or `supernet_tiny`
+    if not os.path.exists(cfg_path):
+        raise ConfigError(f"{cfg_path}: no such file, expected a supernet training config .yaml or a built-in name "
+                          f"({', '.join(BUILTIN_CONFIGS['supernet'])})")
     cfg = load_config(cfg_path)
     rep = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at,
                 device=args.device)

@@ -1,12 +1,14 @@
-"""What an installed wheel holds: the version and the licence."""
+"""What an installed wheel holds and finds without the repository: the version, the licence, the shipped
+search spaces, latency tables and configs (package data), and the built-in config names."""
 import configparser
+import glob
 import hashlib
 import os
 
 import pytest
 
 import vitslim
-from vitslim.cli import main
+from vitslim.cli import BUILTIN_CONFIGS, CONFIGS_DIR, builtin_config, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,3 +41,51 @@ def test_the_license_file_is_the_full_apache_2_text():
     # https://www.apache.org/licenses/LICENSE-2.0.txt, unmodified
     assert hashlib.sha256(text).hexdigest() == "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
 
+
+def test_package_data_holds_the_spaces_tables_and_configs():
+    data = _setup_cfg()["options.package_data"]
+    shipped = {pkg: sorted(os.path.relpath(p, os.path.join(ROOT, pkg)) for g in globs.split()
+                           for p in glob.glob(os.path.join(ROOT, pkg, g)))
+               for pkg, globs in data.items()}
+    assert shipped["supernet"] == ["spaces/efficientformer_l1.yaml", "spaces/tiny.yaml"]
+    assert shipped["latency_tables"] == sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "latency_tables", "*.yaml")))
+    assert "cpu_torch_tiny.yaml" in shipped["latency_tables"]
+    assert shipped["vitslim"] == ["configs/quickstart.yaml", "configs/supernet_tiny.yaml"]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "supernet_tiny"])
+def test_the_shipped_configs_are_the_experiments_ones(name):
+    # one config, two places: the README runs experiments/NAME.yaml, a wheel user `vitslim run quickstart`
+    with open(os.path.join(ROOT, "experiments", name + ".yaml"), "rb") as a, \
+            open(os.path.join(CONFIGS_DIR, name + ".yaml"), "rb") as b:
+        assert a.read() == b.read(), f"edit experiments/{name}.yaml and vitslim/configs/{name}.yaml together"
+
+
+def test_the_built_in_pipeline_resolves_everything_it_names(tmp_path, monkeypatch):
+    from latency_tables.table import TABLES_DIR
+    from supernet.train import load_config
+    from vitslim.cmd_search import _reuse_path, load_pipeline
+    monkeypatch.chdir(tmp_path)  # no checkout here
+    assert builtin_config("quickstart", "pipeline") == os.path.join(CONFIGS_DIR, "quickstart.yaml")
+    assert builtin_config("quickstart.yaml", "pipeline") == os.path.join(CONFIGS_DIR, "quickstart.yaml")
+    assert builtin_config("supernet_tiny", "pipeline") == "supernet_tiny"  # not a pipeline
+    d = load_pipeline(builtin_config("quickstart", "pipeline"))
+    cfg = load_config(os.path.join(CONFIGS_DIR, d["supernet"]["config"]))
+    assert cfg.space.name == "tiny"
+    assert _reuse_path(d["table"]["reuse"], CONFIGS_DIR) == os.path.join(TABLES_DIR, "cpu_torch_tiny.yaml")
+    assert load_config(builtin_config("supernet_tiny", "supernet")).to_dict() == cfg.to_dict()
+    (tmp_path / "quickstart").write_text("version: 1\n")  # a file of that name here comes first
+    assert builtin_config("quickstart", "pipeline") == "quickstart"
+
+
+def test_unknown_names_say_what_is_built_in(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "quikstart", "--out", "o", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("quikstart: no such file, expected a pipeline .yaml (e.g. experiments/quickstart.yaml) or a "
+                        f"built-in name ({', '.join(BUILTIN_CONFIGS['pipeline'])})"), err
+    assert main(["supernet", "train", "--config", "tiny_supernet", "--out", "o", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("tiny_supernet: no such file, expected a supernet training config .yaml or a built-in name "
+                        "(supernet_tiny)"), err
+    assert not os.path.exists(tmp_path / "o")
