@@ -398,11 +398,14 @@ def shipped_tables() -> List[str]:
 
 def resolve_table_path(path) -> str:
     """The file a table argument names: the path when it exists, else the shipped table of that bare name
-    (`cpu_torch_tiny` or `cpu_torch_tiny.yaml`); a one-line error listing the shipped names when neither."""
+    (`cpu_torch_tiny`, `cpu_torch_tiny.yaml`, or `latency_tables/cpu_torch_tiny.yaml` as the docs write it);
+    a one-line error listing the shipped names when neither."""
     path = os.fspath(path)
     if os.path.exists(path):
         return path
-    name = os.path.expanduser(path)
+    name = os.path.normpath(os.path.expanduser(path)) if path else ""
+    if os.path.dirname(name) == "latency_tables":  # as the README's commands write it, run outside a checkout
+        name = os.path.basename(name)
     if name and os.path.basename(name) == name and not name.startswith("."):
         base = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
         shipped = os.path.join(TABLES_DIR, base + ".yaml")

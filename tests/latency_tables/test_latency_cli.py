@@ -209,7 +209,7 @@ def test_a_shipped_table_is_reached_by_name_from_any_folder(capsys, tmp_path, mo
     from latency_tables.table import TABLES_DIR, shipped_tables
     monkeypatch.chdir(tmp_path)
     assert "cpu_torch_tiny" in shipped_tables()
-    for given in ("cpu_torch_tiny", "cpu_torch_tiny.yaml"):
+    for given in ("cpu_torch_tiny", "cpu_torch_tiny.yaml", "latency_tables/cpu_torch_tiny.yaml"):
         t = LatencyTable.load(given)
         assert t.path == os.path.join(TABLES_DIR, "cpu_torch_tiny.yaml") and t.built_for["space"] == "tiny"
         code, out, err = run(capsys, "latency", "show", "--table", given, "--json")
@@ -218,6 +218,8 @@ def test_a_shipped_table_is_reached_by_name_from_any_folder(capsys, tmp_path, mo
     assert code == 2 and err.strip().endswith(
         "cpu_torch_tni: no such file, expected a latency table .yaml or a shipped table name "
         "(" + ", ".join(shipped_tables()) + ")"), err
+    code, out, err = run(capsys, "latency", "show", "--table", "tables/cpu_torch_tiny.yaml")  # a path is a path
+    assert code == 2 and "tables/cpu_torch_tiny.yaml: no such file" in err, err
     (tmp_path / "cpu_torch_tiny.yaml").write_text("format: x\n")  # a file of that name here comes first
     code, out, err = run(capsys, "latency", "show", "--table", "cpu_torch_tiny.yaml")
     assert code == 2 and "cpu_torch_tiny.yaml: format: got 'x'" in err, err
