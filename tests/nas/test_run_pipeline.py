@@ -258,3 +258,22 @@ def test_a_missing_export_extra_is_refused_before_training(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.endswith(msg), err
     assert not os.path.exists(tmp_path / "run")  # stage 1 never started
+
+
+def test_a_supernet_override_names_a_shipped_space(tmp_path, monkeypatch):
+    import supernet.train
+
+    class Started(Exception):
+        pass
+
+    def fake_train(cfg, run, **kw):
+        raise Started(cfg.space.name)
+
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    d["supernet"]["space"] = "efficientformer_l1"  # not a file beside the pipeline: the shipped space
+    d["table"].pop("reuse")
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.setattr(supernet.train, "train", fake_train)
+    with pytest.raises(Started, match="^efficientformer_l1$"):
+        main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
