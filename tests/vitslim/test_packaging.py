@@ -89,3 +89,22 @@ def test_unknown_names_say_what_is_built_in(tmp_path, monkeypatch, capsys):
     assert err.endswith("tiny_supernet: no such file, expected a supernet training config .yaml or a built-in name "
                         "(supernet_tiny)"), err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_source_distribution_carries_the_tests_and_experiments(tmp_path):
+    """An sdist is enough to run the test suite and the experiments (MANIFEST.in): tests with their data,
+    experiments/, the changelog and the licence, and no compiled files."""
+    import tarfile
+    from setuptools import build_meta
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        name = build_meta.build_sdist(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    with tarfile.open(tmp_path / name) as t:
+        files = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    assert {"LICENSE", "CHANGELOG.md", "experiments/quickstart.yaml", "tests/conftest.py",
+            "tests/data/golden/deit_p4_d48_h3_l2.pt", "supernet/spaces/tiny.yaml",
+            "latency_tables/cpu_torch_tiny.yaml"} <= files
+    assert not any(f.endswith(".pyc") or "__pycache__" in f for f in files)
