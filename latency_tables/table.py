@@ -28,6 +28,7 @@ import yaml
 
 from supernet.arch import read_yaml
 from supernet.errors import VitslimError
+from supernet.space import shipped_file, yaml_names
 
 from .segments import SegmentError, Segment, check_key, decompose, input_numel, key_str, segment_macs, OPS
 
@@ -390,10 +391,7 @@ TABLES_DIR = os.path.dirname(os.path.abspath(__file__))  # the tables shipped wi
 
 def shipped_tables() -> List[str]:
     """Names of the latency tables shipped with vitslim (latency_tables/NAME.yaml)."""
-    try:
-        return sorted(f[:-5] for f in os.listdir(TABLES_DIR) if f.endswith(".yaml") and not f.startswith("."))
-    except OSError:
-        return []
+    return yaml_names(TABLES_DIR)
 
 
 def resolve_table_path(path) -> str:
@@ -406,11 +404,9 @@ def resolve_table_path(path) -> str:
     name = os.path.normpath(os.path.expanduser(path)) if path else ""
     if os.path.dirname(name) == "latency_tables":  # as the README's commands write it, run outside a checkout
         name = os.path.basename(name)
-    if name and os.path.basename(name) == name and not name.startswith("."):
-        base = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
-        shipped = os.path.join(TABLES_DIR, base + ".yaml")
-        if os.path.isfile(shipped):
-            return shipped
+    shipped = shipped_file(TABLES_DIR, name)
+    if shipped:
+        return shipped
     raise LatencyError(f"{path}: no such file, expected a latency table .yaml or a shipped table name "
                        f"({', '.join(shipped_tables()) or 'none installed'})")
 

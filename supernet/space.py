@@ -238,22 +238,33 @@ def _first_difference(a, b, path: str = ""):
 SPACES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spaces")  # shipped as package data
 
 
-def shipped_spaces() -> List[str]:
-    """Names of the search spaces shipped with vitslim (supernet/spaces/NAME.yaml)."""
+def yaml_names(folder: str) -> List[str]:
+    """The NAMEs of the NAME.yaml files in a folder of shipped files (spaces, latency tables)."""
     try:
-        return sorted(f[:-5] for f in os.listdir(SPACES_DIR) if f.endswith(".yaml") and not f.startswith("."))
+        return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml") and not f.startswith("."))
     except OSError:
         return []
 
 
-def shipped_space_file(name) -> str:
-    """The file of the shipped space `name` (with or without .yaml), or "" when there is none."""
+def shipped_file(folder: str, name) -> str:
+    """folder/NAME.yaml for a bare name (with or without .yaml / .yml), or "" when `name` is a path or
+    there is no such file."""
     name = os.fspath(name)
     if not name or os.path.basename(name) != name or name.startswith("."):  # a bare name, not a path
         return ""
     base = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
-    path = os.path.join(SPACES_DIR, base + ".yaml")
+    path = os.path.join(folder, base + ".yaml")
     return path if os.path.isfile(path) else ""
+
+
+def shipped_spaces() -> List[str]:
+    """Names of the search spaces shipped with vitslim (supernet/spaces/NAME.yaml)."""
+    return yaml_names(SPACES_DIR)
+
+
+def shipped_space_file(name) -> str:
+    """The file of the shipped space `name` (with or without .yaml), or "" when there is none."""
+    return shipped_file(SPACES_DIR, name)
 
 
 def resolve_space_path(path, base_dir=None) -> str:
