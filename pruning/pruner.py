@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supernet.count import count
+from supernet.layers import no_weight_init
 from supernet.registry import get_family
 
 from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Target,
@@ -238,8 +239,8 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
              progress: bool = False, desc: str = "fine-tune", resume: Optional[Mapping] = None,
              save: Optional[Callable[[dict], None]] = None, save_seconds: float = 60.0) -> dict:
     """AdamW with cosine decay for `steps` batches, no weight decay on norms, biases, LayerScale, position
-    embeddings, tokens and attention bias tables (`supernet.train.decay_groups`). Loss: cross-entropy on the labels, mixed with KD
-    (KL to the teacher's softened outputs) when a teacher is given; without labels, KD alone (or,
+    embeddings, tokens and attention bias tables (`supernet.train.decay_groups`). Loss: cross-entropy on the
+    labels, mixed with KD (KL to the teacher's softened outputs) when a teacher is given; without labels, KD alone (or,
     without a teacher, the model's own current top-1: `prune` labels such batches with the unpruned
     model's top-1 first, `reference_labels`).
 
@@ -549,7 +550,8 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     st = _read_state(state_path, key) if state_path else None
     if st is not None:  # an interrupted run: continue from its last saved point
         first, cur_arch = int(st["step"]), st["arch"]
-        cur = get_family(cur_arch["family"]).build(cur_arch)
+        with no_weight_init():
+            cur = get_family(cur_arch["family"]).build(cur_arch)
         cur.load_state_dict(st["state_dict"])
         cur.arch = cur_arch
         cur.eval()

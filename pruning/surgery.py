@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from supernet.arch import validate
+from supernet.layers import no_weight_init
 from supernet.registry import get_family
 
 from .units import BlockInfo, BlockKeep, Plan, block_infos, pruned_arch
@@ -124,7 +125,8 @@ def apply_plan(model: nn.Module, arch: Mapping, plan: Plan) -> Tuple[nn.Module, 
     """(pruned model, its arch): a new module in the mode `model` was in; `model` is not changed."""
     new_arch = validate(pruned_arch(arch, plan))
     fam = get_family(new_arch["family"])
-    new = fam.build(new_arch)
+    with no_weight_init():  # every tensor comes from the pruned state dict below (strict)
+        new = fam.build(new_arch)
     new.arch = new_arch
     first = next((t for t in model.parameters() if t.is_floating_point()), None)
     if first is not None:  # the model's device and dtype (float64, half), before the copy: values kept exactly

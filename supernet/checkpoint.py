@@ -2,12 +2,10 @@
 every family, with the architecture read from tensor shapes."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import struct
-import threading
 import zipfile
 from typing import Dict, Mapping, Tuple
 
@@ -16,6 +14,7 @@ import torch.nn as nn
 
 from .arch import validate
 from .errors import ArchError, CheckpointError
+from .layers import no_weight_init
 from .registry import FAMILIES, _load_families, get_family
 from .safetensors_io import SUFFIX as SAFETENSORS, is_safetensors, read_safetensors, write_safetensors
 
@@ -148,30 +147,6 @@ def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> N
         parts.append(f"wrong shapes {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''} (file vs expected)")
     if parts:
         raise CheckpointError(f"{where}: does not fit the architecture: " + "; ".join(parts))
-
-
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                   "sparse_")
-_NO_INIT_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def no_weight_init():
-    """Builds in this block leave parameters uninitialised (torch.nn.init's functions do nothing): for a
-    network whose every parameter and persistent buffer a strict `load_state_dict` then overwrites. The
-    random init of a large network costs seconds (DeiT-B: 1.4 s of a 1.5 s build), and on the meta device
-    it imports torch._dynamo. Buffers computed from shapes (index tables) are built as usual."""
-    init = torch.nn.init
-    with _NO_INIT_LOCK:
-        saved = {n: getattr(init, n) for n in _INIT_FUNCTIONS if hasattr(init, n)}
-        for n in saved:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        try:
-            yield
-        finally:
-            for n, f in saved.items():
-                setattr(init, n, f)
 
 
 def _check_shapes(arch: Mapping, sd: Mapping[str, torch.Tensor], where: str) -> None:

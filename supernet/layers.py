@@ -7,10 +7,38 @@ nn.Sequential (the EfficientFormer stem, say).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 
 import torch
 import torch.nn as nn
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+_NO_INIT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def no_weight_init():
+    """Builds in this block leave parameters uninitialised (torch.nn.init's functions do nothing): for a
+    network whose every parameter and persistent buffer a strict `load_state_dict` then overwrites (a
+    checkpoint, a sub-network extracted from the supernet, a pruned copy), or that is only counted on the
+    meta device. The random init of a large network costs seconds (DeiT-B: 1.4 s of a 1.5 s build), and on
+    the meta device it imports torch._dynamo. Buffers computed from shapes (index tables) are built as usual.
+    Never for a network that runs with its own weights (latency measurement)."""
+    init = torch.nn.init
+    with _NO_INIT_LOCK:
+        saved = {n: getattr(init, n) for n in _INIT_FUNCTIONS if hasattr(init, n)}
+        for n in saved:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        try:
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
 
 
 def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from .arch import is_int
 from .errors import ArchError, bad
 from .families.efficientformer import Meta3D, Meta4D, _trunc_normal_linear, conv_bn, stage_resolutions, stem
+from .layers import no_weight_init
 from .registry import get_family
 from .space import SearchSpace, load_space
 
@@ -423,7 +424,8 @@ class MetaPathSupernet(nn.Module):
         """(plain EfficientFormer, arch config) of a Choice with the supernet's weights copied in:
         in eval mode its output equals forward(x, mode='fixed', choice=choice)."""
         arch = self.space.to_arch(choice)
-        model = get_family(arch["family"]).build(arch)
+        with no_weight_init():  # every tensor is copied from the supernet below (strict)
+            model = get_family(arch["family"]).build(arch)
         model.arch = arch
         own = self.state_dict()
         sd = {}

@@ -172,8 +172,9 @@ def size_bound_key(model: nn.Module, arch: Mapping):
     another input size: DeiT's position embedding, Swin's windows, EfficientFormer's and EfficientViT's
     attention bias tables are sized by the input), or None."""
     from . import api
+    from supernet.layers import no_weight_init
     sd = model.state_dict()
-    with torch.device("meta"):
+    with torch.device("meta"), no_weight_init():
         ref = api.build_model(arch).state_dict()
     return next((k for k in ref if k not in sd or sd[k].shape != ref[k].shape), None)
 
