@@ -1,4 +1,8 @@
 """vitslim: find and make fast vision transformers for a target device."""
+from ._siblings import bind as _bind_siblings
+
+_bind_siblings()  # before any sibling import: a folder named like one in the cwd must not hide it
+
 from supernet.errors import ArchError, CheckpointError, VitslimError
 
 from .export import export as export_model
