@@ -418,7 +418,8 @@ class LatencySlimming(SearchStrategy):
                     n_before = ctx.evaluator.evaluations
                     e = ctx.evaluator(c)
                     if ctx.evaluator.evaluations > n_before:  # a kill mid-step keeps what was evaluated
-                        log.append({"type": "eval", "choice": c, "acc": e["acc"], "loss": e["loss"]}, sync=False)
+                        log.append({"type": "eval", "choice": c, "predicted_ms": float(cms), "acc": e["acc"],
+                                    "loss": e["loss"]}, sync=False)
                     saved = ms - float(cms)
                     drop, dloss = ev["acc"] - e["acc"], e["loss"] - ev["loss"]
                     feasible = saved > 1e-12

@@ -161,6 +161,10 @@ def test_a_kill_mid_step_keeps_the_candidates_evaluated(supernet_run, table_path
     with open(os.path.join(out, "trajectory.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     assert [r["type"] for r in recs] == ["header", "start", "eval", "eval"]
+    # each evaluation is a point (predicted ms, accuracy) one can plot without the table
+    ctx = context(supernet_run, table_path, str(tmp_path / "ctx"), target)
+    for r in recs[2:]:
+        assert r["predicted_ms"] == pytest.approx(ctx.latency(r["choice"]), rel=1e-9)
     rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, verify="off")
     assert rep["choice"] == ref["choice"] and rep["accuracy"] == ref["accuracy"]
     # what the kill had evaluated was not evaluated again, and the report counts the whole run
