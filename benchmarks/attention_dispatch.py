@@ -3,7 +3,10 @@ PyTorch's fused SDPA kernel wants equal widths; compare it with explicit softmax
 zero-padding q, k up to v_dim (same result), at batch 1 and 16, in one interleaved run.
 Usage: python benchmarks/attention_dispatch.py
 """
+import argparse
 import torch, time, torch.nn.functional as F
+argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Usage: python benchmarks/attention_dispatch.py "
+                        "(no options; one thread, prints one line per batch size)").parse_args()
 torch.set_num_threads(1)
 def explicit(q,k,v,s): return ((q@k.transpose(-2,-1))*s).softmax(-1)@v
 def pad(q,k,v,s):

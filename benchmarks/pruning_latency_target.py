@@ -160,6 +160,10 @@ def main():
     p.add_argument("--profile", action="store_true", help="also profile the models by operator (batch 1)")
     p.add_argument("--out", default=os.path.join(HERE, "pruning_latency_target.json"))
     args = p.parse_args()
+    known = ("knapsack", "ratio", "minkeep0", "embed", "macs_embed", "depth", "depth_only", "proportional")
+    for extra in filter(None, args.extra.split(",")):
+        if extra not in known:
+            p.error(f"--extra {extra!r}: expected any of {', '.join(known)} (comma-separated)")
     torch.set_num_threads(1)
     if args.attention:
         print("attention with an additive bias, 1 thread, thread clock:")

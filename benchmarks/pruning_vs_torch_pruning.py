@@ -408,7 +408,7 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--families", default="deit,swin")
-    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the script runs")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the script runs (writes no --out)")
     p.add_argument("--no-explicit-attention", dest="explicit_attention", action="store_false",
                    help="do not also time vitslim's model with explicit attention for unequal Q/K and V widths")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "pruning_vs_torch_pruning.json"))
@@ -427,7 +427,9 @@ def main():
         arch = {"deit": DEIT, "swin": SWIN}[fam]
         out[fam] = run_family(fam, arch, (xtr, ytr, xte, yte), args)
     out["seconds"] = time.perf_counter() - t0
-    if not args.quick:
+    if args.quick:
+        print(f"--quick: a smoke run, {args.out} not written")
+    else:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2, default=str)

@@ -26,6 +26,7 @@ from supernet.data import scan_image_folder  # noqa: E402
 
 def make_folder(root: str, classes: int, per_class: int) -> None:
     from PIL import Image
+    os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8))  # ImageNet's median size
     buf = os.path.join(root, ".one.jpg")

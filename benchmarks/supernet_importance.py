@@ -39,7 +39,10 @@ def main(argv=None):
 
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    traj = [(r["step"], round(r["alpha_dev"], 4), round(r["alpha_entropy"], 4)) for r in rows[:: max(1, len(rows) // 8)]]
+    kept = rows[:: max(1, len(rows) // 8)]
+    if rows and kept[-1] is not rows[-1]:
+        kept.append(rows[-1])  # the last logged step too (every 5th of 40 rows stopped at 360 of 400)
+    traj = [(r["step"], round(r["alpha_dev"], 4), round(r["alpha_entropy"], 4)) for r in kept]
 
     flat = [(s, j, v) for s, vals in enumerate(imp["metapath"]) for j, v in enumerate(vals) if v is not None]
     by_kind = {}
