@@ -22,10 +22,12 @@ Attention blocks all use the same words: `heads`, `qk_dim` (per head), `v_dim` (
 """
 from __future__ import annotations
 
-import copy
-import io
 import contextlib
+import copy
+import errno
+import io
 import os
+import shutil
 from numbers import Integral
 from typing import Any, Iterable, Mapping
 
@@ -177,12 +179,48 @@ def to_yaml(arch: Mapping) -> str:
     return out.getvalue()
 
 
+def write_target(path) -> str:
+    """Where a write to `path` lands: a symlink is written through (its target replaced, the link kept), as
+    open(path, "w") would, rather than replaced by a plain file beside what it pointed at."""
+    path = os.fspath(path)
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def write_error(e: BaseException, path) -> "OSError | None":
+    """The OSError a failed write to `path` should surface as, or None to re-raise `e` as it is: the file
+    named when the OS did not name it, and a full disk said plainly where torch.save hides ENOSPC behind
+    "[enforce fail at inline_container.cc] unexpected pos"."""
+    path = os.fspath(path)
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, e.strerror, path) if e.filename is None else None
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) if free < (1 << 20) else None
+
+
+def _check_writable_path(path: str) -> None:
+    """The errors a write would meet, named by the user's path rather than the temporary's: a folder where
+    the file should go, a file where a parent folder should be. Makes the missing parents."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, expected a file path", path)
+    parent = os.path.dirname(os.path.abspath(path))
+    up = parent
+    while up and not os.path.exists(up) and os.path.dirname(up) != up:
+        up = os.path.dirname(up)
+    if os.path.exists(up) and not os.path.isdir(up):
+        raise NotADirectoryError(errno.ENOTDIR, f"{up} is a file, expected a folder to write in", path)
+    os.makedirs(parent, exist_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w"):
     """open() a temporary beside `path` (PATH.tmp.PID), fsync and rename it over `path` when the block ends
-    without an error, else remove it: a crash never leaves a half-written file under the real name."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    without an error, else remove it: a crash never leaves a half-written file under the real name. A symlink
+    is written through (`write_target`); a full disk raises OSError(ENOSPC) naming the file."""
+    path = write_target(path)
+    _check_writable_path(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -190,6 +228,11 @@ def atomic_file(path, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        err = write_error(e, path)
+        if err is None:
+            raise
+        raise err from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -205,13 +248,18 @@ def atomic_savefig(fig, path: str, **kwargs) -> str:
     """fig.savefig to a temp file then rename (a crash never leaves half an image under the real name);
     the format from the extension, PNG when there is none. Closes the figure."""
     import matplotlib.pyplot as plt
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = write_target(path)
+    _check_writable_path(path)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     tmp = f"{path}.tmp.{os.getpid()}.{ext}"
     try:
         fig.savefig(tmp, format=ext, **kwargs)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        err = write_error(e, path)
+        if err is None:
+            raise
+        raise err from e
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

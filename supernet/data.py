@@ -265,10 +265,25 @@ def scan_image_folder(root: str, verify: bool = True, progress: bool = False,
     dirs: Dict[str, dict] = {}
     bar = tqdm(desc=f"scanning {root}", unit=" files", disable=not progress, leave=False)  # ImageNet: minutes
     samples, skipped, first_bad, empty = [], 0, None, []
+    # links are followed (a class folder may link to images elsewhere), but a linked folder that leads back
+    # into the data, to the root, another class or a folder this class already walked (a loop), is not:
+    # it would list other classes' images under this one, or the same images again until ELOOP
+    reserved = {_dir_id(root)} | {_dir_id(os.path.join(root, c)) for c in classes}
+    looped: List[str] = []
     for label, c in enumerate(classes):
         n0 = len(samples)
+        seen = {_dir_id(os.path.join(root, c))}
         for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not _junk(d))
+            keep = []
+            for d in sorted(d for d in dirnames if not _junk(d)):
+                full = os.path.join(dirpath, d)
+                i = _dir_id(full)
+                if i is None or i in seen or (i in reserved and os.path.islink(full)):
+                    looped.append(full)
+                    continue
+                seen.add(i)
+                keep.append(d)
+            dirnames[:] = keep
             images = [fn for fn in sorted(files) if not _junk(fn) and fn.lower().endswith(IMAGE_EXTENSIONS)]
             bad: Optional[Dict[str, str]] = None
             if verify:
@@ -303,6 +318,9 @@ def scan_image_folder(root: str, verify: bool = True, progress: bool = False,
     bar.close()
     if cache_path and dirs != known:
         _write_scan_cache(cache_path, root, dirs)
+    if looped:
+        warnings.warn(f"data directory {root}: skipped {len(looped)} linked folder(s) leading back into the data "
+                      f"(a loop, or another class's folder), e.g. {looped[0]}", stacklevel=2)
     if skipped:
         warnings.warn(f"data directory {root}: skipped {skipped} unreadable image file(s), e.g. {first_bad}; "
                       f"{len(samples)} remain", stacklevel=2)
@@ -316,6 +334,15 @@ def scan_image_folder(root: str, verify: bool = True, progress: bool = False,
                         f"no readable image ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), expected "
                         "images in every sub-directory (each is a class): remove or fill them")
     return classes, samples, skipped
+
+
+def _dir_id(path: str):
+    """(device, inode) of the folder `path` leads to, None when it cannot be reached (a dangling link, ELOOP)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _junk(name: str) -> bool:

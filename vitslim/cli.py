@@ -3,6 +3,7 @@ COMMANDS; bad input becomes one line on stderr and exit code 2, never a tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    _expand_home(args)
     name = " ".join(["vitslim", args.command] + [v for v in (getattr(args, "latency_command", None),
                                                               getattr(args, "action", None)) if isinstance(v, str)])
     old_format = warnings.formatwarning
@@ -212,6 +214,15 @@ def main(argv=None) -> int:
         except (OSError, ValueError):
             pass
         return 0
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        # the machine's, not the input's: a full disk, a read-only or forbidden place, a name too long
+        where = f" ({e.filename})" if e.filename else ""
+        kept = ("what was saved before is kept; re-run to resume" if args.command in RESUMABLE or args.command == "prune"
+                else "nothing was left half-written")
+        print(f"{name}: error: cannot write: {e.strerror or e}{where}; {kept}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         what = ("state saved so far is kept; re-run to resume" if args.command in RESUMABLE
                 else "no output was written; re-run to continue from the last saved point: a run that fine-tunes "
@@ -222,6 +233,19 @@ def main(argv=None) -> int:
     finally:
         warnings.formatwarning = old_format
 
+
+def _expand_home(args) -> None:
+    """`--out=~/runs/x` (the shell expands ~ only at the start of a word, not after `=`) means the home folder,
+    as paths inside configs already do, not a folder named `~` in the current one."""
+    for k, v in vars(args).items():
+        if isinstance(v, str) and v.startswith("~") and (v == "~" or "/" in v):
+            setattr(args, k, os.path.expanduser(v))
+        elif isinstance(v, list) and any(isinstance(x, str) and x.startswith("~") for x in v):
+            setattr(args, k, [os.path.expanduser(x) if isinstance(x, str) and x.startswith("~") and (x == "~" or "/" in x)
+                              else x for x in v])
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG}
 
 _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep
               for p in ("supernet", "pruning", "nas", "latency_tables", "vitslim"))

@@ -310,3 +310,24 @@ def test_a_held_out_subset_of_an_image_folder_covers_every_class(tmp_path):
     assert subset_indices(syn, 12) == list(range(12))
     xs = torch.cat([x for x, _ in stack_batches(syn, 12, 5)])
     assert torch.equal(xs, torch.stack([syn[i][0] for i in range(12)]))
+
+
+def test_linked_folders_leading_back_into_the_data_are_not_followed(tmp_path):
+    """A link to the root inside a class folder listed every other class's images under that class (and the
+    same ones again, ~40 levels deep, until ELOOP); a link to another class did the same once. Links that
+    lead elsewhere are still followed."""
+    from supernet.data import scan_image_folder
+    _write_folder(tmp_path / "data", n_per_class=3)
+    _write_folder(tmp_path / "extra", n_per_class=2)
+    root = tmp_path / "data"
+    os.symlink("..", root / "cat" / "all")              # back to the root: a loop through every class
+    os.symlink(os.path.join("..", "dog"), root / "cat" / "dogs")   # another class
+    os.makedirs(root / "dog" / "sub")
+    os.symlink("..", root / "dog" / "sub" / "up")       # back to its own class: a loop
+    os.symlink(tmp_path / "extra" / "dog", root / "dog" / "more")  # images kept elsewhere: followed
+    with pytest.warns(UserWarning, match=r"skipped 3 linked folder\(s\) leading back into the data"):
+        classes, samples, skipped = scan_image_folder(str(root), cache=False)
+    assert classes == ["cat", "dog"] and skipped == 0
+    by_class = {c: sorted(os.path.relpath(p, root) for p, lab in samples if classes[lab] == c) for c in classes}
+    assert by_class["cat"] == ["cat/0.png", "cat/1.png", "cat/2.png"]
+    assert by_class["dog"] == ["dog/0.png", "dog/1.png", "dog/2.png", "dog/more/0.png", "dog/more/1.png"]
