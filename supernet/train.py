@@ -298,6 +298,10 @@ def _check_not_foreign(out_dir: str, cfg_dict: Mapping) -> None:
                           "choose another --out")
 
 
+def _started_here(out_dir: str) -> bool:
+    return os.path.isdir(out_dir) and any(os.path.exists(os.path.join(out_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
+
+
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> List[str]:
     """'key: old -> new' for every leaf that differs (RESUME_FREE keys ignored)."""
     out = []
@@ -514,6 +518,12 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     cfg_dict = cfg.to_dict()
     state = None
+    if resume and not os.path.exists(ckpt_path) and _started_here(out_dir):
+        # a start of this config killed before its first checkpoint: nothing to resume, so it starts over
+        _check_not_foreign(out_dir, cfg_dict)
+        if main:
+            print(f"{out_dir}: no checkpoint yet (stopped before the first one): starting from step 0", file=sys.stderr)
+        resume = False
     if resume:
         state = read_run(out_dir)
         diff = config_diff(state["config"], cfg_dict)

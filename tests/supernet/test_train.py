@@ -340,3 +340,31 @@ def test_a_config_names_a_shipped_space_or_a_path(tmp_path):
                                         r"shipped space name \(efficientformer_l1, tiny\)"):
         TrainConfig.from_dict({"space": "spaces/tiny.yaml"}, base_dir=str(tmp_path))  # a path is a path
 
+
+
+def test_resume_of_a_start_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
+    """A kill before the first checkpoint leaves config.yaml and metrics.jsonl only: --resume said "no
+    checkpoint.pt, expected a run directory written by 'vitslim supernet train'" of exactly such a directory."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cfg = TrainConfig.from_dict(config(checkpoint_every=0))
+    train(cfg, a, progress=False)
+    train(cfg, b, progress=False, stop_at=2)
+    for f in os.listdir(b):   # as a kill before the first checkpoint leaves it
+        if f not in ("config.yaml", "metrics.jsonl", ".lock"):
+            os.remove(os.path.join(b, f))
+    capsys.readouterr()
+    train(cfg, b, resume=True, progress=False)
+    assert "no checkpoint yet (stopped before the first one): starting from step 0" in capsys.readouterr().err
+    assert losses(a) == losses(b)
+    sa, sb = read_run(a)["model"], read_run(b)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # someone else's folder is still refused, and an empty one still has nothing to resume
+    other = TrainConfig.from_dict(config(checkpoint_every=0, seed=1))
+    for f in os.listdir(b):
+        if f not in ("config.yaml", "metrics.jsonl", ".lock"):
+            os.remove(os.path.join(b, f))
+    with pytest.raises(ConfigError, match="not a run of this config"):
+        train(other, b, resume=True, progress=False)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(VitslimError, match="no checkpoint.pt"):
+        train(cfg, str(tmp_path / "empty"), resume=True, progress=False)
