@@ -34,6 +34,10 @@ QUICKSTART = os.path.join(ROOT, "experiments", "quickstart.yaml")
 STRATEGIES = ("slim", "slim_loss", "random", "random_any", "uniform")
 
 
+def _pct(x) -> str:
+    return "resumed" if x is None else f"{x:.2%}"
+
+
 def measure(table, archs, seconds: float, seed: int = 0):
     from latency_tables.backends import backend_for
     from latency_tables.build import table_reference
@@ -190,8 +194,9 @@ def main(argv=None):
             rows = [r for s in seeds for r in s["rows"] if r["strategy"] == name and r["fraction"] == frac]
             m = summary[f"{frac:g} {name}"] = {k: sum(r[k] for r in rows) / len(rows)
                                                for k in ("test_acc_after_finetune", "acc_after_finetune",
-                                                         "acc_supernet_weights", "measured_over_target",
-                                                         "overhead_fraction")}
+                                                         "acc_supernet_weights", "measured_over_target")}
+            timed = [r["overhead_fraction"] for r in rows if r["overhead_fraction"] is not None]  # None: resumed
+            m["overhead_fraction"] = sum(timed) / len(timed) if timed else None
             m["max_measured_over_target"] = max(r["measured_over_target"] for r in rows)
             m["min_measured_over_target"] = min(r["measured_over_target"] for r in rows)
     res = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -203,13 +208,13 @@ def main(argv=None):
             print(f"{s['seed']:<4} {r['fraction']:<4g} {r['strategy']:<8} {r['blocks']:<14} {str(r['widths']):<18} "
                   f"{r['predicted_ms']:>8.3f} {r['measured_ms']:>8.3f} {r['measured_over_target']:>8.3f} "
                   f"{r['evaluations']:>5} {r['acc_supernet_weights']:>7.4f} {r['acc_after_finetune'] or 0:>7.4f} "
-                  f"{r['test_acc_after_finetune']:>7.4f} {r['overhead_fraction']:>8.2%}")
+                  f"{r['test_acc_after_finetune']:>7.4f} {_pct(r['overhead_fraction']):>8}")
         q = s["quickstart"]
         print(f"     quickstart: {q['wall_s']:.0f} s wall, {q['cpu_s']:.0f} s CPU, load {q['loadavg_1min_before']:.1f}"
               f" -> {q['loadavg_1min_after']:.1f}; supernet held-out {s['supernet_heldout_acc']}")
     for name, m in summary.items():
         print(f"mean {name:<12} test acc {m['test_acc_after_finetune']:.4f}  measured/target {m['measured_over_target']:.3f}"
-              f" ({m['min_measured_over_target']:.3f}-{m['max_measured_over_target']:.3f})  overhead {m['overhead_fraction']:.2%}")
+              f" ({m['min_measured_over_target']:.3f}-{m['max_measured_over_target']:.3f})  overhead {_pct(m['overhead_fraction'])}")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         tmp = a.json + ".tmp"

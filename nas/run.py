@@ -390,7 +390,9 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
                        "evaluated_this_run": ctx.evaluator.evaluations, "cached": len(ctx.evaluator.cache)},
         "search": {"seconds": search_s, "setup_seconds": setup_s, "eval_seconds": ev_s,
                    "lookup_seconds": ctx.lookup_seconds,
-                   "overhead_fraction": (max(0.0, search_s - ev_s) / search_s) if search_s > 0 else 0.0,
+                   # of this process's search: none when every evaluation came from the log of an interrupted run
+                   "overhead_fraction": ((max(0.0, search_s - ev_s) / search_s) if search_s > 0 else 0.0)
+                   if ctx.evaluator.evaluations else None,
                    **{k: v for k, v in result.extra.items() if k not in ("trial_rows", "trajectory")}},
         "finetune": ft,
         "verification": dict(verification) if verification else None,

@@ -79,8 +79,16 @@ def _print_report(rep, out):
     print(f"  predicted {rep['predicted_ms']:.4g} ms (target {rep['target_ms']:g} ms), held-out accuracy "
           f"{rep['accuracy']:.4f}, params {rep['params']:,}, MACs {rep['macs'] / 1e6:.1f}M")
     s = rep["search"]
-    print(f"  {rep['evaluation']['evaluations']} evaluations in {s['seconds']:.1f} s "
-          f"(overhead {s['overhead_fraction']:.2%} beside evaluation)")
+    ev = rep["evaluation"]
+    now = ev.get("evaluated_this_run", ev["evaluations"])
+    if s.get("overhead_fraction") is None:
+        print(f"  {ev['evaluations']} evaluations, all read back from the log of the interrupted run")
+    elif now < ev["evaluations"]:
+        print(f"  {ev['evaluations']} evaluations ({ev['evaluations'] - now} read back from the log, {now} in "
+              f"{s['seconds']:.1f} s: overhead {s['overhead_fraction']:.2%} beside evaluation)")
+    else:
+        print(f"  {ev['evaluations']} evaluations in {s['seconds']:.1f} s "
+              f"(overhead {s['overhead_fraction']:.2%} beside evaluation)")
     v = rep.get("verification") or {}
     if "rounds" in v:
         print(f"  measured {v['measured_ms']:.4g} ms on {v['backend']} ({v['over_target']:+.1%} vs target, "

@@ -348,3 +348,20 @@ def test_a_choice_outside_the_space_is_refused_even_when_its_key_is_cached(super
     with pytest.raises(VitslimError, match=r"choice.widths\[%d\]: got %s" % (len(bad["widths"]) - 1, bad["widths"][-1])):
         ev(bad)
     assert ev.evaluations == 1
+
+
+def test_a_run_resumed_from_a_complete_log_reports_no_overhead_figure(supernet_run, table_path, tmp_path, capsys):
+    """A search killed after its last evaluation (before report.json) re-ran nothing, and reported "28
+    evaluations in 0.0 s (overhead 100.00% beside evaluation)": the time was this process's, the count the run's."""
+    from vitslim.cmd_search import _print_report
+    out = str(tmp_path / "o")
+    ref = run_search(supernet_run, table_path, 4.0, out, eval_images=16, progress=False, verify="off")
+    assert 0 <= ref["search"]["overhead_fraction"] < 1
+    for f in ("report.json", "arch.yaml", "model.pt"):
+        os.remove(os.path.join(out, f))
+    rep = run_search(supernet_run, table_path, 4.0, out, eval_images=16, progress=False, verify="off")
+    assert rep["choice"] == ref["choice"] and rep["evaluation"]["evaluated_this_run"] == 0
+    assert rep["search"]["overhead_fraction"] is None
+    _print_report(rep, out)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "evaluations" in ln][0]
+    assert line.strip() == f"{ref['evaluation']['evaluations']} evaluations, all read back from the log of the interrupted run"
