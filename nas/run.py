@@ -258,8 +258,12 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
     if os.path.isdir(out):
         _search_report(out)  # another kind of run there: refused before anything (a lock file) is written in it
     try:
-        with _run_lock(out, shared=strategy == "optuna"):
+        # --overwrite clears the directory: it needs it to itself (a live Optuna worker's study would be deleted
+        # under it), then shares it with the workers that join its fresh study
+        with _run_lock(out, shared=strategy == "optuna" and not overwrite, overwrite=overwrite) as share:
             prepare_out(out, overwrite, extend=more_trials, log=make_strategy(strategy, {}, storage=storage).log_file)
+            if strategy == "optuna" and overwrite:
+                share()
             if verifier is not None:
                 verifier.attach(os.path.join(out, VERIFY_FILE))
             return _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches,
@@ -271,12 +275,15 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
         raise
 
 
-def _run_lock(out: str, shared: bool = False):
+def _run_lock(out: str, shared: bool = False, overwrite: bool = False):
     """Hold OUT/.lock while the search runs (supernet.runlock): a second search started on the same
-    directory is refused; Optuna workers share it (they share the study by design)."""
-    return run_lock(out, shared=shared, error=SearchError, what="search",
-                    hint=" (Optuna workers can share a directory only with other Optuna workers of the same study)"
-                    if shared else "")
+    directory is refused; Optuna workers share it (they share the study by design), but not with a run
+    started with --overwrite, which clears the directory first."""
+    hint = (" (--overwrite needs it to itself: it would delete the files of the run in progress)"
+            if overwrite else
+            " (Optuna workers can share a directory only with other Optuna workers of the same study)" if shared
+            else "")
+    return run_lock(out, shared=shared, error=SearchError, what="search", hint=hint)
 
 
 def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_images, bn_batches, eval_batch_size,

@@ -74,6 +74,10 @@ def remove_stale_temps(folder: str, base: Optional[str] = None) -> List[str]:
 
 @contextlib.contextmanager
 def run_lock(out: str, shared: bool = False, error=VitslimError, what: str = "run", hint: str = ""):
+    """Hold OUT/.lock (shared or exclusive) for the block. Yields `share()`: turns an exclusive hold into a
+    shared one (a run that needed the directory to itself to clear it, then works beside cooperating
+    workers); raises `error` where another run took the lock in the moment between (flock converts by
+    releasing first)."""
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise error(f"--out {out}: exists and is not a directory")
@@ -84,17 +88,21 @@ def run_lock(out: str, shared: bool = False, error=VitslimError, what: str = "ru
     try:
         import fcntl
     except ImportError:  # not POSIX: nothing is locked
-        yield
+        yield lambda: None
         return
     f = open(os.path.join(out, LOCK_FILE), "a+")
-    try:
+
+    def take(mode):
         try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             raise error(f"--out {out}: another {what} is running in it{hint}; wait for it, or choose another "
                         "--out") from None
         except OSError:
             pass  # no flock on this file system
-        yield
+
+    try:
+        take(fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield lambda: take(fcntl.LOCK_SH)
     finally:
         f.close()
