@@ -32,6 +32,7 @@ from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, 
 STUDY_NAME = "vitslim-search"
 SAMPLERS = ("nsga2", "tpe")
 STORAGES = ("journal", "sqlite")
+SETUP_LOCK = ".study-setup.lock"  # OUT/: held by the worker registering and opening the study (see search())
 
 
 class FlatEncoding:
@@ -218,14 +219,19 @@ class OptunaSearch(SearchStrategy):
 
     def search(self, ctx: SearchContext) -> SearchResult:
         require_reachable(ctx)
-        with _Workers(ctx.log_dir) as workers:
-            if workers.alone and ctx.log_dir and self.storage_kind == "journal":
-                # a lock a killed worker held (Optuna waits 30 s, then breaks it): no live worker holds it now
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(ctx.log_dir, self.log_file + ".lock"))
-            return self._search(ctx, workers)
+        # Workers started together take turns from registering in .workers/ until the study is open, its orphaned
+        # trials failed and its warm starts fixed: a worker that found itself alone fails the RUNNING trials
+        # only while no other can have started one, and SQLite's tables are created once.
+        with contextlib.ExitStack() as setup:
+            setup.enter_context(_setup_lock(ctx.log_dir))
+            with _Workers(ctx.log_dir) as workers:
+                if workers.alone and ctx.log_dir and self.storage_kind == "journal":
+                    # a lock a killed worker held (Optuna waits 30 s, then breaks it): no live worker holds it now
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(ctx.log_dir, self.log_file + ".lock"))
+                return self._search(ctx, workers, setup.close)
 
-    def _search(self, ctx: SearchContext, workers: "_Workers") -> SearchResult:
+    def _search(self, ctx: SearchContext, workers: "_Workers", set_up=lambda: None) -> SearchResult:
         import optuna
         enc = FlatEncoding(ctx.space)
         study = self.study(ctx)
@@ -240,16 +246,22 @@ class OptunaSearch(SearchStrategy):
         warm = study.user_attrs["vitslim_warm"]
         Complete, Waiting = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING
 
-        def next_trial(study, _trial=None):
-            """Before each trial: the warm-start network of this position (one at a time, in order, so a
-            killed one is the next again), and the sampler seeded for the study's completed count."""
+        def next_trial(study, _trial=None, locked=False):
+            """Before each trial: the next warm-start network not yet run or taken by a worker (one at a time,
+            in order, so a killed one is the next again; enqueued under the setup lock, so each runs once
+            whichever worker takes it), and the sampler seeded for the study's completed count."""
             trials = study.get_trials(deepcopy=False)
             n = sum(t.state == Complete for t in trials)
-            if workers.rank == 0 and n < len(warm) and not any(t.state == Waiting for t in trials):
-                study.enqueue_trial(warm[n], user_attrs={"warm_start": True})
+            if _next_warm(trials, len(warm)) is not None and not any(t.state == Waiting for t in trials):
+                with contextlib.nullcontext() if locked else _setup_lock(ctx.log_dir):
+                    trials = study.get_trials(deepcopy=False) if not locked else trials
+                    k = _next_warm(trials, len(warm))
+                    if k is not None and not any(t.state == Waiting for t in trials):
+                        study.enqueue_trial(warm[k], user_attrs={"warm_start": True, "warm_index": k})
             study.sampler = self._sampler(ctx, self.worker_seed(ctx.seed, n, workers.rank))
 
-        next_trial(study)
+        next_trial(study, locked=True)
+        set_up()  # the next worker may register and open the study
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for t in done:  # reuse logged evaluations
             if "choice" in t.user_attrs:
@@ -294,6 +306,40 @@ class OptunaSearch(SearchStrategy):
                                    # processes that completed trials of the study (each resumed run counts)
                                    "worker_processes": len({t.user_attrs["worker"] for t in trials
                                                             if "worker" in t.user_attrs})})
+
+
+def _next_warm(trials, n_warm: int) -> Optional[int]:
+    """The index of the first warm start no trial has run or taken (COMPLETE, RUNNING or WAITING), or None.
+    Trials of studies made before warm starts carried their index took the first ones, in order."""
+    import optuna
+    S = optuna.trial.TrialState
+    taken, legacy = set(), 0
+    for t in trials:
+        if t.user_attrs.get("warm_start") and t.state in (S.COMPLETE, S.RUNNING, S.WAITING):
+            if "warm_index" in t.user_attrs:
+                taken.add(int(t.user_attrs["warm_index"]))
+            else:
+                legacy += 1
+    return next((k for k in range(legacy, n_warm) if k not in taken), None)
+
+
+@contextlib.contextmanager
+def _setup_lock(log_dir: Optional[str]):
+    """Hold an exclusive flock on OUT/.study-setup.lock (waiting for it) for the block; nothing without a log_dir
+    or flock."""
+    if not log_dir:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, SETUP_LOCK), "a+") as f:
+        with contextlib.suppress(OSError):  # no flock on this file system
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _drop_unused_parent_cache(study) -> None:

@@ -35,14 +35,14 @@ from supernet.supernet import MetaPathSupernet
 
 from .evaluator import HeldoutEvaluator, stack_batches
 from .finetune import finetune as finetune_model
-from .optuna_search import OptunaSearch
+from .optuna_search import SETUP_LOCK, OptunaSearch
 from .random_search import RandomSearch, UniformShrink
 from .slimming import LatencySlimming
 from .strategy import SearchContext, SearchError, SearchResult, check_target, describe_blocks
 from .verify import MODES as VERIFY_MODES, VERIFY_FILE, Verifier, unavailable_reason
 
 RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "study.journal",
-             "study.db", "pareto.json", "pareto.png", "verify.json", ".workers")
+             "study.db", "pareto.json", "pareto.png", "verify.json", ".workers", SETUP_LOCK)
 STRATEGIES = {"slim": LatencySlimming, "optuna": OptunaSearch, "random": RandomSearch, "uniform": UniformShrink}
 
 
@@ -270,7 +270,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
                         eval_batch_size, finetune, finetune_lr, trials, sampler, storage, budget, progress, table,
                         supernet, device, verifier, skipped, band, criterion, actions, refine)
     except BaseException:
-        if not existed and os.path.isdir(out) and not set(os.listdir(out)) - {LOCK_FILE, ".workers"}:
+        if not existed and os.path.isdir(out) and not set(os.listdir(out)) - {LOCK_FILE, ".workers", SETUP_LOCK}:
             shutil.rmtree(out, ignore_errors=True)  # a search refused before it started leaves nothing behind
         raise
 

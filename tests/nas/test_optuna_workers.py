@@ -1,5 +1,6 @@
 """Several Optuna workers on one study, with their timing forced: a worker started with --overwrite while
-another works."""
+another works, workers that register while the first opens the study, warm starts while other workers
+complete trials."""
 import importlib.util as _ilu
 import os
 import socket
@@ -9,7 +10,7 @@ import optuna
 import pytest
 
 import nas.optuna_search as O
-from nas.optuna_search import FlatEncoding, OptunaSearch
+from nas.optuna_search import SETUP_LOCK, FlatEncoding, OptunaSearch
 from nas.run import _run_lock, load_supernet_run, load_table, make_evaluator, run_search
 from nas.strategy import SearchContext, SearchError, fastest_choice
 
@@ -68,3 +69,95 @@ def test_overwrite_is_refused_while_a_worker_uses_the_directory(supernet_run, ta
     monkeypatch.setattr(OptunaSearch, "search", search)
     rep = run_search(supernet_run, table_path, 4.0, out, trials=3, overwrite=True, **KW)
     assert joined == [False] and rep["search"]["trials"] == 3
+
+
+def test_a_refused_optuna_run_leaves_nothing_behind(supernet_run, table_path, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+
+    def refuse(self, ctx, seed=None):
+        assert os.path.isfile(os.path.join(ctx.log_dir, SETUP_LOCK))  # taken before the study is opened
+        raise SearchError("refused")
+
+    monkeypatch.setattr(OptunaSearch, "study", refuse)
+    with pytest.raises(SearchError, match="refused"):
+        run_search(supernet_run, table_path, 4.0, str(out), trials=2, **KW)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- study setup
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_a_worker_started_while_the_first_opens_the_study_keeps_its_trials(supernet_run, table_path, tmp_path,
+                                                                            monkeypatch, storage):
+    """A decides it is alone (no other entry in .workers), then opens the study slowly; B starts meanwhile.
+    B must not register and start a trial that A, acting on `alone`, marks FAIL (B then died with
+    `ValueError: Cannot tell a FAIL trial`)."""
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    ctx_a, ctx_b = (context(supernet_run, table_path, out, 4.0) for _ in range(2))
+    main, b_waits, b_out = threading.get_ident(), threading.Event(), {}
+    real_lock, real_study = getattr(O, "_setup_lock", None), OptunaSearch.study
+
+    def lock(log_dir):
+        if threading.get_ident() != main:
+            b_waits.set()  # B is about to wait for A's setup
+        return real_lock(log_dir)
+
+    def run_b():
+        try:
+            b_out["result"] = OptunaSearch(n_trials=4, storage=storage, run_args=ARGS).search(ctx_b)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            b_out["error"] = e
+
+    b = threading.Thread(target=run_b)
+
+    def slow_study(self, ctx, seed=None):
+        if threading.get_ident() == main and not b.is_alive() and not b_out:
+            b.start()
+            # A holds the study open until B waits for it, or (without the setup lock) B has started a trial
+            while not b_waits.is_set() and b.is_alive():
+                try:
+                    if any(t.state == optuna.trial.TrialState.RUNNING for t in load(out, storage).trials):
+                        break
+                except KeyError:  # no study yet
+                    pass
+                threading.Event().wait(0.01)
+        return real_study(self, ctx, seed)
+
+    monkeypatch.setattr(O, "_setup_lock", lock, raising=False)
+    monkeypatch.setattr(OptunaSearch, "study", slow_study)
+    res = OptunaSearch(n_trials=4, storage=storage, run_args=ARGS).search(ctx_a)
+    b.join()
+    assert "error" not in b_out, repr(b_out.get("error"))
+    states = [t.state for t in load(out, storage).trials]
+    assert optuna.trial.TrialState.FAIL not in states
+    assert res.extra["workers_seen"] == 1 and b_out["result"].extra["workers_seen"] in (1, 2)
+
+
+# ---------------------------------------------------------------- warm starts
+def test_each_warm_start_runs_once_while_other_workers_complete_trials(supernet_run, table_path, tmp_path):
+    """Warm starts were keyed to the study's completed count, which other workers advance too (and only the
+    first-started worker enqueued them): with another worker completing a trial during each of this one's,
+    most were skipped."""
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    other = live_other_worker(out)  # started first: this worker is not rank 0
+    ctx = context(supernet_run, table_path, out, 4.0)
+    enc = FlatEncoding(ctx.space)
+    ev = ctx.evaluator
+
+    class Busy(type(ev)):
+        def __call__(self, c):  # the other worker completes a trial while this one evaluates
+            study = load(out)
+            study.sampler = optuna.samplers.RandomSampler(seed=len(study.trials))
+            t = study.ask()
+            oc = enc.suggest(t)
+            finish(study, t, oc, ctx.latency(oc), 0.0, other)
+            return super().__call__(c)
+
+    ev.__class__ = Busy
+    OptunaSearch(n_trials=16, run_args=ARGS).search(ctx)
+    study = load(out)
+    warm = study.user_attrs["vitslim_warm"]
+    ran = [t for t in study.trials if t.user_attrs.get("warm_start")]
+    assert len(warm) == 4
+    assert [t.params for t in ran] == warm and all(t.state == optuna.trial.TrialState.COMPLETE for t in ran)
