@@ -33,6 +33,8 @@ STUDY_NAME = "vitslim-search"
 SAMPLERS = ("nsga2", "tpe")
 STORAGES = ("journal", "sqlite")
 SETUP_LOCK = ".study-setup.lock"  # OUT/: held by the worker registering and opening the study (see search())
+WAIT_BASE_S = 60.0  # a finished worker waits this long, plus 4x the slowest trial, for other workers' trials
+WAIT_POLL_S = 0.5
 
 
 class FlatEncoding:
@@ -272,13 +274,13 @@ class OptunaSearch(SearchStrategy):
         worker_id = f"{socket.gethostname()}-{os.getpid()}"
 
         def objective(trial):
+            trial.set_user_attr("worker", worker_id)  # first: a finished worker waits for the trials live ones run
             c = enc.suggest(trial)
             ms = ctx.latency(c)
             e = ctx.evaluator(c)
             trial.set_user_attr("choice", c)
             trial.set_user_attr("loss", e["loss"])
             trial.set_user_attr("constraint", [ms - ctx.bound_ms])
-            trial.set_user_attr("worker", worker_id)
             if native:
                 trial.set_constraint("latency", ms - ctx.bound_ms)
             return e["acc"], ms
@@ -290,12 +292,20 @@ class OptunaSearch(SearchStrategy):
             with _stop_on_interrupt(study, ctx.progress):
                 study.optimize(objective, n_trials=left, callbacks=[stop, next_trial],
                                show_progress_bar=bool(ctx.progress), gc_after_trial=False)
+        # pick from the whole study: trials other live workers are still running end first (each then stops:
+        # the study holds its trials), so every worker picks the same network and none gives up on a study
+        # whose last trials would have met the bound
+        pending, waited = _wait_for_other_workers(study, workers, worker_id, ctx.progress)
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         rows = [{"number": t.number, "acc": t.values[0], "ms": t.values[1], "loss": t.user_attrs["loss"],
                  "feasible": t.values[1] <= ctx.bound_ms, "choice": t.user_attrs["choice"]} for t in trials]
         if not any(r["feasible"] for r in rows):
-            best_ms = min(r["ms"] for r in rows)
-            raise SearchError(f"optuna: none of {len(rows)} trials meets {ctx.bound_ms:g} ms (fastest {best_ms:.4g} ms); "
+            fastest = f" (fastest {min(r['ms'] for r in rows):.4g} ms)" if rows else ""
+            if pending:
+                raise SearchError(f"optuna: none of the {len(rows)} finished trials meets {ctx.bound_ms:g} ms{fastest}, "
+                                  f"and other workers are still running {pending} trial(s) after {waited:.0f} s of "
+                                  "waiting: the worker that finishes them writes the run")
+            raise SearchError(f"optuna: none of {len(rows)} trials meets {ctx.bound_ms:g} ms{fastest}; "
                               "run more trials (same command with a larger --trials resumes the study)")
         best, front = pick(rows)
         return SearchResult(self.name, best["choice"], float(best["ms"]), float(best["acc"]), float(best["loss"]),
@@ -321,6 +331,45 @@ def _next_warm(trials, n_warm: int) -> Optional[int]:
             else:
                 legacy += 1
     return next((k for k in range(legacy, n_warm) if k not in taken), None)
+
+
+def _wait_for_other_workers(study, workers: "_Workers", me: str, progress: bool):
+    """Wait, polling, while other live workers run trials of the study (a trial whose worker is not known yet
+    counts while any other worker is live), at most WAIT_BASE_S plus 4x the slowest finished trial.
+    Returns (how many such trials still run, seconds waited)."""
+    import optuna
+    t0, said, limit = time.monotonic(), False, None
+    while True:
+        others = workers.others()
+        if not others:
+            return 0, time.monotonic() - t0
+        theirs = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                  if t.user_attrs.get("worker") != me
+                  and ("worker" not in t.user_attrs or _worker_key(t.user_attrs["worker"]) in others)]
+        waited = time.monotonic() - t0
+        if not theirs:
+            return 0, waited
+        if limit is None:
+            slowest = max((t.duration.total_seconds() for t in study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.duration is not None), default=0.0)
+            limit = WAIT_BASE_S + 4 * slowest
+        if waited >= limit:
+            return len(theirs), waited
+        if progress and not said:
+            print(f"optuna: other workers are running {len(theirs)} trial(s) of the study; waiting for them (at most "
+                  f"{limit:.0f} s) to pick from the whole study", flush=True)
+            said = True
+        _pause(WAIT_POLL_S)
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _worker_key(worker: str) -> str:
+    """HOST-PID of a trial's `worker` attribute, as .workers/ spells it (HOST with '-' as '_')."""
+    host, _, pid = str(worker).rpartition("-")
+    return f"{host.replace('-', '_')}-{pid}"
 
 
 @contextlib.contextmanager
@@ -404,8 +453,21 @@ class _Workers:
         self.me = os.path.join(self.dir, f"{host}-{os.getpid()}-{time.time_ns()}")
         with open(self.me, "x"):
             pass
+        live = self._live()
+        self.rank = [p for _, _, p in live].index(self.me)
+        self.alone = len(live) == 1
+        self.seen = len(live)
+        return self
+
+    def _live(self) -> list:
+        """[(start ns, name, path)] of the live workers, by start; removes the entries of dead ones of this host."""
+        host = socket.gethostname().replace("-", "_")
         live = []
-        for name in os.listdir(self.dir):
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
             parts = name.rsplit("-", 2)
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
                 continue
@@ -416,10 +478,13 @@ class _Workers:
                 continue
             live.append((int(parts[2]), name, path))
         live.sort()
-        self.rank = [p for _, _, p in live].index(self.me)
-        self.alone = len(live) == 1
-        self.seen = len(live)
-        return self
+        return live
+
+    def others(self) -> set:
+        """HOST-PID of every other live worker now."""
+        if not self.dir:
+            return set()
+        return {name.rsplit("-", 1)[0] for _, name, path in self._live() if path != self.me}
 
     def __exit__(self, *exc):
         if self.me:

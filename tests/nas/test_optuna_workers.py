@@ -1,6 +1,6 @@
 """Several Optuna workers on one study, with their timing forced: a worker started with --overwrite while
 another works, workers that register while the first opens the study, warm starts while other workers
-complete trials."""
+complete trials, and a worker that finishes while another's trial still runs."""
 import importlib.util as _ilu
 import os
 import socket
@@ -161,3 +161,56 @@ def test_each_warm_start_runs_once_while_other_workers_complete_trials(supernet_
     ran = [t for t in study.trials if t.user_attrs.get("warm_start")]
     assert len(warm) == 4
     assert [t.params for t in ran] == warm and all(t.state == optuna.trial.TrialState.COMPLETE for t in ran)
+
+
+# ---------------------------------------------------------------- picking
+def _other_workers_trial(ctx, out):
+    """A study with one trial a live other worker is running: the fastest network."""
+    worker = live_other_worker(out)
+    study = OptunaSearch(n_trials=3, run_args=ARGS).study(ctx)
+    fast = fastest_choice(ctx)
+    study.enqueue_trial(FlatEncoding(ctx.space).encode(fast))
+    t = study.ask()
+    FlatEncoding(ctx.space).suggest(t)
+    t.set_user_attr("worker", worker)
+    return study, t, fast, worker
+
+
+def test_a_finished_worker_picks_after_the_trials_live_workers_run(supernet_run, table_path, tmp_path, monkeypatch,
+                                                                    capsys):
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    ctx = context(supernet_run, table_path, out, 4.0)
+    ctx.progress = True
+    study, t, fast, worker = _other_workers_trial(ctx, out)
+    pauses = []
+
+    def pause(seconds):  # the other worker's trial ends while this one waits
+        pauses.append(seconds)
+        finish(study, t, fast, ctx.latency(fast), 1.0, worker)
+
+    monkeypatch.setattr(O, "_pause", pause)
+    res = OptunaSearch(n_trials=3, run_args=ARGS).search(ctx)
+    assert len(pauses) == 1
+    assert res.extra["trials"] == 4 and res.extra["best_trial"] == t.number  # the most accurate, when it ended
+    assert "other workers are running 1 trial(s) of the study; waiting for them" in capsys.readouterr().out
+
+
+def test_a_worker_that_stops_waiting_says_the_others_write_the_run(supernet_run, table_path, tmp_path, monkeypatch):
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    ctx = context(supernet_run, table_path, out, 4.0)
+    fastest = ctx.latency(fastest_choice(ctx))
+    ctx = context(supernet_run, table_path, out, fastest)  # only the fastest network meets it
+    study, t, fast, worker = _other_workers_trial(ctx, out)
+    monkeypatch.setattr(O, "WAIT_BASE_S", -1e9)  # the wait is over at once
+    monkeypatch.setattr(O, "_pause", lambda s: pytest.fail("waited past the limit"))
+    with pytest.raises(SearchError) as e:
+        OptunaSearch(n_trials=1, run_args=ARGS).search(ctx)
+    msg = str(e.value)
+    assert "none of the 1 finished trials meets" in msg and "run more trials" not in msg
+    assert "other workers are still running 1 trial(s)" in msg and "the worker that finishes them writes the run" in msg
+    # a trial whose worker is no longer live is not waited for
+    os.remove(os.path.join(out, ".workers", os.listdir(os.path.join(out, ".workers"))[0]))
+    with pytest.raises(SearchError, match="run more trials"):
+        OptunaSearch(n_trials=1, run_args=ARGS).search(ctx)
