@@ -231,7 +231,18 @@ class OptunaSearch(SearchStrategy):
                     # a lock a killed worker held (Optuna waits 30 s, then breaks it): no live worker holds it now
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(ctx.log_dir, self.log_file + ".lock"))
-                return self._search(ctx, workers, setup.close)
+                    drop_torn_tail(os.path.join(ctx.log_dir, self.log_file))
+                import optuna
+                verbosity = optuna.logging.get_verbosity()  # the caller's, restored: study() quiets Optuna
+                try:
+                    return self._search(ctx, workers, setup.close)
+                except ValueError as e:  # json.JSONDecodeError too: a journal damaged in its middle
+                    if self.storage_kind == "journal" and ctx.log_dir and "Expecting" in str(e):
+                        raise SearchError(f"{os.path.join(ctx.log_dir, self.log_file)}: a damaged journal line "
+                                          f"({e}); remove that line to resume, or pass --overwrite") from None
+                    raise
+                finally:
+                    optuna.logging.set_verbosity(verbosity)
 
     def _search(self, ctx: SearchContext, workers: "_Workers", set_up=lambda: None) -> SearchResult:
         import optuna
@@ -432,6 +443,35 @@ def _stop_on_interrupt(study, progress: bool):
         signal.signal(signal.SIGINT, old)
     if hit:
         raise KeyboardInterrupt
+
+
+def drop_torn_tail(path: str) -> bool:
+    """Cut a journal's last line when a kill cut it (no final newline); True when it did. Optuna skips a
+    torn last line when it reads, but the next append glued its record onto it, and that line in the middle
+    of the file made every later read fail (JSONDecodeError). Only a lone worker may call this."""
+    try:
+        with open(path, "rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return False
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return False
+            pos, keep = end, 0
+            while pos > 0:  # back to the last newline, a block at a time
+                step = min(1 << 16, pos)
+                pos -= step
+                f.seek(pos)
+                k = f.read(step).rfind(b"\n")
+                if k >= 0:
+                    keep = pos + k + 1
+                    break
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+            return True
+    except FileNotFoundError:
+        return False
 
 
 class _Workers:

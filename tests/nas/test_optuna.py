@@ -111,3 +111,45 @@ def test_study_resumes_from_its_storage(supernet_run, table_path, tmp_path, stor
     best = max((t for t in pj["trials"] if t["feasible"]), key=lambda t: t["acc"])
     assert rep["accuracy"] == best["acc"]
     assert pj["best_trial"] in {t["number"] for t in pj["pareto"]} and all(t["feasible"] for t in pj["pareto"])
+
+
+def test_a_journal_line_cut_by_a_kill_is_dropped_and_the_study_resumes(supernet_run, table_path, tmp_path):
+    """A kill mid-write leaves the journal's last line without its newline. Optuna skips it when reading, but
+    the resumed run's first record was appended onto it, and that glued line made every later read fail with
+    a JSONDecodeError traceback. A lone worker now cuts the torn tail first; a line damaged in the middle of
+    the file is one error naming the file."""
+    import optuna
+    kw = dict(strategy="optuna", storage="journal", eval_images=16, progress=False, seed=3, verify="off")
+    ref = run_search(supernet_run, table_path, 4.0, str(tmp_path / "ref"), trials=6, **kw)
+    out = str(tmp_path / "o")
+    run_search(supernet_run, table_path, 4.0, out, trials=3, **kw)
+    os.remove(os.path.join(out, "report.json"))
+    journal = os.path.join(out, "study.journal")
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code": 5, "worker_id": "x", "trial_id": 3, "par')   # a record cut by the kill
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    for again in (False, True):   # the resume, then a run that reads its journal back
+        if again:
+            os.remove(os.path.join(out, "report.json"))
+        rep = run_search(supernet_run, table_path, 4.0, out, trials=6, **kw)
+        with open(journal, "rb") as f:
+            assert all(line.startswith(b"{") and line.endswith(b"}") for line in f.read().splitlines())
+    assert rep["choice"] == ref["choice"] and rep["accuracy"] == ref["accuracy"]
+    assert optuna.logging.get_verbosity() == optuna.logging.DEBUG   # the caller's level, restored
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_a_journal_damaged_in_its_middle_is_one_error_naming_it(supernet_run, table_path, tmp_path):
+    from nas.strategy import SearchError
+    kw = dict(strategy="optuna", storage="journal", eval_images=16, progress=False, seed=3, verify="off")
+    out = str(tmp_path / "o")
+    run_search(supernet_run, table_path, 4.0, out, trials=3, **kw)
+    os.remove(os.path.join(out, "report.json"))
+    journal = os.path.join(out, "study.journal")
+    with open(journal, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + lines[3]   # a record glued onto a cut one, as the old resume left it
+    with open(journal, "wb") as f:
+        f.write(b"".join(lines))
+    with pytest.raises(SearchError, match=r"study.journal: a damaged journal line"):
+        run_search(supernet_run, table_path, 4.0, out, trials=6, **kw)
