@@ -90,7 +90,10 @@ def run_lock(out: str, shared: bool = False, error=VitslimError, what: str = "ru
     except ImportError:  # not POSIX: nothing is locked
         yield lambda: None
         return
-    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        f = open(os.path.join(out, LOCK_FILE), "a+")
+    except OSError as e:  # an existing folder on read-only storage, or one we may not write in
+        raise error(f"--out {out}: cannot write in it ({e.strerror or e})") from None
 
     def take(mode):
         try:
@@ -106,3 +109,103 @@ def run_lock(out: str, shared: bool = False, error=VitslimError, what: str = "ru
         yield lambda: take(fcntl.LOCK_SH)
     finally:
         f.close()
+
+
+@contextlib.contextmanager
+def file_lock(path: str, busy: str, cannot: str, error=VitslimError):
+    """Hold an exclusive flock on the lock file `path` for the block, and remove the file when it ends (a
+    run's output that lives beside its lock, as a prune's run folder or a latency table, leaves nothing
+    behind). Refused with `error(busy)` when another process holds it, `error(cannot + " (reason)")` when
+    the file cannot be created. A process that opened the file just before its holder removed it sees
+    that the name now points elsewhere (or nowhere) and tries again on the new file. Folders made for the
+    lock are removed again when the block fails (a refused or failed run leaves nothing behind)."""
+    path = os.fspath(path)
+    made, d = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(d) and os.path.dirname(d) != d:
+        made.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise error(f"{cannot} ({e.strerror or e})") from None
+    done = False
+    try:
+        with _flock_file(path, busy, cannot, error):
+            yield
+            done = True
+    finally:
+        if not done:
+            for d in made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+
+
+@contextlib.contextmanager
+def _flock_file(path: str, busy: str, cannot: str, error):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: nothing is locked
+        yield
+        return
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise error(f"{cannot} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise error(busy) from None
+        except OSError:
+            pass  # no flock on this file system
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            break
+        f.close()  # its holder ended and removed it between our open and our lock: lock the current one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still held: see above
+        f.close()
+
+
+# The longest names a writer adds beside a name: a PID as long as Linux allows (pid_max up to 2**22, 7 digits)
+# and tempfile's 8 random characters, so a name that fits now fits in every later run.
+_PID = "9" * max(7, len(str(os.getpid())))
+_RAND = "x" * 8
+
+
+def name_max(folder: str) -> int:
+    """The longest file name (bytes) the file system of `folder` (or its nearest existing ancestor) takes."""
+    d = os.path.abspath(folder)
+    while not os.path.isdir(d) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    try:
+        return int(os.pathconf(d, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def check_names_fit(flag: str, value: str, folder: str, names, error=VitslimError) -> None:
+    """Refuse, before any work, an output whose temporary, lock or state files (`names`, written in `folder`)
+    would have longer names than its file system allows: they would fail once the work is done."""
+    limit = name_max(folder)
+    longest = max(len(os.fsencode(n)) for n in names)
+    if longest > limit:
+        raise error(f"{flag} {value}: too long a name for the temporary and lock files written beside it (up to "
+                    f"{longest} bytes; names in {os.path.abspath(folder)} take at most {limit}): expected a name at "
+                    f"least {longest - limit} bytes shorter")
+
+
+def temp_names(base: str, folder: bool = False) -> list:
+    """The names an atomic write of the file `base` (supernet.arch.atomic_file: BASE.tmp.PID) takes beside it,
+    or with `folder`, those of a run folder `base` written as a temporary (tempfile.mkdtemp with temp_prefix)
+    then renamed over the previous one moved aside (.BASE.pidPID.old.RANDOM)."""
+    if folder:
+        return [f".{base}.pid{_PID}.{_RAND}", f".{base}.pid{_PID}.old.{_RAND}"]
+    return [f"{base}.tmp.{_PID}"]

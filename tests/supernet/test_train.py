@@ -253,6 +253,30 @@ def test_a_second_training_on_the_same_folder_is_refused(tmp_path):
     assert os.listdir(out) == [".lock"]  # nothing of the refused run
 
 
+def test_a_run_on_read_only_storage_is_refused_in_one_line(tmp_path, monkeypatch):
+    """An existing folder on a read-only mount (a finished run resumed there too): the lock cannot be made.
+    open() fails as on such a mount (chmod does not stop root, which tests may run as)."""
+    import errno
+    import supernet.runlock as rl
+    out = tmp_path / "r"
+    cfg = TrainConfig.from_dict(config())
+    train(cfg, str(out), progress=False, device="cpu")
+    real = open
+
+    def read_only(path, *a, **k):
+        if os.path.basename(path) == ".lock":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(rl, "open", read_only, raising=False)
+    before = sorted(os.listdir(out))
+    for resume in (False, True):
+        with pytest.raises(ConfigError) as e:
+            train(cfg, str(out), resume=resume, progress=False, device="cpu")
+        assert str(e.value) == f"--out {out}: cannot write in it (Read-only file system)"
+    assert sorted(os.listdir(out)) == before
+
+
 def test_a_refused_fresh_run_leaves_no_folder(tmp_path):
     bad = config(data={"type": "imagefolder", "train_dir": str(tmp_path / "nope")})
     with pytest.raises(VitslimError):
