@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from supernet.arch import atomic_savefig
 from supernet.errors import VitslimError, check_writable
-from supernet.runlock import pid_alive, plain_mode, remove_stale_temps, temp_prefix
+from supernet.runlock import check_names_fit, file_lock, pid_alive, plain_mode, remove_stale_temps, temp_names, temp_prefix
 
 from .units import PruneError
 
@@ -27,6 +27,39 @@ def check_out_dir(out: str, overwrite: bool) -> None:
         check_writable(out, "--out", is_dir=True)
     except VitslimError as e:
         raise PruneError(str(e)) from None
+
+
+def run_target(out: str) -> str:
+    """Where the run folder `out` is written: a symlink's target (written through, the link kept), else `out`."""
+    out = os.fspath(out)
+    return os.path.realpath(out) if os.path.islink(out) else out
+
+
+def lock_path(out: str) -> str:
+    """The lock of a prune writing `out`: .NAME.lock beside the run folder (which appears only at the end)."""
+    parent, base = os.path.split(os.path.abspath(run_target(out)))
+    return os.path.join(parent, f".{base}.lock")
+
+
+def check_out_names(out: str, state_path: str) -> None:
+    """Refuse up front an --out whose lock, temporary folders or resume state would have too long a name."""
+    real = os.path.abspath(run_target(out))
+    try:
+        check_names_fit("--out", out, os.path.dirname(real),
+                        [os.path.basename(lock_path(out))] + temp_names(os.path.basename(real), folder=True))
+        check_names_fit("--out", out, os.path.dirname(state_path),
+                        [os.path.basename(state_path)] + temp_names(os.path.basename(state_path)))
+    except VitslimError as e:
+        raise PruneError(str(e)) from None
+
+
+def prune_lock(out: str):
+    """Hold the lock of a prune on `out` from before its resume state is read until its run folder is written:
+    a second prune of the same --out (or of a link to it) is refused instead of replacing the first's result
+    or taking its resume state for an interrupted run's."""
+    path = lock_path(out)
+    return file_lock(path, busy=f"--out {out}: another prune is running in it; wait for it, or choose another --out",
+                     cannot=f"--out {out}: cannot write in {os.path.dirname(path)}", error=PruneError)
 
 
 def plot_reallocation(report: Mapping, path: str) -> Optional[str]:
@@ -78,11 +111,14 @@ def _recover(out: str, parent: str, base: str) -> None:
 
 
 def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite: bool = False) -> dict:
-    """Write the run directory atomically; returns {"arch", "model", "report", "plot"} paths."""
+    """Write the run directory atomically; returns {"arch", "model", "report", "plot"} paths. A symlinked
+    `out` is written through (its target replaced, the link kept). Concurrent writers of one `out` are the
+    caller's to exclude (`prune_lock`); without `overwrite` an `out` that appeared meanwhile is not replaced."""
     from supernet.arch import save_arch
     from supernet.checkpoint import save_checkpoint
-    out = os.fspath(out)
-    check_out_dir(out, overwrite)
+    given = os.fspath(out)
+    check_out_dir(given, overwrite)
+    out = run_target(given)
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(out)
@@ -102,6 +138,9 @@ def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+        if os.path.lexists(out) and not overwrite:
+            raise PruneError(f"--out {given}: appeared while this prune ran (another program wrote it), expected a new "
+                             "directory; choose another --out, or pass --overwrite to replace it")
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=temp_prefix(base) + "old.", dir=parent)
             os.rmdir(old)
@@ -113,4 +152,4 @@ def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {k: (os.path.join(out, v) if v else None) for k, v in report["files"].items()}
+    return {k: (os.path.join(given, v) if v else None) for k, v in report["files"].items()}

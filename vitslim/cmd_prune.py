@@ -69,6 +69,8 @@ def _state(args, cfg):
     import dataclasses
     out = os.path.abspath(args.out)
     path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.resume.pt")
+    if cfg is None:  # the path alone
+        return path, None
 
     def ident(p):
         if not p:
@@ -84,12 +86,9 @@ def _state(args, cfg):
 
 
 def _run(args):
-    import torch
-    from supernet.checkpoint import load_checkpoint
     from pruning.budget import Target, parse_targets
-    from pruning.pruner import DataSource, PruneConfig, prune
-    from pruning.report import check_out_dir, write_run
-    from pruning.units import PruneError, check_family
+    from pruning.report import check_out_dir, check_out_names, prune_lock
+    from pruning.units import PruneError
 
     apply_threads(args)
     targets = parse_targets(",".join(args.target))
@@ -103,6 +102,19 @@ def _run(args):
         targets.append(implied)
     target = ",".join(map(str, targets))
     check_out_dir(args.out, args.overwrite)
+    check_out_names(args.out, _state(args, None)[0])
+    with prune_lock(args.out):
+        return _locked(args, targets, macs, implied, target)
+
+
+def _locked(args, targets, macs, implied, target):
+    """The rest of the run, under the lock of its --out (pruning.report.prune_lock)."""
+    import torch
+    from supernet.checkpoint import load_checkpoint
+    from pruning.pruner import DataSource, PruneConfig, prune
+    from pruning.report import write_run
+    from pruning.units import PruneError, check_family
+
     table = None
     for t in targets:
         if t.kind == "latency" and not args.table:
@@ -141,6 +153,11 @@ def _run(args):
     rep["calib_distinct_images"] = min(rep["calib_images"], data.calib_size)
     if "heldout_before" in rep:
         rep["heldout_distinct_images"] = min(rep["heldout_before"]["images"], data.heldout_size)
+    if not args.overwrite and os.path.lexists(args.out):
+        raise PruneError(f"--out {args.out}: appeared while this prune ran (another program wrote it), expected a new "
+                         "directory; " + ("move it away and re-run (this prune resumes from its saved state), or pass "
+                                          "--overwrite to replace it" if os.path.exists(state_path) else
+                                          "choose another --out, or pass --overwrite to replace it"))
     paths = write_run(args.out, res.model, res.arch, rep, overwrite=args.overwrite)
     if os.path.exists(state_path):  # the run is written: its resume state has served
         os.remove(state_path)

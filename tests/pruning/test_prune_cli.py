@@ -337,3 +337,94 @@ def test_a_killed_state_writer_leaves_no_temporary_behind(deit_ckpt, tmp_path, c
             "--out", str(tmp_path / "p")] + FAST
     assert run(args, capsys)[0] == 0
     assert not stale.exists() and (tmp_path / "p" / "model.pt").exists()
+
+
+def test_a_prune_on_an_out_another_prune_is_running_in_is_refused(deit_ckpt, tmp_path, capsys):
+    """Not 'an interrupted prune of other settings' (the other is live), and --overwrite does not delete its
+    resume state: the second run is refused before it reads or removes anything."""
+    from pruning.report import prune_lock
+    out = tmp_path / "p"
+    state = tmp_path / ".p.resume.pt"
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--out", str(out)] + FAST
+    with prune_lock(str(out)):  # a prune of other settings, mid-run
+        state.write_bytes(b"the running prune's state")
+        assert (tmp_path / ".p.lock").exists()
+        for extra in ([], ["--overwrite"]):
+            rc, _, err = run(args + extra, capsys)
+            assert rc == 2 and err.strip().splitlines() == [
+                f"vitslim prune: error: --out {out}: another prune is running in it; wait for it, or choose another --out"]
+            assert state.read_bytes() == b"the running prune's state" and not out.exists()
+        os.symlink(out, tmp_path / "link")  # the same folder under another name
+        rc, _, err = run(args[:-len(FAST) - 1] + [str(tmp_path / "link")] + FAST, capsys)
+        assert rc == 2 and "another prune is running in it" in err
+    state.unlink()
+    assert run(args, capsys)[0] == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # the lock went with the run
+
+
+def test_a_run_folder_that_appeared_during_the_prune_is_not_replaced(deit_ckpt, tmp_path, capsys, monkeypatch):
+    import pruning.pruner as pp
+    out = tmp_path / "p"
+    real = pp.prune
+
+    def meanwhile(*a, **k):
+        res = real(*a, **k)
+        out.mkdir()
+        (out / "theirs.txt").write_text("another program's")
+        return res
+
+    monkeypatch.setattr(pp, "prune", meanwhile)
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--out", str(out)] + FAST
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "appeared while this prune ran" in err, err
+    assert os.listdir(out) == ["theirs.txt"] and "move it away and re-run" in err
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == [".p.resume.pt"]  # no lock or temporary
+    os.rename(out, tmp_path / "theirs")
+    monkeypatch.setattr(pp, "prune", real)
+    assert run(args, capsys)[0] == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []
+
+
+def test_write_run_does_not_replace_a_folder_that_appears_while_it_writes(tmp_path, monkeypatch):
+    import pruning.report as pr
+    from pruning.units import PruneError
+    arch = tiny_deit()
+    out = tmp_path / "p"
+    monkeypatch.setattr(pr, "plot_reallocation", lambda report, path: out.mkdir() or None)  # during the writing
+    with pytest.raises(PruneError, match="appeared while this prune ran"):
+        pr.write_run(str(out), build(arch), arch, {"blocks": []})
+    assert os.listdir(out) == [] and os.listdir(tmp_path) == ["p"]  # no temporary left either
+
+
+def test_a_symlinked_out_is_written_through(deit_ckpt, tmp_path, capsys):
+    real, link = tmp_path / "elsewhere" / "real", tmp_path / "link"
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic"] + FAST
+    assert run(args + ["--target", "macs=0.5", "--out", str(real)], capsys)[0] == 0
+    os.symlink(real, link)
+    rc, out, err = run(args + ["--target", "macs=0.7", "--out", str(link)], capsys)
+    assert rc == 2 and "already exists" in err  # a link to a run is a run
+    rc, out, err = run(args + ["--target", "macs=0.7", "--out", str(link), "--overwrite"], capsys)
+    assert rc == 0, err
+    assert os.path.islink(link) and os.readlink(link) == str(real)
+    assert json.load(open(real / "report.json"))["target"] == "macs=0.7"
+    assert sorted(os.listdir(tmp_path)) == ["deit.pt", "elsewhere", "link"]
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["real"]
+
+
+def test_an_out_whose_temporary_names_would_not_fit_is_refused_before_any_work(deit_ckpt, tmp_path, capsys, monkeypatch):
+    """The run folder is written as .NAME.pidPID.RANDOM (the previous one moved aside as .NAME.pidPID.old.RANDOM)
+    and an iterative run saves .NAME.resume.pt(.tmp.PID): a name that fits but they do not failed after scoring."""
+    import pruning.pruner as pp
+    from supernet.runlock import name_max
+    fits = name_max(str(tmp_path)) - 25  # .NAME.pid9999999.old.xxxxxxxx
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps", "2"]
+    real = pp.prune
+    monkeypatch.setattr(pp, "prune", lambda *a, **k: pytest.fail("pruned"))
+    err = run(args + ["--out", str(tmp_path / ("p" * (fits + 1)))] + FAST, capsys)[2]
+    assert err.strip().endswith("expected a name at least 1 bytes shorter") and len(err.strip().splitlines()) == 1
+    assert "too long a name for the temporary and lock files written beside it" in err
+    assert os.listdir(tmp_path) == ["deit.pt"]
+    monkeypatch.setattr(pp, "prune", real)
+    rc, _, err = run(args + ["--out", str(tmp_path / ("p" * fits))] + FAST, capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == sorted(["deit.pt", "p" * fits])
