@@ -100,6 +100,11 @@ def measure_entries(table: LatencyTable, keys: Sequence[Mapping], backend, proc:
     return done
 
 
+def partial_path(table_path: str) -> str:
+    """The sidecar of an in-context build of `table_path` (samples of entries still waiting for a network)."""
+    return f"{table_path}.partial.json"
+
+
 def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequence[Mapping], backend,
                        proc: Procedure, group: int = 8, save: bool = True, progress=None,
                        reference: Optional[DriftReference] = None) -> int:
@@ -121,7 +126,7 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
     def net_id(a):
         return hashlib.sha1(json.dumps(a, sort_keys=True).encode()).hexdigest()[:16]
 
-    state_path = f"{table.path}.partial.json" if (save and table.path) else None
+    state_path = partial_path(table.path) if (save and table.path) else None
     setup = json.loads(json.dumps(dict(table.device), sort_keys=True, default=str))
     acc: dict = {}
     ran: list = []

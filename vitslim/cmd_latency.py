@@ -167,8 +167,7 @@ def _resume_settings(args, table, backend, in_context: bool) -> None:
 
 
 def _build(args):
-    from latency_tables.build import (calibrate, calibration_archs, covering_archs, measure_entries,
-                                      measure_in_context, needed_keys, open_table, table_reference)
+    from latency_tables.build import needed_keys
     from latency_tables.segments import key_str
     if not args.space and not args.arch:
         raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)")
@@ -198,6 +197,45 @@ def _build(args):
     if grid_spec is not None:
         built_for["prune_grid"] = grid_spec.to_dict()
     check_writable(args.out, "--out")
+    _check_table_names(args.out)
+    if args.dry_run:  # reads the table only
+        return _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for)
+    with _table_lock(args.out):
+        return _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for)
+
+
+def _table_lock_path(out: str) -> str:
+    """The lock of a build writing the table `out`: .NAME.lock beside it (beside a symlink's target, so builds
+    through the link and through the file itself exclude each other too)."""
+    real = os.path.abspath(os.path.realpath(out))
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
+
+
+def _check_table_names(out: str) -> None:
+    """A table's temporaries (NAME.tmp.PID, NAME.partial.json and its own) and lock must fit the file system's
+    name limit: checked before the first network is timed, not when the first save fails."""
+    from latency_tables.build import partial_path
+    from supernet.runlock import check_names_fit, temp_names
+    base, partial = os.path.basename(out), os.path.basename(partial_path(out))
+    check_names_fit("--out", out, os.path.dirname(os.path.abspath(out)),
+                    temp_names(base) + [partial] + temp_names(partial))
+    lock = _table_lock_path(out)
+    check_names_fit("--out", out, os.path.dirname(lock), [os.path.basename(lock)])
+
+
+def _table_lock(out: str):
+    """Hold the table's lock for the whole build (or import): a second build of the same table would save over
+    the first's entries and share (then delete) its NAME.partial.json."""
+    from supernet.runlock import file_lock
+    lock = _table_lock_path(out)
+    return file_lock(lock, busy=f"--out {out}: another latency build (or import) is writing this table; wait for it to "
+                                "finish (a build resumes from what the other measured), or choose another --out",
+                     cannot=f"--out {out}: cannot write in {os.path.dirname(lock)}")
+
+
+def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for):
+    from latency_tables.build import (calibrate, calibration_archs, covering_archs, measure_entries,
+                                      measure_in_context, open_table, table_reference)
     from supernet.runlock import remove_stale_temps
     remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
     table = open_table(args.out, backend, built_for)
@@ -502,7 +540,9 @@ def _import_args(p):
 def _import(args):
     from latency_tables.coreml_io import import_csv
     check_writable(args.out, "--out")
-    t = import_csv(args.manifest, args.csv, args.out, args.device, compute_units=args.compute_units)
+    _check_table_names(args.out)
+    with _table_lock(args.out):  # it adds to a table of the same device: not while a build saves it
+        t = import_csv(args.manifest, args.csv, args.out, args.device, compute_units=args.compute_units)
     print(f"wrote {args.out}: {len(t)} entries for coreml on {args.device}")
     return 0
 

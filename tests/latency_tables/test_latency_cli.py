@@ -247,3 +247,56 @@ def test_latency_list_names_the_shipped_tables(capsys):
     code, out, err = run(capsys, "latency", "list")
     assert code == 0 and out.splitlines()[0].split() == ["name", "built", "for", "entries", "device"]
     assert any(l.startswith("cpu_torch_tiny ") and "space tiny" in l for l in out.splitlines())
+
+
+def _quick_build(tmp_path, tiny_space, out):
+    vitslim.save_arch(tiny_space.to_arch(tiny_space.largest_choice()), tmp_path / "a.yaml")
+    return ["latency", "build", "--arch", tmp_path / "a.yaml", "--out", out, "--time-per-network", 0.001,
+            "--min-samples", 3, "--calibrate", 0, "--contexts", 1, "--no-drift-reference", "--quiet"]
+
+
+def test_a_second_build_of_a_table_being_built_is_refused(capsys, tmp_path, tiny_space):
+    """Both saved the whole table (the last one's entries won) and shared, then deleted, NAME.partial.json."""
+    from vitslim.cmd_latency import _table_lock
+    t = tmp_path / "t.yaml"
+    build = _quick_build(tmp_path, tiny_space, t)
+    assert run(capsys, *build)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["a.yaml", "t.yaml"]  # no lock left
+    before = t.read_bytes()
+    with _table_lock(str(t)):  # a build mid-way, its sidecar as it left it
+        (tmp_path / "t.yaml.partial.json").write_text("{}")
+        code, out, err = run(capsys, *build)
+        assert code == 2 and err.strip().splitlines() == [
+            f"vitslim latency build: error: --out {t}: another latency build (or import) is writing this table; wait "
+            "for it to finish (a build resumes from what the other measured), or choose another --out"]
+        assert t.read_bytes() == before and (tmp_path / "t.yaml.partial.json").read_text() == "{}"
+        os.symlink(t, tmp_path / "link.yaml")  # the same table under another name
+        code, out, err = run(capsys, *build[:5], tmp_path / "link.yaml", *build[6:])
+        assert code == 2 and "another latency build (or import) is writing this table" in err, err
+        code, out, err = run(capsys, *build, "--dry-run")  # reads only: not refused
+        assert code == 0 and "0 to measure" in out, err
+    assert t.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.yaml", "link.yaml", "t.yaml",
+                                                                         "t.yaml.partial.json"]
+
+
+def test_an_import_into_a_table_being_built_is_refused(capsys, tmp_path):
+    from vitslim.cmd_latency import _table_lock
+    t = tmp_path / "t.yaml"
+    with _table_lock(str(t)):
+        code, out, err = run(capsys, "latency", "import", "--manifest", tmp_path / "m.json", "--csv", tmp_path / "c.csv",
+                             "--device", "phone", "--out", t)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another latency build (or import) is writing" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_table_name_its_temporaries_would_not_fit_is_refused_before_timing(capsys, tmp_path, tiny_space, monkeypatch):
+    """NAME.partial.json.tmp.PID is the longest name a build writes: it failed after the first network was timed."""
+    import latency_tables.build as lb
+    from supernet.runlock import name_max
+    monkeypatch.setattr(lb, "measure_in_context", lambda *a, **k: pytest.fail("timed"))
+    name = "t" * (name_max(str(tmp_path)) - len(".yaml.partial.json.tmp.9999999") + 1) + ".yaml"
+    code, out, err = run(capsys, *_quick_build(tmp_path, tiny_space, tmp_path / name))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "too long a name for the temporary and lock files written beside it" in err
+    assert err.strip().endswith("expected a name at least 1 bytes shorter")
+    assert os.listdir(tmp_path) == ["a.yaml"]
