@@ -273,8 +273,11 @@ def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_cont
     elif missing:
         with _bar(len(missing), "entries", args.quiet) as bar:
             measure_entries(table, keys, backend, proc, group=args.group, progress=bar, reference=ref)
+    if missing and args.calibrate and table.overhead:  # fitted without the new entries' networks: refit,
+        table.overhead["calibration_pending"] = True   # also when this run is killed before it (a resume)
     table.save(args.out)
-    calib_done = (table.overhead or {}).get("provenance") == "measured"
+    calib_done = (table.overhead or {}).get("provenance") == "measured" and \
+        not (table.overhead or {}).get("calibration_pending")
     if args.calibrate and (missing or args.recalibrate or not calib_done):
         nets = calibration_archs(space, archs, n=args.calibrate)
         if grid_spec is not None:  # pruned variants too: the networks the grid is for

@@ -300,3 +300,45 @@ def test_a_table_name_its_temporaries_would_not_fit_is_refused_before_timing(cap
     assert "too long a name for the temporary and lock files written beside it" in err
     assert err.strip().endswith("expected a name at least 1 bytes shorter")
     assert os.listdir(tmp_path) == ["a.yaml"]
+
+
+def test_a_build_killed_while_it_refits_the_overhead_refits_it_on_resume(capsys, tmp_path, tiny_space, monkeypatch):
+    """Entries added to a calibrated table are saved before the overhead is refitted; a kill in between left an
+    overhead 'measured' without the new networks, and the re-run ("0 to measure") kept it silently."""
+    import latency_tables.build as cl   # _build imports calibrate from here at each call
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    vitslim.save_arch(tiny_space.to_arch(tiny_space.largest_choice()), a)
+    small = tiny_space.largest_choice()
+    small["widths"] = [tiny_space.widths(i)[0] for i in range(len(small["widths"]))]
+    small["blocks"] = [["identity"] * (len(bl) - 1) + [bl[-1]] for bl in small["blocks"]]
+    vitslim.save_arch(tiny_space.to_arch(tiny_space.check_choice(small)), b)
+    t = tmp_path / "t.yaml"
+    quick = ["--out", t, "--time-per-network", 0.001, "--min-samples", 3, "--calibrate", 2, "--contexts", 1,
+             "--no-drift-reference", "--quiet"]
+    code, out, err = run(capsys, "latency", "build", "--arch", a, *quick)
+    assert code == 0, err
+    fits = []
+    real = cl.calibrate
+
+    def killed(*args, **kw):
+        fits.append(1)
+        raise KeyboardInterrupt   # as a kill while the overhead is refitted
+
+    monkeypatch.setattr(cl, "calibrate", killed)
+    code, out, err = run(capsys, "latency", "build", "--arch", b, *quick)
+    assert code == 130 and fits == [1]
+    from latency_tables import LatencyTable
+    assert LatencyTable.load(str(t)).overhead.get("calibration_pending") is True   # the new entries are kept
+
+    def counted(table, backend, nets, *args, **kw):
+        fits.append(len(nets))
+        return real(table, backend, nets, *args, **kw)
+
+    monkeypatch.setattr(cl, "calibrate", counted)
+    code, out, err = run(capsys, "latency", "build", "--arch", b, *quick)
+    assert code == 0, err
+    assert len(fits) == 2, "the resumed build did not refit the overhead"
+    over = LatencyTable.load(str(t)).overhead
+    assert over["provenance"] == "measured" and "calibration_pending" not in over
+    code, out, err = run(capsys, "latency", "build", "--arch", b, *quick)   # nothing new: no refit
+    assert code == 0 and len(fits) == 2
