@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 
 import torch
@@ -18,7 +19,20 @@ import torch.nn as nn
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                    "sparse_")
-_NO_INIT_LOCK = threading.RLock()
+_NO_INIT_LOCK = threading.Lock()  # guards _NO_INIT_USERS and the patching of torch.nn.init
+_NO_INIT_USERS = 0  # threads (nesting counted) inside no_weight_init: torch.nn.init is patched while > 0
+_NO_INIT_SAVED: dict = {}  # torch.nn.init's own functions while patched
+_NO_INIT_THREAD = threading.local()  # .depth: the calling thread's nesting in no_weight_init
+
+
+def _skip_init_in_this_thread(orig):
+    """`orig` for every thread but one inside no_weight_init, for which it does nothing."""
+    @functools.wraps(orig)
+    def init_fn(tensor, *args, **kwargs):
+        if getattr(_NO_INIT_THREAD, "depth", 0):
+            return tensor
+        return orig(tensor, *args, **kwargs)  # another thread's build keeps its random init
+    return init_fn
 
 
 @contextlib.contextmanager
@@ -28,17 +42,31 @@ def no_weight_init():
     checkpoint, a sub-network extracted from the supernet, a pruned copy), or that is only counted on the
     meta device. The random init of a large network costs seconds (DeiT-B: 1.4 s of a 1.5 s build), and on
     the meta device it imports torch._dynamo. Buffers computed from shapes (index tables) are built as usual.
-    Never for a network that runs with its own weights (latency measurement)."""
+    Never for a network that runs with its own weights (latency measurement).
+
+    Only the calling thread's builds skip their init: a network built meanwhile in another thread draws its
+    random init as usual. torch.nn.init holds wrappers while any thread is inside, its own functions again
+    once the last one leaves."""
+    global _NO_INIT_USERS
     init = torch.nn.init
     with _NO_INIT_LOCK:
-        saved = {n: getattr(init, n) for n in _INIT_FUNCTIONS if hasattr(init, n)}
-        for n in saved:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        try:
-            yield
-        finally:
-            for n, f in saved.items():
-                setattr(init, n, f)
+        if _NO_INIT_USERS == 0:
+            _NO_INIT_SAVED.clear()
+            _NO_INIT_SAVED.update((n, getattr(init, n)) for n in _INIT_FUNCTIONS if hasattr(init, n))
+            for n, f in _NO_INIT_SAVED.items():
+                setattr(init, n, _skip_init_in_this_thread(f))
+        _NO_INIT_USERS += 1
+    _NO_INIT_THREAD.depth = getattr(_NO_INIT_THREAD, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _NO_INIT_THREAD.depth -= 1
+        with _NO_INIT_LOCK:
+            _NO_INIT_USERS -= 1
+            if _NO_INIT_USERS == 0:
+                for n, f in _NO_INIT_SAVED.items():
+                    setattr(init, n, f)
+                _NO_INIT_SAVED.clear()
 
 
 def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:

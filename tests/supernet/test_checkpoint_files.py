@@ -160,3 +160,48 @@ def test_loading_builds_without_random_init_and_restores_it(tmp_path, monkeypatc
         with torch.no_grad():
             assert torch.equal(loaded(x), m(x))
     assert vitslim.build_model("deit_tiny").pos_embed.std() > 0.01  # an ordinary build still draws its init
+
+
+def test_no_weight_init_skips_only_the_calling_threads_init(monkeypatch):
+    """A network built in another thread while one thread loads a checkpoint (inside no_weight_init) draws
+    its random init as usual: only the loading thread's builds skip theirs."""
+    import threading
+    from supernet.layers import no_weight_init
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(6, 5).weight.detach().clone()
+    calls = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor, *a, **k):
+        calls.append(threading.get_ident())
+        return real(tensor, *a, **k)
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def loader():
+        try:
+            with no_weight_init():
+                torch.nn.Linear(6, 5)  # no init drawn in this thread
+                inside.set()
+                assert release.wait(60)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+            inside.set()
+    t = threading.Thread(target=loader)
+    t.start()
+    try:
+        assert inside.wait(60)
+        assert not calls  # the loading thread's build skipped its init
+        torch.manual_seed(3)
+        lin, ln = torch.nn.Linear(6, 5), torch.nn.LayerNorm(7)  # built while the other thread is inside
+        assert calls == [threading.get_ident()]
+        assert torch.equal(lin.weight, ref)
+        assert torch.equal(ln.weight, torch.ones(7)) and torch.equal(ln.bias, torch.zeros(7))
+    finally:
+        release.set()
+        t.join(60)
+    assert not t.is_alive() and not errors, errors
+    assert torch.nn.init.kaiming_uniform_ is spy  # restored once the last thread left
+    with no_weight_init(), no_weight_init():  # nested in one thread: still skipped, restored at the outer end
+        torch.nn.Linear(6, 5)
+    assert torch.nn.init.kaiming_uniform_ is spy and calls == [threading.get_ident()]
