@@ -5,6 +5,7 @@ Every artefact is of the fused network (BatchNorm folded), as latency is measure
 under a temporary name first and renamed, so an interrupted export never leaves half a file."""
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 import tempfile
@@ -21,8 +22,8 @@ _SUFFIX = {"yaml": (".yaml", ".yml"), "onnx": (".onnx",), "coreml": (".mlpackage
            "safetensors": (".safetensors",)}
 
 
-class ExportError(VitslimError):
-    pass
+class ExportError(VitslimError, ValueError):
+    """An export that cannot be done as asked (a bad argument, a missing extra, an artefact that fails its check)."""
 
 
 # The modules a format needs beyond torch (the `export` extra), with the one line naming each when it is missing.
@@ -71,8 +72,9 @@ def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
         model, warch = api.load_checkpoint(beside)
         if warch == arch:
             return model, arch, True
-    torch.manual_seed(0)
-    return api.build_model(arch), arch, False
+    with torch.random.fork_rng(devices=[]):  # random weights of seed 0, the caller's RNG left as it was
+        torch.manual_seed(0)
+        return api.build_model(arch), arch, False
 
 
 def weights_beside(target) -> "str | None":
@@ -140,8 +142,10 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
         raise ExportError(f"{out}: already exists, expected a new path (or pass --overwrite)")
     if os.path.isdir(out) and fmt != "coreml":
         raise ExportError(f"--out {out}: is a directory, expected a file path for format {fmt}")
-    if batch < 1:
-        raise ExportError(f"--batch: got {batch}, expected an integer >= 1")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ExportError(f"--batch: got {batch!r}, expected an integer >= 1")
+    batch = int(batch)
+    opset = _check_opset(opset)
     model, arch, trained = resolve_source(target)
     if input_size is not None and input_size != arch["input_size"]:
         if not (isinstance(input_size, int) and input_size >= 16):
@@ -165,6 +169,27 @@ def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check
             elif os.path.exists(p):
                 os.remove(p)
         del _TEMPS[:]
+
+
+def _opset_range() -> "Tuple[int, int] | None":
+    """The ONNX opsets the installed torch.onnx exports (min, max), or None where it does not say."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _check_opset(opset) -> int:
+    rng = _opset_range()
+    ok = not isinstance(opset, bool) and isinstance(opset, numbers.Integral) and opset >= 1
+    if ok and rng is not None:
+        ok = rng[0] <= opset <= rng[1]
+    if not ok:
+        what = f"an integer from {rng[0]} to {rng[1]} (the opsets torch {torch.__version__} exports)" if rng \
+            else "a positive integer"
+        raise ExportError(f"opset: got {opset!r}, expected {what}")
+    return int(opset)
 
 
 def size_bound_key(model: nn.Module, arch: Mapping):
@@ -191,8 +216,9 @@ def _with_input_size(model: nn.Module, arch: Mapping, trained: bool, size: int):
         if bad:
             raise ExportError(f"--input-size: got {size}, but these weights fit only {arch['input_size']} "
                               f"({arch['family']}: {bad} is sized for it); export at {arch['input_size']}")
-    torch.manual_seed(0)
-    new = api.build_model(a)
+    with torch.random.fork_rng(devices=[]):  # as resolve_source: seed 0, the caller's RNG left as it was
+        torch.manual_seed(0)
+        new = api.build_model(a)
     if trained:
         new.load_state_dict(model.state_dict())
     new.arch = a
@@ -231,12 +257,22 @@ def _safetensors(model, arch, trained, out, batch, overwrite, check, **_):
     save_checkpoint(model, arch, tmp)
     res = {"format": "safetensors", "path": out, "trained": bool(trained)}
     if check:
-        x = _example(arch, batch)
-        back, _ = load_checkpoint(tmp)
-        with torch.no_grad():
-            err = _rel_err(back(x), model.eval()(x))
-        if err > 0:
-            raise ExportError(f"safetensors check: the reloaded network differs by {err:.2e} (relative), expected 0")
+        p = next(model.parameters(), None)
+        dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+        x = _example(arch, batch).to(device, dtype)
+        back, _ = load_checkpoint(tmp)  # a float32 network on the CPU: compared in the model's dtype and device
+        back = back.to(device, dtype)
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                err = _rel_err(back(x), model.eval()(x))
+        finally:
+            model.train(was_training)  # the caller's model keeps its mode
+        # exact where float32 holds the weights exactly; float64 weights are rounded to float32 on loading
+        tol = 1e-5 if torch.finfo(dtype).bits > 32 else 0.0
+        if err > tol:
+            raise ExportError(f"safetensors check: the reloaded network differs by {err:.2e} (relative), "
+                              f"expected {'0' if not tol else f'<= {tol:g}'}")
         res["max_rel_error"] = err
     _commit(tmp, out, overwrite)
     return res

@@ -250,3 +250,56 @@ def test_a_core_ml_check_over_the_float16_tolerance_fails(monkeypatch, ckpt, tmp
     with pytest.raises(vitslim.VitslimError, match="coreml check: Core ML output differs .* expected <= 0.05"):
         vitslim.export_model(str(ckpt), "coreml", tmp_path / "bad.mlpackage")
     assert not (tmp_path / "bad.mlpackage").exists()
+
+
+def test_export_of_an_arch_leaves_the_callers_random_state_alone(tmp_path):
+    """An arch (no weights) is exported with the random weights of seed 0, at its own input size and at another,
+    without reseeding the caller's torch RNG."""
+    from supernet.checkpoint import load_checkpoint
+    a = tiny_arch("efficientvit_m0")
+    a.update(input_size=64, num_classes=5)
+    for size in (None, 96):
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        out = tmp_path / f"{size}.safetensors"
+        vitslim.export_model(a, "safetensors", out, input_size=size)
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.manual_seed(0)
+        ref = vitslim.build_model(dict(a, input_size=size or 64))  # the weights exported: seed 0's, as before
+        got, _ = load_checkpoint(out)
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in got.state_dict().items())
+
+
+def test_safetensors_export_keeps_the_models_mode_and_dtype(tmp_path):
+    a = tiny_arch("efficientvit_m0")
+    a.update(input_size=64, num_classes=5)
+    torch.manual_seed(0)
+    m = vitslim.build_model(a).train()
+    res = vitslim.export_model(m, "safetensors", tmp_path / "m.safetensors")
+    assert m.training and res["max_rel_error"] == 0
+    m.eval()
+    vitslim.export_model(m, "safetensors", tmp_path / "m.safetensors", overwrite=True)
+    assert not m.training
+    for dtype in (torch.float64, torch.bfloat16):  # checked in the model's own dtype
+        md = vitslim.build_model(a).to(dtype)
+        with torch.no_grad():
+            for p in md.parameters():
+                p.add_(torch.randn(p.shape, dtype=torch.float64).to(dtype) * 1e-3)  # not float32-exact in float64
+        res = vitslim.export_model(md, "safetensors", tmp_path / f"{dtype}.safetensors".replace("torch.", ""))
+        assert res["max_rel_error"] <= 1e-5 and next(md.parameters()).dtype == dtype
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(opset=99), r"opset: got 99, expected an integer from \d+ to \d+"),
+    (dict(opset=5), r"opset: got 5, expected an integer from \d+ to \d+"),
+    (dict(opset="17"), r"opset: got '17', expected an integer"),
+    (dict(batch="1"), r"--batch: got '1', expected an integer >= 1"),
+    (dict(batch=2.5), r"--batch: got 2.5, expected an integer >= 1"),
+    (dict(batch=0), r"--batch: got 0, expected an integer >= 1"),
+])
+def test_bad_export_arguments_are_refused_up_front(ckpt, tmp_path, kw, match):
+    from vitslim.export import ExportError
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=match) as e:
+        vitslim.export_model(str(ckpt), "onnx", out, **kw)
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value) and not out.exists()
