@@ -165,7 +165,8 @@ class LatencyTable:
         return out
 
     def predict(self, arch, interpolate: bool = False) -> float:
-        """Predicted latency of an arch (dict, or a list of Segments) in milliseconds."""
+        """Predicted latency in milliseconds of an arch (dict, preset name, arch .yaml path, a model vitslim
+        built or loaded, or a list of Segments)."""
         segs = arch if isinstance(arch, list) else decompose(_as_arch(arch))
         total = 0.0
         entries = self.entries
@@ -468,6 +469,12 @@ def atomic_write(path: str, text: str) -> None:
 def _as_arch(arch):
     if isinstance(arch, Mapping):
         return arch
+    if isinstance(getattr(arch, "arch", None), Mapping):  # a network vitslim built or loaded carries its arch
+        return arch.arch
+    if not isinstance(arch, (str, os.PathLike)):
+        what = f"{type(arch).__name__} without .arch" if hasattr(arch, "parameters") else type(arch).__name__
+        raise TypeError(f"arch: got {what}, expected an arch dict, a preset name, an arch .yaml path or a model "
+                        "vitslim built (it has .arch)")
     # a preset name or arch .yaml path: resolved like vitslim.resolve_arch, without importing vitslim
     from supernet.arch import load_arch, validate
     from supernet.registry import get_preset, preset_names

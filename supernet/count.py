@@ -34,7 +34,7 @@ def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = Non
     if isinstance(model_or_arch, nn.Module):
         model = model_or_arch
         arch = getattr(model, "arch", None) or {}
-        size = input_size or arch.get("input_size", 224)
+        size = input_size if input_size is not None else arch.get("input_size", 224)
         if arch:
             # MACs from the arch on the meta device: the same figure as count(arch), and it includes
             # attention products that fused CPU kernels hide from the FLOP counter. Some families
@@ -43,11 +43,14 @@ def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = Non
             if size != arch.get("input_size", size):
                 return count(dict(arch, input_size=size))
             return {"params": count_params(model), "macs": count(dict(arch, input_size=size))["macs"]}
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # an arch validates its own below
+            from .errors import bad
+            raise bad("input_size", size, "an integer >= 1")
         chans = arch.get("in_chans", 3)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         return {"params": count_params(model), "macs": _macs(model, size, chans, dev)}
     arch = dict(model_or_arch) if isinstance(model_or_arch, Mapping) else model_or_arch
-    if input_size and isinstance(arch, dict):
+    if input_size is not None and isinstance(arch, dict):  # 0 too: refused by validate, not the arch's size
         arch["input_size"] = input_size
     arch = validate(arch)
     size = arch["input_size"]

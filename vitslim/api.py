@@ -16,6 +16,13 @@ from supernet.registry import get_family, get_preset as _get_preset, preset_name
 ArchLike = Union[str, os.PathLike, Mapping]
 
 
+def _check_module(model, name: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        hint = " (build one with vitslim.build_model or load one with vitslim.load_checkpoint)" \
+            if isinstance(model, (str, os.PathLike, Mapping)) else ""
+        raise TypeError(f"{name}: got {type(model).__name__}, expected an nn.Module{hint}")
+
+
 def list_presets() -> list:
     """Names of every preset arch, sorted."""
     return preset_names()
@@ -60,6 +67,7 @@ def load_checkpoint(path) -> Tuple[nn.Module, dict]:
 def save_checkpoint(model: nn.Module, arch: Mapping, path) -> None:
     """Write one file that `load_checkpoint` reads back (arch config + state dict); a path ending in
     .safetensors writes that format (the arch in its metadata), else a torch file."""
+    _check_module(model)
     _ckpt.save_checkpoint(model, arch, path)
 
 
@@ -72,6 +80,7 @@ def count(model_or_arch, input_size: int | None = None) -> dict:
 
 def fuse(model: nn.Module) -> nn.Module:
     """An inference copy with BatchNorm folded into the neighbouring conv/linear, as deployed."""
+    _check_module(model)
     return fuse_model(model)
 
 
@@ -81,4 +90,7 @@ def save_arch(arch: Mapping, path) -> dict:
 
 
 def load_arch(path) -> dict:
+    """The arch config (a plain dict, validated, defaults filled in) of an arch .yaml file, as `save_arch`
+    writes it; ArchError (a ValueError) naming the file when it is missing, unreadable or not a valid arch.
+    A preset by name is `get_preset`; `resolve_arch` takes either."""
     return _arch.load_arch(path)
