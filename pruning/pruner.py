@@ -493,7 +493,17 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
     scores' momentum, the report so far, the RNG), once a step that fine-tunes (or the last step) is
     selected, and during fine-tuning every FINETUNE_SAVE_SECONDS (weights, optimiser, schedule); a later
     call with the same `state_key` (what the run depends on: config, checkpoint, data, table) continues
-    from it, ending where an uninterrupted run ends. A state of another key is refused."""
+    from it, ending where an uninterrupted run ends. A state of another key is refused.
+    The run seeds torch's RNG (config.seed, or the saved state); the caller's is as it was when it returns."""
+    with torch.random.fork_rng(devices=[]):
+        return _prune(model, arch, config, data=data, calibration=calibration, table=table, cost_fn=cost_fn,
+                      progress=progress, importance=importance, state_path=state_path, state_key=state_key)
+
+
+def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[DataSource] = None,
+           calibration: Optional[List[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
+           progress: bool = False, importance: Optional[Importance] = None, state_path: Optional[str] = None,
+           state_key: Optional[Mapping] = None) -> PruneResult:
     from tqdm import tqdm
     cfg = config.check()
     arch = dict(arch)

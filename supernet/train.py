@@ -482,7 +482,8 @@ def load_supernet(run_dir: str):
 def train(config: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
           stop_at: Optional[int] = None, device: Optional[str] = None) -> dict:
     """Train a supernet into out_dir; returns the final report. `stop_at`: stop after that many
-    steps with a checkpoint written, as if interrupted (a later resume continues exactly)."""
+    steps with a checkpoint written, as if interrupted (a later resume continues exactly). The caller's torch
+    RNG state and thread count are as they were when it returns."""
     out_dir = os.fspath(out_dir)
     cfg = config
     dist = _Dist()
@@ -495,19 +496,23 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, progress: boo
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init(dev)
+    threads = torch.get_num_threads()  # the caller's, back when the run ends (the config's `threads` is the run's)
     try:
-        if dist.rank != 0:  # rank 0 holds the directory for all of them
-            return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
-        existed = os.path.isdir(out_dir)
-        try:
-            with run_lock(out_dir, error=ConfigError, what="supernet training"):
-                remove_stale_temps(out_dir)  # what a killed run left half-written (never a result)
+        # the run seeds torch's RNG (cfg.seed, or the checkpoint's state): the caller's is restored afterwards
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            if dist.rank != 0:  # rank 0 holds the directory for all of them
                 return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
-        except BaseException:
-            if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {LOCK_FILE}:
-                shutil.rmtree(out_dir, ignore_errors=True)  # refused before it wrote anything: nothing left behind
-            raise
+            existed = os.path.isdir(out_dir)
+            try:
+                with run_lock(out_dir, error=ConfigError, what="supernet training"):
+                    remove_stale_temps(out_dir)  # what a killed run left half-written (never a result)
+                    return _train(cfg, out_dir, resume, progress, stop_at, dev, dist)
+            except BaseException:
+                if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {LOCK_FILE}:
+                    shutil.rmtree(out_dir, ignore_errors=True)  # refused before it wrote anything: nothing left behind
+                raise
     finally:
+        torch.set_num_threads(threads)
         dist.close()
 
 

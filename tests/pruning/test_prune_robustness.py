@@ -302,3 +302,19 @@ def test_without_labels_every_loss_is_against_the_unpruned_models_top1(monkeypat
         .tolist() == top1(seen["ft"][0][0]).tolist()  # an index outside the classes: relabelled too
     kept = torch.tensor([0, 1, 2, 3]) % arch["num_classes"]
     assert list(pp.reference_labels([(seen["ft"][0][0], kept)], model, arch["num_classes"]))[0][1] is kept
+
+
+def test_prune_leaves_the_callers_random_state_and_does_not_depend_on_it():
+    """prune seeds torch's RNG itself (config.seed); the caller's state is back when it returns, and the pruned
+    (and fine-tuned) network is the same whatever it was."""
+    arch = tiny_deit()
+    model = build(arch)
+    cfg = PruneConfig(target="macs=0.6", iterative_steps=2, finetune_steps=3, calib_batches=2, eval_batches=1)
+    outs = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        res = prune(model, arch, cfg, data=DataSource("synthetic", arch, batch_size=4, seed=0))
+        assert torch.equal(torch.get_rng_state(), state)
+        outs.append(res.model.state_dict())
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

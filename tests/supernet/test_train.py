@@ -392,3 +392,20 @@ def test_resume_of_a_start_killed_before_its_first_checkpoint_starts_over(tmp_pa
     os.makedirs(tmp_path / "empty")
     with pytest.raises(VitslimError, match="no checkpoint.pt"):
         train(cfg, str(tmp_path / "empty"), resume=True, progress=False)
+def test_training_leaves_the_callers_random_state_and_threads_and_does_not_depend_on_them(tmp_path):
+    """The run seeds itself (cfg.seed) and sets the config's thread count; the caller's torch RNG state and
+    thread count are back when it returns, and the run is the same whatever the caller's RNG was."""
+    cfg = TrainConfig.from_dict(config(steps=3, threads=1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for i, seed in enumerate((5, 6)):
+            torch.manual_seed(seed)
+            state = torch.get_rng_state()
+            train(cfg, str(tmp_path / str(i)), progress=False)
+            assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert losses(tmp_path / "0") == losses(tmp_path / "1")
+    s0, s1 = read_run(tmp_path / "0")["model"], read_run(tmp_path / "1")["model"]
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
