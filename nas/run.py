@@ -13,6 +13,7 @@ a directory holding only a log is resumed from it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -215,6 +216,16 @@ def check_search_args(strategy: str = "slim", seed: int = 0, eval_images: int = 
 
 
 # ---------------------------------------------------------------- the run
+def _keeps_callers_rng(fn):
+    """The run seeds torch's RNG (its `seed`); the caller's CPU RNG is as it was when it returns."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_keeps_callers_rng
 def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "slim", seed: int = 0,
                eval_images: int = 512, bn_batches: int = 0, eval_batch_size: int = 256, finetune: int = 0,
                finetune_lr: float = 1e-3, trials: int = 100, sampler: str = "nsga2", storage: str = "journal",

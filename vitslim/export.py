@@ -72,6 +72,8 @@ def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
         model, warch = api.load_checkpoint(beside)
         if warch == arch:
             return model, arch, True
+        warnings.warn(f"{beside}: the weights beside {os.fspath(target)} are of another architecture (left from an "
+                      f"interrupted export, or another model's?): not used, the network gets random weights")
     with torch.random.fork_rng(devices=[]):  # random weights of seed 0, the caller's RNG left as it was
         torch.manual_seed(0)
         return api.build_model(arch), arch, False
@@ -237,15 +239,30 @@ def _yaml(model, arch, trained, out, overwrite, source=None, **_):
             and os.path.samefile(source, wpath):  # the yaml of a checkpoint, beside it: the pair is already there
         res["checkpoint"] = wpath
     elif trained:  # weights travel beside the config: arch.yaml + arch.pt
-        if os.path.exists(wpath) and not overwrite:
+        if os.path.exists(wpath) and not overwrite and not _same_checkpoint(wpath, model, arch):
             os.remove(tmp)
             raise ExportError(f"{wpath}: already exists, expected a new path (or pass --overwrite)")
-        from supernet.runlock import remove_stale_temps
-        remove_stale_temps(os.path.dirname(os.path.abspath(wpath)), base=os.path.basename(wpath))
-        save_checkpoint(model, arch, wpath)
+        if not os.path.exists(wpath) or overwrite:
+            from supernet.runlock import remove_stale_temps
+            remove_stale_temps(os.path.dirname(os.path.abspath(wpath)), base=os.path.basename(wpath))
+            save_checkpoint(model, arch, wpath)
+        # else: this export's own checkpoint, left by a run killed before its .yaml was put in place
         res["checkpoint"] = wpath
     _commit(tmp, out, overwrite)
     return res
+
+
+def _same_checkpoint(path: str, model: nn.Module, arch: Mapping) -> bool:
+    """Whether the checkpoint at `path` holds exactly this arch and these weights."""
+    from . import api
+    try:
+        other, oarch = api.load_checkpoint(path)
+    except Exception:  # unreadable, another format: not ours
+        return False
+    mine, theirs = model.state_dict(), other.state_dict()
+    return oarch == dict(arch) and mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k])
+        for k in mine)
 
 
 def _safetensors(model, arch, trained, out, batch, overwrite, check, **_):

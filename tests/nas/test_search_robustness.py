@@ -365,3 +365,14 @@ def test_a_run_resumed_from_a_complete_log_reports_no_overhead_figure(supernet_r
     _print_report(rep, out)
     line = [ln for ln in capsys.readouterr().out.splitlines() if "evaluations" in ln][0]
     assert line.strip() == f"{ref['evaluation']['evaluations']} evaluations, all read back from the log of the interrupted run"
+
+
+def test_a_search_leaves_the_callers_random_state_alone(supernet_run, table_path, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    rep = run_search(supernet_run, table_path, 4.0, str(tmp_path / "o"), eval_images=16, progress=False, verify="off")
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(7)   # and the search's own result does not depend on it
+    again = run_search(supernet_run, table_path, 4.0, str(tmp_path / "o2"), eval_images=16, progress=False, verify="off")
+    assert again["choice"] == rep["choice"] and again["accuracy"] == rep["accuracy"]

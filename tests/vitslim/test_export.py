@@ -303,3 +303,32 @@ def test_bad_export_arguments_are_refused_up_front(ckpt, tmp_path, kw, match):
     with pytest.raises(ExportError, match=match) as e:
         vitslim.export_model(str(ckpt), "onnx", out, **kw)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value) and not out.exists()
+
+
+def test_a_yaml_export_killed_between_its_two_files_is_finished_by_a_re_run(ckpt, tmp_path):
+    """X.pt is written before X.yaml: a kill in between left X.pt, and the same export again was refused
+    ("X.pt: already exists"), although the file was its own. A checkpoint of exactly this network is kept;
+    another one is still refused."""
+    out = tmp_path / "pair" / "net.yaml"
+    vitslim.export_model(str(ckpt), "yaml", out)
+    before = (tmp_path / "pair" / "net.pt").read_bytes()
+    os.remove(out)   # as the kill left it
+    res = vitslim.export_model(str(ckpt), "yaml", out)
+    assert res["checkpoint"] == str(tmp_path / "pair" / "net.pt") and out.is_file()
+    assert (tmp_path / "pair" / "net.pt").read_bytes() == before
+    os.remove(out)
+    torch.manual_seed(1)
+    other = vitslim.build_model(tiny_arch())   # same arch, other weights
+    with pytest.raises(vitslim.export.ExportError, match="net.pt: already exists"):
+        vitslim.export_model(other, "yaml", out)
+
+
+def test_weights_beside_a_yaml_of_another_arch_are_named_in_a_warning(ckpt, tmp_path):
+    """An old X.yaml beside a new X.pt of another arch (an --overwrite export killed in between) exported
+    random weights with no word about X.pt."""
+    a = tiny_arch()
+    a["num_classes"] = 7
+    vitslim.save_arch(a, tmp_path / "m.yaml")     # ckpt is tmp_path/m.pt, 5 classes
+    with pytest.warns(UserWarning, match=r"m.pt: the weights beside .*m.yaml are of another architecture"):
+        res = vitslim.export_model(str(tmp_path / "m.yaml"), "torchscript", tmp_path / "m.ts")
+    assert res["trained"] is False
