@@ -236,8 +236,8 @@ class OptunaSearch(SearchStrategy):
                 verbosity = optuna.logging.get_verbosity()  # the caller's, restored: study() quiets Optuna
                 try:
                     return self._search(ctx, workers, setup.close)
-                except ValueError as e:  # json.JSONDecodeError too: a journal damaged in its middle
-                    if self.storage_kind == "journal" and ctx.log_dir and "Expecting" in str(e):
+                except json.JSONDecodeError as e:  # a journal damaged in its middle (a torn tail is cut above)
+                    if self.storage_kind == "journal" and ctx.log_dir:
                         raise SearchError(f"{os.path.join(ctx.log_dir, self.log_file)}: a damaged journal line "
                                           f"({e}); remove that line to resume, or pass --overwrite") from None
                     raise

@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 
 import torch.nn as nn
 
-from supernet.arch import atomic_savefig
+from supernet.arch import atomic_savefig, write_target
 from supernet.errors import VitslimError, check_writable
 from supernet.runlock import check_names_fit, file_lock, pid_alive, plain_mode, remove_stale_temps, temp_names, temp_prefix
 
@@ -31,8 +31,7 @@ def check_out_dir(out: str, overwrite: bool) -> None:
 
 def run_target(out: str) -> str:
     """Where the run folder `out` is written: a symlink's target (written through, the link kept), else `out`."""
-    out = os.fspath(out)
-    return os.path.realpath(out) if os.path.islink(out) else out
+    return write_target(out)
 
 
 def lock_path(out: str) -> str:
