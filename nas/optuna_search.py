@@ -476,8 +476,8 @@ def drop_torn_tail(path: str) -> bool:
 
 class _Workers:
     """Who is working on a study directory: each worker holds a file `.workers/HOST-PID-NS` while it runs.
-    `rank`: its place among the live ones (by start time), so two workers started together draw different
-    parameters; `alone`: no other live worker (RUNNING trials in the study were then left by a killed one).
+    `rank`: the lowest rank no other live worker holds (written in its file), so two live workers never draw
+    the same parameters; `alone`: no other live worker (RUNNING trials in the study were then left by a killed one).
     Entries of dead processes on this host are removed; those of other hosts (a shared file system) are
     taken as live."""
 
@@ -494,7 +494,21 @@ class _Workers:
         with open(self.me, "x"):
             pass
         live = self._live()
-        self.rank = [p for _, _, p in live].index(self.me)
+        # the lowest rank no other live worker holds (each file holds its worker's rank; an empty one, of an
+        # older version, its place by start): workers started together get 0, 1, ...; one joining after an
+        # earlier one left takes the freed rank, never a rank still in use (same rank = same draws)
+        taken = set()
+        for k, (_, _, path) in enumerate(live):
+            if path != self.me:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read().strip()
+                except OSError:
+                    text = ""
+                taken.add(int(text) if text.isdigit() else k)
+        self.rank = next(r for r in range(len(live) + 1) if r not in taken)
+        with open(self.me, "w", encoding="utf-8") as f:
+            f.write(f"{self.rank}\n")
         self.alone = len(live) == 1
         self.seen = len(live)
         return self

@@ -191,6 +191,26 @@ def test_workers_get_distinct_ranks_and_dead_ones_are_forgotten(tmp_path):
         assert w.rank == 0 and w.alone
 
 
+def test_a_worker_joining_after_one_left_takes_the_freed_rank_not_a_live_one(tmp_path):
+    """Ranks were places by start time: with A (0) gone and B (1) still running, a new C was 1 too, and drew
+    B's parameters whenever the study's completed count was the same."""
+    with _Workers(str(tmp_path)) as a:
+        with _Workers(str(tmp_path)) as b:
+            assert (a.rank, b.rank) == (0, 1)
+        with _Workers(str(tmp_path)) as b2:
+            assert b2.rank == 1
+    with _Workers(str(tmp_path)) as b:
+        with _Workers(str(tmp_path)) as c:
+            assert b.rank == 0 and c.rank == 1
+    # A leaves while B runs: C takes 0
+    a = _Workers(str(tmp_path)).__enter__()
+    b = _Workers(str(tmp_path)).__enter__()
+    a.__exit__(None, None, None)
+    with _Workers(str(tmp_path)) as c:
+        assert (b.rank, c.rank) == (1, 0) and not c.alone
+    b.__exit__(None, None, None)
+
+
 def test_worker_seeds_differ_by_completed_count_and_rank_and_are_deterministic():
     seeds = {OptunaSearch.worker_seed(5, n, r) for n in (0, 3, 10) for r in (0, 1, 2)}
     assert len(seeds) == 9
