@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from supernet.arch import atomic_savefig, write_target
 from supernet.errors import VitslimError, check_writable
-from supernet.runlock import check_names_fit, file_lock, pid_alive, plain_mode, remove_stale_temps, temp_names, temp_prefix
+from supernet.runlock import check_names_fit, file_lock, lock_beside, pid_alive, plain_mode, remove_stale_temps, temp_names, temp_prefix
 
 from .units import PruneError
 
@@ -29,20 +29,14 @@ def check_out_dir(out: str, overwrite: bool) -> None:
         raise PruneError(str(e)) from None
 
 
-def run_target(out: str) -> str:
-    """Where the run folder `out` is written: a symlink's target (written through, the link kept), else `out`."""
-    return write_target(out)
-
-
 def lock_path(out: str) -> str:
     """The lock of a prune writing `out`: .NAME.lock beside the run folder (which appears only at the end)."""
-    parent, base = os.path.split(os.path.abspath(run_target(out)))
-    return os.path.join(parent, f".{base}.lock")
+    return lock_beside(out)
 
 
 def check_out_names(out: str, state_path: str) -> None:
     """Refuse up front an --out whose lock, temporary folders or resume state would have too long a name."""
-    real = os.path.abspath(run_target(out))
+    real = os.path.abspath(write_target(out))
     try:
         check_names_fit("--out", out, os.path.dirname(real),
                         [os.path.basename(lock_path(out))] + temp_names(os.path.basename(real), folder=True))
@@ -117,7 +111,7 @@ def write_run(out: str, model: nn.Module, arch: Mapping, report: dict, overwrite
     from supernet.checkpoint import save_checkpoint
     given = os.fspath(out)
     check_out_dir(given, overwrite)
-    out = run_target(given)
+    out = write_target(given)
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(out)

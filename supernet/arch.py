@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .errors import ArchError, bad
+from .errors import ArchError, bad, nearest_existing
 
 ARCH_VERSION = 1
 COMMON_KEYS = ("version", "family", "input_size", "in_chans", "num_classes", "distillation", "stem", "stages")
@@ -206,9 +206,7 @@ def _check_writable_path(path: str) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "is a folder, expected a file path", path)
     parent = os.path.dirname(os.path.abspath(path))
-    up = parent
-    while up and not os.path.exists(up) and os.path.dirname(up) != up:
-        up = os.path.dirname(up)
+    up = nearest_existing(parent)
     if os.path.exists(up) and not os.path.isdir(up):
         raise NotADirectoryError(errno.ENOTDIR, f"{up} is a file, expected a folder to write in", path)
     os.makedirs(parent, exist_ok=True)

@@ -38,6 +38,15 @@ def check_device(name, flag: str = "--device"):
     return dev
 
 
+def nearest_existing(path) -> str:
+    """`path` or its nearest ancestor that exists (what an output's missing folders would be made in)."""
+    import os
+    d = os.path.abspath(os.fspath(path))
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    return d
+
+
 def check_writable(path, flag: str, is_dir: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: a file where a folder is wanted (or the
     reverse), or a path whose nearest existing ancestor is a file or not writable."""
@@ -48,9 +57,7 @@ def check_writable(path, flag: str, is_dir: bool = False) -> None:
             raise VitslimError(f"{flag} {path}: is a file, expected a directory")
         if not is_dir and os.path.isdir(path):
             raise VitslimError(f"{flag} {path}: is a directory, expected a file path")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise VitslimError(f"{flag} {path}: cannot be created ({parent} is "
                            f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}), expected a path in a "

@@ -8,7 +8,7 @@ import os
 import re
 from typing import List, Optional
 
-from .errors import VitslimError
+from .errors import VitslimError, nearest_existing
 
 LOCK_FILE = ".lock"
 
@@ -174,6 +174,13 @@ def _flock_file(path: str, busy: str, cannot: str, error):
         f.close()
 
 
+def lock_beside(path: str) -> str:
+    """The lock of a writer of `path` (a file, or a run folder that appears only at its end): .NAME.lock beside
+    it, beside a symlink's target (so writes through the link and to the target itself exclude each other)."""
+    real = os.path.realpath(os.fspath(path))
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
+
+
 # The longest names a writer adds beside a name: a PID as long as Linux allows (pid_max up to 2**22, 7 digits)
 # and tempfile's 8 random characters, so a name that fits now fits in every later run.
 _PID = "9" * max(7, len(str(os.getpid())))
@@ -182,11 +189,8 @@ _RAND = "x" * 8
 
 def name_max(folder: str) -> int:
     """The longest file name (bytes) the file system of `folder` (or its nearest existing ancestor) takes."""
-    d = os.path.abspath(folder)
-    while not os.path.isdir(d) and os.path.dirname(d) != d:
-        d = os.path.dirname(d)
     try:
-        return int(os.pathconf(d, "PC_NAME_MAX"))
+        return int(os.pathconf(nearest_existing(folder), "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
         return 255
 

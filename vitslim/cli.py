@@ -237,12 +237,11 @@ def main(argv=None) -> int:
 def _expand_home(args) -> None:
     """`--out=~/runs/x` (the shell expands ~ only at the start of a word, not after `=`) means the home folder,
     as paths inside configs already do, not a folder named `~` in the current one."""
+    def home(v):
+        return os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") and (v == "~" or "/" in v) else v
+
     for k, v in vars(args).items():
-        if isinstance(v, str) and v.startswith("~") and (v == "~" or "/" in v):
-            setattr(args, k, os.path.expanduser(v))
-        elif isinstance(v, list) and any(isinstance(x, str) and x.startswith("~") for x in v):
-            setattr(args, k, [os.path.expanduser(x) if isinstance(x, str) and x.startswith("~") and (x == "~" or "/" in x)
-                              else x for x in v])
+        setattr(args, k, [home(x) for x in v] if isinstance(v, list) else home(v))
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG}

@@ -204,30 +204,23 @@ def _build(args):
         return _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for)
 
 
-def _table_lock_path(out: str) -> str:
-    """The lock of a build writing the table `out`: .NAME.lock beside it (beside a symlink's target, so builds
-    through the link and through the file itself exclude each other too)."""
-    real = os.path.abspath(os.path.realpath(out))
-    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
-
-
 def _check_table_names(out: str) -> None:
     """A table's temporaries (NAME.tmp.PID, NAME.partial.json and its own) and lock must fit the file system's
     name limit: checked before the first network is timed, not when the first save fails."""
     from latency_tables.build import partial_path
-    from supernet.runlock import check_names_fit, temp_names
+    from supernet.runlock import check_names_fit, lock_beside, temp_names
     base, partial = os.path.basename(out), os.path.basename(partial_path(out))
     check_names_fit("--out", out, os.path.dirname(os.path.abspath(out)),
                     temp_names(base) + [partial] + temp_names(partial))
-    lock = _table_lock_path(out)
+    lock = lock_beside(out)
     check_names_fit("--out", out, os.path.dirname(lock), [os.path.basename(lock)])
 
 
 def _table_lock(out: str):
     """Hold the table's lock for the whole build (or import): a second build of the same table would save over
     the first's entries and share (then delete) its NAME.partial.json."""
-    from supernet.runlock import file_lock
-    lock = _table_lock_path(out)
+    from supernet.runlock import file_lock, lock_beside
+    lock = lock_beside(out)
     return file_lock(lock, busy=f"--out {out}: another latency build (or import) is writing this table; wait for it to "
                                 "finish (a build resumes from what the other measured), or choose another --out",
                      cannot=f"--out {out}: cannot write in {os.path.dirname(lock)}")

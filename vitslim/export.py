@@ -15,7 +15,7 @@ from typing import Mapping, Tuple
 import torch
 import torch.nn as nn
 
-from supernet.errors import VitslimError
+from supernet.errors import VitslimError, nearest_existing
 
 FORMATS = ("yaml", "onnx", "coreml", "torchscript", "safetensors")
 _SUFFIX = {"yaml": (".yaml", ".yml"), "onnx": (".onnx",), "coreml": (".mlpackage",), "torchscript": (".pt", ".ts", ".torchscript"),
@@ -111,9 +111,7 @@ def _tmp_beside(out: str, is_dir: bool = False) -> str:
             os.close(fd)
             plain_mode(p)
     except OSError as e:
-        up = d
-        while up and not os.path.exists(up) and os.path.dirname(up) != up:
-            up = os.path.dirname(up)
+        up = nearest_existing(d)
         if os.path.isfile(up):
             raise ExportError(f"--out {out}: {up} is a file, expected a folder to write in") from None
         raise ExportError(f"--out {out}: cannot write in {d} ({e.strerror or e}), expected a writable folder") from None
