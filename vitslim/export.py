@@ -98,9 +98,11 @@ _TEMPS: list = []  # temporary paths of the export in progress: removed whatever
 def _tmp_beside(out: str, is_dir: bool = False) -> str:
     """A fresh temporary path in the output's folder (so the final rename is atomic), with the mode a
     plain file created there would get (mkstemp's are 0600: other users could not read the artefact)."""
+    from supernet.arch import write_target
     from supernet.runlock import plain_mode, remove_stale_temps, temp_prefix
-    d = os.path.dirname(os.path.abspath(out)) or "."
-    base = os.path.basename(out)
+    dest = write_target(out)  # a symlinked output is written through: the temporary goes beside its target
+    d = os.path.dirname(os.path.abspath(dest)) or "."
+    base = os.path.basename(dest)
     try:
         os.makedirs(d, exist_ok=True)
         remove_stale_temps(d, base=base)  # what a killed export of this path left
@@ -120,14 +122,23 @@ def _tmp_beside(out: str, is_dir: bool = False) -> str:
 
 
 def _commit(tmp: str, out: str, overwrite: bool) -> None:
-    if os.path.exists(out):
+    """Put `tmp` in place as `out`; a symlinked `out` (even one whose target is missing) is written through:
+    the link kept, its target replaced, as every other vitslim output is."""
+    from supernet.arch import write_target
+    dest = write_target(out)
+    if os.path.exists(dest):
         if not overwrite:
             raise ExportError(f"{out}: already exists, expected a new path (or pass overwrite=True / --overwrite)")
-        if os.path.isdir(out) and not os.path.isdir(tmp):  # checked up front too: --overwrite replaces files only
+        if os.path.isdir(dest) and not os.path.isdir(tmp):  # checked up front too: --overwrite replaces files only
             raise ExportError(f"--out {out}: is a directory, expected a file path (--overwrite replaces a file)")
-        if os.path.isdir(out):  # a .mlpackage folder replaced by the new one
-            shutil.rmtree(out)
-    os.replace(tmp, out)
+        if os.path.isdir(dest):  # a .mlpackage folder: the old one moved aside, the new one renamed in, the old removed
+            old = _tmp_beside(out, is_dir=True)
+            os.rmdir(old)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    os.replace(tmp, dest)
 
 
 def export(target, fmt: str, out, batch: int = 1, overwrite: bool = False, check: bool = True,

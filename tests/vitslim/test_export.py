@@ -79,6 +79,31 @@ def test_coreml_export_writes_mlpackage(tmp_path):
     assert os.path.isdir(out) and os.path.isfile(out / "Manifest.json") and res["format"] == "coreml"
 
 
+def test_a_symlinked_output_is_written_through_and_the_link_kept(ckpt, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "m.mlpackage").mkdir()
+    (store / "m.mlpackage" / "old.bin").write_bytes(b"old")
+    link = tmp_path / "m.mlpackage"
+    link.symlink_to(store / "m.mlpackage")
+    with pytest.raises(vitslim.VitslimError, match="already exists"):
+        vitslim.export_model(str(ckpt), "coreml", link)
+    vitslim.export_model(str(ckpt), "coreml", link, overwrite=True)  # was: "Cannot call rmtree on a symbolic link"
+    assert link.is_symlink() and (store / "m.mlpackage" / "Manifest.json").is_file()
+    assert not (store / "m.mlpackage" / "old.bin").exists()
+    dangling = tmp_path / "new.mlpackage"  # a link whose target is still to be made: was "Not a directory"
+    dangling.symlink_to(store / "new.mlpackage")
+    vitslim.export_model(str(ckpt), "coreml", dangling)
+    assert dangling.is_symlink() and (store / "new.mlpackage" / "Manifest.json").is_file()
+    for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.ts")):  # a file format: the link's target replaced
+        (store / name).write_bytes(b"old")
+        (tmp_path / name).symlink_to(store / name)
+        vitslim.export_model(str(ckpt), fmt, tmp_path / name, overwrite=True)
+        assert (tmp_path / name).is_symlink() and (store / name).stat().st_size > 1000, fmt
+    assert sorted(os.listdir(store)) == ["m.mlpackage", "m.onnx", "m.ts", "new.mlpackage"]  # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["m.mlpackage", "m.onnx", "m.pt", "m.ts", "new.mlpackage", "store"]
+
+
 def test_existing_output_is_refused_and_untouched(ckpt, tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"precious")
