@@ -347,26 +347,46 @@ class Floor:
     keeps one Q/K pair and one V channel (the arch has no narrower head)."""
     fraction: float = 0.1
     original: Optional[Dict[Tuple[int, int], BlockInfo]] = None  # widths the fraction is of
+    round_to: int = 1  # every channel width kept (Q/K and V per head, FFN, residual) a multiple of it, or unpruned
 
     def __post_init__(self):
         if not 0 <= self.fraction <= 1:
             raise PruneError(f"--min-keep: got {self.fraction:g}, expected a fraction in [0, 1]")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PruneError(f"--round-to: got {self.round_to!r}, expected an integer >= 1 (1: any width)")
 
     def of(self, infos: Sequence[BlockInfo]) -> "Floor":
         """The same floor, as fractions of these (the unpruned) widths: iterative steps do not
         compound it."""
-        return Floor(self.fraction, {i.key: i for i in infos})
+        return Floor(self.fraction, {i.key: i for i in infos}, self.round_to)
 
-    def _min(self, n: int, n0: int, at_least: int) -> int:
+    def _min(self, n: int, n0: int, at_least: int, g: int = 1) -> int:
         if n == 0:
             return 0
-        return min(n, max(at_least, math.ceil(self.fraction * n0 - 1e-9)))
+        return min(n, round_up(max(at_least, math.ceil(self.fraction * n0 - 1e-9)), g))
 
     def mins(self, info: BlockInfo) -> Dict[str, int]:
         one = 1 if self.fraction > 0 else 0
         o = (self.original or {}).get(info.key, info)
-        return {"head": self._min(info.heads, o.heads, one), "qk": self._min(info.qk_dim, o.qk_dim, 1),
-                "v": self._min(info.v_dim, o.v_dim, 1), "ffn": self._min(info.ffn_hidden, o.ffn_hidden, one)}
+        g = self.round_to
+        return {"head": self._min(info.heads, o.heads, one), "qk": self._min(info.qk_dim, o.qk_dim, 1, g),
+                "v": self._min(info.v_dim, o.v_dim, 1, g), "ffn": self._min(info.ffn_hidden, o.ffn_hidden, one, g)}
+
+    def embed_min(self, width: int, original: int) -> int:
+        """The least residual width a stage of `width` (`original` unpruned) keeps."""
+        return min(width, round_up(max(1, math.ceil(self.fraction * original - 1e-9)), self.round_to))
+
+
+def round_up(n: int, g: int) -> int:
+    return -(-n // g) * g
+
+
+def removals(k: int, lowest: int, g: int, limit: Optional[int] = None) -> List[int]:
+    """The numbers of units that may go from `k` kept: those leaving a multiple of `g` (at least `lowest`),
+    the first `limit` of them (all if None). With g = 1: 1, 2, ..., k - lowest."""
+    first = k - (k // g) * g or g  # down to the next multiple below k
+    ms = list(range(first, k - lowest + 1, g))
+    return ms if limit is None else ms[:limit]
 
 
 # ---------------------------------------------------------------- the state a selection works on
@@ -384,7 +404,7 @@ class BlockState:
         self.depth = depth
         if depth:  # a branch goes only as a whole (a branch move), never unit by unit
             self.mins["head"] = max(self.mins["head"], 1) if info.heads else 0
-            self.mins["ffn"] = max(self.mins["ffn"], 1) if info.ffn_hidden else 0
+            self.mins["ffn"] = min(info.ffn_hidden, max(self.mins["ffn"], floor.round_to)) if info.ffn_hidden else 0
         if branch is None:  # no branch scores (a custom Importance): the sum over the branch's units
             branch = (float(np.sum(scores["head"])), float(np.sum(scores["ffn"])))
         self.b = {"attn": float(branch[0]), "mlp": float(branch[1])}
@@ -395,6 +415,7 @@ class BlockState:
         self.ffn_order = np.argsort(scores["ffn"], kind="stable") if info.ffn_hidden else np.zeros(0, int)
         self.n = {"head": info.heads, "qk": info.qk_dim, "v": info.v_dim, "ffn": info.ffn_hidden}
         self.k = dict(self.n)  # kept counts
+        self.g = {"head": 1, "qk": floor.round_to, "v": floor.round_to, "ffn": floor.round_to}  # width granularity
         self.version = 0
 
     def _widths(self, k: Mapping[str, int], gone: Mapping[str, bool]) -> Widths:
@@ -421,6 +442,17 @@ class BlockState:
         if kind in ("qk", "v") and self.k["head"] == 0:
             return 0
         return self.k[kind] - self.mins[kind]
+
+    def removals(self, kind: str, limit: Optional[int] = None) -> List[int]:
+        """The numbers of `kind` units that may go at once (each leaves a width of the floor's granularity)."""
+        if self.can_remove(kind) <= 0:
+            return []
+        return removals(self.k[kind], self.mins[kind], self.g[kind], limit)
+
+    def regrowth(self, kind: str) -> int:
+        """How many removed `kind` units come back at once (to the next width of the granularity, or all)."""
+        k, g = self.k[kind], self.g[kind]
+        return min(self.n[kind], (k // g + 1) * g) - k
 
     def step_importance(self, kind: str, steps: int) -> np.ndarray:
         """Importance of each of the next `steps` removals of `kind` (what each takes away)."""
@@ -459,11 +491,18 @@ class EmbedState:
     def __init__(self, stage: int, width: int, scores: np.ndarray, floor: Floor, original: int):
         self.stage, self.n, self.k, self.s = stage, width, width, np.asarray(scores, dtype=float)
         self.order = np.argsort(self.s, kind="stable")
-        self.min = min(width, max(1, math.ceil(floor.fraction * original - 1e-9)))
+        self.min = floor.embed_min(width, original)
+        self.g = floor.round_to
         self.version = 0
 
     def can_remove(self) -> int:
         return self.k - self.min
+
+    def removals(self, limit: Optional[int] = None) -> List[int]:
+        return removals(self.k, self.min, self.g, limit) if self.can_remove() > 0 else []
+
+    def regrowth(self) -> int:
+        return min(self.n, (self.k // self.g + 1) * self.g) - self.k
 
     def step_importance(self, steps: int) -> np.ndarray:
         return self.s[self.order[self.n - self.k:self.n - self.k + steps]]
@@ -628,11 +667,12 @@ def select_ratio(net: Network, budget: float) -> Selection:
     def push_block(bi: int):
         st = net.blocks[bi]
         for kind in KINDS:
-            avail = st.can_remove(kind)
-            if avail <= 0:
+            ms = st.removals(kind, _lookahead(net.cost, kind))
+            if not ms:
                 continue
-            L = min(avail, _lookahead(net.cost, kind))
-            mv = _best(st.step_importance(kind, L), [net.block_delta(bi, kind, m) for m in range(1, L + 1)])
+            L, allowed = ms[-1], set(ms)  # a width between two of the granularity's is no move: priced 0, skipped
+            mv = _best(st.step_importance(kind, L),
+                       [net.block_delta(bi, kind, m) if m in allowed else 0.0 for m in range(1, L + 1)])
             if mv is not None:
                 heapq.heappush(heap, (mv[0], 0, bi, kind, st.version, mv[1], mv[2], mv[3]))
         for br in BRANCHES:  # depth moves: the whole branch, its importance per unit of its whole cost
@@ -643,11 +683,11 @@ def select_ratio(net: Network, budget: float) -> Selection:
 
     def push_embed(i: int):
         e = net.embeds[i]
-        avail = e.can_remove()
-        if avail <= 0:
+        ms = e.removals(1 if net.cost.linear else 8)
+        if not ms:
             return
-        L = min(avail, 1 if net.cost.linear else 8)
-        mv = _best(e.step_importance(L), [net.embed_delta(i, m) for m in range(1, L + 1)])
+        L, allowed = ms[-1], set(ms)
+        mv = _best(e.step_importance(L), [net.embed_delta(i, m) if m in allowed else 0.0 for m in range(1, L + 1)])
         if mv is not None:
             heapq.heappush(heap, (mv[0], 1, i, EMBED, epoch[i], mv[1], mv[2], mv[3]))
 
@@ -736,46 +776,51 @@ def grow(net: Network, budget: float) -> float:
                     if total + dc <= budget:
                         r = st.b[br] / dc if dc > 0 else float("inf")
                         if best is None or r > best[0]:
-                            best = (r, bi, br, dc)
+                            best = (r, bi, br, dc, 1)
             for kind in KINDS:
                 if st.k[kind] >= st.n[kind] or (kind in ("qk", "v") and st.k["head"] == 0) \
                         or st.gone[KIND_BRANCH[kind]]:
                     continue
-                st.k[kind] += 1
-                gain = float(st.step_importance(kind, 1)[0])
-                dc = net.block_delta(bi, kind, 1)
-                st.k[kind] -= 1
+                up = st.regrowth(kind)
+                st.k[kind] += up
+                gain = float(st.step_importance(kind, up).sum())
+                dc = net.block_delta(bi, kind, up)
+                st.k[kind] -= up
                 if total + dc <= budget:
                     r = gain / dc if dc > 0 else float("inf")
                     if best is None or r > best[0]:
-                        best = (r, bi, kind, dc)
+                        best = (r, bi, kind, dc, up)
         for i, e in net.embeds.items():
             if e.k >= e.n:
                 continue
-            net.set_embed(i, e.k + 1)
-            gain, dc = float(e.step_importance(1)[0]), net.embed_delta(i, 1)
-            net.set_embed(i, e.k - 1)
+            up = e.regrowth()
+            net.set_embed(i, e.k + up)
+            gain, dc = float(e.step_importance(up).sum()), net.embed_delta(i, up)
+            net.set_embed(i, e.k - up)
             if total + dc <= budget:
                 r = gain / dc if dc > 0 else float("inf")
                 if best is None or r > best[0]:
-                    best = (r, -1 - i, EMBED, dc)
+                    best = (r, -1 - i, EMBED, dc, up)
         if best is None:
             return total
-        _, bi, kind, dc = best
+        _, bi, kind, dc = best[:4]
         if kind == EMBED:
-            net.set_embed(-1 - bi, net.embeds[-1 - bi].k + 1)
+            net.set_embed(-1 - bi, net.embeds[-1 - bi].k + best[4])
         elif kind in BRANCHES:
             net.blocks[bi].gone[kind] = False
             net.blocks[bi].version += 1
         else:
-            net.blocks[bi].k[kind] += 1
+            net.blocks[bi].k[kind] += best[4]
         total += dc
 
 
-def _options(avail: int, linear: bool, max_options: int) -> np.ndarray:
-    if linear or avail + 1 <= max_options:
-        return np.arange(avail + 1)
-    return np.unique(np.linspace(0, avail, max_options).round().astype(int))
+def _options(allowed: Sequence[int], linear: bool, max_options: int) -> np.ndarray:
+    """The removal counts a knapsack group offers: none, and the allowed ones (at most `max_options` spread
+    evenly over them where the cost is not linear, the last always among them)."""
+    ms = np.concatenate([[0], np.asarray(allowed, dtype=int)])
+    if linear or len(ms) <= max_options:
+        return ms
+    return ms[np.unique(np.linspace(0, len(ms) - 1, max_options).round().astype(int))]
 
 
 def _knapsack_step(prev: np.ndarray, imps, w, bins: int, arg: np.ndarray):
@@ -817,10 +862,11 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
             for br in BRANCHES:
                 subs = []
                 for kind in BRANCH_UNITS[br]:
-                    avail = st.can_remove(kind)
-                    if avail <= 0:
+                    allowed = st.removals(kind)
+                    if not allowed:
                         continue
-                    ms = _options(avail, net.cost.linear, max_options)
+                    avail = allowed[-1]
+                    ms = _options(allowed, net.cost.linear, max_options)
                     cum = np.concatenate([[0.0], np.cumsum(st.step_importance(kind, avail))])
                     saved = np.array([net.block_delta(bi, kind, int(m)) if m else 0.0 for m in ms])
                     subs.append((kind, bi, ms, cum[ms], saved))
@@ -832,10 +878,11 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
                 else:
                     raw.append((subs, branch))
         for i, e in net.embeds.items():
-            avail = e.can_remove()
-            if avail <= 0:
+            allowed = e.removals()
+            if not allowed:
                 continue
-            ms = _options(avail, False, max_options)  # each option prices every block of the stage
+            avail = allowed[-1]
+            ms = _options(allowed, False, max_options)  # each option prices every block of the stage
             cum = np.concatenate([[0.0], np.cumsum(e.step_importance(avail))])
             saved = np.array([net.embed_delta(i, int(m)) if m else 0.0 for m in ms])
             raw.append(([(EMBED, i, ms, cum[ms], saved)], None))
@@ -1016,7 +1063,7 @@ def floor_cost(infos: Sequence[BlockInfo], cost: CostModel, base: float, floor: 
 def floor_cost_embed(arch: Mapping, cost: CostModel, floor: Floor) -> float:
     """The cheapest network the floor allows with every residual width at its floor too."""
     infos = block_infos(arch)
-    dims = tuple(max(1, math.ceil(floor.fraction * st["width"] - 1e-9)) for st in arch["stages"])
+    dims = tuple(floor.embed_min(st["width"], st["width"]) for st in arch["stages"])
     tot = cost.base_at(arch, dims)
     for i in infos:
         m = floor.mins(i)
@@ -1030,7 +1077,7 @@ def floor_cost_depth(arch: Mapping, cost: CostModel, floor: Floor, embed: bool =
     widths (and, with `embed`, every residual width at its floor)."""
     infos = block_infos(arch)
     if embed:
-        dims = tuple(max(1, math.ceil(floor.fraction * st["width"] - 1e-9)) for st in arch["stages"])
+        dims = tuple(floor.embed_min(st["width"], st["width"]) for st in arch["stages"])
         base = cost.base_at(arch, dims)
         infos = [replace(i, dim=dims[i.stage]) for i in infos]
     else:
@@ -1041,5 +1088,5 @@ def floor_cost_depth(arch: Mapping, cost: CostModel, floor: Floor, embed: bool =
         if i.heads:
             best = min(best, cost.block(i, (max(1, m["head"]), m["qk"], m["v"], 0)))
         if i.ffn_hidden:
-            best = min(best, cost.block(i, (0, 0, 0, max(1, m["ffn"]))))
+            best = min(best, cost.block(i, (0, 0, 0, min(i.ffn_hidden, max(floor.round_to, m["ffn"])))))
     return base + (best if math.isfinite(best) else 0.0)

@@ -343,13 +343,15 @@ def lowest_cost(arch: Mapping, cost: CostModel, floor: Floor, depth: bool, embed
     return floor_cost(infos, cost, cost.base(arch, infos), floor)
 
 
-def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_keep: float, depth: bool) -> None:
+def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_keep: float, depth: bool,
+                    round_to: int = 1) -> None:
     """A one-line error naming the floor when `goal` is below what removing units can reach."""
     if goal >= lowest - 1e-9 * max(abs(lowest), 1):
         return
-    how = (f"with depth moves (on by default for latency targets): every branch removed but one, at --min-keep {min_keep:g}; at least one block must stay, "
-           "or the network is its patch embedding and classifier alone") if depth else f"with --min-keep {min_keep:g}"
-    hint = "raise the target" if depth else "raise the target or lower --min-keep"
+    floor = f"--min-keep {min_keep:g}" + (f" and --round-to {round_to}" if round_to > 1 else "")
+    how = (f"with depth moves (on by default for latency targets): every branch removed but one, at {floor}; at least one block must stay, "
+           "or the network is its patch embedding and classifier alone") if depth else f"with {floor}"
+    hint = "raise the target" if depth else ("raise the target or lower --min-keep" + (" or --round-to" if round_to > 1 else ""))
     if target.kind != "latency":
         raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}={lowest / c0:.3f} "
                          f"{how}); {hint}")
@@ -428,6 +430,7 @@ class PruneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     min_keep: float = 0.1
+    round_to: int = 1                   # every kept channel width a multiple of it (Torch-Pruning's round_to)
     prune_embed: bool = False           # also prune each stage's residual (embedding) width
     depth: Optional[bool] = None        # branch (depth) moves: None = auto, on for latency targets only
     momentum: float = 0.9               # smoothing of scores across iterative steps
@@ -451,7 +454,7 @@ class PruneConfig:
             raise PruneError(f"--lr: got {self.lr!r}, expected a learning rate > 0")
         if self.kd and self.finetune_steps == 0:
             raise PruneError("--kd: distillation happens during fine-tuning, expected --finetune-steps N > 0 with it")
-        Floor(self.min_keep)
+        Floor(self.min_keep, round_to=self.round_to)
         if self.depth is not None and not isinstance(self.depth, bool):
             raise PruneError(f"--depth: got {self.depth!r}, expected true, false or None (auto: on for latency "
                              "targets, off for params / MACs targets)")
@@ -530,10 +533,10 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     c0s = [c.total(arch) for c in costs0]
     goals = [t.value * c0 if t.is_fraction else t.value for t, c0 in zip(targets, c0s)]
     infos0 = block_infos(arch)
-    floor = Floor(cfg.min_keep).of(infos0)
+    floor = Floor(cfg.min_keep, round_to=cfg.round_to).of(infos0)
     depth = cfg.use_depth
     for t, c, c0, goal in zip(targets, costs0, c0s, goals):
-        check_reachable(t, goal, c0, lowest_cost(arch, c, floor, depth, cfg.prune_embed), cfg.min_keep, depth)
+        check_reachable(t, goal, c0, lowest_cost(arch, c, floor, depth, cfg.prune_embed), cfg.min_keep, depth, cfg.round_to)
     before = count(arch)
     teacher = None
     if cfg.kd and cfg.finetune_steps > 0:
@@ -669,7 +672,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
         "macs_before": before["macs"], "macs_after": after["macs"],
         "params_kept": after["params"] / before["params"], "macs_kept": after["macs"] / before["macs"],
         "criterion": imp.name, "selection": cfg.selection, "iterative_steps": K,
-        "finetune_steps": cfg.finetune_steps, "kd": bool(cfg.kd), "min_keep": cfg.min_keep,
+        "finetune_steps": cfg.finetune_steps, "kd": bool(cfg.kd), "min_keep": cfg.min_keep, "round_to": cfg.round_to,
         "prune_embed": bool(cfg.prune_embed), "depth": depth,
         "stages": [{"stage": i, "width": st1["width"], "width_before": st0["width"]}
                    for i, (st0, st1) in enumerate(zip(arch["stages"], cur_arch["stages"]))],

@@ -46,6 +46,10 @@ def _args(p):
                    help="per-block floor on unit moves: keep at least this fraction of each unit kind (default 0.1; "
                         "0 lets narrowing empty a block's attention or MLP). Depth moves (--depth, on by default for "
                         "latency targets) remove whole branches regardless; --min-keep 1 with --depth: depth only")
+    p.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="keep every channel width (Q/K and V per head, FFN hidden, and the residual width with "
+                        "--prune-embed) a multiple of N, or as it was (default 1: any width; 8 or 16 suit GPU and "
+                        "Neural Engine kernels); the floor rounds up to it")
     p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=None,
                    help="depth moves: a block's attention or FFN branch may go whole (its LayerNorm, residual add "
                         "and fixed work with it), competing with unit moves; default: on for latency targets, off "
@@ -126,7 +130,7 @@ def _locked(args, targets, macs, implied, target):
     check_family(arch, depth=bool(args.depth))
     cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
-                      lr=args.lr, min_keep=args.min_keep, prune_embed=args.prune_embed, depth=args.depth,
+                      lr=args.lr, min_keep=args.min_keep, round_to=args.round_to, prune_embed=args.prune_embed, depth=args.depth,
                       momentum=args.momentum, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
                       seed=args.seed).check()
     data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed, labels=args.labels,
