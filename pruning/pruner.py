@@ -19,11 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supernet.count import count
 from supernet.layers import no_weight_init
 from supernet.registry import get_family
 
-from .budget import (ArchCost, CostModel, Floor, LatencyCost, MacsCost, Network, ParamsCost, Target,
+from .budget import (ArchCost, CostModel, Floor, analytic_count, LatencyCost, MacsCost, Network, ParamsCost, Target,
                      floor_cost, floor_cost_depth, floor_cost_embed, parse_targets, select_constrained, select_knapsack,
                      select_ratio)
 from .importance import Importance, Scores, default_loss, get_importance
@@ -211,6 +210,26 @@ def _labelled(batches: Sequence[Batch], reference: nn.Module, num_classes: int, 
     need = sum(not labels_fit(y, num_classes) for _, y in batches)
     return list(reference_labels(tqdm(batches, desc=desc, disable=not (progress and need), leave=False, unit="batch"),
                                  reference, num_classes))
+
+
+def _labelled_scored(batches: Sequence[Batch], reference: nn.Module, num_classes: int, progress: bool,
+                     desc: str) -> Tuple[List[Batch], Optional[dict]]:
+    """`_labelled`, and when the reference labelled every batch itself (`--labels model`), its held-out figures
+    from the same forward (`evaluate(reference, ...)` of the labelled batches: top-1 1 by construction); None
+    when some batch brings labels of its own."""
+    from .importance import labels_fit
+    from tqdm import tqdm
+    if not batches or any(labels_fit(y, num_classes) for _, y in batches):
+        return _labelled(batches, reference, num_classes, progress, desc), None
+    out, tot, n = [], 0.0, 0
+    with torch.no_grad():
+        for x, _ in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
+            logits = _logits(reference(x))
+            y = logits.argmax(-1)
+            tot += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += len(x)
+            out.append((x, y))
+    return out, {"loss": tot / max(n, 1), "top1": 1.0 if n else 0.0, "images": n}
 
 
 def reference_labels(batches: Iterable[Batch], reference: nn.Module, num_classes: int) -> Iterator[Batch]:
@@ -537,7 +556,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     depth = cfg.use_depth
     for t, c, c0, goal in zip(targets, costs0, c0s, goals):
         check_reachable(t, goal, c0, lowest_cost(arch, c, floor, depth, cfg.prune_embed), cfg.min_keep, depth, cfg.round_to)
-    before = count(arch)
+    before = analytic_count(arch)
     teacher = None
     if cfg.kd and cfg.finetune_steps > 0:
         teacher = copy.deepcopy(model).eval()
@@ -548,7 +567,8 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     # later steps and fine-tuning without a teacher would otherwise chase the pruned model's own drifting top-1
     calibration = _labelled(calibration, reference, arch["num_classes"], progress, "label calibration")
     # held-out batches too, once: evaluating every candidate against them would run the reference each time
-    heldout = _labelled(heldout, reference, arch["num_classes"], progress, "label held-out")
+    heldout, ref_eval = _labelled_scored(heldout, reference, arch["num_classes"], progress, "label held-out")
+    last_ev = None  # the held-out figures of `cur` from its selection, while no fine-tuning has changed it
     cur, cur_arch = copy.deepcopy(model).eval(), copy.deepcopy(arch)
     prev: Optional[Scores] = None
     steps_report = []
@@ -619,6 +639,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
                 cands[m] = (sel, pm, pa, ev)
             chosen = min(cands, key=lambda m: (cands[m][3]["loss"], m != "knapsack"))
             sel, cur, cur_arch, ev = cands[chosen]
+            last_ev = ev if heldout else None
             for t, c, budget in zip(targets, costs, budgets):
                 reached = c.total(cur_arch)
                 if reached > budget + 1e-6 * max(abs(budget), 1e-9):  # never silently over a target
@@ -639,6 +660,8 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
                     srep["candidates"][m]["weights"] = {str(t): x for t, x in zip(targets, w)}
             cands = pm = None  # the other selection's network: not kept through fine-tuning
         ft = {"steps": 0}
+        if ft_resume is not None or ft_per[step]:  # fine-tuned (or resumed mid-way): evaluated again at the end
+            last_ev = None
         if state_path and ft_resume is None and (ft_per[step] or step + 1 == K):
             # selected: an interrupt from here on keeps the selection (fine-tuning or, after the last step,
             # the held-out evaluation still to come); a middle step without fine-tuning is saved at its end
@@ -659,7 +682,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
         if state_path and step + 1 < K:
             save_state(step + 1)
     cur.eval()
-    after = count(cur_arch)
+    after = analytic_count(cur_arch)
     finals = [make_cost(t, cur_arch, table, cost_fn).total(cur_arch) for t in targets]
     target, cost0 = targets[0], costs0[0]
     rep = {
@@ -694,8 +717,8 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
         rep["latency_estimated_entries"] = list(after.get("estimated", []))
         rep["latency_kept"] = rep["latency_after_ms"] / rep["latency_before_ms"]
     if heldout:
-        rep["heldout_before"] = evaluate(reference, heldout, reference, progress, "held-out, unpruned")
-        rep["heldout_after"] = evaluate(cur, heldout, reference, progress, "held-out, pruned")
+        rep["heldout_before"] = ref_eval or evaluate(reference, heldout, reference, progress, "held-out, unpruned")
+        rep["heldout_after"] = last_ev or evaluate(cur, heldout, reference, progress, "held-out, pruned")
     rep["removed_blocks"] = [f"stages[{b['stage']}].blocks[{b['block']}]" for b in rep["blocks"]
                              if b["heads"] == 0 and b["ffn_hidden"] == 0
                              and (b["heads_before"] > 0 or b["ffn_hidden_before"] > 0)]

@@ -29,3 +29,41 @@ def test_heldout_is_labelled_once_and_reports_agreement_with_the_unpruned_model(
         out = [res.model(x).argmax(-1) for x, _ in unlabelled]
     agree = sum(int((a == b).sum()) for a, b in zip(ref, out)) / 12
     assert res.report["heldout_after"]["top1"] == agree
+
+
+def test_the_final_held_out_figures_reuse_the_passes_that_made_them(monkeypatch):
+    """The unpruned model's figures come from the pass that labels the batches, the pruned model's from its
+    selection (no fine-tuning changed it since): two whole passes over the held-out set fewer, same numbers."""
+    arch = tiny_deit()
+    model = build(arch)
+    unlabelled = [(x, None) for x, _ in batches(arch, n=3, bs=4)]
+    calls = []
+
+    def spy(m, bs, reference=None, progress=False, desc="evaluate"):
+        calls.append(desc)
+        return evaluate(m, bs, reference, progress, desc)
+    monkeypatch.setattr(pr, "evaluate", spy)
+    res = prune(model, arch, PruneConfig(target="macs=0.6", calib_batches=3, eval_batches=3), calibration=unlabelled)
+    assert calls == ["held-out ratio 1/1", "held-out knapsack 1/1"]  # one per candidate, none after
+    labelled = [(x, model(x).argmax(-1)) for x, _ in unlabelled]
+    with torch.no_grad():
+        assert res.report["heldout_before"] == evaluate(model, labelled)
+        assert res.report["heldout_after"] == evaluate(res.model, labelled)
+
+
+def test_a_network_fine_tuned_after_its_selection_is_evaluated_again(monkeypatch):
+    from pruning.pruner import DataSource
+    arch = tiny_deit()
+    model = build(arch)
+    calls = []
+
+    def spy(m, bs, reference=None, progress=False, desc="evaluate"):
+        calls.append(desc)
+        return evaluate(m, bs, reference, progress, desc)
+    monkeypatch.setattr(pr, "evaluate", spy)
+    data = DataSource("synthetic", arch, batch_size=4, labels="model", heldout_images=8)
+    res = prune(model, arch, PruneConfig(target="macs=0.6", calib_batches=2, eval_batches=2, finetune_steps=3,
+                                         lr=1e-2, selection="ratio"), data=data)
+    assert calls == ["held-out ratio 1/1", "held-out, pruned"]
+    labelled = list(pr.reference_labels(data.heldout(2), model, arch["num_classes"]))
+    assert res.report["heldout_after"] == evaluate(res.model, labelled)
