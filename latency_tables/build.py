@@ -90,11 +90,11 @@ def measure_entries(table: LatencyTable, keys: Sequence[Mapping], backend, proc:
             table.measurement["reference"] = _merge_ref(table.measurement.get("reference"), reference)
         for k, t in zip(part, timings):
             table.set(k, t.ms, t.p10, t.p90, t.n, "measured")
-            if save and table.path:
-                table.save()
             done += 1
             if on_entry:
                 on_entry(k, t)
+        if save and table.path:  # once per group: its entries were timed together
+            table.save()
         if progress is not None:
             progress.update(len(part))
     return done
@@ -160,9 +160,9 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
         for sid in sids:
             t = summarize(acc.pop(sid))
             table.set(wanted[sid], t.ms, t.p10, t.p90, t.n, "measured")
-            if save and table.path:
-                table.save()
             done += 1
+        if sids and save and table.path:  # once for all that finished: before the sidecar drops their samples
+            table.save()
 
     finish([sid for sid in list(acc) if sid not in last])  # every network holding it ran before a stop
     for g in range(0, len(chosen), max(1, group)):
