@@ -300,6 +300,15 @@ class OptunaSearch(SearchStrategy):
             # workers sharing the study stop together once it holds n_trials complete trials (each worker
             # may finish the trial it is running: with W workers, up to W - 1 more)
             stop = optuna.study.MaxTrialsCallback(self.n_trials, states=(optuna.trial.TrialState.COMPLETE,))
+            # a trial is taken under the setup lock: SQLite has no row locks, so workers asking together each
+            # popped the same enqueued (warm-start) trial, ran it twice, and the second to tell it crashed
+            # ("Cannot tell a COMPLETE trial"); Optuna's optimize loop calls study.ask() for every trial
+            ask = study.ask
+
+            def locked_ask(*a, **k):
+                with _setup_lock(ctx.log_dir):
+                    return ask(*a, **k)
+            study.ask = locked_ask
             with _stop_on_interrupt(study, ctx.progress):
                 study.optimize(objective, n_trials=left, callbacks=[stop, next_trial],
                                show_progress_bar=bool(ctx.progress), gc_after_trial=False)

@@ -214,3 +214,31 @@ def test_a_worker_that_stops_waiting_says_the_others_write_the_run(supernet_run,
     os.remove(os.path.join(out, ".workers", os.listdir(os.path.join(out, ".workers"))[0]))
     with pytest.raises(SearchError, match="run more trials"):
         OptunaSearch(n_trials=1, run_args=ARGS).search(ctx)
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_every_trial_is_taken_under_the_setup_lock(supernet_run, table_path, tmp_path, monkeypatch, storage):
+    """SQLite has no row locks: workers asking together each popped the same enqueued warm-start trial, ran it
+    twice, and the second to tell it died with `ValueError: Cannot tell a COMPLETE trial`. Optuna's optimize
+    loop takes every trial with study.ask(); the search makes each ask hold the setup lock."""
+    import contextlib
+    real_lock, real_ask = O._setup_lock, optuna.study.Study.ask
+    held, seen = threading.local(), []
+
+    @contextlib.contextmanager
+    def lock(log_dir):
+        with real_lock(log_dir):
+            held.n = getattr(held, "n", 0) + 1
+            try:
+                yield
+            finally:
+                held.n -= 1
+
+    def ask(self, *a, **k):
+        seen.append(getattr(held, "n", 0))
+        return real_ask(self, *a, **k)
+
+    monkeypatch.setattr(O, "_setup_lock", lock)
+    monkeypatch.setattr(optuna.study.Study, "ask", ask)
+    run_search(supernet_run, table_path, 4.0, str(tmp_path / "o"), trials=4, storage=storage, **KW)
+    assert len(seen) >= 4 and all(n == 1 for n in seen), seen
