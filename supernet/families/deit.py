@@ -375,8 +375,10 @@ def _convert_deit(sd: Mapping[str, torch.Tensor]):
         import warnings
         b = blocks[guessed[0]]
         warnings.warn(f"a plain state dict of a pruned DeiT: the head counts of {len(guessed)} block(s) are guessed "
-                      f"(block {guessed[0]}: {b['heads']} head(s) of Q/K {b['qk_dim']}, V {b['v_dim']}); outputs are "
-                      "right only if the guess is: load the vitslim checkpoint (model.pt, save_checkpoint) instead",
+                      f"(block {guessed[0]}: {b['heads']} head(s) of Q/K {b['qk_dim']}, V {b['v_dim']}) and their "
+                      "attention scale is not in the file (a pruned block keeps the scale of its unpruned Q/K width; "
+                      "this one gets 1/sqrt(Q/K)): its outputs differ from the pruned model's; load the vitslim "
+                      "checkpoint (model.pt, save_checkpoint) or the run's arch.yaml with these weights instead",
                       stacklevel=3)
     arch = {"version": 1, "family": "deit", "input_size": g * p, "in_chans": in_chans,
             "num_classes": sd["head.weight"].shape[0], "distillation": distilled,

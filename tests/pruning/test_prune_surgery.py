@@ -155,3 +155,30 @@ def test_a_plain_state_dict_of_a_pruned_deit_warns_that_its_heads_are_guessed(tm
         back, back_arch = vitslim.load_checkpoint(tmp_path / "ours.pt")  # the arch is in the file
         vitslim.load_checkpoint(tmp_path / "unpruned.pt")  # the official layout: nothing to guess
     assert back_arch == small_arch
+
+
+def test_a_plain_state_dict_of_a_pruned_swin_warns_that_its_attention_scale_is_lost(tmp_path):
+    """A pruned block keeps the scale of its unpruned Q/K width (arch `scale`); torch.save(model.state_dict())
+    drops it, and the loaded model silently computed other outputs with 1/sqrt(pruned Q/K)."""
+    import warnings
+    arch = tiny_swin()
+    model = build(arch)
+    infos = block_infos(arch)
+    keep = {i.key: BlockKeep(list(range(i.heads)), {h: [0, 1, 2] for h in range(i.heads)},
+                             {h: list(range(i.v_dim)) for h in range(i.heads)}, list(range(i.ffn_hidden)))
+            for i in infos}
+    small, small_arch = apply_plan(model, arch, Plan(keep))
+    torch.save(small.state_dict(), tmp_path / "plain.pt")
+    with pytest.warns(UserWarning, match=r"pruned Swin: the attention scale of 4 block\(s\) is not in the file"):
+        back, _ = vitslim.load_checkpoint(tmp_path / "plain.pt")
+    x = batches(arch, 1)[0][0]
+    with torch.no_grad():
+        assert rel_err(back(x), small.eval()(x)) > 1e-3  # what the warning is about
+    torch.save(model.state_dict(), tmp_path / "unpruned.pt")
+    vitslim.save_checkpoint(small, small_arch, tmp_path / "ours.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vitslim.load_checkpoint(tmp_path / "unpruned.pt")
+        ours, _ = vitslim.load_checkpoint(tmp_path / "ours.pt")
+    with torch.no_grad():
+        assert rel_err(ours(x), small(x)) == 0
