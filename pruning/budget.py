@@ -28,7 +28,7 @@ import copy
 import heapq
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -357,37 +357,104 @@ class Floor:
     """Each block keeps at least ceil(fraction * n) of each unit kind: heads, Q/K and V channels per
     head, FFN channels. With fraction > 0 that is at least one of each; with 0 a block may lose its
     whole attention (heads 0) or MLP (ffn_hidden 0), and the report lists it. A kept head always
-    keeps one Q/K pair and one V channel (the arch has no narrower head)."""
-    fraction: float = 0.1
+    keeps one Q/K pair and one V channel (the arch has no narrower head).
+
+    `fraction` may also be a mapping per kind ({"heads": 1, "ffn": 0.25}: kinds heads, qk, v, ffn, embed; the
+    others 0.1), as `--min-keep heads=1,ffn=0.25` gives it; `keep`: blocks ((stage, index) keys) left whole, no
+    unit or branch of theirs removed, and their stage's residual width too (Torch-Pruning's ignored_layers)."""
+    fraction: "float | Mapping[str, float]" = 0.1
     original: Optional[Dict[Tuple[int, int], BlockInfo]] = None  # widths the fraction is of
     round_to: int = 1  # every channel width kept (Q/K and V per head, FFN, residual) a multiple of it, or unpruned
+    keep: FrozenSet[Tuple[int, int]] = frozenset()
 
     def __post_init__(self):
-        if not 0 <= self.fraction <= 1:
-            raise PruneError(f"--min-keep: got {self.fraction:g}, expected a fraction in [0, 1]")
+        self.kinds = min_keep_kinds(self.fraction)
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise PruneError(f"--round-to: got {self.round_to!r}, expected an integer >= 1 (1: any width)")
+        self.keep = frozenset(self.keep)
 
     def of(self, infos: Sequence[BlockInfo]) -> "Floor":
         """The same floor, as fractions of these (the unpruned) widths: iterative steps do not
         compound it."""
-        return Floor(self.fraction, {i.key: i for i in infos}, self.round_to)
+        return Floor(self.fraction, {i.key: i for i in infos}, self.round_to, self.keep)
 
-    def _min(self, n: int, n0: int, at_least: int, g: int = 1) -> int:
+    def _min(self, n: int, n0: int, kind: str, at_least: int, g: int = 1) -> int:
         if n == 0:
             return 0
-        return min(n, round_up(max(at_least, math.ceil(self.fraction * n0 - 1e-9)), g))
+        return min(n, round_up(max(at_least, math.ceil(self.kinds[kind] * n0 - 1e-9)), g))
 
     def mins(self, info: BlockInfo) -> Dict[str, int]:
-        one = 1 if self.fraction > 0 else 0
+        if info.key in self.keep:
+            return {"head": info.heads, "qk": info.qk_dim, "v": info.v_dim, "ffn": info.ffn_hidden}
         o = (self.original or {}).get(info.key, info)
         g = self.round_to
-        return {"head": self._min(info.heads, o.heads, one), "qk": self._min(info.qk_dim, o.qk_dim, 1, g),
-                "v": self._min(info.v_dim, o.v_dim, 1, g), "ffn": self._min(info.ffn_hidden, o.ffn_hidden, one, g)}
+        return {"head": self._min(info.heads, o.heads, "heads", 1 if self.kinds["heads"] > 0 else 0),
+                "qk": self._min(info.qk_dim, o.qk_dim, "qk", 1, g), "v": self._min(info.v_dim, o.v_dim, "v", 1, g),
+                "ffn": self._min(info.ffn_hidden, o.ffn_hidden, "ffn", 1 if self.kinds["ffn"] > 0 else 0, g)}
 
-    def embed_min(self, width: int, original: int) -> int:
-        """The least residual width a stage of `width` (`original` unpruned) keeps."""
-        return min(width, round_up(max(1, math.ceil(self.fraction * original - 1e-9)), self.round_to))
+    def embed_min(self, width: int, original: int, stage: Optional[int] = None) -> int:
+        """The least residual width a stage of `width` (`original` unpruned) keeps (all of it where a block of
+        the stage is kept whole)."""
+        if stage is not None and any(k[0] == stage for k in self.keep):
+            return width
+        return min(width, round_up(max(1, math.ceil(self.kinds["embed"] * original - 1e-9)), self.round_to))
+
+
+MIN_KEEP_KINDS = ("heads", "qk", "v", "ffn", "embed")
+
+
+def min_keep_kinds(spec) -> Dict[str, float]:
+    """--min-keep as a fraction per kind: one number for every kind, a mapping, or "heads=1,ffn=0.25" (the
+    kinds not named keep the default 0.1)."""
+    def frac(name, v):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if isinstance(v, bool) or not 0 <= f <= 1:
+            shown = f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else \
+                (v.strip() if isinstance(v, str) else repr(v))
+            raise PruneError(f"--min-keep: got {name}{shown}, expected a fraction in [0, 1]")
+        return f
+    if isinstance(spec, str):
+        s = spec.strip()
+        if "=" not in s:
+            return {k: frac("", s) for k in MIN_KEEP_KINDS}
+        parts = {}
+        for item in s.split(","):
+            name, eq, v = item.partition("=")
+            name = name.strip()
+            if not eq or name not in MIN_KEEP_KINDS:
+                raise PruneError(f"--min-keep: got {item.strip()!r}, expected a fraction or KIND=F with KIND one of "
+                                 f"{', '.join(MIN_KEEP_KINDS)} (e.g. heads=1,ffn=0.25)")
+            parts[name] = v.strip()
+        spec = parts
+    if isinstance(spec, Mapping):
+        bad = [k for k in spec if k not in MIN_KEEP_KINDS]
+        if bad:
+            raise PruneError(f"--min-keep: got kind {bad[0]!r}, expected one of {', '.join(MIN_KEEP_KINDS)}")
+        return {k: frac(f"{k}=", spec[k]) if k in spec else 0.1 for k in MIN_KEEP_KINDS}
+    return {k: frac("", spec) for k in MIN_KEEP_KINDS}
+
+
+def normalize_min_keep(spec):
+    """--min-keep as a float (one fraction for every kind) or a dict of the kinds named; checked."""
+    kinds = min_keep_kinds(spec)
+    if isinstance(spec, str) and "=" in spec:
+        named = [item.partition("=")[0].strip() for item in spec.split(",")]
+        return {k: kinds[k] for k in named}
+    if isinstance(spec, Mapping):
+        return {k: kinds[k] for k in spec}
+    return kinds["heads"]
+
+
+def min_keep_str(spec) -> str:
+    """--min-keep as the user gave it (for messages)."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return f"{spec:g}"
+    if isinstance(spec, Mapping):
+        return ",".join(f"{k}={float(v):g}" for k, v in spec.items())
+    return str(spec)
 
 
 def round_up(n: int, g: int) -> int:
@@ -504,7 +571,7 @@ class EmbedState:
     def __init__(self, stage: int, width: int, scores: np.ndarray, floor: Floor, original: int):
         self.stage, self.n, self.k, self.s = stage, width, width, np.asarray(scores, dtype=float)
         self.order = np.argsort(self.s, kind="stable")
-        self.min = floor.embed_min(width, original)
+        self.min = floor.embed_min(width, original, stage)
         self.g = floor.round_to
         self.version = 0
 
@@ -574,7 +641,8 @@ class Network:
 
     def can_remove_branch(self, bi: int, branch: str) -> bool:
         """A depth move is open: depth on, the branch there, and not the network's last branch."""
-        return self.depth and self.blocks[bi].live(branch) and self.live_branches() > 1
+        return self.depth and self.blocks[bi].live(branch) and self.live_branches() > 1 \
+            and self.blocks[bi].info.key not in self.floor.keep
 
     def branch_delta(self, bi: int, branch: str) -> float:
         """Cost saved by removing the branch whole (at the block's current widths)."""
@@ -749,7 +817,10 @@ def _one_branch_left(net: Network, budget: float) -> float:
     branch alone, at its floor widths) they stop over budget. Keep instead, of the branches that fit
     the budget alone at their floor widths (every residual width at its floor too), the most
     important; `grow` then adds back what the budget pays for. Returns the cost (still over budget
-    only when no branch fits, i.e. below the floor)."""
+    only when no branch fits, i.e. below the floor). Blocks kept whole (`Floor.keep`) hold the last branches:
+    nothing to choose."""
+    if any(st.info.key in net.floor.keep for st in net.blocks):
+        return net.total()
     start = net.counts()
     blocks0 = start[0]
     embeds = {i: e.min for i, e in net.embeds.items()}
@@ -1076,7 +1147,7 @@ def floor_cost(infos: Sequence[BlockInfo], cost: CostModel, base: float, floor: 
 def floor_cost_embed(arch: Mapping, cost: CostModel, floor: Floor) -> float:
     """The cheapest network the floor allows with every residual width at its floor too."""
     infos = block_infos(arch)
-    dims = tuple(floor.embed_min(st["width"], st["width"]) for st in arch["stages"])
+    dims = tuple(floor.embed_min(st["width"], st["width"], i) for i, st in enumerate(arch["stages"]))
     tot = cost.base_at(arch, dims)
     for i in infos:
         m = floor.mins(i)
@@ -1090,11 +1161,14 @@ def floor_cost_depth(arch: Mapping, cost: CostModel, floor: Floor, embed: bool =
     widths (and, with `embed`, every residual width at its floor)."""
     infos = block_infos(arch)
     if embed:
-        dims = tuple(floor.embed_min(st["width"], st["width"]) for st in arch["stages"])
+        dims = tuple(floor.embed_min(st["width"], st["width"], i) for i, st in enumerate(arch["stages"]))
         base = cost.base_at(arch, dims)
         infos = [replace(i, dim=dims[i.stage]) for i in infos]
     else:
         base = cost.base(arch, infos)
+    kept = [i for i in infos if i.key in floor.keep]
+    if kept:  # blocks kept whole hold the network's last branches: every other block can go
+        return base + sum(cost.block(i, (i.heads, i.qk_dim, i.v_dim, i.ffn_hidden)) for i in kept)
     best = math.inf
     for i in infos:
         m = floor.mins(i)

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from supernet.layers import no_weight_init
 from supernet.registry import get_family
 
-from .budget import (ArchCost, CostModel, Floor, analytic_count, LatencyCost, MacsCost, Network, ParamsCost, Target,
+from .budget import (ArchCost, CostModel, Floor, analytic_count, min_keep_str, normalize_min_keep, LatencyCost, MacsCost, Network, ParamsCost, Target,
                      floor_cost, floor_cost_depth, floor_cost_embed, parse_targets, select_constrained, select_knapsack,
                      select_ratio)
 from .importance import Importance, Scores, default_loss, get_importance
@@ -352,6 +352,25 @@ def make_cost(target: Target, arch: Mapping, table=None, cost_fn: Optional[Calla
     return LatencyCost(table, arch)
 
 
+def resolve_keep(specs, infos: Sequence) -> FrozenSet[Tuple[int, int]]:
+    """--keep as block keys: each a flat block index (negative from the end) or `stages[S].blocks[B]`."""
+    import re
+    keys = [i.key for i in infos]
+    n = len(keys)
+    out = set()
+    for spec in specs or ():
+        s = str(spec).strip()
+        m = re.fullmatch(r"stages\[(\d+)\]\.blocks\[(\d+)\]", s)
+        if m and (int(m.group(1)), int(m.group(2))) in keys:
+            out.add((int(m.group(1)), int(m.group(2))))
+        elif re.fullmatch(r"-?\d+", s) and -n <= int(s) < n:
+            out.add(keys[int(s)])
+        else:
+            raise PruneError(f"--keep: got {s!r}, expected a block index from {-n} to {n - 1} (negative: from the end) "
+                             f"or stages[S].blocks[B] of this model's {n} blocks")
+    return frozenset(out)
+
+
 def lowest_cost(arch: Mapping, cost: CostModel, floor: Floor, depth: bool, embed: bool) -> float:
     """The least `cost` the floor allows (with depth moves: every branch but one removed)."""
     if depth:
@@ -362,15 +381,17 @@ def lowest_cost(arch: Mapping, cost: CostModel, floor: Floor, depth: bool, embed
     return floor_cost(infos, cost, cost.base(arch, infos), floor)
 
 
-def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_keep: float, depth: bool,
-                    round_to: int = 1) -> None:
+def check_reachable(target: Target, goal: float, c0: float, lowest: float, min_keep, depth: bool,
+                    round_to: int = 1, kept: int = 0) -> None:
     """A one-line error naming the floor when `goal` is below what removing units can reach."""
     if goal >= lowest - 1e-9 * max(abs(lowest), 1):
         return
-    floor = f"--min-keep {min_keep:g}" + (f" and --round-to {round_to}" if round_to > 1 else "")
+    floor = f"--min-keep {min_keep_str(min_keep)}" + (f" and --round-to {round_to}" if round_to > 1 else "") \
+        + (f", {kept} block(s) kept whole (--keep)" if kept else "")
     how = (f"with depth moves (on by default for latency targets): every branch removed but one, at {floor}; at least one block must stay, "
            "or the network is its patch embedding and classifier alone") if depth else f"with {floor}"
-    hint = "raise the target" if depth else ("raise the target or lower --min-keep" + (" or --round-to" if round_to > 1 else ""))
+    hint = ("raise the target" if depth else ("raise the target or lower --min-keep" + (" or --round-to" if round_to > 1 else ""))) \
+        + (", or --keep fewer blocks" if kept else "")
     if target.kind != "latency":
         raise PruneError(f"--target {target}: below what the floor allows (at best {target.kind}={lowest / c0:.3f} "
                          f"{how}); {hint}")
@@ -448,7 +469,8 @@ class PruneConfig:
     kd_temperature: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.05
-    min_keep: float = 0.1
+    min_keep: Union[float, str, Mapping[str, float]] = 0.1  # a fraction, or per kind: "heads=1,ffn=0.25"
+    keep: Sequence[Union[int, str]] = ()  # blocks left whole: flat indices (negative from the end) or stages[S].blocks[B]
     round_to: int = 1                   # every kept channel width a multiple of it (Torch-Pruning's round_to)
     prune_embed: bool = False           # also prune each stage's residual (embedding) width
     depth: Optional[bool] = None        # branch (depth) moves: None = auto, on for latency targets only
@@ -473,7 +495,10 @@ class PruneConfig:
             raise PruneError(f"--lr: got {self.lr!r}, expected a learning rate > 0")
         if self.kd and self.finetune_steps == 0:
             raise PruneError("--kd: distillation happens during fine-tuning, expected --finetune-steps N > 0 with it")
+        self.min_keep = normalize_min_keep(self.min_keep)
         Floor(self.min_keep, round_to=self.round_to)
+        if isinstance(self.keep, (str, int)):
+            self.keep = [k for k in str(self.keep).split(",") if k.strip()]
         if self.depth is not None and not isinstance(self.depth, bool):
             raise PruneError(f"--depth: got {self.depth!r}, expected true, false or None (auto: on for latency "
                              "targets, off for params / MACs targets)")
@@ -552,10 +577,12 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     c0s = [c.total(arch) for c in costs0]
     goals = [t.value * c0 if t.is_fraction else t.value for t, c0 in zip(targets, c0s)]
     infos0 = block_infos(arch)
-    floor = Floor(cfg.min_keep, round_to=cfg.round_to).of(infos0)
+    kept_whole = resolve_keep(cfg.keep, infos0)
+    floor = Floor(cfg.min_keep, round_to=cfg.round_to, keep=kept_whole).of(infos0)
     depth = cfg.use_depth
     for t, c, c0, goal in zip(targets, costs0, c0s, goals):
-        check_reachable(t, goal, c0, lowest_cost(arch, c, floor, depth, cfg.prune_embed), cfg.min_keep, depth, cfg.round_to)
+        check_reachable(t, goal, c0, lowest_cost(arch, c, floor, depth, cfg.prune_embed), min_keep_str(cfg.min_keep), depth, cfg.round_to,
+                        len(kept_whole))
     before = analytic_count(arch)
     teacher = None
     if cfg.kd and cfg.finetune_steps > 0:
@@ -696,6 +723,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
         "params_kept": after["params"] / before["params"], "macs_kept": after["macs"] / before["macs"],
         "criterion": imp.name, "selection": cfg.selection, "iterative_steps": K,
         "finetune_steps": cfg.finetune_steps, "kd": bool(cfg.kd), "min_keep": cfg.min_keep, "round_to": cfg.round_to,
+        "keep": [f"stages[{k[0]}].blocks[{k[1]}]" for k in sorted(kept_whole)],
         "prune_embed": bool(cfg.prune_embed), "depth": depth,
         "stages": [{"stage": i, "width": st1["width"], "width_before": st0["width"]}
                    for i, (st0, st1) in enumerate(zip(arch["stages"], cur_arch["stages"]))],

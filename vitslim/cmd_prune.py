@@ -42,10 +42,15 @@ def _args(p):
                    help="fine-tuning batches in all, spread over the steps (default 0)")
     p.add_argument("--lr", type=finite_float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
     p.add_argument("--kd", action="store_true", help="fine-tune with knowledge distillation from the unpruned model")
-    p.add_argument("--min-keep", type=finite_float, default=0.1,
+    p.add_argument("--min-keep", default="0.1", metavar="F|KIND=F,...",
                    help="per-block floor on unit moves: keep at least this fraction of each unit kind (default 0.1; "
-                        "0 lets narrowing empty a block's attention or MLP). Depth moves (--depth, on by default for "
+                        "0 lets narrowing empty a block's attention or MLP), or per kind, e.g. heads=1,qk=0.25 (kinds "
+                        "heads, qk, v, ffn, embed; those not named 0.1). Depth moves (--depth, on by default for "
                         "latency targets) remove whole branches regardless; --min-keep 1 with --depth: depth only")
+    p.add_argument("--keep", default="", metavar="BLOCKS",
+                   help="blocks left whole (Torch-Pruning's ignored_layers), comma-separated: flat indices (negative "
+                        "from the end: 0,-1 keeps the first and last) or stages[S].blocks[B]; their stage's residual "
+                        "width too with --prune-embed")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="keep every channel width (Q/K and V per head, FFN hidden, and the residual width with "
                         "--prune-embed) a multiple of N, or as it was (default 1: any width; 8 or 16 suit GPU and "
@@ -130,7 +135,7 @@ def _locked(args, targets, macs, implied, target):
     check_family(arch, depth=bool(args.depth))
     cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
-                      lr=args.lr, min_keep=args.min_keep, round_to=args.round_to, prune_embed=args.prune_embed, depth=args.depth,
+                      lr=args.lr, min_keep=args.min_keep, keep=args.keep, round_to=args.round_to, prune_embed=args.prune_embed, depth=args.depth,
                       momentum=args.momentum, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
                       seed=args.seed).check()
     data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed, labels=args.labels,
