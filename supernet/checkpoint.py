@@ -1,5 +1,6 @@
-"""Reading and writing checkpoints: vitslim's one-file format, and the official / timm layouts of
-every family, with the architecture read from tensor shapes."""
+"""Reading and writing checkpoints: vitslim's one-file format, the official / timm layouts of
+every family and Hugging Face transformers' ViT / DeiT / Swin (hf_layouts.py), with the architecture
+read from tensor shapes."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from typing import Dict, Mapping, Tuple
 import torch
 import torch.nn as nn
 
+from . import hf_layouts
 from .arch import validate
 from .errors import ArchError, CheckpointError
 from .layers import no_weight_init
@@ -186,17 +188,24 @@ def load_checkpoint(path) -> Tuple[nn.Module, dict]:
         sd = unwrap_state_dict(obj.get("state_dict"), path)
         return _build_loaded(arch, sd, path), arch
     sd = unwrap_state_dict(obj, path)
+    hints, where = None, path
+    prefix = hf_layouts.hf_prefix(sd)
+    if prefix is not None:  # Hugging Face transformers: re-keyed to the official / timm layout first
+        sd, hints = hf_layouts.convert(sd, path)
+        where = f"{path} (Hugging Face {prefix} re-keyed to the timm layout)"
     _load_families()
     for fam in FAMILIES.values():
         if fam.match_state_dict(sd):
             try:
                 arch, sd2 = fam.convert_state_dict(sd)
+                if hints:
+                    arch = hf_layouts.apply_hints(arch, hints)
                 arch = validate(arch)
             except (ArchError, KeyError, IndexError, ValueError) as e:
                 if isinstance(e, CheckpointError):
                     raise
                 raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({e})") from None
-            return _build_loaded(arch, sd2, path), arch
+            return _build_loaded(arch, sd2, where), arch
     for fam in FAMILIES.values():  # the core keys of a family, with keys it does not have
         extra = fam.unknown_keys(sd) if hasattr(fam, "unknown_keys") else []
         if extra:
