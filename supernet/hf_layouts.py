@@ -83,6 +83,7 @@ _SWIN_RULES = [
 _RULES = {"vit": [(re.compile(p), t) for p, t in _VIT_RULES], "deit": [(re.compile(p), t) for p, t in _VIT_RULES],
           "swin": [(re.compile(p), t) for p, t in _SWIN_RULES]}
 _HEADS = {"classifier": "head", "cls_classifier": "head", "distillation_classifier": "head_dist"}
+_BACKBONES = {"vit": "ViTModel", "deit": "DeiTModel", "swin": "SwinModel"}
 _EXPLAIN = {  # keys of HF variants vitslim does not build, and what they mean
     "embeddings.position_embeddings": "absolute position embeddings (use_absolute_embeddings: true), "
                                       "which vitslim's Swin does not build",
@@ -118,7 +119,7 @@ def read_config(path: str, prefix: str) -> dict:
     return cfg
 
 
-def _rename(sd: Mapping[str, torch.Tensor], prefix: str, path: str) -> Tuple[dict, dict, list]:
+def _rename(sd: Mapping[str, torch.Tensor], prefix: str) -> Tuple[dict, dict, list]:
     """(renamed tensors, {(block key, 'q'|'k'|'v', 'weight'|'bias'): tensor}, unknown keys)."""
     out, qkv, unknown = {}, {}, []
     rules = _RULES[prefix]
@@ -171,7 +172,7 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
         what = f"model prefix '{prefix}.'" if prefix else "a bare backbone (no model prefix, no classifier)"
         raise CheckpointError(f"{path}: a Hugging Face transformers checkpoint ({what}) that vitslim does not read, "
                               f"expected one of {SUPPORTED}")
-    out, qkv, unknown = _rename(sd, prefix, path)
+    out, qkv, unknown = _rename(sd, prefix)
     if unknown:
         rests = [k[len(prefix) + 1:] if k.startswith(prefix + ".") else k for k in unknown]
         why = next((e for key, e in _EXPLAIN.items() if any(r.startswith(key) for r in rests)), None)
@@ -181,14 +182,14 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
                               f"{SUPPORTED}")
     if "head.weight" not in out:
         raise CheckpointError(f"{path}: a Hugging Face transformers {prefix} backbone without a classifier "
-                              f"(e.g. {prefix.capitalize()}Model), expected one of {SUPPORTED}")
+                              f"(e.g. {_BACKBONES[prefix]}), expected one of {SUPPORTED}")
     _fuse_qkv(out, qkv, path)
     cfg = read_config(path, prefix)
     act = cfg.get("hidden_act", "gelu")
     if act != "gelu":
         raise CheckpointError(f"{path}: config.json hidden_act {act!r}, expected 'gelu' (vitslim's MLP uses exact GELU)")
     hints = {}
-    if prefix == "deit" and "dist_token" in out and "head_dist.weight" not in out:
+    if "dist_token" in out and "head_dist.weight" not in out:
         # DeiTForImageClassification: the distillation token runs through the blocks, one classifier on the
         # cls token: a distilled DeiT with head 2h and a zero distillation head has the same eval logits
         w, b = out["head.weight"], out.get("head.bias")
