@@ -29,7 +29,7 @@ model at its own image size).
 
 A `config.json` beside the weights (as on the hub) is read as JSON when present: `image_size` gives a
 Swin's input size (its tensors do not record it), `num_attention_heads` a ViT / DeiT's heads
-(otherwise timm's 64-channel guess), and a `hidden_act` other than gelu is refused.
+(otherwise timm's 64-channel guess, with a warning at widths no released model has), and a `hidden_act` other than gelu is refused.
 """
 from __future__ import annotations
 
@@ -212,6 +212,12 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
         hidden = out["patch_embed.proj.weight"].shape[0]
         if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and hidden % heads == 0:
             hints["head_dim"] = hidden // heads
+        elif hidden % 64 and not (hidden >= 1280 and hidden % 16 == 0):  # not a width of a released model
+            from .families.deit import vit_default_heads
+            h = vit_default_heads(hidden)
+            warnings.warn(f"{path}: no config.json with num_attention_heads beside this Hugging Face {prefix} file: "
+                          f"{h} heads of {hidden // h} channels guessed from the width {hidden}; outputs are right only "
+                          "if the guess is (put the model's config.json beside it)", stacklevel=3)
     return out, hints
 
 

@@ -3,6 +3,7 @@ key layout, checked against a plain-torch forward written from transformers' mod
 modeling_deit.py / modeling_swin.py (separate query/key/value, HF's window partition, mask and 2x2
 merging order), so no transformers install is needed."""
 import json
+import os
 import warnings
 
 import pytest
@@ -220,6 +221,7 @@ def rel_err(a, b):
 
 def save(sd, path, config=None):
     path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if path.endswith(".safetensors"):
         write_safetensors({k: v.contiguous() for k, v in sd.items()}, path)
     else:
@@ -230,6 +232,11 @@ def save(sd, path, config=None):
     return path
 
 
+def heads3(kind):
+    """config.json of a 3-head model (48 wide: without it the head count is guessed, with a warning)."""
+    return {"model_type": kind, "num_attention_heads": 3}
+
+
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
@@ -237,7 +244,7 @@ X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 @pytest.mark.parametrize("fname", ["pytorch_model.bin", "model.safetensors"])
 def test_hf_vit_loads_and_matches_the_hf_forward(tmp_path, fname):
     sd = hf_vit_sd("vit")
-    model, arch = vitslim.load_checkpoint(save(sd, tmp_path / fname))
+    model, arch = vitslim.load_checkpoint(save(sd, tmp_path / fname, heads3("vit")))
     assert arch["family"] == "deit" and not arch["distillation"]
     assert (arch["input_size"], arch["stem"]["patch_size"], arch["num_classes"]) == (32, 8, 10)
     assert [b["heads"] for b in arch["stages"][0]["blocks"]] == [3, 3]
@@ -254,8 +261,9 @@ def test_hf_vit_loads_and_matches_the_hf_forward(tmp_path, fname):
 def test_hf_vit_pooler_is_dropped_and_v5_names_load_the_same(tmp_path):
     sd = hf_vit_sd("vit")
     with_pooler = {**sd, "vit.pooler.dense.weight": rnd(48, 48), "vit.pooler.dense.bias": rnd(48)}
-    m1, a1 = vitslim.load_checkpoint(save(with_pooler, tmp_path / "a.bin"))
-    m2, a2 = vitslim.load_checkpoint(save(to_v5_names(sd), tmp_path / "b.bin"))
+    with pytest.warns(UserWarning, match="no config.json with num_attention_heads .*: 3 heads of 16 channels guessed"):
+        m1, a1 = vitslim.load_checkpoint(save(with_pooler, tmp_path / "a.bin"))
+    m2, a2 = vitslim.load_checkpoint(save(to_v5_names(sd), tmp_path / "b" / "b.bin", heads3("vit")))
     assert a1 == a2
     with torch.no_grad():
         assert torch.equal(m1(X32), m2(X32))
@@ -263,7 +271,7 @@ def test_hf_vit_pooler_is_dropped_and_v5_names_load_the_same(tmp_path):
 
 def test_hf_distilled_deit_averages_both_heads_like_the_hf_teacher_model(tmp_path):
     sd = hf_vit_sd("deit", tokens=2, heads_out=("cls_classifier", "distillation_classifier"))
-    model, arch = vitslim.load_checkpoint(save(sd, tmp_path / "model.safetensors"))
+    model, arch = vitslim.load_checkpoint(save(sd, tmp_path / "model.safetensors", heads3("deit")))
     assert arch["distillation"] and arch["input_size"] == 32
     with torch.no_grad():
         assert rel_err(model(X32), hf_vit_forward(sd, X32, "deit", 3, 1e-6, 8)) < 1e-5
@@ -273,7 +281,7 @@ def test_hf_plain_deit_keeps_its_distillation_token_with_one_effective_head(tmp_
     """DeiTForImageClassification runs cls + distillation tokens but classifies the cls token alone."""
     sd = hf_vit_sd("deit", tokens=2, heads_out=("classifier",))
     with pytest.warns(UserWarning, match="DeiTForImageClassification .* same logits"):
-        model, arch = vitslim.load_checkpoint(save(sd, tmp_path / "pytorch_model.bin"))
+        model, arch = vitslim.load_checkpoint(save(sd, tmp_path / "pytorch_model.bin", heads3("deit")))
     assert arch["distillation"]
     assert torch.equal(model.head.weight, 2 * sd["classifier.weight"]) and not model.head_dist.weight.any()
     with torch.no_grad():
@@ -345,7 +353,8 @@ def test_hf_masked_image_modeling_and_non_gelu_configs_are_refused(tmp_path):
 
 
 def test_info_reads_an_hf_checkpoint(tmp_path, capsys):
-    p = save(hf_vit_sd("deit", tokens=2, heads_out=("cls_classifier", "distillation_classifier")), tmp_path / "hf.bin")
+    p = save(hf_vit_sd("deit", tokens=2, heads_out=("cls_classifier", "distillation_classifier")), tmp_path / "hf.bin",
+             heads3("deit"))
     code = main(["info", p, "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
