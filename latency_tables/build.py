@@ -107,7 +107,7 @@ def partial_path(table_path: str) -> str:
 
 def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequence[Mapping], backend,
                        proc: Procedure, group: int = 8, save: bool = True, progress=None,
-                       reference: Optional[DriftReference] = None) -> int:
+                       reference: Optional[DriftReference] = None, contexts: int = 10**9) -> int:
     """Measure the keys the table lacks inside whole networks (`archs`, which must contain them all: see
     `covering_archs`): every network runs as its chain of segments, each step timed; an entry's value
     is the median over every place it ran. Networks run `group` at a time, interleaved; an entry is
@@ -140,11 +140,21 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
         except (OSError, ValueError, KeyError, TypeError):
             acc, ran = {}, []
     chosen, last = [], {}
+    need = max(1, int(contexts))
+    seen_in: dict = {}  # wanted id -> networks chosen (or already run) that contain it
     for a in archs:
-        if net_id(a) in ran:
-            continue
         ids = [s.id for s in decompose(a)]
-        if any(i in wanted for i in ids):
+        if net_id(a) in ran:
+            for i in ids:
+                if i in wanted:
+                    seen_in[i] = seen_in.get(i, 0) + 1
+            continue
+        # only networks that time a missing entry in fewer than `contexts` places so far (the list is the same on
+        # every re-run and `ran` is counted first, so a resumed build chooses the same ones)
+        if any(i in wanted and seen_in.get(i, 0) < need for i in ids):
+            for i in ids:
+                if i in wanted:
+                    seen_in[i] = seen_in.get(i, 0) + 1
             chosen.append(a)
             for i in ids:
                 if i in wanted:
@@ -165,6 +175,9 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
             table.save()
 
     finish([sid for sid in list(acc) if sid not in last])  # every network holding it ran before a stop
+    if progress is not None and hasattr(progress, "total"):  # the networks this run times, not every candidate
+        progress.total = len(chosen)
+        progress.refresh()
     for g in range(0, len(chosen), max(1, group)):
         part = chosen[g:g + group]
         chains = [chain_for(backend, a) for a in part]

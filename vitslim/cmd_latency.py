@@ -260,9 +260,11 @@ def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_cont
         if grid_spec is not None:
             from latency_tables.grid import grid_networks
             nets = [n for a, gk in zip(archs, grid_keys) for n in grid_networks(a, gk, args.contexts)] + nets
-        print(f"timing {len(missing)} entries inside {len(nets)} networks")
+        print(f"timing {len(missing)} entries inside the networks of {len(nets)} covering ones that hold them "
+              f"{args.contexts} time(s) over")
         with _bar(len(nets), "networks", args.quiet) as bar:
-            measure_in_context(table, missing, nets, backend, proc, group=args.group, progress=bar, reference=ref)
+            measure_in_context(table, missing, nets, backend, proc, group=args.group, progress=bar, reference=ref,
+                               contexts=args.contexts)
     elif missing:
         with _bar(len(missing), "entries", args.quiet) as bar:
             measure_entries(table, keys, backend, proc, group=args.group, progress=bar, reference=ref)

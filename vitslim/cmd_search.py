@@ -3,6 +3,7 @@ directory; `vitslim run PIPELINE.yaml`: the whole path (train a supernet, build 
 table, search to a target, export), each stage resumable."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -275,18 +276,33 @@ def _table_stage(d, base, out, cfg, progress):
     from .cli import main as cli_main
     t = dict(d.get("table") or {})
     reuse = t.get("reuse")
+    path = os.path.join(out, "table.yaml")
+    top_up = False
     if reuse:
         reuse = _reuse_path(reuse, base)
         if os.path.isfile(reuse):
             tab = LatencyTable.load(reuse)
             backend = t.get("backend", "torch-cpu")
-            if tab.device.get("device") == cpu_model() and tab.device.get("backend") == backend \
-                    and not tab.missing(_space_keys(cfg.space)):
+            missing = tab.missing(_space_keys(cfg.space))
+            if tab.device.get("device") != cpu_model():
+                why = f"measured on {tab.device.get('device')}, not this machine's {cpu_model()}"
+            elif tab.device.get("backend") != backend:
+                why = f"measured with backend {tab.device.get('backend')}, asked {backend}"
+            elif missing:
+                why = f"lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} of this space"
+                top_up = not os.path.exists(path) or os.path.exists(path + ".from-reuse")
+            else:
                 print(f"[2/4] latency table: reusing {reuse}")
                 return reuse
-            print(f"[2/4] latency table: {reuse} is for another device, backend ({tab.device.get('backend')}, "
-                  f"asked {backend}) or space; building one for this machine")
-    path = os.path.join(out, "table.yaml")
+            if top_up:  # the same machine and backend: a copy of it, only what it lacks measured into it
+                print(f"[2/4] latency table: {reuse} {why}; measuring those into a copy, {path}")
+                if not os.path.exists(path):
+                    with open(reuse, encoding="utf-8") as f:
+                        text = f.read()
+                    atomic_write_text(path + ".from-reuse", reuse)  # marks the copy (a resumed run tops it up too)
+                    atomic_write_text(path, text)
+            else:
+                print(f"[2/4] latency table: {reuse} {why}; building one for this machine")
     space_file = os.path.join(out, "space.yaml")
     atomic_write_text(space_file, yaml.safe_dump(cfg.space.to_dict(), sort_keys=False))
     argv = ["latency", "build", "--space", space_file, "--out", path, "--backend", str(t.get("backend", "torch-cpu")),
@@ -298,6 +314,14 @@ def _table_stage(d, base, out, cfg, progress):
     rc = cli_main(argv)
     if rc == 130:  # Ctrl-C inside the build: an interruption of the pipeline, not a failure
         raise KeyboardInterrupt
+    if rc == 2 and top_up:  # the copy was measured otherwise than this build would (procedure, threads, ...)
+        print(f"[2/4] latency table: {reuse} cannot be topped up here; building one for this machine")
+        for p in (path, path + ".from-reuse"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+        rc = cli_main(argv)
+        if rc == 130:
+            raise KeyboardInterrupt
     if rc:
         raise VitslimError(f"latency table build failed (exit {rc}); re-run to resume it")
     return path

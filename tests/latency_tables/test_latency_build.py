@@ -234,3 +234,27 @@ def test_an_overhead_fit_never_predicts_negative_latency():
     assert (1 + o["scale"]) * 0.1 > 0
     ok = fit_overhead([1.0, 2.0, 3.0], [1.2, 2.1, 3.3])  # an ordinary fit is untouched
     assert "note" not in ok and ok["intercept_ms"] != 0.0
+
+
+def test_topping_up_a_few_entries_runs_only_the_networks_they_need(tmp_path, tiny_space):
+    """`latency build` covers every entry (the same list on every re-run), so a table lacking a few entries (a head
+    of another class count) ran every covering network; now only those holding a missing entry fewer than
+    --contexts times over so far."""
+    keys = needed_keys(tiny_space)
+    nets = covering_archs(tiny_space, keys, contexts=2)
+    p = str(tmp_path / "t.yaml")
+    b = CountingBackend()
+    measure_in_context(open_table(p, b), keys, nets, b, QUICK, group=4, contexts=2)
+    full = b.prepared
+    t = LatencyTable.load(p)
+    gone = [k for k in keys if k["op"] == "head"] or keys[-2:]
+    for k in gone:
+        del t.entries[key_str(k)]
+    t.save()
+    b2 = CountingBackend()
+    t2 = open_table(p, b2)
+    measure_in_context(t2, t2.missing(keys), nets, b2, QUICK, group=4, contexts=2)
+    assert not t2.missing(keys)
+    holding = [a for a in nets if {s.id for s in decompose(a)} & {key_str(k) for k in gone}]
+    run = b2.prepared
+    assert run <= sum(len(decompose(a)) for a in holding[:2 * len(gone)]) < full, (run, full)

@@ -218,7 +218,41 @@ def test_supernet_overrides_merge_into_nested_sections_and_a_reused_table_must_b
     d["table"] = {"reuse": "table.yaml", "backend": "onnxruntime"}  # the shipped table is torch-cpu
     path = _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False)
     assert path == str(tmp_path / "run" / "table.yaml") and built and "onnxruntime" in built[0]
-    assert "backend (torch-cpu, asked onnxruntime)" in capsys.readouterr().out
+    assert "measured with backend torch-cpu, asked onnxruntime; building one" in capsys.readouterr().out
+
+
+def test_a_reused_table_lacking_a_few_entries_is_topped_up_in_a_copy(tmp_path, monkeypatch, capsys):
+    """The same machine and backend but a few entries short (a head of another class count): the run measured a
+    whole new table (half an hour at L1 scale); now a copy of it, with only what it lacks measured into it."""
+    import supernet.train as st
+    import vitslim.cli as cli
+    from latency_tables import LatencyTable
+    from vitslim.cmd_search import _space_keys, _supernet_stage, _table_stage, load_pipeline
+    pipe = write_pipeline(tmp_path)
+    d = load_pipeline(pipe)
+    monkeypatch.setattr(st, "train", lambda *a, **k: None)
+    _, cfg = _supernet_stage(d, str(tmp_path), str(tmp_path / "run"), False)
+    t = LatencyTable.load(str(tmp_path / "table.yaml"))
+    gone = sorted(t.entries)[:2]
+    for k in gone:
+        del t.entries[k]
+    t.save(str(tmp_path / "short.yaml"))
+    d["table"] = {"reuse": "short.yaml"}
+    rcs, built = [0], []
+    monkeypatch.setattr(cli, "main", lambda argv: built.append(argv) or rcs.pop(0))
+    path = _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False)
+    assert path == str(tmp_path / "run" / "table.yaml") and len(built) == 1 and path in built[0]
+    assert "short.yaml lacks 2 entries of this space; measuring those into a copy" in capsys.readouterr().out
+    copy = LatencyTable.load(path)
+    assert set(copy.entries) == set(t.entries) and len(copy.missing(_space_keys(cfg.space))) == 2
+    # a copy the build refuses (measured otherwise than this build would): a new table after all
+    import shutil
+    shutil.rmtree(tmp_path / "run")
+    _supernet_stage(d, str(tmp_path), str(tmp_path / "run"), False)
+    rcs, built = [2, 0], []
+    assert _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False) == path and len(built) == 2
+    assert "cannot be topped up here; building one for this machine" in capsys.readouterr().out
+    assert not os.path.exists(path)  # the refused copy removed (the stubbed build wrote nothing)
 
 
 def test_table_reuse_takes_a_shipped_tables_name(tmp_path, capsys):
