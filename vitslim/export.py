@@ -5,9 +5,11 @@ Every artefact is of the fused network (BatchNorm folded), as latency is measure
 under a temporary name first and renamed, so an interrupted export never leaves half a file."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from typing import Mapping, Tuple
@@ -62,7 +64,7 @@ def resolve_source(target) -> Tuple[nn.Module, dict, bool]:
         arch = getattr(target, "arch", None)
         if arch is None:
             raise ExportError("model: has no .arch (build it with vitslim.build_model or load_checkpoint)")
-        return target, arch, True
+        return target, api.resolve_arch(arch), True  # validated: defaults filled in (a hand-set .arch)
     if isinstance(target, (str, os.PathLike)) and os.path.isfile(target) and not os.fspath(target).endswith((".yaml", ".yml")):
         model, arch = api.load_checkpoint(target)
         return model, arch, True
@@ -319,31 +321,78 @@ def _rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+@contextlib.contextmanager
+def _stdout_dropped():
+    """Standard output (file descriptor 1, where torch's C++ side prints) discarded for the block."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to redirect
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
     try:
         import onnx  # noqa: F401 - torch.onnx.export writes through it
     except ImportError:
         raise ExportError(f"{EXTRA_MODULES['onnx'][0][1]}, {EXTRA_HINT}") from None
     fused, x, ref = _deploy(model, arch, batch)
-    tmp = _tmp_beside(out)
+    # exported in a temporary folder: over 2 GB torch writes every tensor as its own file beside the graph
+    # (head.weight, onnx__MatMul_281, ...); those are gathered into one OUT.data that travels with OUT
+    tmp_dir = _tmp_beside(out, is_dir=True)
+    tmp = os.path.join(tmp_dir, os.path.basename(out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(fused, (x,), tmp, input_names=["image"], output_names=["logits"], opset_version=opset,
-                          dynamo=False, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        try:
+            with _stdout_dropped():  # torch dumps the whole TorchScript graph to stdout when an operator fails
+                torch.onnx.export(fused, (x,), tmp, input_names=["image"], output_names=["logits"],
+                                  opset_version=opset, dynamo=False,
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        except (RuntimeError, ValueError, TypeError) as e:  # torch's exporter: an operator this opset lacks, ...
+            if isinstance(e, OSError):
+                raise
+            what = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ExportError(f"onnx: torch.onnx.export failed at opset {opset} ({what[:300]}); a higher opset "
+                              "(export_model(..., opset=N)) may have the operator") from None
+    data = None
+    if len(os.listdir(tmp_dir)) > 1:  # over protobuf's 2 GB: the weights in one file beside the graph
+        import onnx
+        from supernet.arch import write_target
+        from supernet.runlock import plain_mode
+        dest = write_target(out)  # where the graph lands (a symlink's target): its data goes beside it
+        data = os.path.basename(dest) + ".data"
+        if os.path.exists(dest + ".data") and not overwrite:
+            raise ExportError(f"{dest}.data: already exists, expected a new path (or pass --overwrite)")
+        proto = onnx.load(tmp)
+        for f in os.listdir(tmp_dir):
+            os.remove(os.path.join(tmp_dir, f))
+        onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        del proto
+        plain_mode(os.path.join(tmp_dir, data))
     res = {"format": "onnx", "path": out, "opset": opset}
     if check:
         try:
             import onnxruntime as ort
         except ImportError:
-            os.remove(tmp)
             raise ExportError(f"{EXTRA_MODULES['onnx'][1][1]}, {EXTRA_HINT} (or pass --no-check)") from None
         sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         got = sess.run(None, {"image": x.numpy()})[0]
         err = _rel_err(got, ref)
         if err > 1e-4:
-            os.remove(tmp)
             raise ExportError(f"onnx check: onnxruntime output differs from PyTorch by {err:.2e} (relative), expected <= 1e-4")
         res["max_rel_error"] = err
+    if data:
+        os.replace(os.path.join(tmp_dir, data), os.path.join(os.path.dirname(os.path.abspath(dest)), data))
+        res["data"] = os.path.join(os.path.dirname(os.path.abspath(dest)), data)
     _commit(tmp, out, overwrite)
     return res
 
@@ -390,7 +439,14 @@ COREML_TOLERANCE = 5e-2  # float16 compute (coremltools' default for an iOS 16 m
 def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
     import sys
     fused, x, ref = _deploy(model, arch, batch)
-    ml = to_coreml(fused, x)
+    try:
+        ml = to_coreml(fused, x)
+    except ExportError:
+        raise
+    except Exception as e:  # coremltools' converter: an operator or pattern it cannot convert
+        what = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ExportError(f"coreml: coremltools could not convert this {arch['family']} network "
+                          f"({type(e).__name__}{': ' + what[:300] if what else ''})") from None
     tmpdir = _tmp_beside(out, is_dir=True)
     pkg = os.path.join(tmpdir, os.path.basename(out))
     ml.save(pkg)

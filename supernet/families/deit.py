@@ -105,7 +105,8 @@ class Attention(nn.Module):
         explicit = attn_bias is not None and q.device.type == "cpu"
         if not explicit and dq == dv:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        elif not explicit and dq < dv and q.dim() > 3 and q.shape[0] >= 4:
+        elif not explicit and dq < dv and q.dim() > 3 and not torch.compiler.is_compiling() and q.shape[0] >= 4:
+            # (not under torch.compile / torch.export: a branch on the batch size would pin the batch there)
             pad = (0, dv - dq)
             x = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), v, attn_mask=attn_bias, scale=self.scale)
         else:

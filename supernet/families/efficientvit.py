@@ -195,7 +195,8 @@ class CascadedGroupAttention(nn.Module):
     def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
         B, C, H, W = x.shape
         bias = self._bias(H, W)
-        chunks = x.chunk(self.heads, dim=1)                 # heads x (B, C/heads, H, W)
+        # heads x (B, C/heads, H, W); one head: x itself (coremltools cannot convert a chunk into one piece)
+        chunks = x.chunk(self.heads, dim=1) if self.heads > 1 else (x,)
         outs, feat = [], chunks[0]
         for i in range(self.heads):
             if i > 0:
@@ -219,7 +220,8 @@ class LocalWindowAttention(nn.Module):
         self.attn = CascadedGroupAttention(dim, heads, qk_dim, v_dim, kernels, min(window_size, resolution))
 
     def forward(self, x):
-        B, C, H, W = x.shape
+        C, H, W = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])  # constants when traced (Core ML cannot fold
+        # arithmetic on traced sizes); the batch stays -1, so a dynamic-batch ONNX export keeps it free
         ws = self.window_size
         if H <= ws and W <= ws:
             return self.attn(x)
@@ -229,9 +231,9 @@ class LocalWindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         pH, pW = H + pad_b, W + pad_r
         nH, nW = pH // ws, pW // ws
-        x = x.view(B, nH, ws, nW, ws, C).transpose(2, 3).reshape(B * nH * nW, ws, ws, C).permute(0, 3, 1, 2)
+        x = x.view(-1, nH, ws, nW, ws, C).transpose(2, 3).reshape(-1, ws, ws, C).permute(0, 3, 1, 2)
         x = self.attn(x)                                                    # (B nH nW) C ws ws
-        x = x.permute(0, 2, 3, 1).view(B, nH, nW, ws, ws, C).transpose(2, 3).reshape(B, pH, pW, C)
+        x = x.permute(0, 2, 3, 1).reshape(-1, nH, nW, ws, ws, C).transpose(2, 3).reshape(-1, pH, pW, C)
         if pad_b or pad_r:
             x = x[:, :H, :W].contiguous()
         return x.permute(0, 3, 1, 2)
