@@ -248,6 +248,16 @@ def calibration_archs(space=None, archs: Sequence[Mapping] = (), n: int = 8, see
     return out
 
 
+def overhead_summary(over: Mapping) -> str:
+    """The line of a fitted overhead `latency build` and `latency import` print (and a second, `note: ...`,
+    when the fit fell back to a simpler model: why)."""
+    def pct(x):
+        return "n/a" if x is None else f"{x:.2%}"
+    return (f"overhead: e2e = (1 {float(over.get('scale', 0)):+.4f}) * sum {float(over.get('intercept_ms', 0)):+.4f} ms "
+            f"on {over.get('networks', 0)} networks (MAPE sum only {pct(over.get('mape_sum_only'))}, fitted "
+            f"{pct(over.get('mape_fitted'))})" + (f"\nnote: overhead: {over['note']}" if over.get("note") else ""))
+
+
 def smallest_choice(space) -> dict:
     blocks = []
     for s in space.stages:
@@ -256,14 +266,22 @@ def smallest_choice(space) -> dict:
     return {"widths": [s.min_width for s in space.stages], "blocks": blocks}
 
 
+# The plausible range of a fitted slope (1 + scale): the whole network runs its entries once each, so its time
+# moves with their sum; a slope far from 1 (0: every network measured alike, as at a device's dispatch floor)
+# says the networks' times do not follow their entries, and such a fit prices every pruned network alike.
+SLOPE_RANGE = (0.5, 1.5)
+
+
 def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optional[Sequence[int]] = None) -> dict:
     """measured ~= (1 + scale) * sum + intercept_ms + per_segment_ms * count, least squares on the
     relative error. The per-segment term only with >= 6 networks whose segment counts differ; fewer
-    than 3 networks: scale 0 and the median residual."""
+    than 3 networks, or a fitted slope 1 + scale outside SLOPE_RANGE: scale 0 and the median residual
+    (the entries' own differences kept; a `note` says why)."""
     s = np.asarray(sums, float)
     m = np.asarray(measured, float)
     n = np.asarray(counts if counts is not None else np.zeros(len(s)), float)
     scale = intercept = per_seg = 0.0
+    note = None
     if len(s) >= 3 and np.ptp(s) > 0:
         w = 1.0 / m
         cols = [s, np.ones_like(s)] + ([n] if len(s) >= 6 and np.ptp(n) > 0 else [])
@@ -271,17 +289,25 @@ def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optio
         coef, *_ = np.linalg.lstsq(A, m * w, rcond=None)
         scale, intercept = float(coef[0] - 1.0), float(coef[1])
         per_seg = float(coef[2]) if len(coef) > 2 else 0.0
+        lo, hi = SLOPE_RANGE
+        if not lo <= 1.0 + scale <= hi:
+            note = (f"the least-squares slope {round(1.0 + scale, 3) + 0.0:.3f} (scale {scale:+.4f}, intercept {intercept:+.4f} ms) "
+                    f"is outside [{lo:g}, {hi:g}]: the networks' times do not follow their entries' sum (all "
+                    "alike: a device's dispatch floor?), and such a fit prices pruned networks wrongly; fitted as a "
+                    "constant alone (scale 0, the median residual), as with fewer than 3 networks")
+            scale = per_seg = 0.0
+            intercept = float(np.median(m - s))
     elif len(s):
         intercept = float(np.median(m - s))
-    note = None
     if len(s) and (1 + scale) * 0.25 * s.min() + intercept + per_seg * max(float(n.min()), 1.0) <= 0:
         # the fit predicts no time at all for a network a quarter the size of the smallest measured one (networks
         # measured much faster than their entries sum to): keep the model multiplicative, positive for any network
         r = s / m
         scale = float(r.sum() / (r * r).sum() - 1.0) if (r * r).sum() > 0 else 0.0
         intercept = per_seg = 0.0
-        note = ("a fit with a negative constant would predict negative latency for small networks; "
-                "fitted as a scale alone")
+        note = (note.rsplit("; fitted as", 1)[0] + "; a constant alone would be negative (negative latency for "
+                "small networks): fitted as a scale alone") if note else \
+            ("a fit with a negative constant would predict negative latency for small networks; fitted as a scale alone")
     pred = (1 + scale) * s + intercept + per_seg * n
     raw = np.abs(s - m) / m if len(s) else np.zeros(0)
     fit = np.abs(pred - m) / m if len(s) else np.zeros(0)

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -284,9 +284,10 @@ def _read_rows(path: str, reader, names: Mapping[str, str], keys: Optional[Mappi
 
 
 def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, compute_units: str = "ALL",
-               runtime: Optional[Mapping] = None) -> LatencyTable:
+               runtime: Optional[Mapping] = None, on_fit: Optional[Callable[[dict], None]] = None) -> LatencyTable:
     """Read on-device medians into the table at `out_path` (created, or merged into if it exists and is for
-    the same device). Everything is checked before anything is written: on error the file is untouched."""
+    the same device). Everything is checked before anything is written: on error the file is untouched.
+    Networks in the CSV refit the overhead (`on_fit(overhead)` is called with it)."""
     if not isinstance(device, str) or not device.strip() or any(c in device for c in "\r\n"):
         raise CSVImportError(f"--device: got {device!r}, expected a non-empty one-line name of what the times were "
                              'measured on, e.g. "iPhone 12 (A14), iOS 17"')
@@ -330,5 +331,7 @@ def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, co
         over = fit_overhead(sums, meas, counts)
         over["provenance"] = "imported"
         table.overhead = over
+        if on_fit is not None:
+            on_fit(over)
     table.save(out_path)
     return table

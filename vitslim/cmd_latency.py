@@ -228,7 +228,7 @@ def _table_lock(out: str):
 
 def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for):
     from latency_tables.build import (calibrate, calibration_archs, covering_archs, measure_entries,
-                                      measure_in_context, open_table, table_reference)
+                                      measure_in_context, open_table, overhead_summary, table_reference)
     from supernet.runlock import remove_stale_temps
     remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
     table = open_table(args.out, backend, built_for)
@@ -281,8 +281,7 @@ def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_cont
         with _bar(len(nets), "networks", args.quiet) as bar:
             over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref,
                              interpolate=grid_spec is not None)
-        print(f"overhead: e2e = (1 {over['scale']:+.4f}) * sum {over['intercept_ms']:+.4f} ms on {over['networks']} "
-              f"networks (MAPE sum only {over['mape_sum_only']:.2%}, fitted {over['mape_fitted']:.2%})")
+        print(overhead_summary(over))
     table.save(args.out)
     print(f"wrote {args.out}: {len(table)} entries")
     return 0
@@ -536,11 +535,16 @@ def _import_args(p):
 
 
 def _import(args):
+    from latency_tables.build import overhead_summary
     from latency_tables.coreml_io import import_csv
     check_writable(args.out, "--out")
     _check_table_names(args.out)
+    fits = []
     with _table_lock(args.out):  # it adds to a table of the same device: not while a build saves it
-        t = import_csv(args.manifest, args.csv, args.out, args.device, compute_units=args.compute_units)
+        t = import_csv(args.manifest, args.csv, args.out, args.device, compute_units=args.compute_units,
+                       on_fit=fits.append)
+    for over in fits:  # as `latency build` reports its calibration
+        print(overhead_summary(over))
     print(f"wrote {args.out}: {len(t)} entries for coreml on {args.device}")
     return 0
 

@@ -179,6 +179,27 @@ def test_entries_that_do_not_add_up_to_the_network_are_warned_about():
     assert low and "below the 4 networks" in low and "--calibrate" not in low
 
 
+def test_an_overhead_fit_whose_slope_is_implausible_falls_back_to_a_constant():
+    """Networks all measured alike (a device's dispatch floor): least squares gives slope 1 + scale = 0 and
+    predicts every network at the same time, whatever is pruned. A slope outside [0.5, 1.5] is not kept: the
+    fit is the constant of fewer than 3 networks (the entries' differences kept), with a note saying why."""
+    sums = [0.2, 0.3, 0.45, 0.5]
+    flat = fit_overhead(sums, [0.6] * 4, [4, 4, 4, 4])
+    assert flat["scale"] == 0.0 and flat["per_segment_ms"] == 0.0
+    assert flat["intercept_ms"] == pytest.approx(0.6 - 0.375)  # the median residual
+    assert flat["note"].startswith("the least-squares slope 0.000 (scale -1.0000, intercept +0.6000 ms) is outside "
+                                   "[0.5, 1.5]") and "fitted as a constant alone" in flat["note"]
+    steep = fit_overhead([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 5.0, 7.0])  # slope 2
+    assert steep["scale"] == 0.0 and "slope 2.000" in steep["note"]
+    # the constant of a flat fit far below the entries' sum would be negative: a scale alone, positive slope
+    low = fit_overhead([2.0, 2.5, 3.0, 4.0], [0.6] * 4)
+    assert low["intercept_ms"] == 0.0 and low["scale"] > -1.0 and "fitted as a scale alone" in low["note"]
+    assert "fitted as a constant alone" not in low["note"]
+    for ok in (fit_overhead([1.0, 2.0, 5.0, 9.0], [0.6 * s + 0.3 for s in [1.0, 2.0, 5.0, 9.0]]),
+               fit_overhead([1.0, 2.0, 5.0, 9.0], [1.4 * s for s in [1.0, 2.0, 5.0, 9.0]])):
+        assert "note" not in ok and ok["scale"] != 0.0  # inside the range: kept as fitted
+
+
 def test_torch_cpu_measures_real_entries(tmp_path, tiny_space):
     b = get_backend("torch-cpu")
     d = b.describe()

@@ -179,6 +179,23 @@ def test_build_prune_grid_on_the_command_line(capsys, tmp_path):
     assert code == 0 and f"{len(t)} present, 0 to measure" in so
 
 
+def test_build_falls_back_from_a_calibration_slope_that_prices_every_network_alike(capsys, tmp_path, monkeypatch):
+    """The rule `latency import` applies (a slope 1 + scale outside [0.5, 1.5] falls back to a constant) holds for
+    build's own calibration too, and build prints the same note."""
+    import latency_tables.build as lb
+    from latency_tables.measure import Timing
+    monkeypatch.setattr(lb, "time_networks", lambda backend, archs, *a, **k: [Timing(0.6, 0.6, 0.6, 5) for _ in archs])
+    a = tmp_path / "deit.yaml"
+    vitslim.save_arch(tiny_deit(), a)
+    code, so, err = run(capsys, "latency", "build", "--arch", a, "--prune-grid", "--grid-step", "qk=8,v=8,ffn=64,heads=2",
+                        "--out", tmp_path / "t.yaml", "--time-per-network", "0.001", "--min-samples", "3", "--contexts",
+                        "1", "--calibrate", "4", "--no-drift-reference", "--quiet")
+    assert code == 0, err
+    assert "on 4 networks" in so and "\nnote: overhead: the least-squares slope" in so and "is outside [0.5, 1.5]" in so
+    o = LatencyTable.load(str(tmp_path / "t.yaml")).overhead
+    assert "note" in o and 1 + o["scale"] > 0  # a smaller network is predicted faster
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--arch", "efficientformer_l1", "--prune-grid"], "--prune-grid: arch family 'efficientformer', expected deit or swin"),
     (["--space", "x.yaml", "--prune-grid"], "--prune-grid: expected --arch ARCH"),
