@@ -248,6 +248,15 @@ def calibration_archs(space=None, archs: Sequence[Mapping] = (), n: int = 8, see
     return out
 
 
+def grid_calibration_networks(space=None, archs: Sequence[Mapping] = (), n: int = 8) -> List[dict]:
+    """The networks the overhead of a table with the pruning grid is fitted on (`latency build --prune-grid
+    --calibrate N` times them here, `latency export-coreml --prune-grid --networks N` exports them for the
+    device): those of `calibration_archs`, then N - 1 pruned variants of each arch (the networks the grid
+    prices, their blocks at pruned widths)."""
+    from .grid import grid_calibration_archs
+    return calibration_archs(space, archs, n=n) + [x for a in archs for x in grid_calibration_archs(a, n)[1:]]
+
+
 def overhead_summary(over: Mapping) -> str:
     """The line of a fitted overhead `latency build` and `latency import` print (and a second, `note: ...`,
     when the fit fell back to a simpler model: why)."""

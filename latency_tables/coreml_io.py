@@ -287,7 +287,9 @@ def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, co
                runtime: Optional[Mapping] = None, on_fit: Optional[Callable[[dict], None]] = None) -> LatencyTable:
     """Read on-device medians into the table at `out_path` (created, or merged into if it exists and is for
     the same device). Everything is checked before anything is written: on error the file is untouched.
-    Networks in the CSV refit the overhead (`on_fit(overhead)` is called with it)."""
+    Networks in the CSV refit the overhead (`on_fit(overhead)` is called with it); a pruned network's block
+    widths the table lacks are priced from its pruning width grid (`export-coreml --prune-grid`), as `latency
+    build --prune-grid` prices its own pruned calibration networks."""
     if not isinstance(device, str) or not device.strip() or any(c in device for c in "\r\n"):
         raise CSVImportError(f"--device: got {device!r}, expected a non-empty one-line name of what the times were "
                              'measured on, e.g. "iPhone 12 (A14), iOS 17"')
@@ -308,6 +310,9 @@ def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, co
             diffs.append(f"compute_units {table.device.get('compute_units')!r} vs {compute_units!r}")
         if diffs:
             raise CSVImportError(f"{out_path}: a table for another device ({'; '.join(diffs)}); import into a new --out")
+        grid = (m.get("built_for") or {}).get("prune_grid")
+        if grid and table.built_for.get("prune_grid") != grid:  # the grid's entries come in now: prune looks for it
+            table.built_for = {**table.built_for, "prune_grid": grid}
     else:
         table = LatencyTable(dev, measurement={"procedure": "imported from on-device measurements (CSV)",
                                                "manifest": os.path.abspath(manifest_path)},
@@ -320,12 +325,13 @@ def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, co
     if nets:
         sums, meas, counts = [], [], []
         for r in nets:
-            miss = table.missing(r["arch"])
+            # a pruned network (export-coreml --prune-grid) needs block widths the grid prices, not entries
+            miss = [k for k in table.missing(r["arch"]) if not table.has_split_grid(k)]
             if miss:
                 raise CSVImportError(f"{csv_path}: network {r['name']} needs entries with no time: "
                                    f"{', '.join(key_str(k) for k in miss[:4])}")
             segs = decompose(r["arch"])
-            sums.append(sum(table.entries[s.id].ms for s in segs))
+            sums.append(sum(table.lookup(s.key, interpolate=True).ms for s in segs))
             counts.append(len(segs))
             meas.append(times[r["name"]]["ms"])
         over = fit_overhead(sums, meas, counts)

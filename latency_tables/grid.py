@@ -278,6 +278,16 @@ def grid_calibration_archs(arch: Mapping, n: int = 8, seed: int = 20_000) -> Lis
     return out
 
 
+def grid_remedy(table, arch: str, out: str) -> str:
+    """How to give `table` the pruning grid of `arch`: `latency build --prune-grid` measures it on this
+    machine; a table timed on a device (Core ML, `latency import`) cannot be built here, its grid goes
+    through `latency export-coreml --prune-grid`, the device, and `latency import` again."""
+    if (getattr(table, "device", None) or {}).get("backend") == "coreml":
+        return (f"export one with `vitslim latency export-coreml --arch {arch} --prune-grid --out DIR`, time its "
+                f"packages on the device and `vitslim latency import` them into {out}")
+    return f"build one with `vitslim latency build --arch {arch} --prune-grid --out {out}`"
+
+
 # ---------------------------------------------------------------- interpolation on the grid
 class SplitIndex:
     """The grid entries of a table, by geometry: attention part {geometry: {(h, q, v): entry}} and

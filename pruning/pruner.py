@@ -452,8 +452,10 @@ def check_table(table, arch: Mapping) -> None:
     try:  # the same family, but other geometry (width, patch, resolution) than the table was measured at
         table.predict(arch, interpolate=True)
     except LatencyError as e:
-        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: cannot price this model ({e}); build a table "
-                         "of it with `vitslim latency build --arch CHECKPOINT --prune-grid --out T.yaml`") from None
+        from latency_tables.grid import grid_remedy
+        how = grid_remedy(table, "CHECKPOINT", "T.yaml") if (table.device or {}).get("backend") == "coreml" else \
+            "build a table of it with `vitslim latency build --arch CHECKPOINT --prune-grid --out T.yaml`"
+        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: cannot price this model ({e}); {how}") from None
 
 
 # ---------------------------------------------------------------- the pruner

@@ -115,16 +115,31 @@ def _build_args(p):
     p.add_argument("--recalibrate", action="store_true", help="refit the overhead even if no entry was added")
     p.add_argument("--no-drift-reference", action="store_true",
                    help="do not correct for machine-load drift with the reference network")
+    _grid_args(p, "")
+    p.add_argument("--dry-run", action="store_true", help="only print how many entries are needed and missing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _grid_args(p, more: str):
     p.add_argument("--prune-grid", action="store_true",
                    help="with --arch (DeiT or Swin): also the width grid that prices any pruned width of its blocks "
                         "(attention-only entries on heads x qk_dim x v_dim, FFN-only entries on ffn_hidden, per block "
-                        "geometry), for `vitslim prune --target latency=MS --table T`")
+                        "geometry), for `vitslim prune --target latency=MS --table T`" + more)
     p.add_argument("--grid-step", default=None, metavar="qk=8,v=8,ffn=0,heads=3",
                    help="grid spacing with --prune-grid: per-head Q/K and V widths every qk / v channels, FFN every "
                         "ffn channels (0: auto, about 16 steps), heads at this many counts from 1 to the unpruned "
                         "(default qk=8,v=8,ffn=0,heads=3; width 1 and the unpruned widths are always included)")
-    p.add_argument("--dry-run", action="store_true", help="only print how many entries are needed and missing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_grid_keys(keys, grid_keys) -> None:
+    """Append the grid's keys (per arch) to `keys`, each once."""
+    from latency_tables.segments import key_str
+    seen = {key_str(k) for k in keys}
+    for gk in grid_keys:
+        for k in gk:
+            if key_str(k) not in seen:
+                seen.add(key_str(k))
+                keys.append(k)
 
 
 def _grid(args, archs):
@@ -168,7 +183,6 @@ def _resume_settings(args, table, backend, in_context: bool) -> None:
 
 def _build(args):
     from latency_tables.build import needed_keys
-    from latency_tables.segments import key_str
     if not args.space and not args.arch:
         raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)")
     _positive("--group", args.group)
@@ -178,13 +192,7 @@ def _build(args):
     archs = [_arch_of(a) for a in args.arch]
     keys = needed_keys(space, archs)
     grid_keys, grid_spec = _grid(args, archs)
-    if grid_spec is not None:
-        seen = {key_str(k) for k in keys}
-        for gk in grid_keys:
-            for k in gk:
-                if key_str(k) not in seen:
-                    seen.add(key_str(k))
-                    keys.append(k)
+    _add_grid_keys(keys, grid_keys)
     backend = _make_backend(args)
     if not args.dry_run:
         backend.check_available()
@@ -227,8 +235,9 @@ def _table_lock(out: str):
 
 
 def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for):
-    from latency_tables.build import (calibrate, calibration_archs, covering_archs, measure_entries,
-                                      measure_in_context, open_table, overhead_summary, table_reference)
+    from latency_tables.build import (calibrate, calibration_archs, covering_archs, grid_calibration_networks,
+                                      measure_entries, measure_in_context, open_table, overhead_summary,
+                                      table_reference)
     from supernet.runlock import remove_stale_temps
     remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
     table = open_table(args.out, backend, built_for)
@@ -274,10 +283,10 @@ def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_cont
     calib_done = (table.overhead or {}).get("provenance") == "measured" and \
         not (table.overhead or {}).get("calibration_pending")
     if args.calibrate and (missing or args.recalibrate or not calib_done):
-        nets = calibration_archs(space, archs, n=args.calibrate)
         if grid_spec is not None:  # pruned variants too: the networks the grid is for
-            from latency_tables.grid import grid_calibration_archs
-            nets += [n for a in archs for n in grid_calibration_archs(a, args.calibrate)[1:]]
+            nets = grid_calibration_networks(space, archs, n=args.calibrate)
+        else:
+            nets = calibration_archs(space, archs, n=args.calibrate)
         with _bar(len(nets), "networks", args.quiet) as bar:
             over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref,
                              interpolate=grid_spec is not None)
@@ -496,15 +505,19 @@ def _export_args(p):
     p.add_argument("--arch", action="append", default=[], metavar="ARCH", help="a package for each entry of ARCH (repeatable)")
     p.add_argument("--out", required=True, help="folder for the .mlpackage files, manifest.json and times_template.csv")
     p.add_argument("--networks", type=int, default=4,
-                   help="also export this many whole networks, timed on device to fit the overhead (default 4)")
+                   help="also export whole networks, timed on device to fit the overhead (default 4): with --space, "
+                        "this many of its members; with --arch alone, the archs themselves; with "
+                        "--prune-grid, the archs and N - 1 pruned variants of each, as `latency build --prune-grid "
+                        "--calibrate N` times them")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", choices=["float16", "float32"], default="float16",
                    help="Core ML compute precision (default float16, as the Neural Engine runs)")
+    _grid_args(p, " (the same entries `latency build --prune-grid` measures, a package each)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _export_coreml(args):
-    from latency_tables.build import calibration_archs, needed_keys
+    from latency_tables.build import calibration_archs, grid_calibration_networks, needed_keys
     from latency_tables.coreml_io import export_coreml
     if not args.space and not args.arch:
         raise VitslimError("export-coreml: expected --space SPACE.yaml and/or --arch ARCH")
@@ -514,8 +527,17 @@ def _export_coreml(args):
     space = _space(args.space) if args.space else None
     archs = [_arch_of(a) for a in args.arch]
     keys = needed_keys(space, archs)
-    nets = calibration_archs(space, archs, n=args.networks)[:args.networks] if args.networks else []
+    grid_keys, grid_spec = _grid(args, archs)
+    _add_grid_keys(keys, grid_keys)
+    if not args.networks:
+        nets = []
+    elif grid_spec is not None:  # the networks `latency build --prune-grid --calibrate N` fits on: pruned ones too
+        nets = grid_calibration_networks(space, archs, n=args.networks)
+    else:
+        nets = calibration_archs(space, archs, n=args.networks)[:args.networks]
     built_for = {"space": space.name} if space is not None else {"archs": list(args.arch)}
+    if grid_spec is not None:
+        built_for["prune_grid"] = grid_spec.to_dict()
     with _bar(len(keys) + len(nets), "packages", args.quiet) as bar:
         m = export_coreml(keys, args.out, nets, batch_size=args.batch, precision=args.precision,
                           built_for=built_for, progress=bar)

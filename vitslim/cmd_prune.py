@@ -184,9 +184,10 @@ def _locked(args, targets, macs, implied, target):
                   f"not count: norms, softmax, residual adds); to hold latency in proportion add "
                   f"latency={rep['macs_kept']:.2f}x to the target" + (" (or drop --no-proportional)" if macs else ""))
     if rep.get("latency_grid_blocks") is not None and rep["latency_grid_blocks"] < rep["blocks_total"]:
+        from latency_tables.grid import grid_remedy
         print(f"note: {rep['blocks_total'] - rep['latency_grid_blocks']} of {rep['blocks_total']} blocks have no pruning "
-              f"grid in {args.table}: their pruned widths were estimated by interpolating in MACs (build one with "
-              f"`vitslim latency build --arch {args.checkpoint} --prune-grid --out {args.table}`)")
+              f"grid in {args.table}: their pruned widths were estimated by interpolating in MACs "
+              f"({grid_remedy(table, args.checkpoint, args.table)})")
     if args.labels == "auto" and not data.labels_valid:  # not only in report.json
         print(f"note: --data {args.data} ({data.describe_classes()}) does not match the model's {arch['num_classes']} "
               "classes: scored and evaluated against the unpruned model's own top-1 (as --labels model)")

@@ -253,3 +253,116 @@ def test_continuing_an_export_with_another_batch_or_precision_is_refused(exporte
         with pytest.raises(CSVImportError, match=needle):
             export_coreml([manifest["entries"][0]["key"]], out, **kw)
     assert json.load(open(os.path.join(out, "manifest.json")))["entries"] == manifest["entries"]
+
+
+# ---------------------------------------------------------------- the pruning grid through the device
+def _tiny_deit():
+    import vitslim
+    return vitslim.resolve_arch({
+        "family": "deit", "input_size": 32, "num_classes": 10, "stem": {"patch_size": 8},
+        "stages": [{"width": 24, "blocks": [{"type": "vit", "heads": 3, "qk_dim": 8, "v_dim": 8,
+                                             "ffn_hidden": 64} for _ in range(2)]}]})
+
+
+def _device_ms(key):
+    """Made-up on-device times: a block is its attention part (multilinear in heads, qk_dim, v_dim) plus its FFN
+    part (linear in ffn_hidden), so the grid prices any pruned width exactly; MACs would not."""
+    if key["op"] != "vit_block":
+        return 0.1
+    h, q, v, f = key["heads"], key["qk_dim"], key["v_dim"], key["ffn_hidden"]
+    return (0.05 + 0.01 * h + 0.002 * h * q + 0.002 * h * v if h else 0.0) + (0.02 + 0.0005 * f if f else 0.0)
+
+
+def _fill_template(out, path, network_ms):
+    """times_template.csv with median_ms filled: entries by _device_ms, networks by network_ms(sum of entries)."""
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    rows = list(csv.DictReader(open(os.path.join(out, "times_template.csv"))))
+    by_name = {r["name"]: r for r in m["entries"] + m["networks"]}
+    for row in rows:
+        r = by_name[row["name"]]
+        row["median_ms"] = f"{_device_ms(r['key']):.6f}" if "key" in r else \
+            f"{network_ms(sum(_device_ms(s.key) for s in decompose(r['arch']))):.6f}"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def _cli(capsys, *argv):
+    from vitslim.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_coreml_prune_grid_gives_a_phone_table_prune_prices_from_the_grid(tmp_path, capsys):
+    """`export-coreml --prune-grid` writes the entries `build --prune-grid` measures and pruned calibration
+    networks; `import` prices those through the grid and records it; `prune --target latency` on the phone
+    table then uses the grid for every block (no note about MACs). Times: a formula, as the phone would give."""
+    pytest.importorskip("coremltools")
+    import vitslim
+    from latency_tables.build import grid_calibration_networks
+    from latency_tables.grid import GridSpec, prune_grid_keys
+    from latency_tables.segments import arch_keys
+    arch = _tiny_deit()
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(vitslim.build_model(arch), arch, ck)
+    out = tmp_path / "cm"
+    step = "qk=8,v=8,ffn=32,heads=2"
+    code, so, err = _cli(capsys, "latency", "export-coreml", "--arch", ck, "--prune-grid", "--grid-step", step,
+                         "--out", out, "--quiet")
+    assert code == 0, err
+    m = json.load(open(out / "manifest.json"))
+    want = {key_str(k) for k in arch_keys(arch) + prune_grid_keys(arch, GridSpec(8, 8, 32, 2))}
+    assert {r["key_str"] for r in m["entries"]} == want  # what `latency build --prune-grid` measures
+    nets = grid_calibration_networks(None, [arch], 4)
+    assert [r["arch"] for r in m["networks"]] == json.loads(json.dumps(nets)) and len(nets) == 4  # --networks 4
+    assert m["built_for"]["prune_grid"] == {"qk": 8, "v": 8, "ffn": 32, "heads": 2}
+    assert "whole networks written" not in so
+
+    csv_path = _fill_template(str(out), tmp_path / "times.csv", lambda s: 1.1 * s + 0.05)
+    table = tmp_path / "iphone.yaml"
+    code, so, err = _cli(capsys, "latency", "import", "--manifest", out / "manifest.json", "--csv", csv_path,
+                         "--device", "iPhone 12", "--out", table)
+    assert code == 0, err
+    assert "overhead: e2e = (1 +0.1000) * sum +0.0500 ms on 4 networks" in so  # the pruned ones priced on the grid
+    t = LatencyTable.load(str(table))
+    assert t.built_for["prune_grid"] == {"qk": 8, "v": 8, "ffn": 32, "heads": 2}
+    assert t.overhead["networks"] == 4 and t.overhead["mape_fitted"] == pytest.approx(0.0, abs=1e-4)
+
+    code, so, err = _cli(capsys, "prune", "--checkpoint", ck, "--data", "synthetic", "--target", "latency=0.5x",
+                         "--table", table, "--out", tmp_path / "p", "--threads", "1", "--calib-batches", "1",
+                         "--eval-batches", "1", "--batch-size", "4", "--quiet")
+    assert code == 0, err
+    assert "no pruning grid" not in so, so
+    rep = json.load(open(tmp_path / "p" / "report.json"))
+    assert rep["latency_grid_blocks"] == rep["blocks_total"] == 2
+    assert rep["latency_kept"] <= 0.5 + 1e-6
+
+    # every network at the same time (the Neural Engine's dispatch floor): a slope of 0 would price every pruned
+    # network alike; the fit falls back to a constant, says so, and prune still finds the target
+    flat = _fill_template(str(out), tmp_path / "flat.csv", lambda s: 0.6)
+    code, so, err = _cli(capsys, "latency", "import", "--manifest", out / "manifest.json", "--csv", flat,
+                         "--device", "iPhone 12", "--out", tmp_path / "flat.yaml")
+    assert code == 0, err
+    assert "note: overhead: the least-squares slope 0.000 (scale -1.0000, intercept +0.6000 ms) is outside [0.5, 1.5]" \
+        in so, so
+    o = LatencyTable.load(str(tmp_path / "flat.yaml")).overhead
+    assert 0.5 <= 1 + o["scale"] <= 1.5 and "note" in o
+    code, so, err = _cli(capsys, "prune", "--checkpoint", ck, "--data", "synthetic", "--target", "latency=0.5x",
+                         "--table", tmp_path / "flat.yaml", "--out", tmp_path / "pf", "--threads", "1",
+                         "--calib-batches", "1", "--eval-batches", "1", "--batch-size", "4", "--quiet")
+    assert code == 0, err
+
+
+def test_export_coreml_prune_grid_needs_a_deit_or_swin_arch(tmp_path, capsys):
+    code, _, err = _cli(capsys, "latency", "export-coreml", "--arch", "efficientformer_l1", "--prune-grid",
+                        "--out", tmp_path / "x")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--prune-grid: arch family 'efficientformer', expected deit or swin" \
+        in lines[0], err
+    code, _, err = _cli(capsys, "latency", "export-coreml", "--arch", "deit_tiny", "--grid-step", "qk=4",
+                        "--out", tmp_path / "x")
+    assert code == 2 and "--grid-step qk=4: only with --prune-grid" in err
+    assert not (tmp_path / "x").exists()

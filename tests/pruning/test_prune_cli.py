@@ -168,6 +168,32 @@ def _prune_both(arch, ck, tmp_path, capsys):
         assert rep["latency_after_ms"] <= goal + 1e-9
         assert rep["latency_grid_blocks"] == (2 if name == "grid" else 0) and rep["blocks_total"] == 2
         assert ("no pruning grid" in out) == (name == "nogrid")
+        assert ("`vitslim latency build --arch" in out) == (name == "nogrid")
+
+
+def test_the_grid_note_of_an_on_device_table_points_to_export_coreml(tmp_path, capsys, quick_tables):
+    """A Core ML table (timed on the phone, `latency import`) cannot be built here: the note names the way its
+    grid is made, `latency export-coreml --prune-grid`, then the device and `latency import`."""
+    arch = tiny_deit()
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    t = fake_table(arch)
+    t.device = {"backend": "coreml", "device": "iPhone 12", "threads": None, "batch_size": 1,
+                "dtype": "float32 inputs, float16 compute", "fused": True, "compute_units": "ALL"}
+    t.save(str(tmp_path / "iphone.yaml"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc, out, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "latency=0.85x",
+                            "--table", str(tmp_path / "iphone.yaml"), "--out", str(tmp_path / "r"),
+                            "--selection", "ratio", "--calib-batches", "1", "--batch-size", "4", "--quiet"], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err
+    note = next(l for l in out.splitlines() if "no pruning grid" in l)
+    assert f"(export one with `vitslim latency export-coreml --arch {ck} --prune-grid --out DIR`, time its packages " \
+           f"on the device and `vitslim latency import` them into {tmp_path / 'iphone.yaml'})" in note, note
+    assert "latency build" not in note
 
 
 def assert_same_run(ref, out):
