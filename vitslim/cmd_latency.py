@@ -506,7 +506,7 @@ def _export_args(p):
     p.add_argument("--out", required=True, help="folder for the .mlpackage files, manifest.json and times_template.csv")
     p.add_argument("--networks", type=int, default=4,
                    help="also export whole networks, timed on device to fit the overhead (default 4): with --space, "
-                        "this many of its members; with --arch alone, the archs themselves; with "
+                        "this many of its members; with --arch alone, the archs themselves (fewer, said so); with "
                         "--prune-grid, the archs and N - 1 pruned variants of each, as `latency build --prune-grid "
                         "--calibrate N` times them")
     p.add_argument("--batch", type=int, default=1)
@@ -543,6 +543,14 @@ def _export_coreml(args):
                           built_for=built_for, progress=bar)
     print(f"wrote {len(m['entries'])} entry and {len(m['networks'])} network packages, "
           f"{os.path.join(args.out, 'manifest.json')} and {os.path.join(args.out, 'times_template.csv')}")
+    if len(nets) < args.networks:
+        from latency_tables.grid import GRID_FAMILIES
+        more = "add --prune-grid for pruned variants" if all(a["family"] in GRID_FAMILIES for a in archs) \
+            else "add --space SPACE.yaml for members of a space"
+        print(f"note: {len(nets)} of --networks {args.networks} whole networks written: without --space or --prune-grid "
+              f"they are the --arch networks themselves" + (", and on fewer than 3 `latency import` fits the overhead "
+                                                             "as a constant alone" if len(nets) < 3 else "")
+              + f"; {more}")
     print("next: time each package on the device (e.g. Xcode > Open Developer Tool > Core ML performance report), "
           "fill median_ms in a copy of times_template.csv, then `vitslim latency import`")
     return 0

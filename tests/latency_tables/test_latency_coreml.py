@@ -356,6 +356,35 @@ def test_export_coreml_prune_grid_gives_a_phone_table_prune_prices_from_the_grid
     assert code == 0, err
 
 
+def test_export_coreml_says_when_it_writes_fewer_networks_than_asked(tmp_path, capsys, monkeypatch):
+    """With --arch alone the whole networks are the archs themselves: fewer than --networks, said in one line
+    with what would give more (conversion stubbed: only the count matters here)."""
+    import vitslim
+    import latency_tables.coreml_io as cio
+    monkeypatch.setattr(cio, "convert_coreml", lambda *a, **k: None)
+    monkeypatch.setattr(cio, "_save_package", lambda ml, path: os.makedirs(path))
+    deit, ef = tmp_path / "deit.yaml", tmp_path / "ef.yaml"
+    vitslim.save_arch(_tiny_deit(), deit)
+    vitslim.save_arch(NET, ef)
+    code, so, err = _cli(capsys, "latency", "export-coreml", "--arch", deit, "--out", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    notes = [l for l in so.splitlines() if l.startswith("note:")]
+    assert notes == ["note: 1 of --networks 4 whole networks written: without --space or --prune-grid they are the "
+                     "--arch networks themselves, and on fewer than 3 `latency import` fits the overhead as a constant "
+                     "alone; add --prune-grid for pruned variants"], so
+    code, so, err = _cli(capsys, "latency", "export-coreml", "--arch", deit, "--arch", ef, "--networks", "3",
+                         "--out", tmp_path / "b", "--quiet")
+    assert code == 0, err
+    assert "note: 2 of --networks 3 whole networks written" in so and "add --space SPACE.yaml" in so, so
+    code, so, err = _cli(capsys, "latency", "export-coreml", "--arch", deit, "--prune-grid", "--out", tmp_path / "c",
+                         "--quiet")
+    assert code == 0 and "whole networks written" not in so, so
+    assert len(json.load(open(tmp_path / "c" / "manifest.json"))["networks"]) == 4
+    code, so, err = _cli(capsys, "latency", "export-coreml", "--arch", deit, "--networks", "1", "--out",
+                         tmp_path / "d", "--quiet")
+    assert code == 0 and "note:" not in so, so
+
+
 def test_export_coreml_prune_grid_needs_a_deit_or_swin_arch(tmp_path, capsys):
     code, _, err = _cli(capsys, "latency", "export-coreml", "--arch", "efficientformer_l1", "--prune-grid",
                         "--out", tmp_path / "x")
