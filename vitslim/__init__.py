@@ -6,9 +6,9 @@ _bind_siblings()  # before any sibling import: a folder named like one in the cw
 from supernet.errors import ArchError, CheckpointError, VitslimError
 
 from .export import export as export_model
-from .api import (build_model, count, fuse, get_preset, list_presets, load_arch, load_checkpoint,
+from .api import (build_model, count, fuse, get_preset, list_presets, load_arch, load_checkpoint, prune_model,
                   resolve_arch, save_arch, save_checkpoint)
 
 __version__ = "0.1.0"
 __all__ = ["build_model", "count", "fuse", "get_preset", "list_presets", "load_arch", "load_checkpoint",
-           "resolve_arch", "save_arch", "save_checkpoint", "export_model", "ArchError", "CheckpointError", "VitslimError"]
+           "resolve_arch", "save_arch", "save_checkpoint", "export_model", "prune_model", "ArchError", "CheckpointError", "VitslimError"]

@@ -94,3 +94,36 @@ def load_arch(path) -> dict:
     writes it; ArchError (a ValueError) naming the file when it is missing, unreadable or not a valid arch.
     A preset by name is `get_preset`; `resolve_arch` takes either."""
     return _arch.load_arch(path)
+
+
+def prune_model(target, prune_target, data=None, calibration=None, table=None, batch_size: int = 32,
+                labels: str = "auto", progress: bool = False, **config) -> Tuple[nn.Module, dict, dict]:
+    """Taylor structured pruning from Python, as `vitslim prune` does it: (pruned model, its arch, report).
+
+    target: a DeiT or Swin module built by vitslim (with `.arch`) or a checkpoint path (official, timm, Hugging
+    Face or vitslim). prune_target: "macs=0.5", "params=0.5", "latency=0.5x" (with `table`) or several joined by
+    commas. data: "synthetic", an ImageFolder directory or a .pt of images, for calibration (and fine-tuning);
+    or give `calibration`, an iterable of (images, labels or None) batches from your own loader. table: a latency
+    table (path, shipped name or LatencyTable) for latency targets. **config: any `pruning.pruner.PruneConfig`
+    field (criterion, selection, iterative_steps, finetune_steps, kd, min_keep, keep, round_to, prune_embed,
+    depth, calib_batches, eval_batches, seed, ...). The input model is not modified."""
+    from pruning.pruner import DataSource, PruneConfig, prune
+    if isinstance(target, nn.Module):
+        arch = getattr(target, "arch", None)
+        if arch is None:
+            raise ArchError("model: has no .arch (build it with vitslim.build_model or load_checkpoint)")
+        model, arch = target, resolve_arch(arch)
+    else:
+        model, arch = load_checkpoint(target)
+    cfg = PruneConfig(target=prune_target, **config).check()
+    src = None
+    if data is not None:
+        src = DataSource(os.fspath(data), arch, batch_size=batch_size, seed=cfg.seed, labels=labels,
+                         heldout_images=cfg.eval_batches * batch_size)
+    if table is not None and not hasattr(table, "predict"):
+        from latency_tables.table import LatencyTable
+        table = LatencyTable.load(os.fspath(table))
+    res = prune(model, arch, cfg, data=src, calibration=list(calibration) if calibration is not None else None,
+                table=table, progress=progress)
+    res.model.arch = res.arch
+    return res.model, res.arch, res.report

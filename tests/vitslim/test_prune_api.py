@@ -1,0 +1,49 @@
+"""vitslim.prune_model: the pruner from Python with the user's own batches (Torch-Pruning and NNI users call
+pruning from their training loop), a module or a checkpoint path, every PruneConfig field by name."""
+import os
+import sys
+
+import pytest
+import torch
+
+import vitslim
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pruning"))
+from pruning_nets import batches, build, tiny_deit, tiny_swin  # noqa: E402
+
+
+def test_prune_model_from_a_module_with_own_batches_meets_the_target_and_leaves_the_input():
+    arch = tiny_deit(blocks=3)
+    model = build(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = [(x, None) for x, _ in batches(arch, 3)]  # the user's loader: images, no labels of the model's classes
+    small, small_arch, rep = vitslim.prune_model(model, "macs=0.6", calibration=own, round_to=4, keep=[0],
+                                                 calib_batches=2, eval_batches=1)
+    assert rep["macs_after"] <= 0.6 * rep["macs_before"] and rep["round_to"] == 4
+    assert small.arch == small_arch == vitslim.resolve_arch(small_arch)
+    assert small_arch["stages"][0]["blocks"][0] == arch["stages"][0]["blocks"][0]  # kept whole
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = batches(arch, 1)[0][0]
+    assert small(x).shape == (len(x), arch["num_classes"])
+
+
+def test_prune_model_from_a_checkpoint_with_synthetic_data_and_a_latency_table(tmp_path):
+    from pruning_nets import fake_table
+    arch = tiny_swin()
+    ck = tmp_path / "swin.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    table = fake_table(vitslim.resolve_arch(arch))
+    table.save(str(tmp_path / "t.yaml"))
+    _, _, rep = vitslim.prune_model(str(ck), "latency=0.7x", data="synthetic", table=tmp_path / "t.yaml",
+                                    batch_size=4, calib_batches=1, eval_batches=1)
+    assert rep["latency_kept"] <= 0.7 + 1e-9
+
+
+def test_prune_model_input_errors_are_clear():
+    arch = tiny_deit()
+    with pytest.raises(vitslim.VitslimError, match=r"--target: got 'macs=2'|--target macs=2"):
+        vitslim.prune_model(build(arch), "macs=2", calibration=batches(arch, 1))
+    with pytest.raises(vitslim.VitslimError, match="has no .arch"):
+        vitslim.prune_model(torch.nn.Linear(2, 2), "macs=0.5")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'min_kep'"):
+        vitslim.prune_model(build(arch), "macs=0.5", calibration=batches(arch, 1), min_kep=0.2)
