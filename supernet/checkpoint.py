@@ -8,7 +8,7 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -173,9 +173,15 @@ def _build_loaded(arch: dict, sd: Mapping[str, torch.Tensor], where: str) -> nn.
     return model
 
 
-def load_checkpoint(path) -> Tuple[nn.Module, dict]:
-    """(model in eval mode, arch config) from a vitslim, official or timm checkpoint file."""
+def load_checkpoint(path, arch: Optional[Mapping] = None) -> Tuple[nn.Module, dict]:
+    """(model in eval mode, arch config) from a vitslim, official, timm or Hugging Face checkpoint file.
+
+    `arch` (a validated arch config): the network a plain state dict holds, instead of the one its shapes suggest:
+    what a bare `torch.save(model.state_dict())` of a pruned model (heads, attention scale) or of a ViT whose head
+    count is not timm's 64 channels per head cannot tell. The shapes must fit it; a vitslim checkpoint must hold it."""
+    import warnings
     path = os.fspath(path)
+    given = validate(arch) if arch is not None else None
     obj = read_file(path)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         ver = obj.get("version")
@@ -185,27 +191,38 @@ def load_checkpoint(path) -> Tuple[nn.Module, dict]:
             arch = validate(obj.get("arch"))
         except ArchError as e:
             raise CheckpointError(f"{path}: arch: {e}") from None
+        if given is not None and given != arch:
+            raise CheckpointError(f"{path}: a vitslim checkpoint holds its own arch, which differs from the one given; "
+                                  "expected the same arch (or load it without one)")
         sd = unwrap_state_dict(obj.get("state_dict"), path)
         return _build_loaded(arch, sd, path), arch
     sd = unwrap_state_dict(obj, path)
     hints, where = None, path
-    prefix = hf_layouts.hf_prefix(sd)
-    if prefix is not None:  # Hugging Face transformers: re-keyed to the official / timm layout first
-        sd, hints = hf_layouts.convert(sd, path)
-        where = f"{path} (Hugging Face {prefix} re-keyed to the timm layout)"
-    _load_families()
-    for fam in FAMILIES.values():
-        if fam.match_state_dict(sd):
-            try:
-                arch, sd2 = fam.convert_state_dict(sd)
-                if hints:
-                    arch = hf_layouts.apply_hints(arch, hints)
-                arch = validate(arch)
-            except (ArchError, KeyError, IndexError, ValueError) as e:
-                if isinstance(e, CheckpointError):
-                    raise
-                raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({e})") from None
-            return _build_loaded(arch, sd2, where), arch
+    with warnings.catch_warnings():
+        if given is not None:  # what the shapes cannot tell is given: no guess is used, none is warned about
+            warnings.simplefilter("ignore")
+        prefix = hf_layouts.hf_prefix(sd)
+        if prefix is not None:  # Hugging Face transformers: re-keyed to the official / timm layout first
+            sd, hints = hf_layouts.convert(sd, path)
+            where = f"{path} (Hugging Face {prefix} re-keyed to the timm layout)"
+        _load_families()
+        for fam in FAMILIES.values():
+            if fam.match_state_dict(sd):
+                try:
+                    arch, sd2 = fam.convert_state_dict(sd)
+                    if hints:
+                        arch = hf_layouts.apply_hints(arch, hints)
+                    arch = validate(arch)
+                except (ArchError, KeyError, IndexError, ValueError) as e:
+                    if isinstance(e, CheckpointError):
+                        raise
+                    raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({e})") from None
+                if given is not None:
+                    if given["family"] != fam.name:
+                        raise CheckpointError(f"{path}: a {fam.name} state dict, but the arch given is a "
+                                              f"{given['family']} network; expected a {fam.name} arch")
+                    return _build_loaded(given, sd2, f"{where} with the arch given"), given
+                return _build_loaded(arch, sd2, where), arch
     for fam in FAMILIES.values():  # the core keys of a family, with keys it does not have
         extra = fam.unknown_keys(sd) if hasattr(fam, "unknown_keys") else []
         if extra:

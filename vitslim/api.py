@@ -59,9 +59,11 @@ def build_model(target: ArchLike) -> nn.Module:
     return model
 
 
-def load_checkpoint(path) -> Tuple[nn.Module, dict]:
-    """(model in eval mode, arch) from an official, timm or vitslim checkpoint; no hint needed."""
-    return _ckpt.load_checkpoint(path)
+def load_checkpoint(path, arch: "ArchLike | None" = None) -> Tuple[nn.Module, dict]:
+    """(model in eval mode, arch) from an official, timm, Hugging Face or vitslim checkpoint; no hint needed.
+    `arch` (dict, preset name or arch .yaml): the network a plain state dict holds where its shapes cannot tell
+    (a bare `torch.save(model.state_dict())` of a pruned model, a ViT whose heads are not 64 channels wide)."""
+    return _ckpt.load_checkpoint(path, resolve_arch(arch) if arch is not None else None)
 
 
 def save_checkpoint(model: nn.Module, arch: Mapping, path) -> None:
@@ -97,11 +99,12 @@ def load_arch(path) -> dict:
 
 
 def prune_model(target, prune_target, data=None, calibration=None, table=None, batch_size: int = 32,
-                labels: str = "auto", progress: bool = False, **config) -> Tuple[nn.Module, dict, dict]:
+                labels: str = "auto", progress: bool = False, arch: "ArchLike | None" = None,
+                **config) -> Tuple[nn.Module, dict, dict]:
     """Taylor structured pruning from Python, as `vitslim prune` does it: (pruned model, its arch, report).
 
     target: a DeiT or Swin module built by vitslim (with `.arch`) or a checkpoint path (official, timm, Hugging
-    Face or vitslim). prune_target: "macs=0.5", "params=0.5", "latency=0.5x" (with `table`) or several joined by
+    Face or vitslim; `arch`: see load_checkpoint). prune_target: "macs=0.5", "params=0.5", "latency=0.5x" (with `table`) or several joined by
     commas. data: "synthetic", an ImageFolder directory or a .pt of images, for calibration (and fine-tuning);
     or give `calibration`, an iterable of (images, labels or None) batches from your own loader. table: a latency
     table (path, shipped name or LatencyTable) for latency targets. **config: any `pruning.pruner.PruneConfig`
@@ -109,12 +112,12 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     depth, calib_batches, eval_batches, seed, ...). The input model is not modified."""
     from pruning.pruner import DataSource, PruneConfig, prune
     if isinstance(target, nn.Module):
-        arch = getattr(target, "arch", None)
+        arch = arch if arch is not None else getattr(target, "arch", None)
         if arch is None:
-            raise ArchError("model: has no .arch (build it with vitslim.build_model or load_checkpoint)")
+            raise ArchError("model: has no .arch (build it with vitslim.build_model or load_checkpoint, or pass arch=)")
         model, arch = target, resolve_arch(arch)
     else:
-        model, arch = load_checkpoint(target)
+        model, arch = load_checkpoint(target, arch)
     cfg = PruneConfig(target=prune_target, **config).check()
     src = None
     if data is not None:

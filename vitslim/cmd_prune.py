@@ -8,7 +8,10 @@ from .cli import add_threads_arg, apply_threads, finite_float, register_command
 
 
 def _args(p):
-    p.add_argument("--checkpoint", required=True, help="DeiT or Swin checkpoint (official, timm or vitslim)")
+    p.add_argument("--checkpoint", required=True, help="DeiT or Swin checkpoint (official, timm, Hugging Face or vitslim)")
+    p.add_argument("--arch", default=None, metavar="ARCH",
+                   help="arch .yaml or preset of a plain state dict whose shapes cannot tell it (a bare "
+                        "torch.save(model.state_dict()) of a pruned model, a ViT whose heads are not 64 channels)")
     p.add_argument("--data", required=True,
                    help="calibration / fine-tuning images: 'synthetic', an ImageFolder directory root/<class>/<images>, "
                         "or a .pt file with an image tensor (N, C, H, W) or {images, labels}")
@@ -89,6 +92,7 @@ def _state(args, cfg):
 
     conf = {k: (str(v) if k == "target" else v) for k, v in dataclasses.asdict(cfg).items()}
     key = {"config": conf, "checkpoint": ident(args.checkpoint), "table": ident(args.table),
+           **({"arch": ident(args.arch) if os.path.isfile(args.arch) else args.arch} if args.arch else {}),
            "data": os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
            "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed}
     return path, key
@@ -131,7 +135,11 @@ def _locked(args, targets, macs, implied, target):
     if args.table:
         from latency_tables.table import LatencyTable
         table = LatencyTable.load(args.table)
-    model, arch = load_checkpoint(args.checkpoint)
+    if args.arch is not None:
+        from .api import resolve_arch
+        model, arch = load_checkpoint(args.checkpoint, resolve_arch(args.arch))
+    else:
+        model, arch = load_checkpoint(args.checkpoint)
     check_family(arch, depth=bool(args.depth))
     cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,

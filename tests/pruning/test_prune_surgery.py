@@ -182,3 +182,32 @@ def test_a_plain_state_dict_of_a_pruned_swin_warns_that_its_attention_scale_is_l
         ours, _ = vitslim.load_checkpoint(tmp_path / "ours.pt")
     with torch.no_grad():
         assert rel_err(ours(x), small(x)) == 0
+
+
+def test_a_plain_state_dict_loads_exactly_with_its_arch_given(tmp_path):
+    """What the shapes cannot tell (a pruned Swin's scales, a pruned DeiT's head split, a ViT whose heads are not 64
+    channels wide) comes from the arch given: load_checkpoint(path, arch=...), prune --arch."""
+    import warnings
+    from vitslim.cli import main
+    for arch in (tiny_swin(), tiny_deit(heads=3, qk=8, v=8)):
+        model = build(arch)
+        infos = block_infos(arch)
+        keep = {i.key: BlockKeep(list(range(i.heads))[:-1] or [0], {h: [0, 1, 2] for h in range(i.heads)},
+                                 {h: list(range(i.v_dim))[1:] for h in range(i.heads)}, list(range(i.ffn_hidden))[2:])
+                for i in infos}
+        small, small_arch = apply_plan(model, arch, Plan(keep))
+        torch.save(small.state_dict(), tmp_path / "plain.pt")
+        vitslim.save_arch(small_arch, tmp_path / "arch.yaml")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing guessed, nothing to warn about
+            back, back_arch = vitslim.load_checkpoint(tmp_path / "plain.pt", arch=tmp_path / "arch.yaml")
+        x = batches(arch, 1)[0][0]
+        with torch.no_grad():
+            assert back_arch == small_arch and rel_err(back(x), small.eval()(x)) == 0
+    with pytest.raises(vitslim.CheckpointError, match=r"a deit state dict, but the arch given is a swin network"):
+        vitslim.load_checkpoint(tmp_path / "plain.pt", arch=tiny_swin())
+    with pytest.raises(vitslim.CheckpointError, match=r"with the arch given"):  # shapes that do not fit it
+        vitslim.load_checkpoint(tmp_path / "plain.pt", arch=tiny_deit(heads=3, qk=8, v=8))
+    assert main(["prune", "--checkpoint", str(tmp_path / "plain.pt"), "--arch", str(tmp_path / "arch.yaml"),
+                 "--data", "synthetic", "--target", "macs=0.8", "--calib-batches", "1", "--eval-batches", "0",
+                 "--batch-size", "4", "--quiet", "--out", str(tmp_path / "run")]) == 0
