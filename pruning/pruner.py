@@ -77,6 +77,9 @@ class DataSource:
     seed: int = 0
     labels: str = "auto"
     heldout_images: Optional[int] = None
+    mean: Optional[Sequence[float]] = None    # an ImageFolder's normalisation (default ImageNet's, as DeiT and Swin
+    std: Optional[Sequence[float]] = None     # were trained): 0.5,0.5,0.5 for timm's augreg / CLIP ViTs
+    crop_pct: Optional[float] = None          # eval resize to size / crop_pct, then centre crop (default 0.875)
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -85,6 +88,7 @@ class DataSource:
             raise PruneError(f"--labels: got {self.labels!r}, expected one of {', '.join(LABELS)}")
         if self.heldout_images is None:
             self.heldout_images = 4 * self.batch_size
+        self._check_preprocessing()
         self.heldout_shared = False
         self.data_classes: Optional[int] = None
         self.kind, self._train, self._calib, self._held, fits = self._open(self.arch)
@@ -92,6 +96,40 @@ class DataSource:
             raise PruneError(f"--labels data: the labels of --data {self.spec} ({self.describe_classes()}) are not "
                              f"classes of the model ({self.arch['num_classes']} classes); use --labels model")
         self.labels_valid = fits if self.labels == "auto" else self.labels == "data"
+
+    def _check_preprocessing(self) -> None:
+        chans = self.arch["in_chans"]
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, str):
+                v = [x for x in v.split(",") if x.strip()]
+            try:
+                vals = tuple(float(x) for x in v)
+            except (TypeError, ValueError):
+                vals = ()
+            if len(vals) != chans or not all(math.isfinite(x) for x in vals) or \
+                    (name == "std" and not all(x > 0 for x in vals)):
+                raise PruneError(f"--{name}: got {v if isinstance(v, str) else ','.join(map(str, v))}, expected "
+                                 f"{chans} comma-separated {'positive ' if name == 'std' else ''}numbers (one per "
+                                 "channel of the model's images)")
+            setattr(self, name, vals)
+        c = self.crop_pct
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c <= 1):
+            raise PruneError(f"--crop-pct: got {c!r}, expected a number in (0, 1] (0.875: DeiT's eval crop; 1: none)")
+        given = [n for n in ("mean", "std", "crop_pct") if getattr(self, n) is not None]
+        spec = os.fspath(self.spec)
+        if given and (spec == "synthetic" or os.path.isfile(spec)):
+            raise PruneError(f"--{given[0].replace('_', '-')}: applies to an ImageFolder --data only (the synthetic "
+                             "task and a .pt of images come normalised), got --data " + os.fspath(self.spec))
+
+    def preprocessing(self) -> Optional[dict]:
+        """An ImageFolder's normalisation and eval crop as used (for the report), or None for other data."""
+        if self.kind != "imagefolder":
+            return None
+        ds = self._calib
+        return {"mean": list(ds.mean), "std": list(ds.std), "crop_pct": ds.crop_pct}
 
     def describe_classes(self) -> str:
         """The data's classes in words, for messages."""
@@ -127,7 +165,8 @@ class DataSource:
             except DataError as e:
                 raise PruneError(f"--data: {e}") from None
             tr, he = ([samples[i] for i in idx] for idx in self._split(len(samples)))
-            kw = dict(image_size=size, classes=classes, seed=self.seed, in_chans=chans)
+            kw = dict(image_size=size, classes=classes, seed=self.seed, in_chans=chans,
+                      **{k: getattr(self, k) for k in ("mean", "std", "crop_pct") if getattr(self, k) is not None})
             try:
                 train = ImageFolder(spec, train=True, samples=tr, **kw)
             except DataError as e:

@@ -100,12 +100,13 @@ def load_arch(path) -> dict:
 
 def prune_model(target, prune_target, data=None, calibration=None, table=None, batch_size: int = 32,
                 labels: str = "auto", progress: bool = False, arch: "ArchLike | None" = None,
-                **config) -> Tuple[nn.Module, dict, dict]:
+                mean=None, std=None, crop_pct=None, **config) -> Tuple[nn.Module, dict, dict]:
     """Taylor structured pruning from Python, as `vitslim prune` does it: (pruned model, its arch, report).
 
     target: a DeiT or Swin module built by vitslim (with `.arch`) or a checkpoint path (official, timm, Hugging
     Face or vitslim; `arch`: see load_checkpoint). prune_target: "macs=0.5", "params=0.5", "latency=0.5x" (with `table`) or several joined by
-    commas. data: "synthetic", an ImageFolder directory or a .pt of images, for calibration (and fine-tuning);
+    commas. data: "synthetic", an ImageFolder directory (normalised with `mean` / `std`, eval-cropped by `crop_pct`:
+    ImageNet's and 0.875 by default) or a .pt of images, for calibration (and fine-tuning);
     or give `calibration`, an iterable of (images, labels or None) batches from your own loader. table: a latency
     table (path, shipped name or LatencyTable) for latency targets. **config: any `pruning.pruner.PruneConfig`
     field (criterion, selection, iterative_steps, finetune_steps, kd, min_keep, keep, round_to, prune_embed,
@@ -122,6 +123,7 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     src = None
     if data is not None:
         src = DataSource(os.fspath(data), arch, batch_size=batch_size, seed=cfg.seed, labels=labels,
+                         mean=mean, std=std, crop_pct=crop_pct,
                          heldout_images=cfg.eval_batches * batch_size)
     if table is not None and not hasattr(table, "predict"):
         from latency_tables.table import LatencyTable

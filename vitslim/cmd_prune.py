@@ -50,6 +50,13 @@ def _args(p):
                         "0 lets narrowing empty a block's attention or MLP), or per kind, e.g. heads=1,qk=0.25 (kinds "
                         "heads, qk, v, ffn, embed; those not named 0.1). Depth moves (--depth, on by default for "
                         "latency targets) remove whole branches regardless; --min-keep 1 with --depth: depth only")
+    p.add_argument("--mean", default=None, metavar="M,M,M",
+                   help="an ImageFolder's normalisation mean, one per channel (default ImageNet's; 0.5,0.5,0.5 for "
+                        "timm's augreg and CLIP ViTs)")
+    p.add_argument("--std", default=None, metavar="S,S,S", help="an ImageFolder's normalisation std (default ImageNet's)")
+    p.add_argument("--crop-pct", type=finite_float, default=None, metavar="F",
+                   help="an ImageFolder's eval crop: resize to size / F, centre crop (default 0.875, DeiT's; 1.0 for "
+                        "the 384 models)")
     p.add_argument("--keep", default="", metavar="BLOCKS",
                    help="blocks left whole (Torch-Pruning's ignored_layers), comma-separated: flat indices (negative "
                         "from the end: 0,-1 keeps the first and last) or stages[S].blocks[B]; their stage's residual "
@@ -94,7 +101,9 @@ def _state(args, cfg):
     key = {"config": conf, "checkpoint": ident(args.checkpoint), "table": ident(args.table),
            **({"arch": ident(args.arch) if os.path.isfile(args.arch) else args.arch} if args.arch else {}),
            "data": os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
-           "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed}
+           "batch_size": args.batch_size, "labels": args.labels, "seed": args.seed,
+           **({"preprocessing": [args.mean, args.std, args.crop_pct]}
+              if (args.mean, args.std, args.crop_pct) != (None, None, None) else {})}
     return path, key
 
 
@@ -147,6 +156,7 @@ def _locked(args, targets, macs, implied, target):
                       momentum=args.momentum, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
                       seed=args.seed).check()
     data = DataSource(args.data, arch, batch_size=args.batch_size, seed=args.seed, labels=args.labels,
+                      mean=args.mean, std=args.std, crop_pct=args.crop_pct,
                       heldout_images=cfg.eval_batches * args.batch_size)
     state_path, state_key = _state(args, cfg)
     if args.overwrite and os.path.exists(state_path):
@@ -165,7 +175,7 @@ def _locked(args, targets, macs, implied, target):
                 "torch_threads": torch.get_num_threads(),
                 "table": os.path.abspath(args.table) if args.table else None, "seed": args.seed,
                 "batch_size": args.batch_size, "labels": "data" if data.labels_valid else "model",
-                "heldout_shared": data.heldout_shared, "proportional_target": str(implied) if implied else None})
+                "heldout_shared": data.heldout_shared, "preprocessing": data.preprocessing(), "proportional_target": str(implied) if implied else None})
     # batches larger than the data repeat images: say how many distinct ones the figures rest on
     rep["calib_distinct_images"] = min(rep["calib_images"], data.calib_size)
     if "heldout_before" in rep:
