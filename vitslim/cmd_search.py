@@ -290,7 +290,14 @@ def _table_stage(d, base, out, cfg, progress):
                 why = f"measured with backend {tab.device.get('backend')}, asked {backend}"
             elif missing:
                 why = f"lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} of this space"
-                top_up = not os.path.exists(path) or os.path.exists(path + ".from-reuse")
+                marker = path + ".from-reuse"
+                if os.path.exists(marker):  # a copy of another table (table.reuse changed since): made anew
+                    with open(marker, encoding="utf-8") as f:
+                        if f.read() != reuse:
+                            for p in (path, path + ".partial.json", marker):
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.remove(p)
+                top_up = not os.path.exists(path) or os.path.exists(marker)
             else:
                 print(f"[2/4] latency table: reusing {reuse}")
                 return reuse
@@ -316,7 +323,8 @@ def _table_stage(d, base, out, cfg, progress):
         raise KeyboardInterrupt
     if rc == 2 and top_up:  # the copy was measured otherwise than this build would (procedure, threads, ...)
         print(f"[2/4] latency table: {reuse} cannot be topped up here; building one for this machine")
-        for p in (path, path + ".from-reuse"):
+        for p in (path, path + ".partial.json", path + ".from-reuse"):  # the copy's samples too: a full
+            # build would skip the networks the top-up ran (their other entries one context short)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
         rc = cli_main(argv)

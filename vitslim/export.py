@@ -324,7 +324,10 @@ def _rel_err(a, b) -> float:
 @contextlib.contextmanager
 def _stdout_dropped():
     """Standard output (file descriptor 1, where torch's C++ side prints) discarded for the block."""
-    sys.stdout.flush()
+    def flush():  # sys.stdout is None without a stdout (pythonw, `>&-`, some services), or may be closed
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()
+    flush()
     try:
         saved = os.dup(1)
     except OSError:  # no stdout to redirect
@@ -335,7 +338,7 @@ def _stdout_dropped():
             os.dup2(null.fileno(), 1)
             yield
     finally:
-        sys.stdout.flush()
+        flush()
         os.dup2(saved, 1)
         os.close(saved)
 
@@ -369,6 +372,10 @@ def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
         from supernet.arch import write_target
         from supernet.runlock import plain_mode
         dest = write_target(out)  # where the graph lands (a symlink's target): its data goes beside it
+        if os.path.dirname(os.path.abspath(dest)) != os.path.dirname(os.path.abspath(out)):
+            raise ExportError(f"--out {out}: a link into another folder ({dest}), and this network's weights (over "
+                              "2 GB) go in a file beside the graph, which ONNX loaders look for beside the link: "
+                              "export to the target's path, or link the folder instead")
         data = os.path.basename(dest) + ".data"
         if os.path.exists(dest + ".data") and not overwrite:
             raise ExportError(f"{dest}.data: already exists, expected a new path (or pass --overwrite)")

@@ -253,6 +253,17 @@ def test_a_reused_table_lacking_a_few_entries_is_topped_up_in_a_copy(tmp_path, m
     assert _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False) == path and len(built) == 2
     assert "cannot be topped up here; building one for this machine" in capsys.readouterr().out
     assert not os.path.exists(path)  # the refused copy removed (the stubbed build wrote nothing)
+    # table.reuse changed since a copy was topped up: the copy (and its samples) made anew from the new table
+    rcs, built = [0], []
+    _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False)
+    open(path + ".partial.json", "w").write("{}")
+    del t.entries[sorted(t.entries)[0]]
+    t.save(str(tmp_path / "shorter.yaml"))
+    d["table"] = {"reuse": "shorter.yaml"}
+    rcs = [0]
+    _table_stage(d, str(tmp_path), str(tmp_path / "run"), cfg, False)
+    assert set(LatencyTable.load(path).entries) == set(t.entries) and not os.path.exists(path + ".partial.json")
+    assert open(path + ".from-reuse").read().endswith("shorter.yaml")
 
 
 def test_table_reuse_takes_a_shipped_tables_name(tmp_path, capsys):

@@ -93,3 +93,20 @@ def test_a_core_ml_conversion_failure_is_one_error(monkeypatch, tmp_path):
                                                    r"scalars\)$"):
         vitslim.export_model(tiny_efficientvit(), "coreml", tmp_path / "e.mlpackage")
     assert not os.listdir(tmp_path)
+
+
+def test_an_onnx_export_without_a_stdout_works(monkeypatch, tmp_path):
+    """sys.stdout is None under pythonw, `>&-` and some service managers: dropping torch's graph dump flushed it."""
+    monkeypatch.setattr(sys, "stdout", None)
+    assert vitslim.export_model(vitslim.resolve_arch(pruned_deit()), "onnx", tmp_path / "m.onnx")["max_rel_error"] < 1e-4
+
+
+def test_a_large_onnx_export_through_a_link_into_another_folder_is_refused(monkeypatch, tmp_path):
+    """Its weights go beside the graph, where ONNX loaders opening the link's path do not look."""
+    _spill_like_torch_over_2gb(monkeypatch)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "m.onnx").symlink_to(tmp_path / "store" / "real.onnx")
+    with pytest.raises(vitslim.VitslimError, match=r"a link into another folder .*export to the target's path"):
+        vitslim.export_model(vitslim.resolve_arch(tiny_efficientvit()), "onnx", tmp_path / "work" / "m.onnx")
+    assert os.listdir(tmp_path / "store") == [] and os.listdir(tmp_path / "work") == ["m.onnx"]
