@@ -819,7 +819,7 @@ def _one_branch_left(net: Network, budget: float) -> float:
     important; `grow` then adds back what the budget pays for. Returns the cost (still over budget
     only when no branch fits, i.e. below the floor). Blocks kept whole (`Floor.keep`) hold the last branches:
     nothing to choose."""
-    if any(st.info.key in net.floor.keep for st in net.blocks):
+    if any(st.info.key in net.floor.keep and (st.info.heads or st.info.ffn_hidden) for st in net.blocks):
         return net.total()
     start = net.counts()
     blocks0 = start[0]
@@ -1166,7 +1166,7 @@ def floor_cost_depth(arch: Mapping, cost: CostModel, floor: Floor, embed: bool =
         infos = [replace(i, dim=dims[i.stage]) for i in infos]
     else:
         base = cost.base(arch, infos)
-    kept = [i for i in infos if i.key in floor.keep]
+    kept = [i for i in infos if i.key in floor.keep and (i.heads or i.ffn_hidden)]  # an empty kept block holds no branch
     if kept:  # blocks kept whole hold the network's last branches: every other block can go
         return base + sum(cost.block(i, (i.heads, i.qk_dim, i.v_dim, i.ffn_hidden)) for i in kept)
     best = math.inf

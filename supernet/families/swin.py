@@ -354,16 +354,17 @@ def _convert_swin(sd: Mapping[str, torch.Tensor]):
             blocks.append(b)
         stages.append({"width": dim, "window_size": window,
                        "downsample": None if i == 0 else {"type": "patch_merging"}, "blocks": blocks})
+    widest = max((b["qk_dim"] for st in stages for b in st["blocks"] if b["heads"]), default=0)
     pruned = [(i, j) for i, st in enumerate(stages) for j, b in enumerate(st["blocks"])
-              if b["heads"] and b["heads"] * b["qk_dim"] != st["width"]]
-    if pruned:  # Q/K narrower than the official width/heads: a pruned block, whose scale is not in the file
+              if b["heads"] and (b["qk_dim"] != b["v_dim"] or b["qk_dim"] < widest)]
+    if pruned:  # Q/K narrower than V or than other blocks': Q/K pruned, a scale the file does not hold
         import warnings
         i, j = pruned[0]
         warnings.warn(f"a plain state dict of a pruned Swin: the attention scale of {len(pruned)} block(s) is not in "
                       f"the file (first layers.{i}.blocks.{j}, Q/K {stages[i]['blocks'][j]['qk_dim']} per head). A block "
                       "whose Q/K width was pruned keeps the scale of its unpruned width; here it gets 1/sqrt(Q/K), and "
                       "its outputs then differ from the pruned model's: load the vitslim checkpoint (model.pt, "
-                      "save_checkpoint) or the run's arch.yaml with these weights instead", stacklevel=3)
+                      "save_checkpoint), or this file with load_checkpoint(path, arch=the run's arch.yaml)", stacklevel=3)
     head = sd.get("head.fc.weight")
     if head is None:
         raise KeyError("head.fc.weight")

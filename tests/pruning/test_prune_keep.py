@@ -89,3 +89,19 @@ def test_cli_keep_and_min_keep_per_kind(tmp_path, capsys):
         assert main(common + ["--target", "macs=0.6", "--out", str(tmp_path / "bad")] + args) == 2
         assert msg in capsys.readouterr().err.strip().splitlines()[-1]
         assert not (tmp_path / "bad").exists()
+
+
+def test_keeping_a_block_already_emptied_names_the_real_floor():
+    """An empty kept block holds no branch: the depth floor still needs one other branch (it was priced as if every
+    other block could go, and the target then failed mid-run with a vaguer error)."""
+    import vitslim
+    arch = tiny_deit(qk=8, v=8, ffn=64, heads=3, blocks=3)
+    arch["stages"][0]["blocks"][0].update(heads=0, qk_dim=0, v_dim=0, ffn_hidden=0)
+    arch = vitslim.resolve_arch(arch)
+    floors = []
+    for keep in ("0", ""):
+        cfg = PruneConfig(target="macs=0.1", keep=keep, depth=True, calib_batches=1, eval_batches=0, selection="ratio")
+        with pytest.raises(PruneError, match=r"below what the floor allows \(at best macs=") as e:
+            prune(build(arch), arch, cfg, calibration=batches(arch, 1))
+        floors.append(re.search(r"at best macs=(\d\.\d+)", str(e.value)).group(1))
+    assert floors[0] == floors[1], floors  # keeping an empty block changes nothing

@@ -211,3 +211,21 @@ def test_a_plain_state_dict_loads_exactly_with_its_arch_given(tmp_path):
     assert main(["prune", "--checkpoint", str(tmp_path / "plain.pt"), "--arch", str(tmp_path / "arch.yaml"),
                  "--data", "synthetic", "--target", "macs=0.8", "--calib-batches", "1", "--eval-batches", "0",
                  "--batch-size", "4", "--quiet", "--out", str(tmp_path / "run")]) == 0
+
+
+def test_a_plain_state_dict_of_a_swin_pruned_in_heads_only_loads_exactly_without_a_warning(tmp_path):
+    """Only Q/K pruning changes the attention scale: heads removed whole keep theirs, and nothing is guessed."""
+    import warnings
+    arch = tiny_swin()
+    model = build(arch)
+    keep = {i.key: BlockKeep(list(range(i.heads))[1:], {h: list(range(i.qk_dim)) for h in range(i.heads)},
+                             {h: list(range(i.v_dim)) for h in range(i.heads)}, list(range(i.ffn_hidden)))
+            for i in block_infos(arch)}
+    small, _ = apply_plan(model, arch, Plan(keep))
+    torch.save(small.state_dict(), tmp_path / "plain.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back, _ = vitslim.load_checkpoint(tmp_path / "plain.pt")
+    x = batches(arch, 1)[0][0]
+    with torch.no_grad():
+        assert rel_err(back(x), small.eval()(x)) == 0
