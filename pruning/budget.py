@@ -427,6 +427,8 @@ def min_keep_kinds(spec) -> Dict[str, float]:
             if not eq or name not in MIN_KEEP_KINDS:
                 raise PruneError(f"--min-keep: got {item.strip()!r}, expected a fraction or KIND=F with KIND one of "
                                  f"{', '.join(MIN_KEEP_KINDS)} (e.g. heads=1,ffn=0.25)")
+            if name in parts:
+                raise PruneError(f"--min-keep: got {name} twice ({s}), expected each kind once")
             parts[name] = v.strip()
         spec = parts
     if isinstance(spec, Mapping):

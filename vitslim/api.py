@@ -113,7 +113,10 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     depth, calib_batches, eval_batches, seed, ...). The input model is not modified."""
     from pruning.pruner import DataSource, PruneConfig, prune
     if isinstance(target, nn.Module):
-        arch = arch if arch is not None else getattr(target, "arch", None)
+        own = getattr(target, "arch", None)
+        if arch is not None and own is not None and resolve_arch(arch) != resolve_arch(own):
+            raise ArchError("arch: differs from the model's own .arch, expected the model's (or a model without one)")
+        arch = arch if arch is not None else own
         if arch is None:
             raise ArchError("model: has no .arch (build it with vitslim.build_model or load_checkpoint, or pass arch=)")
         model, arch = target, resolve_arch(arch)

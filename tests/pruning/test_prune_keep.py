@@ -105,3 +105,8 @@ def test_keeping_a_block_already_emptied_names_the_real_floor():
             prune(build(arch), arch, cfg, calibration=batches(arch, 1))
         floors.append(re.search(r"at best macs=(\d\.\d+)", str(e.value)).group(1))
     assert floors[0] == floors[1], floors  # keeping an empty block changes nothing
+
+
+def test_a_kind_named_twice_in_min_keep_is_refused():
+    with pytest.raises(PruneError, match=r"--min-keep: got heads twice \(heads=1,heads=0\), expected each kind once"):
+        PruneConfig(target="macs=0.5", min_keep="heads=1,heads=0").check()

@@ -47,3 +47,9 @@ def test_prune_model_input_errors_are_clear():
         vitslim.prune_model(torch.nn.Linear(2, 2), "macs=0.5")
     with pytest.raises(TypeError, match="unexpected keyword argument 'min_kep'"):
         vitslim.prune_model(build(arch), "macs=0.5", calibration=batches(arch, 1), min_kep=0.2)
+
+
+def test_an_arch_that_differs_from_the_models_own_is_refused():
+    arch = tiny_deit()
+    with pytest.raises(vitslim.VitslimError, match="arch: differs from the model's own .arch"):
+        vitslim.prune_model(build(arch), "macs=0.5", calibration=batches(arch, 1), arch=tiny_deit(blocks=3))
