@@ -189,6 +189,11 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
     if act != "gelu":
         raise CheckpointError(f"{path}: config.json hidden_act {act!r}, expected 'gelu' (vitslim's MLP uses exact GELU)")
     hints = {}
+    eps, own = cfg.get("layer_norm_eps"), (1e-5 if prefix == "swin" else 1e-6)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > (1e-4 if prefix == "swin" else 1e-5) * 1.001:
+        warnings.warn(f"{path}: config.json layer_norm_eps {eps:g}, vitslim's {prefix} LayerNorms use {own:g}: logits "
+                      f"differ from the Hugging Face model's by about {eps / 2:.0e} relative per LayerNorm on "
+                      "unit-variance features", stacklevel=3)
     if "dist_token" in out and "head_dist.weight" not in out:
         # DeiTForImageClassification: the distillation token runs through the blocks, one classifier on the
         # cls token: a distilled DeiT with head 2h and a zero distillation head has the same eval logits
@@ -206,7 +211,14 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
         if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
             size = size[0]
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            patch = out["patch_embed.proj.weight"].shape[-1]
+            n_stages = 1 + max((int(m.group(1)) for k in out for m in [re.match(r"layers\.(\d+)\.", k)] if m), default=0)
+            lo = patch * 2 ** (n_stages - 1)
+            if not lo <= size <= 4096:  # every stage at least one token; not a typo that allocates gigabytes of masks
+                raise CheckpointError(f"{path}: config.json image_size {size}, expected {lo} to 4096 for this Swin "
+                                      f"(patch {patch}, {n_stages} stages); fix or remove config.json")
             hints["input_size"] = size
+            _warn_swin_padding(out, size, path)
     else:
         heads = cfg.get("num_attention_heads")
         hidden = out["patch_embed.proj.weight"].shape[0]
@@ -219,6 +231,29 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
                           f"{h} heads of {hidden // h} channels guessed from the width {hidden}; outputs are right only "
                           "if the guess is (put the model's config.json beside it)", stacklevel=3)
     return out, hints
+
+
+def _warn_swin_padding(out: Mapping[str, torch.Tensor], size: int, path: str) -> None:
+    """HF Swin pads a feature map to window multiples before its cyclic shift, vitslim (timm) after: the shifted
+    blocks of a stage whose side is larger than its window and not a multiple of it give other outputs."""
+    stages: Dict[int, Tuple[int, int]] = {}  # stage -> (window, blocks)
+    for k, v in out.items():
+        m = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", k)
+        if m:
+            i, j, w = int(m.group(1)), int(m.group(2)), (int(v.shape[0] ** 0.5) + 1) // 2
+            stages[i] = (w, max(stages.get(i, (w, 0))[1], j + 1))
+    side = -(-size // out["patch_embed.proj.weight"].shape[-1])
+    bad = []
+    for i in range(max(stages, default=-1) + 1):
+        if i:
+            side = -(-side // 2)
+        w, n = stages.get(i, (0, 0))
+        if n >= 2 and side > w and side % w:
+            bad.append(f"stage {i}: {side}x{side}, window {w}")
+    if bad:
+        warnings.warn(f"{path}: config.json image_size {size} gives Swin feature maps that are not window multiples "
+                      f"({'; '.join(bad)}): Hugging Face pads them before the shifted windows, vitslim (as timm) after, "
+                      "so logits differ from the Hugging Face model's (by several percent on random weights)", stacklevel=4)
 
 
 def apply_hints(arch: dict, hints: Mapping) -> dict:

@@ -5,7 +5,7 @@ from .cli import register_command
 
 
 def _args(p):
-    p.add_argument("target", help="preset name, arch .yaml, or checkpoint (official, timm or vitslim)")
+    p.add_argument("target", help="preset name, arch .yaml, or checkpoint (official, timm, Hugging Face or vitslim)")
     p.add_argument("--format", required=True, choices=["yaml", "onnx", "coreml", "torchscript", "safetensors"])
     p.add_argument("--out", required=True, help="output path (.yaml, .onnx, .mlpackage, .pt/.ts, .safetensors)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced example (default 1)")

@@ -354,10 +354,10 @@ def _convert_swin(sd: Mapping[str, torch.Tensor]):
             blocks.append(b)
         stages.append({"width": dim, "window_size": window,
                        "downsample": None if i == 0 else {"type": "patch_merging"}, "blocks": blocks})
-    widest = max((b["qk_dim"] for st in stages for b in st["blocks"] if b["heads"]), default=0)
+    widest = [max((b["qk_dim"] for b in st["blocks"] if b["heads"]), default=0) for st in stages]
     pruned = [(i, j) for i, st in enumerate(stages) for j, b in enumerate(st["blocks"])
-              if b["heads"] and (b["qk_dim"] != b["v_dim"] or b["qk_dim"] < widest)]
-    if pruned:  # Q/K narrower than V or than other blocks': Q/K pruned, a scale the file does not hold
+              if b["heads"] and (b["qk_dim"] != b["v_dim"] or b["qk_dim"] < widest[i])]
+    if pruned:  # Q/K narrower than V or than its stage's other blocks': Q/K pruned, a scale the file does not hold
         import warnings
         i, j = pruned[0]
         warnings.warn(f"a plain state dict of a pruned Swin: the attention scale of {len(pruned)} block(s) is not in "

@@ -361,3 +361,27 @@ def test_info_reads_an_hf_checkpoint(tmp_path, capsys):
     d = json.loads(out)
     assert d["family"] == "deit" and d["input_size"] == 32 and d["params"] == sum(
         v.numel() for k, v in torch.load(p, weights_only=True).items())
+
+
+def test_hf_swin_config_values_that_change_the_logits_are_warned_about_and_a_wild_size_refused(tmp_path):
+    """HF pads a feature map before its shifted windows, vitslim (timm) after: other logits where a side is not a
+    window multiple; a larger layer_norm_eps than vitslim's; an image_size that would leave a stage without a
+    token or allocate gigabytes of masks."""
+    sd = hf_swin_sd()  # patch 2, window 4, 2 stages
+    base = {"model_type": "swin", "window_size": 4, "hidden_act": "gelu"}
+    with pytest.warns(UserWarning, match=r"image_size 40 gives Swin feature maps that are not window multiples "
+                                         r"\(stage 1: 10x10, window 4\)"):  # stage 0: 20x20, a multiple
+        vitslim.load_checkpoint(save(sd, tmp_path / "a" / "model.bin", dict(base, image_size=40)))
+    with pytest.warns(UserWarning, match=r"layer_norm_eps 0.001, vitslim's swin LayerNorms use 1e-05"):
+        vitslim.load_checkpoint(save(sd, tmp_path / "b" / "model.bin", dict(base, image_size=32, layer_norm_eps=1e-3)))
+    for size in (1, 100000):
+        with pytest.raises(vitslim.CheckpointError, match=rf"config.json image_size {size}, expected 4 to 4096"):
+            vitslim.load_checkpoint(save(sd, tmp_path / f"c{size}" / "model.bin", dict(base, image_size=size)))
+
+
+def test_an_unpruned_hf_swin_with_other_head_widths_per_stage_is_not_called_pruned(tmp_path):
+    import warnings
+    sd = hf_swin_sd(embed=12, heads=(2, 6))  # 6 and 4 channels per head: stage by stage, as built
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vitslim.load_checkpoint(save(sd, tmp_path / "model.bin", {"model_type": "swin", "image_size": 32}))
