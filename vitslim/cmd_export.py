@@ -11,6 +11,9 @@ def _args(p):
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced example (default 1)")
     p.add_argument("--input-size", type=int, default=None,
                    help="export at this input side (default: the arch's); trained weights must run at it")
+    p.add_argument("--arch", default=None, metavar="ARCH",
+                   help="arch .yaml or preset of a plain state dict TARGET whose shapes cannot tell it (a bare "
+                        "torch.save(model.state_dict()) of a pruned model, a ViT whose heads are not 64 channels)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-check", action="store_true", help="skip comparing the artefact's outputs with PyTorch")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -18,7 +21,12 @@ def _args(p):
 
 def _run(args):
     from .export import export
-    res = export(args.target, args.format, args.out, batch=args.batch, overwrite=args.overwrite,
+    target = args.target
+    if args.arch is not None:  # the weights of a plain state dict, as the arch given
+        from .api import load_checkpoint
+        target, arch = load_checkpoint(args.target, arch=args.arch)
+        target.arch = arch
+    res = export(target, args.format, args.out, batch=args.batch, overwrite=args.overwrite,
                  check=not args.no_check, input_size=args.input_size)
     if args.json:
         print(json.dumps(res))

@@ -357,3 +357,23 @@ def test_weights_beside_a_yaml_of_another_arch_are_named_in_a_warning(ckpt, tmp_
     with pytest.warns(UserWarning, match=r"m.pt: the weights beside .*m.yaml are of another architecture"):
         res = vitslim.export_model(str(tmp_path / "m.yaml"), "torchscript", tmp_path / "m.ts")
     assert res["trained"] is False
+
+
+def test_export_of_a_plain_state_dict_with_its_arch_given(tmp_path, capsys):
+    """A bare torch.save(model.state_dict()) of a pruned DeiT (heads and scales not in it) exports as the arch given."""
+    import numpy as np
+    import onnxruntime as ort
+    a = tiny_arch()
+    a["stages"][0]["blocks"][0].update(heads=2, qk_dim=8, v_dim=40, scale=0.125)
+    a = vitslim.resolve_arch(a)
+    torch.manual_seed(0)
+    m = vitslim.build_model(a).eval()
+    torch.save(m.state_dict(), tmp_path / "plain.pt")
+    vitslim.save_arch(a, tmp_path / "arch.yaml")
+    assert main(["export", str(tmp_path / "plain.pt"), "--arch", str(tmp_path / "arch.yaml"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    x = torch.randn(1, 3, 32, 32)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
