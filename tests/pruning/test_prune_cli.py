@@ -120,6 +120,11 @@ def test_table_of_another_family(deit_ckpt, tmp_path, capsys):
     t.save(path)
     one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "latency=1",
                             "--table", path, "--out", str(tmp_path / "r")] + FAST, "built for efficientformer, not for this deit")
+    t.device["backend"] = "coreml"  # a phone table: its entries come through export-coreml and import, not build
+    t.save(path)
+    line = one_line_error(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "latency=1",
+                                   "--table", path, "--out", str(tmp_path / "r")] + FAST, "not for this deit")
+    assert "`vitslim latency export-coreml --arch CHECKPOINT --out DIR`" in line and "latency build" not in line
 
 
 def test_calibration_images_of_the_wrong_size(deit_ckpt, tmp_path, capsys):
