@@ -720,6 +720,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
                                      f"{budget:.6g} (the cost model is not reachable by removing units; raise the target)")
             prev = scores.restrict(infos, sel.plan)
             srep = {"step": step + 1, "budget": budgets[0], "cost": costs[0].total(cur_arch), "selection": chosen,
+                    "_kept": plan_to_json(sel.plan, infos, stage_widths_of(infos, cur_arch)),
                     "candidates": {m: {"predicted_cost": c[0].cost, "removed_importance": c[0].removed_importance,
                                        "heldout_loss": c[3]["loss"], "heldout_top1": c[3].get("top1")}
                                    for m, c in cands.items()},
@@ -779,6 +780,11 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
         "steps": steps_report,
         "blocks": per_block(arch, cur_arch),
     }
+    kept_blocks, kept_embed = compose_kept(arch, [s.pop("_kept", None) for s in steps_report])
+    for b in rep["blocks"]:  # the original indices of what each block kept (the unpruned model's numbering)
+        b["kept_index"] = kept_blocks[f"stages[{b['stage']}].blocks[{b['block']}]"]
+    for st in rep["stages"]:
+        st["kept_index"] = kept_embed[st["stage"]]
     lat = next((c for c in costs0 if isinstance(c, LatencyCost)), None)
     if lat is not None:  # blocks whose pruned widths the table's measured grid prices
         rep["latency_grid_blocks"] = sum(bool(lat.uses_grid(i)) for i in infos0)
@@ -830,6 +836,49 @@ def _write_state(path: str, state: dict) -> None:
     remove_stale_temps(folder, base=base)  # a killed writer's .tmp.PID
     with atomic_file(path, "wb") as f:
         torch.save({"format": STATE_FORMAT, **state}, f)
+
+
+def stage_widths_of(infos, arch_after: Mapping) -> List[int]:
+    """Residual widths of the stages before a step (its input), from its block infos (a stage without blocks:
+    its width after, which embedding pruning does not change)."""
+    w = [st["width"] for st in arch_after["stages"]]
+    for i in infos:
+        w[i.stage] = i.dim
+    return w
+
+
+def plan_to_json(plan, infos, widths: Sequence[int]) -> dict:
+    """A step's plan in the step input's numbering, as JSON (kept in the step report until the end, so a resumed run
+    composes the same original indices)."""
+    blocks = {}
+    for i in infos:
+        k = plan.get(i)
+        blocks[i.name] = {"heads": list(k.heads), "qk": [list(k.qk[h]) for h in k.heads],
+                          "v": [list(k.v[h]) for h in k.heads], "ffn": list(k.ffn)}
+    return {"blocks": blocks, "embed": {str(s): list(plan.embed_keep(s, w)) for s, w in enumerate(widths)}}
+
+
+def compose_kept(arch: Mapping, plans: Sequence[Optional[dict]]) -> Tuple[Dict[str, dict], Dict[int, List[int]]]:
+    """Per block, the unpruned model's indices of the heads, Q/K and V channels (per kept head) and FFN channels the
+    pruned model kept, and per stage its kept residual channels: the steps' plans composed in order."""
+    cur = {}
+    for i in block_infos(arch):
+        hs = list(range(i.heads))
+        cur[i.name] = {"heads": hs, "qk": [list(range(i.qk_dim)) for _ in hs], "v": [list(range(i.v_dim)) for _ in hs],
+                       "ffn": list(range(i.ffn_hidden))}
+    embed = {s: list(range(st["width"])) for s, st in enumerate(arch["stages"])}
+    for p in plans:
+        if not p:
+            continue
+        for name, k in p["blocks"].items():
+            c = cur[name]
+            cur[name] = {"heads": [c["heads"][h] for h in k["heads"]],
+                         "qk": [[c["qk"][h][x] for x in qk] for h, qk in zip(k["heads"], k["qk"])],
+                         "v": [[c["v"][h][x] for x in v] for h, v in zip(k["heads"], k["v"])],
+                         "ffn": [c["ffn"][x] for x in k["ffn"]]}
+        for s, kept in p["embed"].items():
+            embed[int(s)] = [embed[int(s)][x] for x in kept]
+    return cur, embed
 
 
 def per_block(arch_before: Mapping, arch_after: Mapping) -> List[dict]:
