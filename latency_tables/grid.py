@@ -278,14 +278,15 @@ def grid_calibration_archs(arch: Mapping, n: int = 8, seed: int = 20_000) -> Lis
     return out
 
 
-def grid_remedy(table, arch: str, out: str) -> str:
-    """How to give `table` the pruning grid of `arch`: `latency build --prune-grid` measures it on this
-    machine; a table timed on a device (Core ML, `latency import`) cannot be built here, its grid goes
-    through `latency export-coreml --prune-grid`, the device, and `latency import` again."""
+def grid_remedy(table, arch: str, out: str, grid: bool = True) -> str:
+    """How to give `table` the entries (with `grid`, the pruning grid) of `arch`: `latency build` measures them on
+    this machine; a table timed on a device (Core ML, `latency import`) cannot be built here, its entries go
+    through `latency export-coreml`, the device, and `latency import` again."""
+    flag = " --prune-grid" if grid else ""
     if (getattr(table, "device", None) or {}).get("backend") == "coreml":
-        return (f"export one with `vitslim latency export-coreml --arch {arch} --prune-grid --out DIR`, time its "
+        return (f"export one with `vitslim latency export-coreml --arch {arch}{flag} --out DIR`, time its "
                 f"packages on the device and `vitslim latency import` them into {out}")
-    return f"build one with `vitslim latency build --arch {arch} --prune-grid --out {out}`"
+    return f"build one with `vitslim latency build --arch {arch}{flag} --out {out}`"
 
 
 # ---------------------------------------------------------------- interpolation on the grid

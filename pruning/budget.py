@@ -403,9 +403,9 @@ class Floor:
 MIN_KEEP_KINDS = ("heads", "qk", "v", "ffn", "embed")
 
 
-def min_keep_kinds(spec) -> Dict[str, float]:
-    """--min-keep as a fraction per kind: one number for every kind, a mapping, or "heads=1,ffn=0.25" (the
-    kinds not named keep the default 0.1)."""
+def normalize_min_keep(spec) -> "float | Dict[str, float]":
+    """--min-keep checked: one fraction for every kind (a float), or the kinds named with theirs (a dict) from a
+    mapping or "heads=1,ffn=0.25"."""
     def frac(name, v):
         try:
             f = float(v)
@@ -419,7 +419,7 @@ def min_keep_kinds(spec) -> Dict[str, float]:
     if isinstance(spec, str):
         s = spec.strip()
         if "=" not in s:
-            return {k: frac("", s) for k in MIN_KEEP_KINDS}
+            return frac("", s)
         parts = {}
         for item in s.split(","):
             name, eq, v = item.partition("=")
@@ -435,19 +435,14 @@ def min_keep_kinds(spec) -> Dict[str, float]:
         bad = [k for k in spec if k not in MIN_KEEP_KINDS]
         if bad:
             raise PruneError(f"--min-keep: got kind {bad[0]!r}, expected one of {', '.join(MIN_KEEP_KINDS)}")
-        return {k: frac(f"{k}=", spec[k]) if k in spec else 0.1 for k in MIN_KEEP_KINDS}
-    return {k: frac("", spec) for k in MIN_KEEP_KINDS}
+        return {k: frac(f"{k}=", v) for k, v in spec.items()}
+    return frac("", spec)
 
 
-def normalize_min_keep(spec):
-    """--min-keep as a float (one fraction for every kind) or a dict of the kinds named; checked."""
-    kinds = min_keep_kinds(spec)
-    if isinstance(spec, str) and "=" in spec:
-        named = [item.partition("=")[0].strip() for item in spec.split(",")]
-        return {k: kinds[k] for k in named}
-    if isinstance(spec, Mapping):
-        return {k: kinds[k] for k in spec}
-    return kinds["heads"]
+def min_keep_kinds(spec) -> Dict[str, float]:
+    """--min-keep as a fraction per kind (the kinds a per-kind spec does not name keep the default 0.1)."""
+    f = normalize_min_keep(spec)
+    return {k: f.get(k, 0.1) for k in MIN_KEEP_KINDS} if isinstance(f, dict) else dict.fromkeys(MIN_KEEP_KINDS, f)
 
 
 def min_keep_str(spec) -> str:

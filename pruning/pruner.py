@@ -485,21 +485,16 @@ def check_table(table, arch: Mapping) -> None:
             (f"ops {', '.join(sorted(have)[:4])}" if have else "no entries")
         why = f"it has no entry for {', '.join(sorted(need))}" if need else \
             f"latency tables cannot yet cut a {fam} network into entries"
-        if (table.device or {}).get("backend") == "coreml":  # timed on a device: its entries come through import
-            how = ("export its entries with `vitslim latency export-coreml --arch CHECKPOINT --out DIR`, time them on "
-                   "the device and `vitslim latency import` them")
-        else:
-            how = "build one for it with `vitslim latency build`"
+        from latency_tables.grid import grid_remedy
         raise PruneError(f"--table {getattr(table, 'path', None) or ''}: built for {made_for}, not for this {fam} "
-                         f"model ({why}); {how}")
+                         f"model ({why}); {grid_remedy(table, 'CHECKPOINT', 'T.yaml', grid=False)}")
     from latency_tables.table import LatencyError
     try:  # the same family, but other geometry (width, patch, resolution) than the table was measured at
         table.predict(arch, interpolate=True)
     except LatencyError as e:
         from latency_tables.grid import grid_remedy
-        how = grid_remedy(table, "CHECKPOINT", "T.yaml") if (table.device or {}).get("backend") == "coreml" else \
-            "build a table of it with `vitslim latency build --arch CHECKPOINT --prune-grid --out T.yaml`"
-        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: cannot price this model ({e}); {how}") from None
+        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: cannot price this model ({e}); "
+                         f"{grid_remedy(table, 'CHECKPOINT', 'T.yaml')}") from None
 
 
 # ---------------------------------------------------------------- the pruner

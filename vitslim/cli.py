@@ -44,6 +44,8 @@ def _target_arch_and_model(target: str):
 
 # ------------------------------------------------------------------ built-in configs
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
+STATE_DICT_ARCH_HELP = ("arch .yaml or preset of a plain state dict whose shapes cannot tell it (a bare "
+                        "torch.save(model.state_dict()) of a pruned model, a ViT whose heads are not 64 channels)")
 BUILTIN_CONFIGS = {"pipeline": ("quickstart",), "supernet": ("supernet_tiny",)}  # copies of experiments/NAME.yaml
 
 

@@ -1,7 +1,7 @@
 """`vitslim export`: deployable artefacts of a preset, arch .yaml or checkpoint."""
 import json
 
-from .cli import register_command
+from .cli import STATE_DICT_ARCH_HELP, register_command
 
 
 def _args(p):
@@ -11,9 +11,7 @@ def _args(p):
     p.add_argument("--batch", type=int, default=1, help="batch size of the traced example (default 1)")
     p.add_argument("--input-size", type=int, default=None,
                    help="export at this input side (default: the arch's); trained weights must run at it")
-    p.add_argument("--arch", default=None, metavar="ARCH",
-                   help="arch .yaml or preset of a plain state dict TARGET whose shapes cannot tell it (a bare "
-                        "torch.save(model.state_dict()) of a pruned model, a ViT whose heads are not 64 channels)")
+    p.add_argument("--arch", default=None, metavar="ARCH", help=STATE_DICT_ARCH_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-check", action="store_true", help="skip comparing the artefact's outputs with PyTorch")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

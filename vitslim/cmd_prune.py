@@ -4,14 +4,12 @@ import argparse
 import json
 import os
 
-from .cli import add_threads_arg, apply_threads, finite_float, register_command
+from .cli import STATE_DICT_ARCH_HELP, add_threads_arg, apply_threads, finite_float, register_command
 
 
 def _args(p):
     p.add_argument("--checkpoint", required=True, help="DeiT or Swin checkpoint (official, timm, Hugging Face or vitslim)")
-    p.add_argument("--arch", default=None, metavar="ARCH",
-                   help="arch .yaml or preset of a plain state dict whose shapes cannot tell it (a bare "
-                        "torch.save(model.state_dict()) of a pruned model, a ViT whose heads are not 64 channels)")
+    p.add_argument("--arch", default=None, metavar="ARCH", help=STATE_DICT_ARCH_HELP)
     p.add_argument("--data", required=True,
                    help="calibration / fine-tuning images: 'synthetic', an ImageFolder directory root/<class>/<images>, "
                         "or a .pt file with an image tensor (N, C, H, W) or {images, labels}")
@@ -132,7 +130,7 @@ def _run(args):
 def _locked(args, targets, macs, implied, target):
     """The rest of the run, under the lock of its --out (pruning.report.prune_lock)."""
     import torch
-    from supernet.checkpoint import load_checkpoint
+    from .api import load_checkpoint
     from pruning.pruner import DataSource, PruneConfig, prune
     from pruning.report import write_run
     from pruning.units import PruneError, check_family
@@ -144,11 +142,7 @@ def _locked(args, targets, macs, implied, target):
     if args.table:
         from latency_tables.table import LatencyTable
         table = LatencyTable.load(args.table)
-    if args.arch is not None:
-        from .api import resolve_arch
-        model, arch = load_checkpoint(args.checkpoint, resolve_arch(args.arch))
-    else:
-        model, arch = load_checkpoint(args.checkpoint)
+    model, arch = load_checkpoint(args.checkpoint, arch=args.arch)
     check_family(arch, depth=bool(args.depth))
     cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
