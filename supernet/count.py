@@ -3,7 +3,10 @@ parameters of the training graph (BN unfused), MACs = torch's FLOP counter / 2 o
 (matmuls and convolutions, attention products included)."""
 from __future__ import annotations
 
-from typing import Mapping, Union
+import hashlib
+import json
+import os
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -62,3 +65,64 @@ def count(model_or_arch: Union[nn.Module, Mapping], input_size: int | None = Non
     except (NotImplementedError, RuntimeError):
         model = fam.build(arch)
         return {"params": count_params(model), "macs": _macs(model, size, arch["in_chans"], "cpu")}
+
+
+_CODE_FP: Optional[str] = None
+
+
+def _code_fingerprint() -> str:
+    """What a count depends on besides the arch: torch's version and the source of this package (the
+    families' builders and this counter). Any edit, an upgrade, another checkout: another fingerprint."""
+    global _CODE_FP
+    if _CODE_FP is None:
+        h = hashlib.sha256(f"torch {torch.__version__}\n".encode())
+        root = os.path.dirname(os.path.abspath(__file__))
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for fn in sorted(f for f in files if f.endswith(".py")):
+                p = os.path.join(dirpath, fn)
+                h.update(os.path.relpath(p, root).encode("utf-8", "surrogateescape") + b"\0")
+                with open(p, "rb") as f:
+                    h.update(f.read())
+        _CODE_FP = h.hexdigest()
+    return _CODE_FP
+
+
+def count_cached(archs: Sequence[Mapping]) -> List[dict]:
+    """count(arch) of each arch, remembered in counts.json of vitslim's cache folder (`supernet.data.cache_dir`)
+    under the normalised arch and `_code_fingerprint()`: listing the presets again costs no network build.
+    A missing, damaged or unwritable cache only costs the counting."""
+    from .arch import atomic_file, validate
+    from .data import cache_dir
+    from .runlock import remove_stale_temps
+    base = cache_dir()
+    path = os.path.join(base, "counts.json") if base else None
+    fp = _code_fingerprint()
+    entries = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                c = json.load(f)
+            if c.get("format") == "vitslim-counts" and c.get("version") == 1 and c.get("code") == fp \
+                    and isinstance(c.get("entries"), dict):
+                entries = c["entries"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    out, new = [], False
+    for a in archs:
+        a = validate(dict(a))
+        key = hashlib.sha256(json.dumps(a, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        hit = entries.get(key)
+        if not (isinstance(hit, dict) and isinstance(hit.get("params"), int) and isinstance(hit.get("macs"), int)):
+            hit = count(a)
+            entries[key], new = {"params": int(hit["params"]), "macs": int(hit["macs"])}, True
+        out.append({"params": hit["params"], "macs": hit["macs"]})
+    if path and new:
+        try:
+            os.makedirs(base, exist_ok=True)
+            remove_stale_temps(base, "counts.json")
+            with atomic_file(path) as f:  # entries of an older fingerprint are dropped with it
+                json.dump({"format": "vitslim-counts", "version": 1, "code": fp, "entries": entries}, f)
+        except OSError:
+            pass
+    return out

@@ -182,14 +182,21 @@ def _pil():
 SCAN_CACHE_ENV = "VITSLIM_CACHE_DIR"
 
 
-def scan_cache_path(root: str) -> Optional[str]:
-    """Where the header checks of image folder `root` are remembered: $VITSLIM_CACHE_DIR (empty: off), else
-    $XDG_CACHE_HOME/vitslim, else ~/.cache/vitslim; under scans/, one file per folder (its real path)."""
-    import hashlib
+def cache_dir() -> Optional[str]:
+    """vitslim's cache folder: $VITSLIM_CACHE_DIR (empty: no cache, None returned), else $XDG_CACHE_HOME/vitslim,
+    else ~/.cache/vitslim. Only what can be recomputed lives there (a damaged or missing cache costs time)."""
     base = os.environ.get(SCAN_CACHE_ENV)
     if base is None:
         base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                             "vitslim")
+    return base or None
+
+
+def scan_cache_path(root: str) -> Optional[str]:
+    """Where the header checks of image folder `root` are remembered: $VITSLIM_CACHE_DIR (empty: off), else
+    $XDG_CACHE_HOME/vitslim, else ~/.cache/vitslim; under scans/, one file per folder (its real path)."""
+    import hashlib
+    base = cache_dir()
     if not base:
         return None
     key = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:24]

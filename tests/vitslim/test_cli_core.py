@@ -68,6 +68,39 @@ def test_presets_lists_every_preset(capsys):
     assert {r["name"]: r["params"] for r in rows}["deit_base"] == 86567656
 
 
+def test_presets_are_counted_once_then_read_from_the_cache(capsys, scan_cache, monkeypatch):
+    import supernet.count as sc
+    _, first, _ = run(capsys, "presets", "--json")
+    assert (scan_cache / "counts.json").is_file()
+
+    def no_build(*a, **k):
+        raise AssertionError("counted again")
+    monkeypatch.setattr(sc, "count", no_build)
+    code, again, _ = run(capsys, "presets", "--json")
+    assert code == 0 and json.loads(again) == json.loads(first)
+
+
+def test_the_count_cache_follows_the_code_and_survives_damage(scan_cache, monkeypatch):
+    import supernet.count as sc
+    archs = [vitslim.get_preset("deit_tiny"), dict(vitslim.get_preset("deit_tiny"), input_size=112)]
+    real = sc.count
+    built = []
+    monkeypatch.setattr(sc, "count", lambda a: built.append(a["input_size"]) or real(a))
+    want = [real(a) for a in archs]
+    assert sc.count_cached(archs) == want and built == [224, 112]
+    assert sc.count_cached(archs) == want and built == [224, 112]  # both remembered, each under its own arch
+    monkeypatch.setattr(sc, "_CODE_FP", "another checkout")
+    assert sc.count_cached(archs[:1]) == want[:1] and built == [224, 112, 224]  # other code: counted anew
+    (scan_cache / "counts.json").write_text('{"format": "vitslim-counts", "version": 1, "code": "another checkout", '
+                                            '"entries": {"x"')  # cut short
+    assert sc.count_cached(archs[:1]) == want[:1] and built == [224, 112, 224, 224]
+    assert json.loads((scan_cache / "counts.json").read_text())["code"] == "another checkout"
+    monkeypatch.setenv("VITSLIM_CACHE_DIR", "")  # off: counted every time, nothing written
+    (scan_cache / "counts.json").unlink()
+    assert sc.count_cached(archs[:1]) == want[:1] and built == [224, 112, 224, 224, 224]
+    assert not (scan_cache / "counts.json").exists()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["info", "nosuchpreset"], "preset: got 'nosuchpreset'"),
     (["info", "deit_tiny", "--input-size", "0"], "--input-size: got 0"),
