@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from typing import List, Optional
 
 from .errors import VitslimError, nearest_existing
@@ -15,6 +16,8 @@ LOCK_FILE = ".lock"
 
 def pid_alive(pid: int) -> bool:
     """Whether a process of this host is running (one we may not signal counts as running)."""
+    if sys.platform == "win32":  # os.kill(pid, 0) there sends Ctrl+C (CTRL_C_EVENT is 0), and fails (WinError 87)
+        return _pid_alive_windows(pid)  # on a pid that is no process group: asked without signalling
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -22,6 +25,20 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _pid_alive_windows(pid: int) -> bool:
+    """pid_alive on Windows: open the process (SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION) and ask whether it
+    has ended, without signalling it. No such process: False; one we may not open (another user's): True."""
+    import _winapi
+    try:
+        handle = _winapi.OpenProcess(0x00100000 | 0x1000, False, int(pid))
+    except OSError as e:
+        return getattr(e, "winerror", None) == 5  # ERROR_ACCESS_DENIED: it exists
+    try:
+        return _winapi.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running (WAIT_OBJECT_0: ended)
+    finally:
+        _winapi.CloseHandle(handle)
 
 
 # Temporary names carry their writer's pid, so a later run can tell a killed writer's leftovers (removed)
