@@ -63,14 +63,50 @@ class Procedure:
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
+# The thread clock is used only where it advances finely: Windows' thread CPU time (GetThreadTimes) moves in
+# scheduler ticks of ~15.6 ms, so a sub-millisecond call timed on it reads 0 (a table of zeros); Linux's and
+# macOS's advance in nanoseconds or microseconds.
+THREAD_CLOCK_MAX_TICK_S = 1e-5
+_TICKS: Dict[object, float] = {}
+
+
+def clock_tick(name: str = "thread", limit_s: float = 0.25) -> float:
+    """The smallest step (seconds) seen in the clock `name` while spinning on it (three steps, at most `limit_s`
+    of wall time; inf when it never moved). Measured once per process and clock function."""
+    f = CLOCKS[name]
+    if f not in _TICKS:
+        steps, t_end = [], time.perf_counter() + limit_s
+        last = f()
+        while len(steps) < 3 and time.perf_counter() < t_end:
+            v = f()
+            if v != last:
+                steps.append(v - last)
+                last = v
+        _TICKS[f] = min(steps) if steps else float("inf")
+    return _TICKS[f]
+
 
 def resolve_clock(clock: str, backend) -> str:
+    """The clock to time with: `auto` is the backend's default; the thread clock becomes the wall clock where it
+    advances too coarsely to time one call (Windows), said once when it was asked for by name (or by a table)."""
+    asked = clock
     if clock == "auto":
-        return backend.default_clock()
-    if clock not in CLOCKS:
+        clock = backend.default_clock()
+    elif clock not in CLOCKS:
         from .backends import BackendError
         raise BackendError(f"clock: got {clock!r}, expected auto, wall or thread")
+    if clock == "thread" and clock_tick("thread") > THREAD_CLOCK_MAX_TICK_S:
+        if asked != "auto" and "thread" not in _WARNED:
+            import warnings
+            _WARNED.add("thread")
+            warnings.warn(f"clock thread: this system's thread CPU time advances in steps of "
+                          f"{clock_tick('thread') * 1e3:.3g} ms, too coarse to time one call; timing with the wall "
+                          "clock instead (run on an otherwise idle machine)", stacklevel=2)
+        return "wall"
     return clock
+
+
+_WARNED: set = set()
 
 
 def time_interleaved(runners: Sequence[Callable[[], None]], proc: Procedure) -> List[Timing]:
