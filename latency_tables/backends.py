@@ -297,6 +297,13 @@ class CoreML(Backend):
         x = self.example(input_shape)
         mlmodel = convert_coreml(module, x, compute_units=getattr(ct.ComputeUnit, self.compute_units))
         predict = mlmodel.predict
+        try:  # once before timing: coremltools raises plain Exception where Core ML cannot load or run the model
+            predict({"x": x.numpy()})
+        except Exception as e:
+            why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+            on_device = COREML_OFF_MAC.split("Measure on the device instead: ", 1)[1]
+            raise BackendError(f"coreml: Core ML cannot run the converted model on this Mac "
+                               f"({why}); measure on the device instead: {on_device}") from None
 
         def step(a):
             return next(iter(predict({"x": a}).values()))

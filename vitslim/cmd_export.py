@@ -36,7 +36,9 @@ def _run(args):
         elif not res["trained"] and args.format != "yaml":
             print(f"note: untrained (random, seed 0) weights: {args.target} is an architecture; export a checkpoint "
                   "for a trained network (right for latency measurement, not for accuracy)")
-        if args.format == "coreml" and not res.get("predicted"):
+        if res.get("unchecked"):
+            print(f"note: not checked: {res['unchecked']}; check it on the device (e.g. Xcode's performance report)")
+        elif args.format == "coreml" and not res.get("predicted"):
             print("note: Core ML converted here (float16 compute); it runs only on macOS/iOS (check it there, e.g. "
                   "Xcode's performance report)")
     return 0

@@ -59,6 +59,27 @@ def test_coreml_backend_off_macos_points_to_export_and_import(monkeypatch):
     assert "only on macOS" in msg and "export-coreml" in msg and "latency import" in msg
 
 
+def test_coreml_backend_on_a_mac_that_cannot_run_the_model_says_so_in_one_line(monkeypatch):
+    """macOS before 13 (an iOS 16 mlprogram), or coremltools without its macOS library: MLModel.predict raises a
+    plain Exception, which escaped `latency build --backend coreml` as a traceback from the first timed call."""
+    pytest.importorskip("coremltools")
+    import torch
+
+    import latency_tables.coreml_io as cio
+
+    class Unloadable:
+        def predict(self, data):
+            raise Exception("Unable to load CoreML.framework. Cannot make predictions.")
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(cio, "convert_coreml", lambda module, x, compute_units=None: Unloadable())
+    with pytest.raises(BackendError) as e:
+        get_backend("coreml").prepare_fn(torch.nn.Identity(), (1, 3, 8, 8))
+    msg = str(e.value)
+    assert msg.startswith("coreml: Core ML cannot run the converted model on this Mac (Unable to load CoreML.framework")
+    assert "export-coreml" in msg and "latency import" in msg and "\n" not in msg
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pytest.importorskip("coremltools")
