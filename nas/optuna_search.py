@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from typing import List, Mapping, Optional
 
@@ -400,10 +401,14 @@ def _journal_backend(path: str):
     written); `sync()`, once per trial, makes the journal durable against a power cut (whose torn last line the
     next run drops, `drop_torn_tail`). Optuna's own backend where its internals differ from what this expects."""
     from optuna.storages.journal import JournalFileBackend
+    lock = None
+    if sys.platform == "win32":  # Optuna's default lock is a symlink, which Windows lets only administrators (or
+        from optuna.storages.journal import JournalFileOpenLock  # Developer Mode) make: WinError 1314 otherwise
+        lock = JournalFileOpenLock(path)  # an O_EXCL file of the same name (excludes a symlink lock's holder too)
     try:
         from optuna.storages.journal._file import get_lock_file
     except ImportError:
-        return JournalFileBackend(path)
+        return JournalFileBackend(path, lock_obj=lock)
 
     class Backend(JournalFileBackend):
         def append_logs(self, logs):
@@ -421,7 +426,7 @@ def _journal_backend(path: str):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-    return Backend(path)
+    return Backend(path, lock_obj=lock)
 
 
 def _sync_storage(study) -> None:

@@ -173,3 +173,27 @@ def test_the_journal_is_synced_once_a_trial_not_once_a_record(supernet_run, tabl
     params = len(FlatEncoding(load_space(SPACE)).params())
     assert len(done) == 6 and all(len(t.params) == params for t in done)
     assert len(synced) <= 6 * 4 < 6 * params, len(synced)  # one a trial (plus the run's own files), not one a record
+
+
+def test_the_journal_works_on_windows_without_the_symlink_privilege(tmp_path, monkeypatch):
+    """Optuna's default journal lock is a symlink, which Windows lets only administrators (or Developer Mode) make:
+    `search --strategy optuna` failed there at its first record with WinError 1314 (optuna/optuna#4298). On Windows
+    the journal takes Optuna's O_EXCL file lock instead (emulated here: sys.platform win32, os.symlink refused)."""
+    import errno
+
+    import optuna
+
+    from nas.optuna_search import _journal_backend
+
+    def no_symlink(*a, **k):
+        raise OSError(errno.EINVAL, "A required privilege is not held by the client")
+
+    monkeypatch.setattr(os, "symlink", no_symlink)
+    path = str(tmp_path / "study.journal")
+    with monkeypatch.context() as m:
+        m.setattr("sys.platform", "win32")
+        backend = _journal_backend(path)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(backend))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2 and not os.path.exists(path + ".lock")
