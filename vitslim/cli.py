@@ -237,8 +237,11 @@ def main(argv=None) -> int:
 def _expand_home(args) -> None:
     """`--out=~/runs/x` (the shell expands ~ only at the start of a word, not after `=`) means the home folder,
     as paths inside configs already do, not a folder named `~` in the current one."""
+    seps = {s for s in ("/", os.sep, os.altsep) if s}  # Windows: ~\runs\x (cmd and PowerShell pass ~ unexpanded)
+
     def home(v):
-        return os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") and (v == "~" or "/" in v) else v
+        return os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") and (
+            v == "~" or any(s in v for s in seps)) else v
 
     for k, v in vars(args).items():
         setattr(args, k, [home(x) for x in v] if isinstance(v, list) else home(v))
