@@ -428,6 +428,8 @@ def _run(args):
         made[os.path.basename(dst)] = source
         atomic_write_text(stamp, json.dumps(made, indent=1, sort_keys=True) + "\n")
         err = f" (max relative error {res['max_rel_error']:.1e} vs PyTorch)" if "max_rel_error" in res else ""
+        if res.get("unchecked"):
+            err = f" (not checked: {res['unchecked']})"
         print(f"  wrote {res['path']}{err}")
     return 0
 
