@@ -465,6 +465,7 @@ def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
         except Exception as e:  # coremltools raises plain Exception: no Core ML it can load, or a model it cannot run
             why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
             if getattr(ml, "__proxy__", True) is not None:  # loaded, but failed to run: the package is at fault
+                shutil.rmtree(tmpdir, ignore_errors=True)  # nothing half-written is left beside --out
                 raise ExportError(f"coreml check: Core ML could not run the package on this Mac ({why}); pass "
                                   "--no-check to write it unchecked") from None
             # Core ML cannot load an iOS 16 mlprogram here (macOS before 13, or coremltools without its macOS
