@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.importance import MagnitudeImportance, TaylorImportance
-from pruning.units import block_infos, block_module
+from pruning.units import BlockKeep, Plan, block_infos, block_module
 
 from pruning_nets import batches, build, tiny_deit, tiny_swin
 
@@ -90,3 +90,38 @@ def test_momentum_blends_scores_of_surviving_units():
     c = b.blend(a, 0.9)
     key = block_infos(arch)[0].key
     np.testing.assert_allclose(c[key]["ffn"], 0.9 * a[key]["ffn"] + 0.1 * b[key]["ffn"])
+
+
+def test_momentum_blends_residual_channel_and_branch_scores_as_it_blends_units():
+    """Embedding (residual channel) and branch (depth) scores are smoothed across iterative steps with the
+    same weights as unit scores: momentum on the previous step's, 1 - momentum on this step's."""
+    arch = tiny_deit()
+    model = build(arch)
+    a = TaylorImportance().score(model, arch, batches(arch, 1, seed=0), embed=True)
+    b = TaylorImportance().score(model, arch, batches(arch, 1, seed=1), embed=True)
+    assert not np.allclose(a.embed[0], b.embed[0])  # the two steps' scores differ: the weights are visible
+    c = b.blend(a, 0.9)
+    np.testing.assert_allclose(c.embed[0], 0.9 * a.embed[0] + 0.1 * b.embed[0])
+    for key in b.branch:
+        assert not np.allclose(a.branch[key], b.branch[key])
+        np.testing.assert_allclose(c.branch[key], 0.9 * a.branch[key] + 0.1 * b.branch[key])
+
+
+def test_restrict_keeps_the_scores_of_the_kept_units_and_zeroes_the_removed_branches():
+    """Scores carried to the next iterative step are those of the units the plan keeps, in the pruned
+    network's order, and a branch the plan empties has no score left (the other branch keeps its own)."""
+    arch = tiny_deit()
+    model = build(arch)
+    s = TaylorImportance().score(model, arch, batches(arch, 1))
+    b0, b1 = block_infos(arch)
+    plan = Plan({b0.key: BlockKeep([], {}, {}, list(range(b0.ffn_hidden))),               # attention emptied
+                 b1.key: BlockKeep([0, 2], {0: [1, 5], 2: [0, 7]}, {0: [2, 3], 2: [4, 6]}, [])})  # FFN emptied
+    r = s.restrict(block_infos(arch), plan)
+    np.testing.assert_array_equal(r.branch[b0.key], [0.0, s.branch[b0.key][1]])
+    np.testing.assert_array_equal(r.branch[b1.key], [s.branch[b1.key][0], 0.0])
+    assert all(s.branch[k].min() > 0 for k in (b0.key, b1.key))
+    np.testing.assert_array_equal(r[b1.key]["head"], s[b1.key]["head"][[0, 2]])
+    np.testing.assert_array_equal(r[b1.key]["qk"], [s[b1.key]["qk"][0][[1, 5]], s[b1.key]["qk"][2][[0, 7]]])
+    np.testing.assert_array_equal(r[b1.key]["v"], [s[b1.key]["v"][0][[2, 3]], s[b1.key]["v"][2][[4, 6]]])
+    np.testing.assert_array_equal(r[b0.key]["ffn"], s[b0.key]["ffn"])
+    assert r[b0.key]["head"].size == 0 and r[b1.key]["ffn"].size == 0
