@@ -125,3 +125,32 @@ def test_restrict_keeps_the_scores_of_the_kept_units_and_zeroes_the_removed_bran
     np.testing.assert_array_equal(r[b1.key]["v"], [s[b1.key]["v"][0][[2, 3]], s[b1.key]["v"][2][[4, 6]]])
     np.testing.assert_array_equal(r[b0.key]["ffn"], s[b0.key]["ffn"])
     assert r[b0.key]["head"].size == 0 and r[b1.key]["ffn"].size == 0
+
+
+@pytest.mark.parametrize("make", [tiny_deit, tiny_swin])
+def test_magnitude_is_the_squared_norm_of_the_weights_each_unit_owns(make):
+    """Unit by unit, from the named weight slices (surgery's layout: qkv rows [q | k | v], head-major):
+    a Q/K pair owns its q and k rows, a V channel its v row and proj input column, a head all of its
+    channels, an FFN channel its fc1 row (and bias) and fc2 column; a branch the sum over its units."""
+    arch = make()
+    model = build(arch)
+    scores = MagnitudeImportance().score(model, arch)
+    for info in block_infos(arch):
+        blk = block_module(model, info)
+        H, dq, dv = info.heads, info.qk_dim, info.v_dim
+        W, b = blk.attn.qkv.weight.detach().double(), blk.attn.qkv.bias.detach().double()
+        P = blk.attn.proj.weight.detach().double()
+
+        def row(r):
+            return float(W[r].pow(2).sum() + b[r] ** 2)
+        qk = np.array([[row(h * dq + c) + row(H * dq + h * dq + c) for c in range(dq)] for h in range(H)])
+        v = np.array([[row(2 * H * dq + h * dv + c) + float(P[:, h * dv + c].pow(2).sum()) for c in range(dv)]
+                      for h in range(H)])
+        f1, f1b, f2 = blk.mlp.fc1.weight.detach().double(), blk.mlp.fc1.bias.detach().double(), blk.mlp.fc2.weight.detach().double()
+        ffn = np.array([float(f1[c].pow(2).sum() + f1b[c] ** 2 + f2[:, c].pow(2).sum()) for c in range(info.ffn_hidden)])
+        s = scores[info.key]
+        np.testing.assert_allclose(s["qk"], qk, rtol=1e-12)
+        np.testing.assert_allclose(s["v"], v, rtol=1e-12)
+        np.testing.assert_allclose(s["head"], qk.sum(1) + v.sum(1), rtol=1e-12)
+        np.testing.assert_allclose(s["ffn"], ffn, rtol=1e-12)
+        np.testing.assert_allclose(scores.branch[info.key], [qk.sum() + v.sum(), ffn.sum()], rtol=1e-12)
