@@ -249,3 +249,28 @@ def test_an_action_that_is_more_accurate_and_faster_is_never_passed_over():
         res = LatencySlimming(criterion=criterion).search(ctx)
         assert res.extra["trajectory"][1]["action"] == "to_identity", criterion
     assert per_ms(-0.02, 1.0) < per_ms(-0.01, 0.01) < per_ms(0.0, 5.0) < per_ms(0.01, 5.0) < per_ms(0.01, 1.0)
+
+
+def test_paper_actions_take_the_least_important_position_and_stage():
+    """Action (a) turns the least important position still running a block into identity, (b) the first
+    Meta3D in network order into a Meta4D, and (c) shrinks the stage with the least summed importance over
+    its running positions among the stages that can still lose `width_step` channels (a hand-made case)."""
+    from types import SimpleNamespace
+    from nas.slimming import LatencySlimming
+    from supernet.space import SearchSpace
+    two = {"max_depth": 2, "max_width": 32, "min_width": 16}
+    space = SearchSpace.from_dict({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
+                                   "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
+                                   "stages": [dict(two, candidates=["meta4d", "identity"])] * 2
+                                   + [dict(two, candidates=["meta4d", "meta3d", "identity"])] * 2})
+    choice = {"widths": [32, 32, 32, 16],
+              "blocks": [["meta4d", "meta4d"], ["meta4d", "identity"], ["meta4d", "meta3d"], ["meta3d", "meta3d"]]}
+    # running positions: stage 3 holds the least important (0.2) but is at its minimum width; stage 1's
+    # identity position (1.5) does not count, so stage 1 (4.0) sums below stage 0 (5.0) and stage 2 (7.5)
+    imp = {"metapath": [[3.0, 2.0], [4.0, 1.5], [1.5, 6.0], [0.2, 0.3]]}
+    cands = LatencySlimming.candidates(SimpleNamespace(space=space), choice, imp)
+    assert [(a, w) for a, w, _ in cands] == [("to_identity", "stage3.block0"), ("meta3d_to_meta4d", "stage2.block1"),
+                                             ("shrink", "stage1")]
+    assert cands[0][2]["blocks"][3] == ["identity", "meta3d"]
+    assert cands[1][2]["blocks"][2] == ["meta4d", "meta4d"]
+    assert cands[2][2]["widths"] == [32, 16, 32, 16]
