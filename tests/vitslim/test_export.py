@@ -377,3 +377,42 @@ def test_export_of_a_plain_state_dict_with_its_arch_given(tmp_path, capsys):
     with torch.no_grad():
         ref = m(x).numpy()
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt,tol", [("onnx", 1e-4), ("torchscript", 1e-5)])
+def test_an_onnx_or_torchscript_check_over_its_tolerance_fails(monkeypatch, ckpt, tmp_path, fmt, tol):
+    """The exported file's output is compared with PyTorch's by the largest error relative to the largest
+    logit: one logit off by 5x the tolerance is an error (and nothing is written), one off by a fifth of it
+    is not (faked: the runtime's output, one element moved)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    def moved(out, frac):
+        out = np.array(out, dtype=np.float32, copy=True)
+        out.flat[3] += frac * tol * np.abs(out).max()
+        return out
+
+    for frac, name in ((0.2, "ok"), (5.0, "bad")):
+        if fmt == "onnx":
+            real = ort.InferenceSession
+
+            class Session:
+                def __init__(self, *a, **k):
+                    self.s = real(*a, **k)
+
+                def run(self, *a, frac=frac):
+                    return [moved(self.s.run(*a)[0], frac)]
+            monkeypatch.setattr(ort, "InferenceSession", Session)
+        else:
+            real_load = torch.jit.load
+            monkeypatch.setattr(torch.jit, "load", lambda p, frac=frac, real_load=real_load:
+                                (lambda x, m=real_load(p): torch.from_numpy(moved(m(x).numpy(), frac))))
+        out = tmp_path / f"{name}.{'onnx' if fmt == 'onnx' else 'ts'}"
+        if frac < 1:
+            assert vitslim.export_model(str(ckpt), fmt, out, batch=2)["max_rel_error"] <= tol
+            assert out.exists()
+        else:
+            with pytest.raises(vitslim.VitslimError, match=f"{fmt} check: .*differs .*by {5 * tol:.2e} \\(relative\\)"):
+                vitslim.export_model(str(ckpt), fmt, out, batch=2)
+            assert not out.exists()
+        monkeypatch.undo()
