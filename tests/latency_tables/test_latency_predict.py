@@ -117,3 +117,24 @@ def test_compile_names_missing_entries(tiny_space, tiny_table):
         tiny_table.compile(tiny_space)
     comp = tiny_table.compile(tiny_space, interpolate=True)
     assert comp.estimated == [victim]
+
+
+def test_estimate_is_linear_in_the_coordinate_between_measured_neighbours_and_proportional_outside():
+    """Between the nearest measured entries below and above (in MACs + input size), ms, p10 and p90 are each
+    linear; above the largest, scaled by the coordinate from it. An estimated entry is never a neighbour.
+    Checked on made-up entries that are exactly linear in the coordinate (each of ms, p10, p90 its own line)."""
+    from latency_tables.table import LatencyTable
+    t = LatencyTable({"backend": "torch-cpu", "device": "test"})
+    key = lambda d: {"op": "meta4d", "res": 7, "dim": d, "ffn_hidden": 4 * d}  # noqa: E731
+    x = {d: t._coord(key(d)) for d in (16, 32, 40, 48, 64, 80)}
+    line = lambda d: (0.2 + x[d] * 1e-6, 0.1 + x[d] * 0.9e-6, 0.5 + x[d] * 1.2e-6)  # noqa: E731 - ms, p10, p90
+    for d in (16, 64):
+        ms, p10, p90 = line(d)
+        t.set(key(d), ms, p10, p90, 9)
+    t.set(key(40), 10 * line(40)[0], 10 * line(40)[0], 10 * line(40)[0], 0, "estimated")  # a bad estimate, stored
+    for d in (32, 48):
+        e = t.estimate(key(d))
+        assert e.source == "estimated"
+        np.testing.assert_allclose([e.ms, e.p10, e.p90], line(d), rtol=1e-12)
+    e = t.estimate(key(80))
+    np.testing.assert_allclose([e.ms, e.p10, e.p90], np.array(line(64)) * x[80] / x[64], rtol=1e-12)
