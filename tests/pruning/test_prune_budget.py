@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import vitslim
-from pruning.budget import (ArchCost, Floor, MacsCost, Network, ParamsCost, floor_cost, parse_target,
-                            select_knapsack, select_ratio)
+from pruning.budget import (ArchCost, BlockState, Floor, MacsCost, Network, ParamsCost, floor_cost, grow,
+                            parse_target, select_knapsack, select_ratio)
 from pruning.importance import TaylorImportance
 from pruning.pruner import PruneConfig, prune
 from pruning.surgery import apply_plan
@@ -159,3 +159,41 @@ def test_a_cost_that_rises_before_it_falls_does_not_stop_the_selection():
         sel = select(Network(arch, sc, cost, Floor(0.1)), budget)
         _, small = apply_plan(model, arch, sel.plan)
         assert cost.total(small) <= budget + 1e-9, select.__name__
+
+
+def hand_scores(info, qk=None, ffn=None):
+    """Scores of one block: every unit worth 100 unless given."""
+    return {"head": np.full(info.heads, 100.0), "qk": np.full((info.heads, info.qk_dim), 100.0) if qk is None else qk,
+            "v": np.full((info.heads, info.v_dim), 100.0), "ffn": np.full(info.ffn_hidden, 100.0) if ffn is None else ffn}
+
+
+def test_a_qk_slice_is_worth_the_least_important_remaining_pair_of_every_kept_head():
+    """One Q/K slice removes one pair from every kept head: its importance is the sum over the kept heads
+    of each one's least important remaining pair (a hand-worked block: 3 heads of 4 pairs)."""
+    info = block_infos(tiny_deit(heads=3, qk=4))[0]
+    qk = np.array([[4.0, 1.0, 3.0, 2.0], [10.0, 20.0, 5.0, 7.0], [0.5, 9.0, 8.0, 6.0]])
+    s = hand_scores(info, qk=qk)
+    s["head"] = np.array([3.0, 2.0, 1.0])  # head 2 goes first
+    st = BlockState(info, s, Floor(0.0))
+    np.testing.assert_array_equal(st.step_importance("qk", 2), [1.0 + 5.0 + 0.5, 2.0 + 7.0 + 6.0])
+    st.k["head"] -= 1  # head 2 removed: its pairs no longer count
+    np.testing.assert_array_equal(st.step_importance("qk", 3), [1.0 + 5.0, 2.0 + 7.0, 3.0 + 10.0])
+    st.k["qk"] -= 2
+    assert st.keep().qk == {0: [0, 2], 1: [0, 1]}  # each head keeps its own two best
+
+
+def test_grow_adds_back_the_unit_with_the_most_importance_per_unit_of_cost():
+    """Two blocks of the same widths each lost one FFN channel (the same MACs each); the budget pays for one
+    to come back: the more important one does."""
+    arch = tiny_deit(blocks=2)
+    infos = block_infos(arch)
+    ffn = [np.full(infos[0].ffn_hidden, 100.0) for _ in infos]
+    ffn[0][7], ffn[1][3] = 5.0, 1.0  # the channel each block lost
+    net = Network(arch, {i.key: hand_scores(i, ffn=f) for i, f in zip(infos, ffn)}, MacsCost(), Floor(0.0))
+    one = net.block_delta(0, "ffn", 1)
+    for st in net.blocks:
+        st.k["ffn"] -= 1
+    total = net.total()
+    assert grow(net, total + 1.5 * one) == pytest.approx(total + one)
+    assert [st.k["ffn"] for st in net.blocks] == [infos[0].ffn_hidden, infos[1].ffn_hidden - 1]
+    assert 3 not in net.plan().keep[infos[1].key].ffn and 7 in net.plan().keep[infos[0].key].ffn
