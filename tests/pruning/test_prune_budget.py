@@ -197,3 +197,11 @@ def test_grow_adds_back_the_unit_with_the_most_importance_per_unit_of_cost():
     assert grow(net, total + 1.5 * one) == pytest.approx(total + one)
     assert [st.k["ffn"] for st in net.blocks] == [infos[0].ffn_hidden, infos[1].ffn_hidden - 1]
     assert 3 not in net.plan().keep[infos[1].key].ffn and 7 in net.plan().keep[infos[0].key].ffn
+
+
+def test_a_stage_keeps_its_most_important_residual_channels():
+    from pruning.budget import EmbedState
+    e = EmbedState(0, 6, np.array([5.0, 1.0, 4.0, 2.0, 6.0, 3.0]), Floor(0.0), 6)
+    e.k = 3
+    assert e.keep() == [0, 2, 4]
+    np.testing.assert_array_equal(e.step_importance(2), [4.0, 5.0])  # the next two to go, least important first

@@ -275,3 +275,12 @@ def test_a_3d_block_before_a_4d_one_is_refused():
         sn.extract(bad)
     with pytest.raises(ArchError, match="widths\\[3\\]: got 40"):
         sn(torch.randn(1, 3, 64, 64), mode="hard", widths=[32, 32, 48, 40])
+
+
+def test_recalibrate_bn_uses_exactly_max_batches_as_a_cumulative_average():
+    """The statistics are the plain average over the first `max_batches` batches (momentum None), not more."""
+    bn = torch.nn.BatchNorm1d(3)
+    batches = [torch.randn(8, 3) + k for k in range(3)]
+    recalibrate_bn(bn, batches, max_batches=2)
+    torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in batches[:2]]).mean(0))
+    assert int(bn.num_batches_tracked) == 2 and bn.momentum == 0.1
