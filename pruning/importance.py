@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .units import BlockInfo, Plan, block_infos, block_module
+from .units import BlockInfo, Plan, PruneError, block_infos, block_module
 
 BlockScores = Dict[str, np.ndarray]  # head (H,), qk (H, qk_dim), v (H, v_dim), ffn (F,)
 BRANCHES = ("attn", "mlp")  # branch scores: np.array([attention branch, FFN branch]); 0 where absent
@@ -202,6 +202,10 @@ class TaylorImportance(Importance):
                 x = x.detach().requires_grad_(True)  # activations need grad even if weights are frozen
                 with torch.enable_grad():
                     loss = self.loss_fn(model(x), y)
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        raise PruneError(f"calibration batch {n + 1}: the loss is {float(loss.detach().reshape(-1)[0])} "
+                                         "on the model being scored (its activations overflow float32, or its weights "
+                                         "or images hold NaN or Inf): Taylor importance needs a finite loss")
                     keys = list(captured)
                     grads = torch.autograd.grad(loss, [captured[k] for k in keys], allow_unused=True)
                 infos_by_key = {i.key: i for i in infos}
@@ -242,6 +246,7 @@ class TaylorImportance(Importance):
             model.train(was_training)
         if n == 0:
             raise ValueError("TaylorImportance.score: no calibration batches")
+        _check_finite(acc, emb, branch, self.name)
         for s in acc.values():
             for k in s:
                 s[k] /= n
@@ -250,6 +255,18 @@ class TaylorImportance(Importance):
         for b in branch.values():
             b /= n
         return Scores(acc, self.name, n, emb, branch)
+
+
+def _check_finite(blocks, embed, branch, criterion: str) -> None:
+    """A one-line error when a score is NaN or Inf: a selection would rank such units arbitrarily (NaN compares
+    false both ways) and the report would hold NaN, which is not JSON."""
+    parts = [(f"stages[{i}].blocks[{j}] {k}", v) for (i, j), b in blocks.items() for k, v in b.items()]
+    parts += [(f"stages[{i}] residual channels", e) for i, e in embed.items()]
+    parts += [(f"stages[{i}].blocks[{j}] branches", b) for (i, j), b in branch.items()]
+    for where, v in parts:
+        if not np.all(np.isfinite(v)):
+            raise PruneError(f"{criterion} importance of {where} is not finite (NaN or Inf: gradients or weights "
+                             "overflow float32, or the checkpoint holds NaN or Inf)")
 
 
 class MagnitudeImportance(Importance):
@@ -290,6 +307,7 @@ class MagnitudeImportance(Importance):
             branch[info.key] = np.array([float(s["head"].sum()), float(s["ffn"].sum())])
             if progress is not None:
                 progress.update(0)
+        _check_finite(out, emb, branch, self.name)
         return Scores(out, self.name, 0, emb, branch)
 
 

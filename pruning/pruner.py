@@ -337,11 +337,14 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
             loss = kd_loss(out, t_out, temperature)
         else:
             loss = default_loss(out, y)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise PruneError(f"fine-tuning step {step + 1}: the loss is {losses[-1]} (diverged), expected a finite "
+                             f"loss; lower --lr (now {lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if save is not None and step + 1 < steps and time.monotonic() - last_save >= (
@@ -564,6 +567,16 @@ class PruneResult:
     report: dict
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """A one-line error naming the first parameter or buffer holding NaN or Inf: every score, held-out loss and
+    report figure would be NaN, and the selection arbitrary."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = t.detach()[~torch.isfinite(t.detach())]
+            raise PruneError(f"checkpoint: {name} holds {bad.numel()} non-finite value(s) ({float(bad[0])}), expected "
+                             "finite weights (a diverged training run or a damaged file)")
+
+
 def block_widths(arch: Mapping) -> List[dict]:
     return [{"stage": i.stage, "block": i.index, "heads": i.heads, "qk_dim": i.qk_dim, "v_dim": i.v_dim,
              "ffn_hidden": i.ffn_hidden} for i in block_infos(arch)]
@@ -596,6 +609,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     cfg = config.check()
     arch = dict(arch)
     check_family(arch, depth=bool(cfg.depth))
+    check_finite_weights(model)
     targets: List[Target] = cfg.targets
     if cost_fn is not None and len(targets) > 1:
         raise PruneError(f"cost_fn prices one target, got {len(targets)}: {', '.join(map(str, targets))}")
@@ -633,6 +647,13 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     reference = teacher if teacher is not None else copy.deepcopy(model).eval()  # both: the unpruned model, frozen
     # without labels of the model's classes, every loss is against the unpruned model's top-1: the scores of
     # later steps and fine-tuning without a teacher would otherwise chase the pruned model's own drifting top-1
+    for x, _ in (calibration or heldout)[:1]:  # a model whose float32 activations overflow: every figure NaN
+        with torch.no_grad():
+            out = _logits(reference(x))
+        if not bool(torch.isfinite(out).all()):
+            raise PruneError("the unpruned model's logits on the first calibration batch are not finite (NaN or Inf: "
+                             "its activations overflow float32, or the images hold NaN or Inf), expected a model "
+                             "that runs on the data")
     calibration = _labelled(calibration, reference, arch["num_classes"], progress, "label calibration")
     # held-out batches too, once: evaluating every candidate against them would run the reference each time
     heldout, ref_eval = _labelled_scored(heldout, reference, arch["num_classes"], progress, "label held-out")
