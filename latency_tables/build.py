@@ -4,6 +4,7 @@ calibrate the overhead on whole networks measured end to end.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable, List, Mapping, Optional, Sequence
 
@@ -289,6 +290,11 @@ def fit_overhead(sums: Sequence[float], measured: Sequence[float], counts: Optio
     s = np.asarray(sums, float)
     m = np.asarray(measured, float)
     n = np.asarray(counts if counts is not None else np.zeros(len(s)), float)
+    bad = [i for i, x in enumerate(m) if not (math.isfinite(x) and x > 0)]
+    if bad:  # the fit weighs each network by 1 / its time: 0 gives NaN coefficients (or a failed SVD)
+        raise LatencyError(f"overhead fit: network {bad[0]} of {len(m)} measured at {m[bad[0]]:g} ms, expected a "
+                           "positive time (a whole network cannot run in no time: a clock too coarse, or a failed "
+                           "measurement)")
     scale = intercept = per_seg = 0.0
     note = None
     if len(s) >= 3 and np.ptp(s) > 0:

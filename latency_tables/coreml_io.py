@@ -330,6 +330,9 @@ def import_csv(manifest_path: str, csv_path: str, out_path: str, device: str, co
             if miss:
                 raise CSVImportError(f"{csv_path}: network {r['name']} needs entries with no time: "
                                    f"{', '.join(key_str(k) for k in miss[:4])}")
+            if not times[r["name"]]["ms"] > 0:  # the overhead fit weighs each network by 1 / its time
+                raise CSVImportError(f"{csv_path}: network {r['name']}: median_ms {times[r['name']]['ms']:g}, expected "
+                                     "the time of a whole network (> 0 ms: a failed or too coarse measurement?)")
             segs = decompose(r["arch"])
             sums.append(sum(table.lookup(s.key, interpolate=True).ms for s in segs))
             counts.append(len(segs))
