@@ -493,11 +493,14 @@ def check_table(table, arch: Mapping) -> None:
                          f"model ({why}); {grid_remedy(table, 'CHECKPOINT', 'T.yaml', grid=False)}")
     from latency_tables.table import LatencyError
     try:  # the same family, but other geometry (width, patch, resolution) than the table was measured at
-        table.predict(arch, interpolate=True)
+        ms = table.predict(arch, interpolate=True)
     except LatencyError as e:
         from latency_tables.grid import grid_remedy
         raise PruneError(f"--table {getattr(table, 'path', None) or ''}: cannot price this model ({e}); "
                          f"{grid_remedy(table, 'CHECKPOINT', 'T.yaml')}") from None
+    if not ms > 0:  # every target and kept fraction is relative to it
+        raise PruneError(f"--table {getattr(table, 'path', None) or ''}: predicts {ms:g} ms for this model (its entries "
+                         "are 0 ms: a clock too coarse, or a failed measurement), expected a positive time; re-measure")
 
 
 # ---------------------------------------------------------------- the pruner

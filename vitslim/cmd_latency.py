@@ -325,9 +325,11 @@ def _predict(args):
                           "estimated": st["estimated"], "device": describe_device(table.device)}))
         return 0
     print(f"{args.arch}: {st['total']:.3f} ms predicted on {describe_device(table.device)}")
+    def share(v):  # a table of 0 ms entries predicts 0 ms: no shares
+        return f"{v / st['total']:6.1%}" if st["total"] > 0 else f"{'-':>6}"
     for k, v in parts.items():
-        print(f"  {k:<10} {v:9.3f} ms  {v / st['total']:6.1%}")
-    print(f"  {'overhead':<10} {st['overhead']:9.3f} ms  {st['overhead'] / st['total']:6.1%}")
+        print(f"  {k:<10} {v:9.3f} ms  {share(v)}")
+    print(f"  {'overhead':<10} {st['overhead']:9.3f} ms  {share(st['overhead'])}")
     if st["estimated"]:
         print(f"  estimated (interpolated) entries: {len(st['estimated'])}: " + "; ".join(st["estimated"][:4]))
     return 0

@@ -61,3 +61,18 @@ def test_a_network_timed_at_zero_is_refused_and_the_table_left_loadable(tmp_path
 def test_the_overhead_fit_refuses_a_network_timed_at_zero(measured):
     with pytest.raises(LatencyError, match="measured at 0 ms, expected a positive time"):
         fit_overhead([1.0, 2.0, 3.0, 4.0][:len(measured)], measured, [3] * len(measured))
+
+
+def test_predict_of_a_network_priced_at_zero_prints_no_shares(tmp_path, capsys):
+    """A table whose entries are all 0 ms (a clock too coarse) predicts 0 ms: its per-stage shares were 0 / 0."""
+    import vitslim
+    from vitslim.cli import main
+    t = LatencyTable({"backend": "torch-cpu", "device": "test", "threads": 1, "batch_size": 1},
+                     built_for={"family": "efficientformer"})
+    for s in decompose(NET):
+        t.set(s.key, 0.0, 0.0, 0.0, 5)
+    t.save(str(tmp_path / "t.yaml"))
+    vitslim.save_arch(NET, str(tmp_path / "net.yaml"))
+    assert main(["latency", "predict", "--table", str(tmp_path / "t.yaml"), str(tmp_path / "net.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "0.000 ms predicted" in out and "stage0" in out and "%" not in out

@@ -63,3 +63,18 @@ def test_a_diverging_fine_tuning_is_one_line_and_writes_no_model(deit_ckpt, tmp_
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "fine-tuning step" in err and "lower --lr" in err, err
     assert not (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("target", ["latency=0.5x", "latency=5", "macs=0.5"])
+def test_a_table_that_prices_the_model_at_zero_is_refused_first(target):
+    """Every entry 0 ms: latency=0.5x of 0 ms, and every kept fraction, would divide by zero (a traceback at the very
+    end of the run, after scoring)."""
+    from latency_tables.table import LatencyTable
+    from pruning_nets import fake_table
+    arch = tiny_deit()
+    t = fake_table(arch)
+    zero = LatencyTable(t.device, built_for=t.built_for)
+    for e in t.entries.values():
+        zero.set(e.key, 0.0, 0.0, 0.0, 5)
+    with pytest.raises(PruneError, match="predicts 0 ms for this model"):
+        vitslim.prune_model(build(arch), target, calibration=batches(arch, n=1), table=zero)
