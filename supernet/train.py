@@ -67,6 +67,18 @@ class ConfigError(VitslimError, ValueError):
     """A training config that cannot run: unknown key, wrong type, value out of range."""
 
 
+class DivergedError(VitslimError, RuntimeError):
+    """The training diverged: a weight or architecture weight became NaN or Inf."""
+
+
+def non_finite_parameter(model: nn.Module) -> Optional[str]:
+    """The name of the first parameter holding NaN or Inf, or None (one device sync when all are finite)."""
+    named = list(model.named_parameters())
+    if not named or bool(torch.stack([p.detach().isfinite().all() for _, p in named]).all()):
+        return None
+    return next(n for n, p in named if not bool(p.detach().isfinite().all()))
+
+
 def _bad(path, value, expected) -> ConfigError:
     return ConfigError(f"{path}: got {value!r}, expected {expected}")
 
@@ -626,7 +638,21 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
     held = heldout_batches(held_ds, cfg.batch_size, max_batches=cfg.eval_batches, rank=dist.rank,
                            world_size=dist.world, workers=cfg.data.workers) if len(held_ds) else None
 
+    saved_at = [start if state is not None else None]
+
+    def check_finite(step: int):
+        """Stop before a diverged model is logged or saved over the last good checkpoint."""
+        bad = non_finite_parameter(model)
+        if bad is None:
+            return
+        kept = f"checkpoint.pt (step {saved_at[0]}) is kept" if saved_at[0] is not None else "no checkpoint was written"
+        last = f"; loss {float(loss.detach()):g}" if loss is not None else ""
+        raise DivergedError(f"step {step}: {bad} became NaN or Inf (the training diverged{last}); {kept}; lower "
+                            "optimizer.lr or alpha.lr, or set optimizer.grad_clip, and train into another --out")
+
     def save(step: int):
+        check_finite(step)
+        saved_at[0] = step
         if not main:
             return
         imp = {"step": step, "tau": cfg.temperature.at(max(0, step - 1), cfg.steps), **model.importance()}
@@ -648,6 +674,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     model.train()
     t0, last = time.perf_counter(), None
+    loss = None
     try:
         for step, (x, y) in zip(range(start, end), loader):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -683,6 +710,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, stop_at
             sched.step()
             done = step + 1
             if done % cfg.log_every == 0 or done == end or (cfg.eval_every and done % cfg.eval_every == 0):
+                check_finite(done)
                 with torch.no_grad():
                     acc = (cls_out.argmax(-1) == y).float().mean()
                     red = dist.all_mean(torch.stack([loss.detach().float(), acc]))
