@@ -59,6 +59,12 @@ class Scores:
     def __getitem__(self, key):
         return self.blocks[key]
 
+    def all_zero(self) -> bool:
+        """Whether every unit, residual channel and branch scores exactly 0 (nothing to select by)."""
+        arrays = [v for b in self.blocks.values() for v in b.values()] + list(self.embed.values()) \
+            + list(self.branch.values())
+        return bool(arrays) and all(not np.any(np.asarray(v)) for v in arrays)
+
     def restrict(self, infos: Sequence[BlockInfo], plan: Plan) -> "Scores":
         """The scores of the units `plan` keeps, in the pruned network's order."""
         out = {}

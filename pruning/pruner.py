@@ -711,6 +711,12 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
             scoring_seconds += time.perf_counter() - t0
             bar.close()
             scores = scores.blend(prev, cfg.momentum)
+            if scores.all_zero():
+                import warnings
+                warnings.warn(f"step {step + 1}: {scores.criterion} importance is 0 for every unit (the loss has no "
+                              "gradient on the calibration data: a model already certain of every label, or a zero "
+                              "classifier), so the selection has nothing to go by and cuts blocks in index order; "
+                              "calibrate on other data (labelled images) or use --criterion magnitude", stacklevel=2)
             costs = [make_cost(t, cur_arch, table, cost_fn) for t in targets]
             methods = ["ratio", "knapsack"] if cfg.selection == "auto" else [cfg.selection]
             cands, weights, tightenings = {}, {}, {}

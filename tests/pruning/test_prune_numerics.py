@@ -78,3 +78,18 @@ def test_a_table_that_prices_the_model_at_zero_is_refused_first(target):
         zero.set(e.key, 0.0, 0.0, 0.0, 5)
     with pytest.raises(PruneError, match="predicts 0 ms for this model"):
         vitslim.prune_model(build(arch), target, calibration=batches(arch, n=1), table=zero)
+
+
+def test_importance_that_is_zero_everywhere_is_warned_about(tmp_path):
+    arch = tiny_deit()
+    m = build(arch)
+    with torch.no_grad():  # constant logits: no gradient reaches any unit
+        m.head.weight.zero_()
+        m.head.bias.zero_()
+    with pytest.warns(UserWarning, match="importance is 0 for every unit"):
+        vitslim.prune_model(m, "macs=0.7", calibration=batches(arch, 2), arch=arch)
+    m2 = build(arch)  # a model whose loss does have a gradient: no warning
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        vitslim.prune_model(m2, "macs=0.7", calibration=batches(arch, 2), arch=arch)
