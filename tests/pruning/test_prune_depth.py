@@ -273,3 +273,28 @@ def test_cli_depth_removes_a_branch_and_reports_it(tmp_path, capsys):
     import json
     rep = json.load(open(tmp_path / "r" / "report.json"))
     assert rep["depth"] is True and rep["emptied"] and rep["params_kept"] <= 0.6
+
+
+def test_when_greedy_depth_moves_stop_over_budget_the_most_important_branch_that_fits_stays():
+    """`_one_branch_left`: of the branches that fit the budget alone at their floor widths, the most
+    important is kept (at those widths), every other branch goes. Hand-made branch scores on two blocks:
+    the MLP of block 1 is worth most but only the attention branches fit the smaller budget."""
+    from pruning.budget import _one_branch_left
+    arch = tiny_deit(blocks=2)
+    infos = block_infos(arch)
+    units = {i.key: {"head": np.full(i.heads, 100.0), "qk": np.full((i.heads, i.qk_dim), 100.0),
+                     "v": np.full((i.heads, i.v_dim), 100.0), "ffn": np.full(i.ffn_hidden, 100.0)} for i in infos}
+    sc = Scores(units, branch={infos[0].key: np.array([5.0, 1.0]), infos[1].key: np.array([3.0, 9.0])})
+    cost, floor = MacsCost(), Floor(0.1)
+    base = cost.base(arch, infos)
+    attn_alone = base + cost.block(infos[0], (1, 1, 1, 0))  # floor widths: one head, one Q/K pair, one V channel
+    mlp_alone = base + cost.block(infos[0], (0, 0, 0, 7))   # ceil(0.1 * 64) FFN channels
+    assert attn_alone < mlp_alone
+    for budget, kept in ((mlp_alone, (1, "mlp")), (mlp_alone - 1, (0, "attn"))):
+        net = Network(arch, sc, cost, floor, depth=True)
+        total = _one_branch_left(net, budget)
+        live = [(bi, br) for bi in range(2) for br in BRANCHES if net.blocks[bi].live(br)]
+        assert live == [kept], budget
+        assert total == net.total() == (mlp_alone if kept[1] == "mlp" else attn_alone)
+        st = net.blocks[kept[0]]
+        assert (st.k["ffn"] == 7) if kept[1] == "mlp" else (st.k["head"], st.k["qk"], st.k["v"]) == (1, 1, 1)
