@@ -3,14 +3,15 @@ alone kept when it already meets the others, a weighted (Lagrangian) selection w
 latency as a fraction of the unpruned network's predicted latency."""
 import json
 
+import numpy as np
 import pytest
 
 import vitslim
-from pruning.budget import (Floor, MacsCost, Network, ParamsCost, Target, parse_targets, select_constrained,
-                            select_ratio)
+from pruning.budget import (ArchCost, Floor, MacsCost, Network, ParamsCost, Target, parse_targets,
+                            select_constrained, select_knapsack, select_ratio)
 from pruning.importance import MagnitudeImportance
 from pruning.pruner import PruneConfig, prune
-from pruning.units import PruneError
+from pruning.units import PruneError, block_infos
 
 from pruning_nets import batches, build, grid_table, tiny_deit, tiny_swin
 from test_prune_cli import FAST, one_line_error, run
@@ -134,3 +135,29 @@ def test_cli_with_two_targets_and_the_note_on_latency(tmp_path, capsys):
     assert "to hold latency in proportion" not in out
     one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "macs=0.6,latency=0.5x",
                             "--out", str(tmp_path / "c")] + FAST, "--target latency=0.5x: a latency target needs --table")
+
+
+@pytest.mark.parametrize("select", [select_ratio, select_knapsack])
+def test_two_budgets_on_disjoint_units_remove_the_least_important_of_each(select):
+    """A hand-made case with a known optimum: budget a counts block 0's FFN channels, budget b block 1's
+    (8 of 16 each). Either alone leaves the other broken; the weights of the broken budget must rise until
+    the plan meets both by removing each block's 8 least important channels (block 1's are worth 10x
+    block 0's, so equal weights break b). Raising the weights of the budgets already met instead ends in
+    the tightening fallback, removing far more."""
+    arch = tiny_deit(blocks=2, ffn=16)
+    infos = block_infos(arch)
+    ffn = [np.arange(1.0, 17.0), 10 * np.arange(1.0, 17.0)]
+    sc = {i.key: {"head": np.full(i.heads, 100.0), "qk": np.full((i.heads, i.qk_dim), 100.0),
+                  "v": np.full((i.heads, i.v_dim), 100.0), "ffn": f} for i, f in zip(infos, ffn)}
+
+    def ffn_of(b):
+        return lambda a: float(a["stages"][0]["blocks"][b]["ffn_hidden"])
+
+    costs = [ArchCost(ffn_of(0), arch, "a"), ArchCost(ffn_of(1), arch, "b")]
+    sel, rec = select_constrained(select, lambda c: Network(arch, sc, c, Floor(0.0)), costs, [8.0, 8.0])
+    assert [sel.plan.keep[i.key].ffn for i in infos] == [list(range(8, 16))] * 2
+    assert sel.removed_importance == ffn[0][:8].sum() + ffn[1][:8].sum()
+    for i in infos:  # nothing but FFN channels priced: nothing else goes
+        k = sel.plan.keep[i.key]
+        assert k.heads == [0, 1, 2] and all(len(c) == 8 for c in k.qk.values())
+    assert rec["weights"][1] > rec["weights"][0]  # b, whose channels are worth more, weighs more
