@@ -161,3 +161,28 @@ def test_two_budgets_on_disjoint_units_remove_the_least_important_of_each(select
         k = sel.plan.keep[i.key]
         assert k.heads == [0, 1, 2] and all(len(c) == 8 for c in k.qk.values())
     assert rec["weights"][1] > rec["weights"][0]  # b, whose channels are worth more, weighs more
+
+
+@pytest.mark.parametrize("select,a,b,budgets", [(select_ratio, (3, 1), (1, 3), (20, 32)),
+                                                (select_ratio, (2, 1), (1, 3), (24, 24)),
+                                                (select_knapsack, (2, 1), (1, 3), (24, 24))])
+def test_two_budgets_sharing_units_reach_the_best_plan_by_bisecting_the_weights(select, a, b, budgets):
+    """Both budgets price both blocks' FFN channels (a = a0 k0 + a1 k1, b = b0 k0 + b1 k1 for k0, k1 channels
+    kept; each channel i worth i + 1): the weights overshoot, the broken budget flips, and halving the step
+    settles on the plan a brute force over every (k0, k1) finds best (without the halving the weights jump
+    between two plans and the tightening fallback removes more)."""
+    arch = tiny_deit(blocks=2, ffn=16)
+    infos = block_infos(arch)
+    ffn = np.arange(1.0, 17.0)
+    sc = {i.key: {"head": np.full(i.heads, 100.0), "qk": np.full((i.heads, i.qk_dim), 100.0),
+                  "v": np.full((i.heads, i.v_dim), 100.0), "ffn": ffn} for i in infos}
+
+    def lin(c):
+        return lambda x: float(sum(w * blk["ffn_hidden"] for w, blk in zip(c, x["stages"][0]["blocks"])))
+
+    best = min((ffn[:16 - k0].sum() + ffn[:16 - k1].sum(), (k0, k1)) for k0 in range(17) for k1 in range(17)
+               if a[0] * k0 + a[1] * k1 <= budgets[0] and b[0] * k0 + b[1] * k1 <= budgets[1])
+    sel, rec = select_constrained(select, lambda c: Network(arch, sc, c, Floor(0.0)),
+                                  [ArchCost(lin(a), arch, "a"), ArchCost(lin(b), arch, "b")], list(budgets))
+    assert (sel.removed_importance, tuple(len(sel.plan.keep[i.key].ffn) for i in infos)) == best
+    assert all(t["scale"] == 1.0 for t in rec["trace"])  # met by the weights alone, no tightening
