@@ -205,3 +205,34 @@ def test_a_stage_keeps_its_most_important_residual_channels():
     e.k = 3
     assert e.keep() == [0, 2, 4]
     np.testing.assert_array_equal(e.step_importance(2), [4.0, 5.0])  # the next two to go, least important first
+
+
+def test_knapsack_keeps_the_feasible_round_that_removes_the_least_importance(monkeypatch):
+    """Each re-linearisation round of the knapsack yields a candidate plan; of those within the budget the
+    one removing the least importance is kept. Here (costs rounded to 50 steps) round 1 already fits and
+    the later rounds, forced by the rounding, remove more: round 1's plan must be the answer. `grow` is
+    switched off so that the candidate kept is the plan returned."""
+    import pruning.budget as budget_mod
+    monkeypatch.setattr(budget_mod, "grow", lambda net, budget: net.total())
+
+    class Logged(Network):  # records (cost, importance removed) of every candidate, then of the answer
+        log: list = []
+
+        def removed_importance(self):
+            imp = super().removed_importance()
+            self.log.append((self.total(), imp))
+            return imp
+
+    arch = tiny_deit(blocks=2, ffn=16, qk=4, v=4)
+    infos = block_infos(arch)
+    sc = {i.key: {"head": np.array([30.0, 20.0, 10.0]) + b, "qk": np.arange(12.0).reshape(3, 4) / 10 + b,
+                  "v": np.arange(12.0).reshape(3, 4) / 7 + b, "ffn": np.arange(16.0) / 3 + b} for b, i in enumerate(infos)}
+    cost = MacsCost()
+    budget = 0.9 * cost.total(arch)
+    net = Logged(arch, sc, cost, Floor(0.0))
+    sel = select_knapsack(net, budget, bins=50)
+    candidates, answer = net.log[:-1], net.log[-1]
+    assert len(candidates) == 3
+    feasible = [imp for total, imp in candidates if total <= budget]
+    assert len(set(feasible)) > 1  # the case does offer a choice
+    assert sel.removed_importance == answer[1] == min(feasible) and sel.cost <= budget
