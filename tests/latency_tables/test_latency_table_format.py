@@ -92,6 +92,20 @@ def test_table_for_another_device_is_refused_unless_allowed(tmp_path, tiny_table
     assert open(p, "rb").read() == before
 
 
+
+@pytest.mark.parametrize("field,other", [("backend", "onnxruntime"), ("device", "Other CPU"), ("threads", 4),
+                                         ("batch_size", 8), ("dtype", "float16"), ("fused", False)])
+def test_every_measurement_condition_must_match(tiny_table, field, other):
+    """A table timed with 1 thread says nothing about 4 threads (nor batch 1 about batch 8, ...): each of
+    backend, device, threads, batch size, dtype and fusion is checked; a field the asker leaves out is not."""
+    asked = dict(FAKE_DEVICE, **{field: other})
+    assert tiny_table.matches(FAKE_DEVICE) == []
+    assert tiny_table.matches({k: v for k, v in asked.items() if k != field}) == []
+    assert tiny_table.matches(asked) == [f"{field} {FAKE_DEVICE[field]!r} vs {other!r}"]
+    with pytest.raises(LatencyError, match=f"{field} {FAKE_DEVICE[field]!r} vs {other!r}"):
+        tiny_table.check_device(asked)
+    assert tiny_table.check_device(asked, allow_mismatch=True) == [f"{field} {FAKE_DEVICE[field]!r} vs {other!r}"]
+
 def test_entry_with_p10_above_median_is_refused(tiny_keys):
     t = fake_table(tiny_keys[:1])
     with pytest.raises(LatencyError, match="p10 <= ms <= p90"):
