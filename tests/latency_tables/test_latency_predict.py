@@ -92,6 +92,22 @@ def test_compiled_scores_equal_predict(tiny_space, tiny_table):
     assert comp.decode(codes[3]) == tiny_space.check_choice(choices[3])
 
 
+
+def test_compiled_scores_equal_predict_when_every_entry_has_its_own_ms(tiny_space, tiny_table):
+    """The made-up ms follow MACs, so entries without MACs (the head from a map or from tokens, to_tokens,
+    to_map) all cost the same and the scorer could take one for another unseen: here every entry gets its
+    own ms, and the choices cover a last stage with and without a Meta3D (the head's two columns)."""
+    rng = random.Random(2)
+    for s, e in tiny_table.entries.items():
+        ms = rng.uniform(0.1, 2.0)
+        tiny_table.set(e.key, ms, ms, ms, e.n, e.source)
+    comp = tiny_table.compile(tiny_space)
+    choices = [tiny_space.sample(rng) for _ in range(200)]
+    last3d = {"meta3d" in c["blocks"][-1] for c in (tiny_space.check_choice(c) for c in choices)}
+    assert last3d == {True, False}
+    ref = np.array([tiny_table.predict(tiny_space.to_arch(c)) for c in choices])
+    np.testing.assert_allclose(comp.score(comp.encode_batch(choices)), ref, rtol=1e-9)
+
 def test_compiled_refuses_invalid_codes(tiny_space, tiny_table):
     comp = tiny_table.compile(tiny_space)
     row = comp.encode(tiny_space.largest_choice())
