@@ -67,3 +67,24 @@ def test_a_network_fine_tuned_after_its_selection_is_evaluated_again(monkeypatch
     assert calls == ["held-out ratio 1/1", "held-out, pruned"]
     labelled = list(pr.reference_labels(data.heldout(2), model, arch["num_classes"]))
     assert res.report["heldout_after"] == evaluate(res.model, labelled)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A distilled model in distillation-training mode: (class head, distillation head) logits, made up so
+    that the mean of the two heads is right on both images and either head alone on one."""
+    A = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    B = torch.tensor([[0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+
+    def forward(self, x):
+        return self.A, self.B
+
+
+def test_a_two_head_output_is_scored_as_the_mean_of_its_heads():
+    import torch.nn.functional as F
+    x, y = torch.zeros(2, 3, 4, 4), torch.tensor([1, 2])
+    mean = torch.tensor([[1.0, 1.5, 0.0], [1.0, 0.0, 1.5]])
+    res = evaluate(_TwoHeads(), [(x, y)])
+    assert res["top1"] == 1.0 and res["images"] == 2
+    assert abs(res["loss"] - float(F.cross_entropy(mean, y))) < 1e-6
+    agree = evaluate(_TwoHeads(), [(x, None)], reference=_TwoHeads())  # the reference's top-1: the mean's too
+    assert agree["top1"] == 1.0

@@ -154,3 +154,16 @@ def test_magnitude_is_the_squared_norm_of_the_weights_each_unit_owns(make):
         np.testing.assert_allclose(s["head"], qk.sum(1) + v.sum(1), rtol=1e-12)
         np.testing.assert_allclose(s["ffn"], ffn, rtol=1e-12)
         np.testing.assert_allclose(scores.branch[info.key], [qk.sum() + v.sum(), ffn.sum()], rtol=1e-12)
+
+
+def test_the_default_loss_of_a_two_head_output_is_that_of_the_mean_of_its_heads():
+    """A distilled model in distillation-training mode returns (class head, distillation head): the loss
+    scored is the cross-entropy of their mean (hand-made heads whose mean differs from either)."""
+    from pruning.importance import default_loss
+    a = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    b = torch.tensor([[0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    mean = torch.tensor([[1.0, 1.5, 0.0], [1.0, 0.0, 1.5]])
+    y = torch.tensor([1, 2])
+    assert float(default_loss((a, b), y)) == pytest.approx(float(F.cross_entropy(mean, y)), rel=1e-6)
+    # without labels: the mean's own top-1 (1 and 2; either head alone would say otherwise)
+    assert float(default_loss((a, b), None)) == pytest.approx(float(F.cross_entropy(mean, y)), rel=1e-6)
