@@ -57,3 +57,49 @@ def test_a_candidate_scores_as_each_batch_scored_alone(supernet_run):
             correct += int((out.argmax(-1) == y).sum())
             loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
     assert evaluator(choice) == {"acc": correct / 20, "loss": loss / 20}
+
+
+class _Stub:
+    """What HeldoutEvaluator needs of a supernet to score a model it is handed."""
+    space = None
+
+    def eval(self):
+        return self
+
+
+def test_a_two_head_output_is_scored_as_the_mean_of_its_heads():
+    a = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    b = torch.tensor([[0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    mean = torch.tensor([[1.0, 1.5, 0.0], [1.0, 0.0, 1.5]])  # right on both images; either head alone on one
+    y = torch.tensor([1, 2])
+    evaluator = ev.HeldoutEvaluator(_Stub(), [(torch.zeros(2, 3, 4, 4), y)])
+
+    class TwoHeads(torch.nn.Module):  # a distilled model in distillation-training mode
+        def forward(self, x):
+            return a, b
+    res = evaluator.score_model(TwoHeads())
+    assert res["acc"] == 1.0
+    assert abs(res["loss"] - float(F.cross_entropy(mean, y))) < 1e-6
+
+
+def test_only_bn_batches_of_the_calibration_batches_are_used():
+    batches = _batches(n=3)
+    for n in (0, 1, 2):
+        evaluator = ev.HeldoutEvaluator(_Stub(), batches[:1], calib=batches, bn_batches=n)
+        assert evaluator.bn_batches == n and len(evaluator.calib) == n
+        assert all(c[0] is b[0] for c, b in zip(evaluator.calib, batches))  # the first n, in order
+
+
+def test_the_cache_key_tells_choices_apart_by_widths_and_by_blocks(supernet_run):
+    sn, cfg, _ = load_supernet_run(supernet_run)
+    space = sn.space
+    big = space.check_choice(space.largest_choice())
+    narrow = dict(big, widths=[space.widths(0)[0]] + list(big["widths"][1:]))
+    shallow = dict(big, blocks=[["identity"] * len(big["blocks"][0])] + list(big["blocks"][1:]))
+    assert narrow["widths"] != big["widths"] and shallow["blocks"] != big["blocks"]
+    keys = {ev.choice_key(c) for c in (big, narrow, shallow)}
+    assert len(keys) == 3
+    assert ev.choice_key(dict(big, widths=[float(w) for w in big["widths"]])) == ev.choice_key(big)
+    evaluator, _ = make_evaluator(sn, cfg, eval_images=8, batch_size=8)
+    results = [evaluator(c) for c in (big, narrow, big, shallow)]
+    assert evaluator.evaluations == 3 and results[2] == results[0]  # the repeat is a cache hit, the others are not
