@@ -274,3 +274,25 @@ def test_paper_actions_take_the_least_important_position_and_stage():
     assert cands[0][2]["blocks"][3] == ["identity", "meta3d"]
     assert cands[1][2]["blocks"][2] == ["meta4d", "meta4d"]
     assert cands[2][2]["widths"] == [32, 16, 32, 16]
+
+
+@pytest.mark.parametrize("criterion", ["acc", "loss"])
+def test_the_answer_is_the_best_network_met_on_the_way_ties_going_to_the_slower(criterion):
+    """`_final` (hand-made records): of the path's end and the feasible candidates within the bound, the most
+    accurate (lowest loss with `criterion` loss); equal on both figures, the slower one (closer to the bound:
+    nothing is gained by being faster than asked). Candidates over the bound or infeasible never count."""
+    from types import SimpleNamespace
+    from nas.slimming import LatencySlimming
+    space = SimpleNamespace(check_choice=lambda c: c)
+    ctx = SimpleNamespace(space=space)
+
+    def rec(name, acc, loss, ms, feasible=True):
+        return {"action": name, "choice": {"name": name}, "acc": acc, "loss": loss, "predicted_ms": ms,
+                "feasible": feasible}
+
+    end = rec("end", 0.5, 1.0, 9.0)
+    steps = [{"step": 1, "candidates": [rec("fast", 0.6, 0.9, 7.0), rec("slow", 0.6, 0.9, 9.5),
+                                        rec("over", 0.9, 0.1, 10.5), rec("void", 0.9, 0.1, 8.0, feasible=False)]}]
+    done = LatencySlimming(criterion=criterion)._final(ctx, end, steps, 10.0)
+    assert done["choice"] == {"name": "slow"} and done["picked"] == "step1.slow"
+    assert done["predicted_ms"] == 9.5 and done["path_end_ms"] == 9.0
