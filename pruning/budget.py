@@ -1006,13 +1006,23 @@ def select_knapsack(net: Network, budget: float, bins: int = 2000, rounds: int =
         net.set_counts(start)
         sel = select_ratio(net, budget)
         return Selection(sel.plan, sel.cost, sel.removed_importance, "knapsack")
-    feasible = [c for c in candidates if c[0] <= budget]
-    total, _, counts = min(feasible, key=lambda c: c[1]) if feasible else min(candidates, key=lambda c: c[0])
+    # every round's plan finished as the answer is (an excess the linearisation left removed greedily, then the
+    # slack grown back), and the finished plans compared: an over-budget round can end better than a feasible one
+    finals, seen = [], set()
+    for k, (total, _, counts) in enumerate(candidates):
+        key = repr(counts)
+        if key in seen:  # a round that repeated an earlier one's plan
+            continue
+        seen.add(key)
+        net.set_counts(start)
+        net.set_counts(counts)
+        if total > budget:
+            select_ratio(net, budget)
+        total = grow(net, budget)
+        finals.append((total > budget, net.removed_importance(), total, k, net.counts()))
+    over, removed, total, _, counts = min(finals, key=lambda f: f[:4])
     net.set_counts(start)
     net.set_counts(counts)
-    if total > budget:  # the linearisation left an excess: remove greedily from there
-        select_ratio(net, budget)
-    total = grow(net, budget)
     return Selection(net.plan(), total, net.removed_importance(), "knapsack")
 
 
