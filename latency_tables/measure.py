@@ -68,6 +68,7 @@ CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 # macOS's advance in nanoseconds or microseconds.
 THREAD_CLOCK_MAX_TICK_S = 1e-5
 _TICKS: Dict[object, float] = {}
+_WARNED: set = set()
 
 
 def clock_tick(name: str = "thread", limit_s: float = 0.25) -> float:
@@ -104,9 +105,6 @@ def resolve_clock(clock: str, backend) -> str:
                           "clock instead (run on an otherwise idle machine)", stacklevel=2)
         return "wall"
     return clock
-
-
-_WARNED: set = set()
 
 
 def time_interleaved(runners: Sequence[Callable[[], None]], proc: Procedure) -> List[Timing]:

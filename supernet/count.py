@@ -88,10 +88,11 @@ def _code_fingerprint() -> str:
     return _CODE_FP
 
 
-def count_cached(archs: Sequence[Mapping]) -> List[dict]:
+def count_cached(archs: Sequence[Mapping], progress: bool = False) -> List[dict]:
     """count(arch) of each arch, remembered in counts.json of vitslim's cache folder (`supernet.data.cache_dir`)
     under the normalised arch and `_code_fingerprint()`: listing the presets again costs no network build.
-    A missing, damaged or unwritable cache only costs the counting."""
+    A missing, damaged or unwritable cache only costs the counting. `progress`: a bar over the archs counted
+    (on a terminal)."""
     from .arch import atomic_file, validate
     from .data import cache_dir
     from .runlock import remove_stale_temps
@@ -108,15 +109,19 @@ def count_cached(archs: Sequence[Mapping]) -> List[dict]:
                 entries = c["entries"]
         except (OSError, ValueError, AttributeError):
             pass
-    out, new = [], False
-    for a in archs:
-        a = validate(dict(a))
-        key = hashlib.sha256(json.dumps(a, sort_keys=True, default=str).encode()).hexdigest()[:32]
-        hit = entries.get(key)
-        if not (isinstance(hit, dict) and isinstance(hit.get("params"), int) and isinstance(hit.get("macs"), int)):
-            hit = count(a)
-            entries[key], new = {"params": int(hit["params"]), "macs": int(hit["macs"])}, True
-        out.append({"params": hit["params"], "macs": hit["macs"]})
+    norm = [validate(dict(a)) for a in archs]
+    keys = [hashlib.sha256(json.dumps(a, sort_keys=True, default=str).encode()).hexdigest()[:32] for a in norm]
+
+    def known(hit):
+        return isinstance(hit, dict) and isinstance(hit.get("params"), int) and isinstance(hit.get("macs"), int)
+    todo = [(k, a) for k, a in zip(keys, norm) if not known(entries.get(k))]
+    if todo:
+        from tqdm import tqdm
+        for k, a in tqdm(todo, desc="counting", unit="arch", leave=False, disable=None if progress else True):
+            c = count(a)
+            entries[k] = {"params": int(c["params"]), "macs": int(c["macs"])}
+    new = bool(todo)
+    out = [{"params": entries[k]["params"], "macs": entries[k]["macs"]} for k in keys]
     if path and new:
         try:
             os.makedirs(base, exist_ok=True)

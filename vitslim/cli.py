@@ -114,7 +114,7 @@ def _presets(args):
     archs = [api.get_preset(n) for n in names]
     # counting builds each network on the meta device (seconds in all); remembered in vitslim's cache folder
     rows = [{"name": n, "family": a["family"], "input_size": a["input_size"], **c}
-            for n, a, c in zip(names, archs, count_cached(archs))]
+            for n, a, c in zip(names, archs, count_cached(archs, progress=True))]
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -325,6 +325,7 @@ def _predict(args):
                           "estimated": st["estimated"], "device": describe_device(table.device)}))
         return 0
     print(f"{args.arch}: {st['total']:.3f} ms predicted on {describe_device(table.device)}")
+
     def share(v):  # a table of 0 ms entries predicts 0 ms: no shares
         return f"{v / st['total']:6.1%}" if st["total"] > 0 else f"{'-':>6}"
     for k, v in parts.items():
