@@ -280,7 +280,9 @@ class OptunaSearch(SearchStrategy):
 
         next_trial(study, locked=True)
         set_up()  # the next worker may register and open the study
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        # deepcopy=False: `study.trials` deep-copies every trial of the study (1.4 s at 1,700 trials of the L1
+        # space, twice a run); these are only read
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         for t in done:  # reuse logged evaluations
             if "choice" in t.user_attrs:
                 ctx.evaluator.prime(t.user_attrs["choice"], {"acc": t.values[0], "loss": t.user_attrs["loss"]})
@@ -321,7 +323,7 @@ class OptunaSearch(SearchStrategy):
         # the study holds its trials), so every worker picks the same network and none gives up on a study
         # whose last trials would have met the bound
         pending, waited = _wait_for_other_workers(study, workers, worker_id, ctx.progress)
-        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         rows = [{"number": t.number, "acc": t.values[0], "ms": t.values[1], "loss": t.user_attrs["loss"],
                  "feasible": t.values[1] <= ctx.bound_ms, "choice": t.user_attrs["choice"]} for t in trials]
         if not any(r["feasible"] for r in rows):
