@@ -296,3 +296,144 @@ def test_the_answer_is_the_best_network_met_on_the_way_ties_going_to_the_slower(
     done = LatencySlimming(criterion=criterion)._final(ctx, end, steps, 10.0)
     assert done["choice"] == {"name": "slow"} and done["picked"] == "step1.slow"
     assert done["predicted_ms"] == 9.5 and done["path_end_ms"] == 9.0
+
+
+# ------------------------------------------------------------ a hand-made path on fake latency and accuracy
+def fake_slim_ctx(log_dir=None, target=5.0, free_width0=False, cheap_wide0=False):
+    """Four one-block stages (widths 16 or 32; meta4d or identity). A running block costs 1 ms and every 16
+    channels 0.25 ms (binary fractions: sums are exact, so a network can sit exactly on the target).
+    `free_width0`: stage 0's width costs nothing; `cheap_wide0`: stage 0 costs 0.25 ms at 16 channels and
+    nothing at 32 (a table may say so). Accuracy: 0.9, minus 0.1 per identity, minus 0.01 per 16 channels
+    removed (plus 0.01 with `free_width0`). Importance: stage 0 least, stage 3 most. From the start
+    (6 ms) the path shrinks stage 0, 1, 2, 3 (0.04 per ms beats 0.1 per ms): 5.75, 5.5, 5.25, 5.0 ms."""
+    import numpy as np
+    from nas.strategy import SearchContext
+    from supernet.space import SearchSpace
+    stage = {"max_depth": 1, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]}
+    space = SearchSpace.from_dict({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
+                                   "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
+                                   "stages": [stage] * 4})
+
+    def width_ms(i, w):
+        if i == 0 and free_width0:
+            return 0.0
+        if i == 0 and cheap_wide0:
+            return 0.25 if w == 16 else 0.0
+        return 0.25 * w / 16
+
+    def ms(c):
+        return sum((b[0] != "identity") + width_ms(i, w) for i, (w, b) in enumerate(zip(c["widths"], c["blocks"])))
+
+    class Compiled:
+        def score_choices(self, cs):
+            return np.array([ms(c) for c in cs])
+
+    class Supernet:
+        def probabilities(self):
+            return [torch.tensor([[0.9, 0.1]])] * 4
+
+        def importance(self):
+            return {"metapath": [[1.0], [2.0], [3.0], [4.0]], "stage": [1.0, 2.0, 3.0, 4.0]}
+    Supernet.space = space
+
+    class Evaluator:
+        evaluations = 0
+
+        def __call__(self, c):
+            self.evaluations += 1
+            shrunk = sum((32 - w) // 16 for w in c["widths"])
+            acc = 0.9 - 0.1 * sum(b[0] == "identity" for b in c["blocks"]) \
+                + (0.01 if free_width0 else -0.01) * shrunk
+            return {"acc": acc, "loss": 1.0 - acc}
+
+        def prime(self, *a):
+            pass
+
+    return SearchContext(space=space, supernet=Supernet(), table=None, compiled=Compiled(), evaluator=Evaluator(),
+                         target_ms=target, progress=False, log_dir=log_dir), ms
+
+
+def test_the_path_stops_at_the_first_network_that_meets_the_target_exactly():
+    """Predicted == target meets it (`<=`): the path stops after the four shrinks at exactly 5.0 ms, not one step
+    later; a target equal to the fastest network's latency is reachable, not refused."""
+    from nas.slimming import LatencySlimming
+    ctx, ms = fake_slim_ctx(target=5.0)
+    res = LatencySlimming().search(ctx)
+    assert [t["action"] for t in res.extra["trajectory"]] == ["start"] + ["shrink"] * 4
+    assert [t["predicted_ms"] for t in res.extra["trajectory"]] == [6.0, 5.75, 5.5, 5.25, 5.0]
+    assert res.extra["steps"] == 4 and res.predicted_ms == 5.0 and res.choice["widths"] == [16] * 4
+    ctx, ms = fake_slim_ctx(target=1.0)  # identity everywhere at 16 channels: 4 x 0.25 ms
+    res = LatencySlimming().search(ctx)
+    assert res.predicted_ms == 1.0 and ms(res.choice) == 1.0
+
+
+def test_max_steps_allows_exactly_that_many_steps():
+    from nas.slimming import LatencySlimming
+    with pytest.raises(SearchError, match="3 steps without meeting 5 ms"):
+        LatencySlimming(max_steps=3).search(fake_slim_ctx(target=5.0)[0])
+    assert LatencySlimming(max_steps=4).search(fake_slim_ctx(target=5.0)[0]).extra["steps"] == 4
+
+
+def test_resume_from_a_cut_log_continues_from_its_last_step(tmp_path):
+    """Cut after step 2 (of 4), the run continues from step 2's network (numbering on from 3) and writes the
+    same log and answer as the uninterrupted run; re-run on a finished log, it evaluates nothing, appends
+    nothing and returns the same answer (the path's end met the bound exactly: the resume must see that)."""
+    from nas.slimming import LatencySlimming
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir()
+    cut.mkdir()
+    ctx, _ = fake_slim_ctx(str(full))
+    res = LatencySlimming().search(ctx)
+    lines = (full / "trajectory.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["step"] for r in recs if r["type"] == "step"] == [1, 2, 3, 4]
+    n2 = next(k for k, r in enumerate(recs) if r.get("step") == 2)
+    (cut / "trajectory.jsonl").write_text("\n".join(x for x in lines[:n2 + 1]
+                                                    if json.loads(x)["type"] != "eval") + "\n")
+    res2 = LatencySlimming().search(fake_slim_ctx(str(cut))[0])
+    keep = lambda p: [r for r in read_log(str(p)) if r["type"] != "eval"]  # noqa: E731
+    assert keep(cut) == keep(full)
+    assert (res2.choice, res2.predicted_ms, res2.acc, res2.extra) == (res.choice, res.predicted_ms, res.acc, res.extra)
+    ctx3, _ = fake_slim_ctx(str(full))
+    res3 = LatencySlimming().search(ctx3)
+    assert (full / "trajectory.jsonl").read_text().splitlines() == lines and ctx3.evaluator.evaluations == 0
+    assert (res3.choice, res3.predicted_ms, res3.acc, res3.extra) == (res.choice, res.predicted_ms, res.acc, res.extra)
+
+
+def test_an_action_that_saves_no_time_is_never_taken():
+    """Stage 0's width costs nothing here and shrinking it even gains accuracy: the shrink saves 0 ms, is
+    logged infeasible (no score) and never taken; removing the block (1 ms) is the step."""
+    from nas.slimming import LatencySlimming
+    ctx, ms = fake_slim_ctx(target=4.5, free_width0=True)  # start: 4 blocks + 3 x 0.5 ms = 5.5 ms
+    res = LatencySlimming().search(ctx)
+    assert [(t["action"], t.get("where")) for t in res.extra["trajectory"][1:]] == [("to_identity", "stage0.block0")]
+    assert res.predicted_ms == 4.5
+
+
+def test_an_action_that_saves_no_time_is_logged_infeasible(tmp_path):
+    from nas.slimming import LatencySlimming
+    ctx, ms = fake_slim_ctx(str(tmp_path), target=4.5, free_width0=True)
+    LatencySlimming().search(ctx)
+    step = next(r for r in read_log(str(tmp_path)) if r["type"] == "step")
+    shrink = next(c for c in step["candidates"] if c["action"] == "shrink")
+    assert shrink["ms_saved"] == 0.0 and not shrink["feasible"] and shrink["score"] is None
+    assert all(s["ms_saved"] > 0 for s in read_log(str(tmp_path)) if s["type"] == "step")
+
+
+def test_the_unreachable_error_names_the_fastest_network_found_by_brute_force():
+    """Stage 0 is cheaper at 32 channels than at 16 here: the fastest network (all 256 of the space tried) is
+    identity everywhere with stage 0 at 32, 0.75 ms; the error names it and 0.75 ms itself is reachable."""
+    import itertools
+    from nas.slimming import LatencySlimming
+    from nas.strategy import fastest_choice, unreachable
+    ctx, ms = fake_slim_ctx(target=0.5, cheap_wide0=True)
+    every = [{"widths": list(w), "blocks": [[b] for b in bl]}
+             for w in itertools.product([16, 32], repeat=4) for bl in itertools.product(["meta4d", "identity"], repeat=4)]
+    best = min(every, key=ms)
+    assert ms(best) == 0.75 and sum(ms(c) == 0.75 for c in every) == 1
+    assert fastest_choice(ctx) == best
+    with pytest.raises(SearchError, match=r"target 0.5 ms is unreachable: .* predicted at 0.75 ms "
+                                          r"\(widths \[32, 16, 16, 16\], blocks -/-/-/-\); ask for at least 0.75 ms"):
+        LatencySlimming().search(ctx)
+    assert unreachable(fake_slim_ctx(target=0.75, cheap_wide0=True)[0]) is None
+    assert "unreachable" in unreachable(fake_slim_ctx(target=0.7499, cheap_wide0=True)[0])
