@@ -252,3 +252,109 @@ def test_the_search_reads_the_study_without_deep_copying_it(supernet_run, table_
     assert not any(copies)
     with open(tmp_path / "a" / "pareto.json") as f:
         assert len(json.load(f)["trials"]) == 12 and rep["choice"]
+
+
+def small_space():
+    """Stage kinds: meta4d or identity; meta4d alone; meta3d or identity; both block types and identity."""
+    def st(depth, cands, lo=16, hi=32):
+        return {"max_depth": depth, "max_width": hi, "min_width": lo, "candidates": cands}
+    return load_space({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4, "width_step": 16,
+                       "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
+                       "stages": [st(1, ["meta4d", "identity"]), st(1, ["meta4d"], 32, 32),
+                                  st(2, ["meta3d", "identity"], 16, 48), st(3, ["meta4d", "meta3d", "identity"])]})
+
+
+def test_the_flat_encoding_is_a_bijection_onto_every_choice_of_a_small_space():
+    """Brute force: every valid Choice (all width and block-type combinations the space accepts) encodes to
+    values inside the declared ranges, on their steps, and decodes back to itself; decoding every point of
+    the parameter grid gives exactly those Choices, with min(n3d, running blocks) of the last running
+    blocks meta3d where both block types are candidates."""
+    import itertools
+    from supernet.errors import VitslimError
+    space = small_space()
+    enc = FlatEncoding(space)
+    per_stage = []
+    for i, st in enumerate(space.stages):
+        per_stage.append([(w, list(bl)) for w in space.widths(i)
+                          for bl in itertools.product(st.candidates, repeat=st.max_depth)])
+    valid = []
+    for combo in itertools.product(*per_stage):
+        c = {"widths": [w for w, _ in combo], "blocks": [bl for _, bl in combo]}
+        try:
+            space.check_choice(c)
+        except VitslimError:
+            continue
+        valid.append(c)
+    # widths x block lists per stage: 2x2, 1x1, 3x4, 2x20 (k of 3 positions running, C(3, k) ways, then k + 1
+    # places for the 4D-to-3D switch: 1 + 6 + 9 + 4)
+    assert len(valid) == (2 * 2) * 1 * (3 * 4) * (2 * 20)
+    ranges = {n: (lo, hi, s) for n, lo, hi, s in enc.params()}
+    for c in valid:
+        p = enc.encode(c)
+        assert set(p) == set(ranges)
+        for n, v in p.items():
+            lo, hi, s = ranges[n]
+            assert lo <= v <= hi and (v - lo) % s == 0, (n, v, ranges[n])
+        assert enc.decode(p) == c
+    names = list(ranges)
+    decoded = []
+    for vals in itertools.product(*[range(lo, hi + 1, s) for lo, hi, s in ranges.values()]):
+        p = dict(zip(names, vals))
+        c = enc.decode(p)
+        decoded.append(c)
+        running = [t for t in c["blocks"][3] if t != "identity"]
+        assert sum(t == "meta3d" for t in running) == min(p["s3_n3d"], len(running))
+        assert c["blocks"][2] == ["meta3d" if p[f"s2_b{j}"] else "identity" for j in range(2)]
+        assert c["blocks"][1] == ["meta4d"]
+    key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    assert {key(c) for c in decoded} == {key(c) for c in valid}
+
+
+def test_pick_breaks_a_tie_on_accuracy_and_latency_by_the_lower_loss():
+    rows = [{"number": 0, "acc": 0.5, "ms": 1.0, "loss": 2.0, "feasible": True},
+            {"number": 1, "acc": 0.5, "ms": 1.0, "loss": 1.5, "feasible": True},
+            {"number": 2, "acc": 0.5, "ms": 1.0, "loss": 1.8, "feasible": True}]
+    best, front = pick(rows)
+    assert best["number"] == 1 and front == [0, 1, 2]  # equal on both objectives: none dominates another
+
+
+def test_a_trial_exactly_at_the_bound_meets_it_and_the_constraint_is_latency_minus_bound(tmp_path):
+    """Fake latency (multiples of 0.25 ms: exact) with the bound set to the fastest network's latency: that one
+    network meets it, exactly; the warm start enqueues it, so the search must take it. Every trial's constraint
+    (Optuna's and the user attribute) is its latency minus the bound: <= 0 exactly for feasible trials."""
+    import numpy as np
+    import optuna
+    from nas.optuna_search import OptunaSearch
+    from nas.strategy import SearchContext
+    space = load_space({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
+                        "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
+                        "stages": [{"max_depth": 1, "max_width": 32, "min_width": 16,
+                                    "candidates": ["meta4d", "identity"]}] * 4})
+
+    def ms(c):
+        return sum((b[0] != "identity") + 0.25 * w / 16 for w, b in zip(c["widths"], c["blocks"]))
+
+    class Compiled:
+        def score_choices(self, cs):
+            return np.array([ms(c) for c in cs])
+
+    class Evaluator:
+        evaluations = 0
+
+        def __call__(self, c):
+            self.evaluations += 1
+            return {"acc": 0.1 * ms(c), "loss": 1.0}
+
+        def prime(self, *a):
+            pass
+
+    ctx = SearchContext(space=space, supernet=None, table=None, compiled=Compiled(), evaluator=Evaluator(),
+                        target_ms=1.0, progress=False, log_dir=str(tmp_path))
+    res = OptunaSearch(n_trials=4, run_args={"t": 1}).search(ctx)
+    assert res.predicted_ms == 1.0 and res.choice == {"widths": [16] * 4, "blocks": [["identity"]] * 4}
+    study = optuna.load_study(study_name="vitslim-search", storage=OptunaSearch()._storage(ctx))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    for t in done:
+        native = [v for k, v in t.system_attrs.items() if k.endswith(":latency")]
+        assert native == [t.values[1] - 1.0] and t.user_attrs["constraint"] == [t.values[1] - 1.0]
