@@ -437,3 +437,54 @@ def test_the_unreachable_error_names_the_fastest_network_found_by_brute_force():
         LatencySlimming().search(ctx)
     assert unreachable(fake_slim_ctx(target=0.75, cheap_wide0=True)[0]) is None
     assert "unreachable" in unreachable(fake_slim_ctx(target=0.7499, cheap_wide0=True)[0])
+
+
+def test_random_search_samples_each_network_of_the_latency_band_once_ends_included():
+    """Target 5 ms, band 0.1: the networks predicted in [4.5, 5.0] ms, both ends included. Counted by hand on
+    the fake latency: three blocks and 6, 7 or 8 sixteenths of width over the stages (C(4,3) x (6 + 4 + 1) =
+    44), or four blocks at the minimum widths (5.0 ms): 45. A budget above that draws every one of them once."""
+    import itertools
+    from nas.evaluator import choice_key
+    from nas.random_search import RandomSearch
+    ctx, ms = fake_slim_ctx(target=5.0)
+    every = [{"widths": list(w), "blocks": [[b] for b in bl]}
+             for w in itertools.product([16, 32], repeat=4) for bl in itertools.product(["meta4d", "identity"], repeat=4)]
+    band = {choice_key(c) for c in every if 4.5 <= ms(c) <= 5.0}
+    assert len(band) == 45
+    got = RandomSearch(budget=60, band=0.1, max_draws=20_000).sample_feasible(ctx)
+    assert len(got) == 45 and {choice_key(c) for c in got} == band
+    got = RandomSearch(budget=10, band=0.1).sample_feasible(ctx)
+    assert len(got) == 10 == len({choice_key(c) for c in got}) and {choice_key(c) for c in got} <= band
+
+
+def test_random_search_spends_its_budget_on_distinct_networks_and_returns_the_most_accurate():
+    """`budget` evaluations of distinct networks drawn from ctx.seed (another seed draws others); the answer
+    is the most accurate, ties going to the lower loss, then the faster. The fake evaluator's accuracy counts
+    running blocks up to two (a plateau: ties) and its loss falls with every identity, so the two figures
+    disagree: a choice by loss alone would differ."""
+    from nas.evaluator import choice_key
+    from nas.random_search import RandomSearch
+    ctx, ms = fake_slim_ctx(target=5.0)
+
+    def score(c):
+        return {"acc": 0.1 * min(2, sum(b[0] != "identity" for b in c["blocks"])),
+                "loss": 1.0 - 0.01 * sum(b[0] == "identity" for b in c["blocks"]) + 0.001 * sum(c["widths"]) / 16}
+
+    class Evaluator:
+        evaluations = 0
+
+        def __call__(self, c):
+            self.evaluations += 1
+            return score(c)
+    ctx.evaluator = Evaluator()
+    drawn = RandomSearch(budget=20).sample_feasible(ctx)
+    res = RandomSearch(budget=20).search(ctx)
+    assert ctx.evaluator.evaluations == 20 == res.evaluations == res.extra["sampled"]
+    assert len({choice_key(c) for c in drawn}) == 20
+    best = min(drawn, key=lambda c: (-score(c)["acc"], score(c)["loss"], ms(c)))
+    assert res.choice == best and res.acc == score(best)["acc"] and res.predicted_ms == ms(best)
+    assert min(drawn, key=lambda c: (score(c)["loss"], ms(c))) != best  # the case tells the rules apart
+    assert sum(score(c)["acc"] == score(best)["acc"] for c in drawn) > 1  # and has a tie on accuracy
+    assert RandomSearch(budget=20).sample_feasible(ctx) == drawn
+    ctx.seed = 1
+    assert RandomSearch(budget=20).sample_feasible(ctx) != drawn
