@@ -234,3 +234,56 @@ def test_the_knapsack_answer_is_the_best_of_its_rounds_finished_plans():
         assert r[3].removed_importance <= min(r[1].removed_importance, r[2].removed_importance) + 1e-9
         better += r[3].removed_importance < r[1].removed_importance - 1e-9
     assert better > 0  # the cases do offer a choice between rounds
+
+
+@pytest.mark.parametrize("s,kind,value,relative", [("macs=1", "macs", 1.0, False), ("params=1e-3", "params", 1e-3, False),
+                                                   ("latency=1x", "latency", 1.0, True),
+                                                   ("latency=0.004", "latency", 0.004, False),
+                                                   ("LATENCY = 250", "latency", 250.0, False)])
+def test_target_boundaries_that_are_accepted(s, kind, value, relative):
+    """A fraction of 1 keeps everything (allowed); a latency in ms has no upper bound."""
+    t = parse_target(s)
+    assert (t.kind, t.value, t.relative) == (kind, value, relative)
+
+
+@pytest.mark.parametrize("s,msg", [("params=1.0000001", r"\(0, 1\]"), ("latency=1.5x", r"\(0, 1\].*unpruned latency"),
+                                   ("latency=0x", r"\(0, 1\]"), ("latency=0", "positive"), ("macs=-0.5", r"\(0, 1\]"),
+                                   ("macs=nan", "finite"), ("latency=infx", "finite")])
+def test_target_boundaries_that_are_refused(s, msg):
+    with pytest.raises(PruneError, match=msg):
+        parse_target(s)
+
+
+def _info(heads, qk, v, ffn, key=(0, 0)):
+    from pruning.units import BlockInfo
+    return BlockInfo(stage=key[0], index=key[1], path="blocks.0", dim=64, heads=heads, qk_dim=qk, v_dim=v,
+                     ffn_hidden=ffn, scale=0.125, tokens=10, attn_tokens=10, window_tokens=10)
+
+
+def test_the_floor_rounds_each_kind_up_from_its_own_fraction_of_the_original_width():
+    """Hand-worked: ceil(fraction x width) per kind (6.4 FFN channels -> 7, 1.5 heads -> 2), each kind its own
+    fraction; with round_to, channel widths round up to the multiple (4.8 -> 8, 19.2 -> 24), heads never."""
+    fl = Floor({"heads": 0.25, "qk": 0.3, "v": 0.6, "ffn": 0.1})
+    assert fl.mins(_info(6, 10, 10, 64)) == {"head": 2, "qk": 3, "v": 6, "ffn": 7}
+    assert Floor(0.3, round_to=8).mins(_info(4, 16, 16, 64)) == {"head": 2, "qk": 8, "v": 8, "ffn": 24}
+
+
+def test_the_floor_never_exceeds_what_a_block_has_and_zero_allows_emptying_a_branch():
+    """Of the original widths, but never above the block's current ones (a block pruned below its floor keeps
+    what it has); an emptied branch's floor is 0. With fraction 0 the heads and FFN may go to 0 (the whole
+    branch), while a kept head keeps one Q/K and one V channel (rounded up to round_to)."""
+    orig = _info(4, 16, 16, 64)
+    assert Floor(0.5).of([orig]).mins(_info(1, 4, 4, 16)) == {"head": 1, "qk": 4, "v": 4, "ffn": 16}
+    assert Floor(0.5).of([orig]).mins(_info(0, 0, 0, 0)) == {"head": 0, "qk": 0, "v": 0, "ffn": 0}
+    assert Floor(0.0).mins(orig) == {"head": 0, "qk": 1, "v": 1, "ffn": 0}
+    assert Floor(0.0, round_to=8).mins(orig) == {"head": 0, "qk": 8, "v": 8, "ffn": 0}
+    assert Floor({"heads": 0, "ffn": 0.5}).mins(orig) == {"head": 0, "qk": 2, "v": 2, "ffn": 32}
+
+
+def test_the_embedding_floor_is_a_rounded_fraction_of_the_original_width_capped_at_the_current():
+    fl = Floor({"embed": 0.3}, round_to=8)
+    assert fl.embed_min(40, 64) == 24   # ceil(19.2) = 20, up to 24; of the original 64, not the current 40
+    assert fl.embed_min(16, 64) == 16   # never above the current width
+    assert Floor(0.0).embed_min(40, 64) == 1
+    assert Floor(0.3, keep={(1, 0)}).embed_min(40, 64, stage=1) == 40  # a kept block's stage keeps its width
+    assert Floor(0.3, keep={(1, 0)}).embed_min(40, 64, stage=0) == 20

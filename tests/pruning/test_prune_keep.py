@@ -110,3 +110,24 @@ def test_keeping_a_block_already_emptied_names_the_real_floor():
 def test_a_kind_named_twice_in_min_keep_is_refused():
     with pytest.raises(PruneError, match=r"--min-keep: got heads twice \(heads=1,heads=0\), expected each kind once"):
         PruneConfig(target="macs=0.5", min_keep="heads=1,heads=0").check()
+
+
+def test_keep_counts_negative_indices_down_to_the_first_block():
+    infos = block_infos(tiny_swin())  # 2 + 2 blocks
+    assert resolve_keep(["-4"], infos) == {(0, 0)} and resolve_keep(["3", "-2"], infos) == {(1, 1), (1, 0)}
+
+
+@pytest.mark.parametrize("spec,expected", [(0, 0.0), (1, 1.0), ("1", 1.0), (" 0.25 ", 0.25),
+                                           ("heads=1,ffn=0", {"heads": 1.0, "ffn": 0.0}), ({"embed": 0}, {"embed": 0.0})])
+def test_min_keep_boundaries_that_are_accepted(spec, expected):
+    from pruning.budget import normalize_min_keep
+    assert normalize_min_keep(spec) == expected
+
+
+@pytest.mark.parametrize("spec,shown", [(1.0000001, "1"), (-0.1, "-0.1"), ("heads=1.5", "heads=1.5"), (True, "True"),
+                                        ({"ffn": False}, "ffn=False"), ("nan", "nan")])
+def test_min_keep_boundaries_that_are_refused(spec, shown):
+    """Fractions in [0, 1] only (a bool is not a fraction, though Python counts True as 1)."""
+    from pruning.budget import normalize_min_keep
+    with pytest.raises(PruneError, match=re.escape(f"--min-keep: got {shown}") + r".*expected a fraction in \[0, 1\]"):
+        normalize_min_keep(spec)
