@@ -2,6 +2,7 @@
 entry, a table of another device is never resumed into, and the overhead fit is right."""
 import os
 
+import numpy as np
 import pytest
 
 from latency_tables import Backend, BackendError, LatencyError, LatencyTable, get_backend
@@ -168,6 +169,36 @@ def test_overhead_fit_recovers_scale_and_intercept():
     three = fit_overhead(sums, [1.1 * s + 0.2 + 0.03 * c for s, c in zip(sums, counts)], counts)
     assert three["scale"] == pytest.approx(0.1, abs=1e-6) and three["per_segment_ms"] == pytest.approx(0.03, abs=1e-6)
     assert three["intercept_ms"] == pytest.approx(0.2, abs=1e-6)
+
+
+def test_the_overhead_fit_minimises_the_relative_error():
+    """Noisy times: the fit is least squares on the relative error (each network weighed by 1 / its time), so
+    the gradient of sum(((slope * sum + intercept) - t) / t)^2 is zero at the answer (and not at the plain
+    least-squares answer: the case tells them apart)."""
+    s = np.array([1.0, 2.0, 4.0, 8.0])
+    t = np.array([1.3, 2.1, 4.9, 8.2])
+    over = fit_overhead(list(s), list(t))
+    assert "note" not in over
+
+    def grad(a, b):
+        r = (a * s + b - t) / t
+        return np.array([np.sum(r * s / t), np.sum(r / t)])
+    assert np.abs(grad(1.0 + over["scale"], over["intercept_ms"])).max() < 2e-5  # the fit is stored to 6 decimals
+    a, b = np.polyfit(s, t, 1)
+    assert np.abs(grad(a, b)).max() > 1e-3
+
+
+def test_the_overhead_fit_needs_three_networks_for_a_slope_and_six_for_a_per_segment_term():
+    """Two networks: the median difference alone, even when their times grow faster than their sums. Five
+    networks whose times include a per-segment cost: slope and constant only. With all sums equal (no slope to
+    fit) the constant is the median difference: one outlier does not move it."""
+    two = fit_overhead([1.0, 2.0], [1.2, 2.6])
+    assert two["scale"] == 0.0 and two["intercept_ms"] == pytest.approx(0.4)
+    sums, counts = [1.0, 2.0, 5.0, 9.0, 3.0], [4, 9, 6, 12, 20]
+    five = fit_overhead(sums, [1.1 * s + 0.2 + 0.03 * c for s, c in zip(sums, counts)], counts)
+    assert five["per_segment_ms"] == 0.0
+    same = fit_overhead([2.0, 2.0, 2.0], [2.1, 2.2, 2.9])
+    assert same["scale"] == 0.0 and same["intercept_ms"] == pytest.approx(0.2)
 
 
 def test_entries_that_do_not_add_up_to_the_network_are_warned_about():
