@@ -43,6 +43,20 @@ def test_key_text_is_canonical():
     assert parse_key_str(key_str(a)) == a
 
 
+def test_key_text_round_trips_bools_and_text_fields():
+    """Head keys carry booleans (distillation, from_map): they come back as bools, not as the text "true"."""
+    k = {"op": "head", "dim": 64, "num_classes": 10, "distillation": True, "from_map": False, "kind": "deit"}
+    assert key_str(k) == "head|dim=64|distillation=true|from_map=false|kind=deit|num_classes=10"
+    back = parse_key_str(key_str(k))
+    assert back == k and back["distillation"] is True and back["from_map"] is False
+
+
+def test_a_device_field_asked_as_none_is_not_compared(tiny_table):
+    """None in the asked device means "any": no mismatch, however the table's field reads."""
+    assert tiny_table.matches(dict(FAKE_DEVICE, threads=None, dtype=None)) == []
+    assert tiny_table.check_device(dict(FAKE_DEVICE, backend=None, device=None)) == []
+
+
 def _corrupt(text, old, new):
     assert old in text
     return text.replace(old, new, 1)
