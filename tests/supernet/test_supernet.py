@@ -142,6 +142,25 @@ def test_soft_mode_is_the_mixture_and_a_peaked_mixture_is_the_fixed_net():
     assert all(p.grad is not None for n, p in sn.named_weight_parameters())  # every candidate ran
 
 
+def test_soft_mode_divides_by_the_temperature():
+    """Alphas only 1 apart: at tau 1 the mixture is far from the chosen path, at tau 0.01 softmax(alpha / tau)
+    is one-hot (e^-100) and the soft output is the fixed network's."""
+    sn = randomised()
+    choice = FIXED_CHOICES[2]
+    with torch.no_grad():
+        for i, (a, bl) in enumerate(zip(sn.alphas, choice["blocks"])):
+            a.zero_()
+            for j, t in enumerate(bl):
+                a[j, sn.space.stages[i].candidates.index(t)] = 1.0
+    sn.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    noise = [torch.zeros_like(a) for a in sn.alphas]
+    with torch.no_grad():
+        fixed = sn(x, mode="fixed", choice=choice)
+        assert close(sn(x, mode="soft", noise=noise, widths=choice["widths"], tau=0.01), fixed)
+        assert not close(sn(x, mode="soft", noise=noise, widths=choice["widths"], tau=1.0), fixed)
+
+
 def test_reduced_width_trains_the_prefix_only():
     sn = MetaPathSupernet(SPACE).train()
     before = sn.stages[1].downsample.norm.running_mean.clone()
