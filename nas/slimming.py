@@ -318,7 +318,19 @@ class LatencySlimming(SearchStrategy):
             scores = [mp[i][j] for j in range(st.max_depth) if choice["blocks"][i][j] != "identity"]
             s = math.inf if any(v is None for v in scores) else float(sum(scores))
             st_rank.append((s, i))
-        for _, i in (sorted(st_rank) if every else sorted(st_rank)[:1]):
+        ranked = sorted(st_rank)
+        if not every and len(ranked) > 1:
+            # the least important stage whose shrink saves time: on a measured table a narrower stage can run
+            # slower (kernel alignment), and the step would end the search with "no action saves time" while
+            # shrinking another stage still would (the paper's rule where the least important one saves time)
+            now = ctx.latency(choice)
+
+            def saves(i):
+                c = copy.deepcopy(choice)
+                c["widths"][i] -= space.width_step
+                return ctx.latency(c) < now - 1e-12
+            ranked = [next(((s, i) for s, i in ranked if saves(i)), ranked[0])]
+        for _, i in (ranked if every else ranked[:1]):
             c = copy.deepcopy(choice)
             c["widths"][i] -= space.width_step
             out.append(("shrink", f"stage{i}", c))

@@ -268,12 +268,16 @@ def test_paper_actions_take_the_least_important_position_and_stage():
     # running positions: stage 3 holds the least important (0.2) but is at its minimum width; stage 1's
     # identity position (1.5) does not count, so stage 1 (4.0) sums below stage 0 (5.0) and stage 2 (7.5)
     imp = {"metapath": [[3.0, 2.0], [4.0, 1.5], [1.5, 6.0], [0.2, 0.3]]}
-    cands = LatencySlimming.candidates(SimpleNamespace(space=space), choice, imp)
+    ctx = SimpleNamespace(space=space, latency=lambda c: float(sum(c["widths"])))  # every shrink saves time
+    cands = LatencySlimming.candidates(ctx, choice, imp)
     assert [(a, w) for a, w, _ in cands] == [("to_identity", "stage3.block0"), ("meta3d_to_meta4d", "stage2.block1"),
                                              ("shrink", "stage1")]
     assert cands[0][2]["blocks"][3] == ["identity", "meta3d"]
     assert cands[1][2]["blocks"][2] == ["meta4d", "meta4d"]
     assert cands[2][2]["widths"] == [32, 16, 32, 16]
+    # stage 1's width priced free: the next least important stage that saves time (stage 0, 5.0) is shrunk
+    ctx = SimpleNamespace(space=space, latency=lambda c: float(sum(w for i, w in enumerate(c["widths"]) if i != 1)))
+    assert [(a, w) for a, w, _ in LatencySlimming.candidates(ctx, choice, imp)][2] == ("shrink", "stage0")
 
 
 @pytest.mark.parametrize("criterion", ["acc", "loss"])
@@ -400,24 +404,33 @@ def test_resume_from_a_cut_log_continues_from_its_last_step(tmp_path):
     assert (res3.choice, res3.predicted_ms, res3.acc, res3.extra) == (res.choice, res.predicted_ms, res.acc, res.extra)
 
 
-def test_an_action_that_saves_no_time_is_never_taken():
-    """Stage 0's width costs nothing here and shrinking it even gains accuracy: the shrink saves 0 ms, is
-    logged infeasible (no score) and never taken; removing the block (1 ms) is the step."""
+def test_an_action_that_saves_no_time_is_never_taken(tmp_path):
+    """Stage 0's width costs nothing here and shrinking it even gains accuracy. With every stage's shrink
+    considered (`--actions every`), stage 0's saves 0 ms: it is logged infeasible (no score) and never taken."""
     from nas.slimming import LatencySlimming
-    ctx, ms = fake_slim_ctx(target=4.5, free_width0=True)  # start: 4 blocks + 3 x 0.5 ms = 5.5 ms
-    res = LatencySlimming().search(ctx)
-    assert [(t["action"], t.get("where")) for t in res.extra["trajectory"][1:]] == [("to_identity", "stage0.block0")]
-    assert res.predicted_ms == 4.5
+    ctx, ms = fake_slim_ctx(str(tmp_path), target=4.5, free_width0=True)  # start: 4 blocks + 3 x 0.5 ms = 5.5 ms
+    res = LatencySlimming(actions="every").search(ctx)
+    steps = [r for r in read_log(str(tmp_path)) if r["type"] == "step"]
+    shrink0 = next(c for c in steps[0]["candidates"] if (c["action"], c["where"]) == ("shrink", "stage0"))
+    assert shrink0["ms_saved"] == 0.0 and not shrink0["feasible"] and shrink0["score"] is None
+    assert all(s["ms_saved"] > 0 for s in steps) and ("shrink", "stage0") not in [(s["action"], s["where"]) for s in steps]
+    assert res.predicted_ms <= 4.5 and res.predicted_ms == ms(res.choice)
 
 
-def test_an_action_that_saves_no_time_is_logged_infeasible(tmp_path):
+def test_paper_shrink_takes_the_least_important_stage_whose_shrink_saves_time(tmp_path):
+    """The paper's action (c) shrinks the least important stage; where that shrink saves no time (a measured
+    table can price a narrower stage as fast or slower), the next least important stage whose shrink does is
+    the candidate, instead of a step with no action that saves time. Stage 0 (least important) is free to
+    shrink here: stage 1 is shrunk first, then 2 and 3, and the search meets its target."""
     from nas.slimming import LatencySlimming
     ctx, ms = fake_slim_ctx(str(tmp_path), target=4.5, free_width0=True)
-    LatencySlimming().search(ctx)
-    step = next(r for r in read_log(str(tmp_path)) if r["type"] == "step")
-    shrink = next(c for c in step["candidates"] if c["action"] == "shrink")
-    assert shrink["ms_saved"] == 0.0 and not shrink["feasible"] and shrink["score"] is None
-    assert all(s["ms_saved"] > 0 for s in read_log(str(tmp_path)) if s["type"] == "step")
+    res = LatencySlimming().search(ctx)
+    steps = [r for r in read_log(str(tmp_path)) if r["type"] == "step"]
+    assert [(c["action"], c["where"]) for c in steps[0]["candidates"]] == [("to_identity", "stage0.block0"),
+                                                                            ("shrink", "stage1")]
+    assert [(s["action"], s["where"]) for s in steps[:3]] == [("shrink", "stage1"), ("shrink", "stage2"),
+                                                              ("shrink", "stage3")]
+    assert all(s["ms_saved"] > 0 for s in steps) and res.predicted_ms <= 4.5
 
 
 def test_the_unreachable_error_names_the_fastest_network_found_by_brute_force():
