@@ -82,6 +82,7 @@ class HeldoutEvaluator:
     def __init__(self, supernet: MetaPathSupernet, heldout: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                  calib: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (), bn_batches: int = 0,
                  device: str = "cpu"):
+        heldout = list(heldout)  # once: an iterator of batches is read here only (counted and staged from the list)
         if not heldout:
             raise ValueError("held-out set is empty: nothing to evaluate candidates on")
         self.supernet = supernet.eval()

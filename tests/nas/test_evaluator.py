@@ -103,3 +103,16 @@ def test_the_cache_key_tells_choices_apart_by_widths_and_by_blocks(supernet_run)
     evaluator, _ = make_evaluator(sn, cfg, eval_images=8, batch_size=8)
     results = [evaluator(c) for c in (big, narrow, big, shallow)]
     assert evaluator.evaluations == 3 and results[2] == results[0]  # the repeat is a cache hit, the others are not
+
+
+def test_held_out_batches_given_as_an_iterator_are_read_once(supernet_run):
+    """The evaluator takes any iterable of batches, as it did before it staged them: an iterator (a generator of
+    batches) was counted for n_images and then staged from its exhausted remains, so every candidate scored on no
+    batch (torch.stack of an empty list)."""
+    sn, cfg, _ = load_supernet_run(supernet_run)
+    listed, _ = make_evaluator(sn, cfg, eval_images=20, batch_size=6)
+    batches = list(listed.heldout)
+    it = ev.HeldoutEvaluator(sn, (b for b in batches))
+    assert it.n_images == 20 and len(it.heldout) == 4
+    choice = sn.space.largest_choice()
+    assert it(choice) == listed(choice)
