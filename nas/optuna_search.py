@@ -441,12 +441,18 @@ def _journal_backend(path: str):
 
         def sync(self):
             with contextlib.suppress(OSError, AttributeError):
-                fd = os.open(self._file_path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_file(self._file_path)
     return Backend(path, lock_obj=lock)
+
+
+def _fsync_file(path: str) -> None:
+    """fsync a file by name. Windows flushes only a handle opened for writing (FlushFileBuffers on a read-only one
+    fails with EBADF, which a caller suppressing OSError would take for done)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0) if sys.platform == "win32" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_storage(study) -> None:

@@ -358,3 +358,21 @@ def test_a_trial_exactly_at_the_bound_meets_it_and_the_constraint_is_latency_min
     for t in done:
         native = [v for k, v in t.system_attrs.items() if k.endswith(":latency")]
         assert native == [t.values[1] - 1.0] and t.user_attrs["constraint"] == [t.values[1] - 1.0]
+
+
+def test_the_journal_is_synced_through_a_handle_windows_can_flush(tmp_path, monkeypatch):
+    """The journal's once-a-trial fsync opens the file read-only on POSIX (enough there) and for writing on Windows,
+    whose FlushFileBuffers fails on a read-only handle (the failure, suppressed, would have left it unsynced)."""
+    import sys
+    import nas.optuna_search as osm
+    p = tmp_path / "study.journal"
+    p.write_text("{}\n")
+    opened, synced = [], []
+    real_open, real_fsync = os.open, os.fsync
+    monkeypatch.setattr(osm.os, "open", lambda path, flags, *a: opened.append(flags) or real_open(path, flags, *a))
+    monkeypatch.setattr(osm.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    osm._fsync_file(str(p))
+    monkeypatch.setattr(sys, "platform", "win32")
+    osm._fsync_file(str(p))
+    assert opened[0] & (os.O_WRONLY | os.O_RDWR) == 0 and opened[1] & os.O_RDWR and len(synced) == 2
+    assert p.read_text() == "{}\n"
