@@ -314,9 +314,10 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(decay_groups(model.named_parameters(), weight_decay), lr=lr)  # timm's no-decay rule
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    done, losses = 0, []
+    done, losses = 0, []  # the first and the latest loss (a long fine-tuning keeps no per-step list)
     if resume is not None:
-        done, losses = int(resume["done"]), [float(v) for v in resume["losses"]]
+        done, kept = int(resume["done"]), [float(v) for v in resume["losses"]]  # a state of before kept every step's
+        losses = kept[:1] + kept[1:][-1:]
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
@@ -325,7 +326,9 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
         teacher.eval()
     bar = tqdm(total=steps, initial=done, desc=desc, disable=not progress, leave=False)
     last_save, save_cost = time.monotonic(), 0.0
+    ran = done
     for step, (x, y) in enumerate(itertools.islice(batches, steps - done), start=done):
+        ran = step + 1
         out = _logits(model(x))
         t_out = None
         if teacher is not None:
@@ -337,7 +340,7 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
             loss = kd_loss(out, t_out, temperature)
         else:
             loss = default_loss(out, y)
-        losses.append(float(loss.detach()))
+        losses[1 if losses else 0:] = [float(loss.detach())]
         if not math.isfinite(losses[-1]):
             raise PruneError(f"fine-tuning step {step + 1}: the loss is {losses[-1]} (diverged), expected a finite "
                              f"loss; lower --lr (now {lr:g})")
@@ -358,7 +361,7 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
     model.eval()
     for p in params:
         p.grad = None
-    return {"steps": len(losses), "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+    return {"steps": ran, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 
 @torch.no_grad()
