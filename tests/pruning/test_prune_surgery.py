@@ -97,6 +97,21 @@ def test_surgery_equals_gating_the_removed_units_to_zero(net):
                 assert b["scale"] == info.scale
 
 
+@pytest.mark.parametrize("qk,v", [(4, 8), (8, 4)])
+def test_surgery_with_unequal_qk_and_v_widths_equals_gating(qk, v):
+    """proj's input columns are head-major in the V width (h*v_dim + c), not the Q/K width: the shared
+    fixtures have qk_dim == v_dim, where the two layouts coincide."""
+    arch = tiny_deit(qk=qk, v=v)
+    model = build(arch)
+    x = batches(arch, 1)[0][0]
+    plan = random_plan(arch, 3)
+    assert any(k.heads != list(range(3)) and k.heads[-1] > 0 for k in plan.keep.values())
+    small, _ = apply_plan(model, arch, plan)
+    ref = gated_output(model, arch, plan, x)
+    with torch.no_grad():
+        assert rel_err(small(x), ref) <= 1e-5
+
+
 def test_emptied_branches_equal_gating_plus_their_output_bias():
     arch = tiny_deit()
     model = build(arch)
