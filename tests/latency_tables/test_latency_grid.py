@@ -210,3 +210,50 @@ def test_bad_prune_grid_input_is_one_line(capsys, tmp_path, argv, needle):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "t.yaml").exists()
+
+
+def _entry(key, ms, source="measured"):
+    from types import SimpleNamespace
+    return SimpleNamespace(key=key, ms=ms, p10=0.5 * ms, p90=2.0 * ms, source=source)
+
+
+def test_split_index_interpolates_between_the_nearest_measured_widths_only():
+    """Hand-worked: ffn measured at 16, 32, 64 (not evenly spaced, not linear in f); 48 lies halfway
+    between its neighbours 32 and 64, whatever 16 costs; outside the axis is not priced; estimated
+    entries are never grid points; p10 and p90 are interpolated as themselves."""
+    from latency_tables.grid import SplitIndex, attn_key, ffn_key
+    g = ("vit_block", 17, 24)
+    ents = [_entry(ffn_key(g, 16), 1.0), _entry(ffn_key(g, 32), 2.0), _entry(ffn_key(g, 64), 10.0),
+            _entry(ffn_key(g, 48), 99.0, source="estimated")]
+    # attention: corners of heads {1, 3} x qk {4, 8} x v {4, 8}, ms = h + q/4 + v/8 (multilinear)
+    for h in (1, 3):
+        for q in (4, 8):
+            for v in (4, 8):
+                ents.append(_entry(attn_key(g, h, q, v), h + q / 4 + v / 8))
+    idx = SplitIndex(ents)
+    assert idx.ffn_part(g, 48) == pytest.approx((6.0, 3.0, 12.0), rel=1e-12)
+    assert idx.ffn_part(g, 24) == pytest.approx((1.5, 0.75, 3.0), rel=1e-12)
+    assert idx.ffn_part(g, 32) == pytest.approx((2.0, 1.0, 4.0), rel=1e-12)
+    assert idx.ffn_part(g, 65) is None and idx.ffn_part(g, 15) is None
+    ms = 2 + 6 / 4 + 5 / 8
+    assert idx.attn_part(g, 2, 6, 5) == pytest.approx((ms, 0.5 * ms, 2.0 * ms), rel=1e-12)
+    assert idx.attn_part(g, 4, 6, 5) is None and idx.attn_part(g, 2, 9, 5) is None
+    assert idx.attn_part(g, 2, 6, 9) is None
+
+
+def test_split_index_junction_is_the_mean_gap_of_the_measured_whole_blocks():
+    """Two measured whole blocks 0.3 and 0.1 ms above their parts: the junction is 0.2 (their mean);
+    an estimated whole block (10 ms above) does not count."""
+    from latency_tables.grid import SplitIndex, attn_key, ffn_key
+    g = ("vit_block", 17, 24)
+    ents = [_entry(ffn_key(g, 16), 1.0), _entry(ffn_key(g, 32), 2.0)]
+    for h in (1, 2):
+        ents.append(_entry(attn_key(g, h, 8, 8), float(h)))
+    whole = lambda h, f: dict(attn_key(g, h, 8, 8), ffn_hidden=f)
+    ents += [_entry(whole(1, 16), 1.0 + 1.0 + 0.3), _entry(whole(2, 32), 2.0 + 2.0 + 0.1),
+             _entry(whole(2, 16), 2.0 + 1.0 + 10.0, source="estimated")]
+    idx = SplitIndex(ents)
+    assert idx.junction[g] == pytest.approx(0.2, rel=1e-12)
+    # a pruned two-branch block between the grid points: parts interpolated, plus the junction
+    assert idx.block(whole(2, 24))[0] == pytest.approx(2.0 + 1.5 + 0.2, rel=1e-12)
+    assert idx.block(whole(2, 0))[0] == pytest.approx(2.0, rel=1e-12)  # one branch: no junction
