@@ -86,3 +86,35 @@ def test_space_enumeration_covers_every_sample(tiny_space):
             assert s.id in keys
     widths = {k["dim"] for k in space_keys(tiny_space) if k["op"] == "meta4d" and k["res"] == 4}
     assert widths == set(tiny_space.widths(2))  # every width, in steps of 16
+
+
+def _vit_block_macs(n, d, h, q, v, f):
+    """Hand count: qkv, scores, attention x V, proj, fc1, fc2."""
+    return n * d * h * (2 * q + v) + n * n * h * q + n * n * h * v + n * h * v * d + 2 * n * d * f
+
+
+@pytest.mark.parametrize("key,macs", [
+    # conv 3 -> 24, kernel 8, 4x4 outputs
+    ({"op": "vit_embed", "res_in": 32, "cin": 3, "patch": 8, "dim": 24, "prefix": 2}, 16 * 24 * 3 * 64),
+    ({"op": "vit_block", "tokens": 18, "dim": 24, "heads": 3, "qk_dim": 8, "v_dim": 8, "ffn_hidden": 64},
+     _vit_block_macs(18, 24, 3, 8, 8, 64)),
+    # pruned, Q/K and V widths apart
+    ({"op": "vit_block", "tokens": 18, "dim": 24, "heads": 2, "qk_dim": 4, "v_dim": 6, "ffn_hidden": 16},
+     _vit_block_macs(18, 24, 2, 4, 6, 16)),
+    ({"op": "vit_block", "tokens": 18, "dim": 24, "heads": 0, "qk_dim": 0, "v_dim": 0, "ffn_hidden": 16},
+     2 * 18 * 24 * 16),
+    ({"op": "vit_head", "tokens": 18, "dim": 24, "classes": 10, "distillation": True}, 2 * 24 * 10),
+    ({"op": "vit_head", "tokens": 17, "dim": 24, "classes": 10, "distillation": False}, 24 * 10),
+    ({"op": "swin_embed", "res_in": 32, "cin": 3, "patch": 2, "dim": 16}, 16 * 16 * 16 * 3 * 4),
+    # 16x16 padded to 18x18 for window 6 (9 windows of 36 tokens); the MLP runs on the 256 real tokens
+    ({"op": "swin_block", "res": 16, "dim": 16, "heads": 2, "qk_dim": 8, "v_dim": 8, "ffn_hidden": 32, "window": 6,
+      "shifted": True},
+     324 * 16 * 48 + 2 * 9 * 36 * 36 * 16 + 324 * 16 * 16 + 2 * 256 * 16 * 32),
+    ({"op": "swin_patch_merging", "res_in": 16, "cin": 16, "cout": 32}, 8 * 8 * 64 * 32),
+    ({"op": "swin_head", "res": 8, "dim": 32, "classes": 10}, 32 * 10),
+])
+def test_segment_macs_are_the_hand_counted_multiply_accumulates(key, macs):
+    """MACs (not FLOPs) of each segment kind at batch 1, counted by hand: they place a missing width
+    between measured ones when the table interpolates."""
+    from latency_tables.segments import segment_macs
+    assert segment_macs(key) == macs
