@@ -409,3 +409,21 @@ def test_training_leaves_the_callers_random_state_and_threads_and_does_not_depen
     assert losses(tmp_path / "0") == losses(tmp_path / "1")
     s0, s1 = read_run(tmp_path / "0")["model"], read_run(tmp_path / "1")["model"]
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "linear", "cosine"])
+def test_temperature_schedule_runs_from_start_at_the_first_step_to_end_at_the_last(schedule):
+    """Endpoints are exact (the last of `steps` steps is steps - 1); midpoints hand-worked: linear and
+    cosine the mean (cosine end + (start - end)(1 + cos(pi/4))/2 at a quarter), exponential the
+    geometric mean."""
+    import math
+    from supernet.train import TemperatureConfig
+    t = TemperatureConfig(start=8.0, end=2.0, schedule=schedule)
+    assert t.at(0, 11) == pytest.approx(8.0, rel=1e-12)
+    assert t.at(10, 11) == pytest.approx(2.0, rel=1e-12)
+    mid = {"exponential": 4.0, "linear": 5.0, "cosine": 5.0}[schedule]
+    assert t.at(5, 11) == pytest.approx(mid, rel=1e-12)
+    quarter = {"exponential": 8.0 * 0.25 ** 0.25, "linear": 6.5,
+               "cosine": 2.0 + 6.0 * (1 + math.cos(math.pi / 4)) / 2}[schedule]
+    assert t.at(2.5, 11) == pytest.approx(quarter, rel=1e-12)
+    assert TemperatureConfig(start=3.0, end=0.5, schedule="constant").at(7, 11) == 3.0
