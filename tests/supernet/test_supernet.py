@@ -303,3 +303,19 @@ def test_recalibrate_bn_uses_exactly_max_batches_as_a_cumulative_average():
     recalibrate_bn(bn, batches, max_batches=2)
     torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in batches[:2]]).mean(0))
     assert int(bn.num_batches_tracked) == 2 and bn.momentum == 0.1
+
+
+def test_hard_mode_alpha_gradient_is_that_of_the_softmax_at_the_temperature():
+    """With every alpha equal and no noise the sampled path and the forward value do not depend on
+    tau, and p = softmax((alpha + g) / tau) over the allowed candidates is uniform whatever tau:
+    dp/dalpha = p (delta - p) / tau, so the alphas' gradients at tau = 2 are half those at tau = 1."""
+    grads = []
+    for tau in (1.0, 2.0):
+        sn = randomised().train()
+        x, y = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 3, 5, 6])
+        noise = [torch.zeros_like(a) for a in sn.alphas]
+        F.cross_entropy(sn(x, mode="hard", noise=noise, tau=tau), y).backward()
+        grads.append([a.grad.clone() for a in sn.alphas])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for g1, g2 in zip(*grads):
+        assert torch.allclose(g2, g1 / 2, rtol=1e-4, atol=1e-9)
