@@ -416,3 +416,25 @@ def test_export_coreml_prune_grid_needs_a_deit_or_swin_arch(tmp_path, capsys):
                         "--out", tmp_path / "x")
     assert code == 2 and "--grid-step qk=4: only with --prune-grid" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_importing_into_an_existing_table_the_new_times_win_and_the_rest_is_kept(tmp_path):
+    """Merging a second CSV into a table: an entry timed again takes its new time, an entry not in the
+    new CSV keeps its old one, a new entry is added; the manifest's prune grid is recorded."""
+    ents = [{"name": f"e{i:04d}_x", "key": KINDS[i], "key_str": key_str(KINDS[i]), "package": f"e{i:04d}_x.mlpackage"}
+            for i in (0, 2, 8)]
+    m = _manifest(tmp_path, entries=ents)
+    t_path = str(tmp_path / "t.yaml")
+    import_csv(m, _write_csv(tmp_path / "a.csv", [["e0000_x", "0.5", "", "", ""], ["e0002_x", "0.7", "", "", ""]]),
+               t_path, "iPhone 12")
+    d = json.loads(open(m).read())
+    d["built_for"] = {"prune_grid": {"qk": 4, "v": 4, "ffn": 16, "heads": 2}}
+    open(m, "w").write(json.dumps(d))
+    import_csv(m, _write_csv(tmp_path / "b.csv", [["e0000_x", "0.9", "", "", ""], ["e0008_x", "1.1", "", "", ""]]),
+               t_path, "iPhone 12")
+    t = LatencyTable.load(t_path)
+    assert len(t) == 3
+    assert t.get(KINDS[0]).ms == pytest.approx(0.9)
+    assert t.get(KINDS[2]).ms == pytest.approx(0.7)
+    assert t.get(KINDS[8]).ms == pytest.approx(1.1)
+    assert t.built_for["prune_grid"] == {"qk": 4, "v": 4, "ffn": 16, "heads": 2}
