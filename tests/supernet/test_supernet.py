@@ -319,3 +319,16 @@ def test_hard_mode_alpha_gradient_is_that_of_the_softmax_at_the_temperature():
     assert any(g.abs().sum() > 0 for g in grads[0])
     for g1, g2 in zip(*grads):
         assert torch.allclose(g2, g1 / 2, rtol=1e-4, atol=1e-9)
+
+
+def test_extracted_model_is_in_the_supernets_mode():
+    """An eval-mode supernet extracts an eval-mode model (BatchNorm on running statistics, as the
+    supernet's fixed-mode output it equals), a training one a training one."""
+    sn = randomised().eval()
+    model, _ = sn.extract(FIXED_CHOICES[0])
+    assert not model.training and not any(m.training for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert close(model(x), sn(x, mode="fixed", choice=FIXED_CHOICES[0]))
+    model, _ = sn.train().extract(FIXED_CHOICES[0])
+    assert model.training
