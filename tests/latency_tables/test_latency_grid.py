@@ -257,3 +257,18 @@ def test_split_index_junction_is_the_mean_gap_of_the_measured_whole_blocks():
     # a pruned two-branch block between the grid points: parts interpolated, plus the junction
     assert idx.block(whole(2, 24))[0] == pytest.approx(2.0 + 1.5 + 0.2, rel=1e-12)
     assert idx.block(whole(2, 0))[0] == pytest.approx(2.0, rel=1e-12)  # one branch: no junction
+
+
+def test_grid_of_blocks_of_one_geometry_spans_their_widest_widths():
+    """Two blocks of one geometry (already pruned apart, in either order): one grid up to the widest of
+    each width, heads {1, 3} x qk {1, 4, 8} x v {1, 4, 8} and ffn {1, 16, 32, 48, 64}, hand-listed."""
+    for order in (1, -1):
+        blocks = [{"type": "vit", "heads": 3, "qk_dim": 4, "v_dim": 8, "ffn_hidden": 64},
+                  {"type": "vit", "heads": 2, "qk_dim": 8, "v_dim": 4, "ffn_hidden": 32}][::order]
+        arch = vitslim.resolve_arch({"family": "deit", "input_size": 32, "num_classes": 10,
+                                     "stem": {"patch_size": 8}, "stages": [{"width": 24, "blocks": blocks}]})
+        keys = prune_grid_keys(arch, GridSpec(qk=4, v=4, ffn=16, heads=2))
+        attn = {(k["heads"], k["qk_dim"], k["v_dim"]) for k in keys if k["heads"]}
+        assert attn == {(h, q, v) for h in (1, 3) for q in (1, 4, 8) for v in (1, 4, 8)}
+        assert sorted(k["ffn_hidden"] for k in keys if not k["heads"]) == [1, 16, 32, 48, 64]
+        assert len(keys) == 18 + 5
