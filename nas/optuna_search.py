@@ -138,7 +138,6 @@ class OptunaSearch(SearchStrategy):
         return {"strategy": self.name, "sampler": self.sampler_name, **self.run_args}
 
     def _storage(self, ctx: SearchContext):
-        import optuna
         if not ctx.log_dir:
             return None
         path = os.path.abspath(os.path.join(ctx.log_dir, self.log_file))

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -235,7 +235,6 @@ def test_the_sampler_re_seeded_every_trial_keeps_its_search_space_cache(supernet
 def test_the_search_reads_the_study_without_deep_copying_it(supernet_run, table_path, tmp_path, monkeypatch):
     """`study.trials` deep-copies every trial of the study (1.4 s at 1,700 trials of the L1 space, twice a run):
     the search only reads them, without a copy, and finds what it found with one."""
-    import optuna
     from optuna.study import Study
     copies = []
     real = Study.get_trials
@@ -322,34 +321,14 @@ def test_a_trial_exactly_at_the_bound_meets_it_and_the_constraint_is_latency_min
     """Fake latency (multiples of 0.25 ms: exact) with the bound set to the fastest network's latency: that one
     network meets it, exactly; the warm start enqueues it, so the search must take it. Every trial's constraint
     (Optuna's and the user attribute) is its latency minus the bound: <= 0 exactly for feasible trials."""
-    import numpy as np
     import optuna
     from nas.optuna_search import OptunaSearch
-    from nas.strategy import SearchContext
-    space = load_space({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
-                        "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
-                        "stages": [{"max_depth": 1, "max_width": 32, "min_width": 16,
-                                    "candidates": ["meta4d", "identity"]}] * 4})
+    from nas_fakes import fake_ctx
 
     def ms(c):
         return sum((b[0] != "identity") + 0.25 * w / 16 for w, b in zip(c["widths"], c["blocks"]))
 
-    class Compiled:
-        def score_choices(self, cs):
-            return np.array([ms(c) for c in cs])
-
-    class Evaluator:
-        evaluations = 0
-
-        def __call__(self, c):
-            self.evaluations += 1
-            return {"acc": 0.1 * ms(c), "loss": 1.0}
-
-        def prime(self, *a):
-            pass
-
-    ctx = SearchContext(space=space, supernet=None, table=None, compiled=Compiled(), evaluator=Evaluator(),
-                        target_ms=1.0, progress=False, log_dir=str(tmp_path))
+    ctx = fake_ctx(ms, lambda c: {"acc": 0.1 * ms(c), "loss": 1.0}, 1.0, log_dir=str(tmp_path), supernet=False)
     res = OptunaSearch(n_trials=4, run_args={"t": 1}).search(ctx)
     assert res.predicted_ms == 1.0 and res.choice == {"widths": [16] * 4, "blocks": [["identity"]] * 4}
     study = optuna.load_study(study_name="vitslim-search", storage=OptunaSearch()._storage(ctx))

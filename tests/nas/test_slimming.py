@@ -12,6 +12,7 @@ import vitslim
 from nas.run import load_supernet_run, load_table, run_search
 from nas.slimming import ACTIONS
 from nas.strategy import SearchError, largest_choice
+from nas_fakes import fake_ctx
 
 REPORT_KEYS = {"target_ms", "predicted_ms", "params", "macs", "accuracy", "latency_split", "strategy", "choice"}
 
@@ -207,44 +208,17 @@ def test_an_action_that_is_more_accurate_and_faster_is_never_passed_over():
     """A small held-out split can score a candidate above the current network (a negative drop): the ratio
     drop / ms would then prefer the smallest saving. Fake space, latency and evaluator: removing stage 0's
     block gains 0.02 and saves 1 ms, shrinking stage 0 gains 0.01 and saves 0.01 ms."""
-    import numpy as np
     from nas.slimming import LatencySlimming, per_ms
-    from nas.strategy import SearchContext
-    from supernet.space import SearchSpace
-    stage = {"max_depth": 1, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]}
-    space = SearchSpace.from_dict({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
-                                   "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
-                                   "stages": [stage] * 4})
 
     def ms(c):
         return sum((b[0] != "identity") + 0.01 * w / 16 for w, b in zip(c["widths"], c["blocks"]))
 
-    class Compiled:
-        def score_choices(self, cs):
-            return np.array([ms(c) for c in cs])
-
-    class Supernet:
-        def probabilities(self):
-            return [torch.tensor([[0.9, 0.1]])] * 4
-
-        def importance(self):  # stage 0: the least important position and stage
-            return {"metapath": [[1.0], [5.0], [5.0], [5.0]], "stage": [1.0, 5.0, 5.0, 5.0]}
-    Supernet.space = space
-
-    class Evaluator:
-        evaluations = 0
-
-        def __call__(self, c):
-            self.evaluations += 1
-            g = 0.02 * sum(b[0] == "identity" for b in c["blocks"]) + 0.01 * sum((32 - w) // 16 for w in c["widths"])
-            return {"acc": 0.5 + g, "loss": 1.0 - g}
-
-        def prime(self, *a):
-            pass
+    def score(c):
+        g = 0.02 * sum(b[0] == "identity" for b in c["blocks"]) + 0.01 * sum((32 - w) // 16 for w in c["widths"])
+        return {"acc": 0.5 + g, "loss": 1.0 - g}
 
     start = {"widths": [32] * 4, "blocks": [["meta4d"]] * 4}
-    ctx = SearchContext(space=space, supernet=Supernet(), table=None, compiled=Compiled(), evaluator=Evaluator(),
-                        target_ms=ms(start) - 0.005, progress=False)
+    ctx = fake_ctx(ms, score, ms(start) - 0.005, importance=(1.0, 5.0, 5.0, 5.0))  # stage 0: the least important
     for criterion in ("acc", "loss"):
         res = LatencySlimming(criterion=criterion).search(ctx)
         assert res.extra["trajectory"][1]["action"] == "to_identity", criterion
@@ -310,14 +284,6 @@ def fake_slim_ctx(log_dir=None, target=5.0, free_width0=False, cheap_wide0=False
     nothing at 32 (a table may say so). Accuracy: 0.9, minus 0.1 per identity, minus 0.01 per 16 channels
     removed (plus 0.01 with `free_width0`). Importance: stage 0 least, stage 3 most. From the start
     (6 ms) the path shrinks stage 0, 1, 2, 3 (0.04 per ms beats 0.1 per ms): 5.75, 5.5, 5.25, 5.0 ms."""
-    import numpy as np
-    from nas.strategy import SearchContext
-    from supernet.space import SearchSpace
-    stage = {"max_depth": 1, "max_width": 32, "min_width": 16, "candidates": ["meta4d", "identity"]}
-    space = SearchSpace.from_dict({"version": 1, "family": "efficientformer", "input_size": 64, "num_classes": 4,
-                                   "width_step": 16, "ffn_ratio": 2, "attention": {"heads": 2, "qk_dim": 8, "v_dim": 8},
-                                   "stages": [stage] * 4})
-
     def width_ms(i, w):
         if i == 0 and free_width0:
             return 0.0
@@ -328,33 +294,12 @@ def fake_slim_ctx(log_dir=None, target=5.0, free_width0=False, cheap_wide0=False
     def ms(c):
         return sum((b[0] != "identity") + width_ms(i, w) for i, (w, b) in enumerate(zip(c["widths"], c["blocks"])))
 
-    class Compiled:
-        def score_choices(self, cs):
-            return np.array([ms(c) for c in cs])
+    def score(c):
+        shrunk = sum((32 - w) // 16 for w in c["widths"])
+        acc = 0.9 - 0.1 * sum(b[0] == "identity" for b in c["blocks"]) + (0.01 if free_width0 else -0.01) * shrunk
+        return {"acc": acc, "loss": 1.0 - acc}
 
-    class Supernet:
-        def probabilities(self):
-            return [torch.tensor([[0.9, 0.1]])] * 4
-
-        def importance(self):
-            return {"metapath": [[1.0], [2.0], [3.0], [4.0]], "stage": [1.0, 2.0, 3.0, 4.0]}
-    Supernet.space = space
-
-    class Evaluator:
-        evaluations = 0
-
-        def __call__(self, c):
-            self.evaluations += 1
-            shrunk = sum((32 - w) // 16 for w in c["widths"])
-            acc = 0.9 - 0.1 * sum(b[0] == "identity" for b in c["blocks"]) \
-                + (0.01 if free_width0 else -0.01) * shrunk
-            return {"acc": acc, "loss": 1.0 - acc}
-
-        def prime(self, *a):
-            pass
-
-    return SearchContext(space=space, supernet=Supernet(), table=None, compiled=Compiled(), evaluator=Evaluator(),
-                         target_ms=target, progress=False, log_dir=log_dir), ms
+    return fake_ctx(ms, score, target, log_dir=log_dir), ms
 
 
 def test_the_path_stops_at_the_first_network_that_meets_the_target_exactly():

@@ -214,7 +214,6 @@ def assert_same_run(ref, out):
 
 
 def test_an_interrupted_iterative_prune_resumes_to_the_uninterrupted_result(deit_ckpt, tmp_path, capsys, monkeypatch):
-    import torch
     import pruning.pruner as pp
     args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5", "--iterative-steps", "3",
             "--finetune-steps", "6", "--kd"] + FAST

@@ -3,7 +3,6 @@ hidden, the residual width with embedding pruning) is a multiple of N or as it w
 budget and move kind; the floor rounds up to it, and the budget is still met."""
 import json
 
-import numpy as np
 import pytest
 
 from pruning.budget import (Floor, MacsCost, Network, ParamsCost, floor_cost, removals, select_knapsack,
