@@ -118,13 +118,6 @@ class Scores:
                    int(d["batches"]), {int(i): a(e) for i, e in d["embed"].items()},
                    {key(k): a(b) for k, b in d["branch"].items()})
 
-    def kind_totals(self) -> Dict[str, float]:
-        tot = {"head": 0.0, "qk": 0.0, "v": 0.0, "ffn": 0.0}
-        for s in self.blocks.values():
-            for k in tot:
-                tot[k] += float(np.sum(s[k]))
-        return tot
-
 
 def _empty_block(info: BlockInfo) -> BlockScores:
     return {"head": np.zeros(info.heads), "qk": np.zeros((info.heads, info.qk_dim)),

@@ -171,10 +171,6 @@ class Plan:
         return self.embed.get(stage, list(range(width)))
 
 
-def stage_widths(arch: Mapping) -> List[int]:
-    return [st["width"] for st in arch["stages"]]
-
-
 def pruned_arch(arch: Mapping, plan: Plan) -> dict:
     """The arch config after `plan`: new per-block widths, the trained attention scale written in."""
     import copy

@@ -89,11 +89,6 @@ def check_list(v, path: str, length: int | None = None, nonempty: bool = True) -
     return list(v)
 
 
-def check_divides(d: int, n: int, path: str, what: str) -> None:
-    if n % d:
-        raise bad(path, d, f"a divisor of {what} ({n})")
-
-
 def check_keys(d: Mapping, path: str, allowed: Iterable[str]) -> None:
     """Unknown keys are an error: a typo must not silently fall back to a default."""
     allowed = set(allowed)
