@@ -158,7 +158,7 @@ def register_command(name, add_arguments, run, help_text, example):
 def _load_extra_commands():
     import importlib
     for mod in ("vitslim.cmd_latency", "vitslim.cmd_supernet", "vitslim.cmd_search", "vitslim.cmd_prune",
-                "vitslim.cmd_export"):
+                "vitslim.cmd_export", "vitslim.cmd_env"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

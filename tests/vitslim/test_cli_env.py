@@ -1,0 +1,106 @@
+"""`vitslim env`: versions, which latency backends run here, and which tables this machine can measure for."""
+import json
+import os
+import platform
+
+import pytest
+import torch
+import yaml
+
+import latency_tables.backends as backends
+from latency_tables.table import TABLES_DIR, shipped_tables
+from vitslim.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def linux_box(monkeypatch):
+    """A Linux machine with a CPU of a known name and no CUDA device, whatever runs the test."""
+    monkeypatch.setattr(backends, "cpu_model", lambda: "Test CPU 9000")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _table_on(tmp_path, device_name, backend="torch-cpu"):
+    with open(os.path.join(TABLES_DIR, "cpu_torch_tiny.yaml"), encoding="utf-8") as f:
+        d = yaml.safe_load(f)
+    d["device"] = {**d["device"], "device": device_name, "backend": backend}
+    p = tmp_path / f"{device_name.replace(' ', '_')}_{backend}.yaml"
+    p.write_text(yaml.safe_dump(d), encoding="utf-8")
+    return str(p)
+
+
+def test_env_json_reports_versions_and_backends(capsys, linux_box):
+    code, out, err = run(capsys, "env", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert d["torch"]["version"] == str(torch.__version__)
+    assert d["cpu"] == "Test CPU 9000" and d["torch_threads"] == torch.get_num_threads()
+    b = d["backends"]
+    assert b["torch-cpu"] == {"available": True, "device": "Test CPU 9000"}
+    assert b["torch-cuda"]["available"] is False and b["torch-cuda"]["why"].startswith("no CUDA device")
+    assert b["coreml"]["available"] is False and "only on macOS" in b["coreml"]["why"]
+    # every shipped table is listed; they were measured on another CPU than "Test CPU 9000"
+    assert [os.path.basename(r["table"])[:-5] for r in d["tables"]] == shipped_tables()
+    assert all(r["measurable_here"] is False and "Test CPU 9000" in r["why"] for r in d["tables"])
+
+
+def test_env_says_which_tables_this_machine_can_measure_for(capsys, linux_box, tmp_path):
+    here, phone_cpu = _table_on(tmp_path, "Test CPU 9000"), _table_on(tmp_path, "Apple M2")
+    gpu = _table_on(tmp_path, "NVIDIA H200", backend="torch-cuda")
+    code, out, err = run(capsys, "env", "--table", here, "--table", phone_cpu, "--table", gpu, "--json")
+    assert code == 0, err
+    rows = {r["table"]: r for r in json.loads(out)["tables"]}
+    assert rows[here]["measurable_here"] is True and rows[here]["why"] is None
+    assert rows[phone_cpu]["measurable_here"] is False and "'Apple M2'" in rows[phone_cpu]["why"]
+    assert rows[gpu]["measurable_here"] is False and "torch-cuda cannot run here" in rows[gpu]["why"]
+    code, out, err = run(capsys, "env", "--table", here, "--table", phone_cpu)
+    assert code == 0, err
+    assert f"  {here}: yes\n" in out
+    assert f"  {phone_cpu}: no: the table was measured on 'Apple M2', this machine is 'Test CPU 9000'" in out
+    assert "cannot check what they find by measuring here" in out  # the hint appears when a table is not measurable
+
+
+def test_env_human_output_names_missing_extras(capsys, linux_box, monkeypatch, tmp_path):
+    from importlib import metadata
+    real = metadata.version
+
+    def version(dist):
+        if dist == "onnxruntime":
+            raise metadata.PackageNotFoundError(dist)
+        return real(dist)
+    monkeypatch.setattr(metadata, "version", version)
+    code, out, err = run(capsys, "env", "--table", _table_on(tmp_path, "Test CPU 9000"))
+    assert code == 0, err
+    assert "onnxruntime not installed (vitslim[export])" in out
+    assert f"torch {torch.__version__} (CUDA" in out
+    assert "  coreml       no: Core ML models can be converted here but run only on macOS" in out
+    assert "cannot check what they find" not in out  # every listed table is measurable here: no hint
+
+
+def test_env_missing_required_package_is_an_error(capsys, linux_box, monkeypatch):
+    from importlib import metadata
+    real = metadata.version
+
+    def version(dist):
+        if dist == "pillow":
+            raise metadata.PackageNotFoundError(dist)
+        return real(dist)
+    monkeypatch.setattr(metadata, "version", version)
+    code, out, err = run(capsys, "env")
+    assert code == 2
+    assert "pillow MISSING" in out  # the report still printed, then the error
+    assert err.strip() == ("vitslim env: error: required packages missing: pillow, expected them installed with "
+                           "vitslim (pip install vitslim)")
+
+
+def test_env_unknown_table_is_one_line(capsys, linux_box, tmp_path):
+    code, out, err = run(capsys, "env", "--table", str(tmp_path / "nope.yaml"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "nope.yaml: no such file, expected a latency table .yaml" in err
