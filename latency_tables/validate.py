@@ -25,7 +25,7 @@ def metrics(predicted: Sequence[float], measured: Sequence[float]) -> dict:
     if p.size == 0:
         return {"samples": 0, "mape": None, "max_error": None, "within_5": None, "within_10": None, "spearman": None}
     err = np.abs(p - m) / m
-    rho = float(spearmanr(p, m).statistic) if p.size >= 2 and np.ptp(p) > 0 and np.ptp(m) > 0 else None
+    rho = float(spearmanr(p, m)[0]) if p.size >= 2 and np.ptp(p) > 0 and np.ptp(m) > 0 else None
     return {"samples": int(p.size), "mape": float(err.mean()), "max_error": float(err.max()),
             "within_5": float((err <= 0.05).mean()), "within_10": float((err <= 0.10).mean()),
             "spearman": rho}

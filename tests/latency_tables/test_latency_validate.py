@@ -19,8 +19,17 @@ def test_metrics_on_known_numbers():
     assert m["within_5"] == pytest.approx(2 / 5)   # 0.05 counts as within
     assert m["within_10"] == pytest.approx(3 / 5)
     p, q = [1.0, 2.0, 3.0, 4.0, 5.0], [1.1, 1.9, 3.5, 3.4, 5.2]
-    assert metrics(p, q)["spearman"] == pytest.approx(spearmanr(p, q).statistic)
+    assert metrics(p, q)["spearman"] == pytest.approx(spearmanr(p, q)[0])
     assert metrics(p, q)["spearman"] == pytest.approx(0.9)
+
+
+def test_metrics_take_spearman_from_a_scipy_before_1_9(monkeypatch):
+    """scipy < 1.9 returns SpearmanrResult(correlation, pvalue), without `.statistic`."""
+    import collections
+    import scipy.stats
+    old = collections.namedtuple("SpearmanrResult", ["correlation", "pvalue"])
+    monkeypatch.setattr(scipy.stats, "spearmanr", lambda a, b: old(*spearmanr(a, b)))
+    assert metrics([1.0, 2.0, 3.0, 4.0, 5.0], [1.1, 1.9, 3.5, 3.4, 5.2])["spearman"] == pytest.approx(0.9)
 
 
 def test_metrics_of_nothing_and_of_constants():
