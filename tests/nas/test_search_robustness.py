@@ -150,7 +150,8 @@ def test_a_kill_mid_step_keeps_the_candidates_evaluated(supernet_run, table_path
 
     def dying(self, model):
         calls["n"] += 1
-        if calls["n"] == 4:  # the start network, then the first step's candidates: killed at the third
+        if calls["n"] == 3:  # the start network, then the first step's candidates: killed at the second (a step
+            # has two or more; how many depends on the trained supernet, so on torch's init stream)
             raise KeyboardInterrupt
         return real(self, model)
 
@@ -160,7 +161,7 @@ def test_a_kill_mid_step_keeps_the_candidates_evaluated(supernet_run, table_path
     monkeypatch.setattr(ev_mod.HeldoutEvaluator, "score_model", real)
     with open(os.path.join(out, "trajectory.jsonl")) as f:
         recs = [json.loads(line) for line in f]
-    assert [r["type"] for r in recs] == ["header", "start", "eval", "eval"]
+    assert [r["type"] for r in recs] == ["header", "start", "eval"]
     # each evaluation is a point (predicted ms, accuracy) one can plot without the table
     ctx = context(supernet_run, table_path, str(tmp_path / "ctx"), target)
     for r in recs[2:]:
@@ -168,7 +169,7 @@ def test_a_kill_mid_step_keeps_the_candidates_evaluated(supernet_run, table_path
     rep = run_search(supernet_run, table_path, target, out, eval_images=16, progress=False, verify="off")
     assert rep["choice"] == ref["choice"] and rep["accuracy"] == ref["accuracy"]
     # what the kill had evaluated was not evaluated again, and the report counts the whole run
-    assert rep["evaluation"]["evaluated_this_run"] == ref["evaluation"]["evaluations"] - 3
+    assert rep["evaluation"]["evaluated_this_run"] == ref["evaluation"]["evaluations"] - 2
     assert rep["evaluation"]["evaluations"] == ref["evaluation"]["evaluations"]
 
 
