@@ -214,7 +214,15 @@ def test_next_bound_carries_the_tables_error_over():
     assert Verifier.next_bound({"predicted_ms": 2.0, "ms": 2.01}, 2.0, 2.1) < 2.0
 
 
-def test_optuna_reselects_from_its_trials_under_the_tightened_bound(supernet_run, table_path, tmp_path):
+def test_optuna_reselects_from_its_trials_under_the_tightened_bound(supernet_run, table_path, tmp_path, monkeypatch):
+    """Accuracy grows with the table's latency here: the pick is the slowest network under the bound, and the
+    trials hold faster ones to re-select. With the held-out accuracy of the 2-step supernet whether they did depended
+    on torch's init stream and Optuna's sampler: on torch 2.5 / Optuna 4.0 the most accurate trial was within 2% of
+    the fastest, so no bound 10% tighter could be met."""
+    from nas import evaluator as ev_mod
+    table = LatencyTable.load(table_path)
+    monkeypatch.setattr(ev_mod.HeldoutEvaluator, "score_model",
+                        lambda self, model: {"acc": table.predict(model.arch) / 100, "loss": 1.0})
     target = 0.6 * slim_tests.start_ms(supernet_run, table_path)
     measure = over_on_first_pick(table_path, target, 1.1)
     out = str(tmp_path / "opt")
