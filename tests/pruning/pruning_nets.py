@@ -23,10 +23,14 @@ def tiny_swin():
                    {"width": 32, "window_size": 4, "blocks": [{"type": "swin", "heads": 4, "ffn_hidden": 64}] * 2}]})
 
 
-def build(arch, seed=0, scale=1.0):
-    """A random network whose weights are large enough that every unit matters."""
-    torch.manual_seed(seed)
+def build(arch, seed=0, scale=1.0, after_init=False):
+    """A random network whose weights are large enough that every unit matters. `after_init`: seeded after the
+    model's own init, whose draws differ between torch versions (trunc_normal_), so the same weights on every torch."""
+    if not after_init:
+        torch.manual_seed(seed)
     m = vitslim.build_model(arch)
+    if after_init:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() >= 2 or "relative_position" in name:

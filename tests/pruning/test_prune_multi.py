@@ -30,8 +30,9 @@ def test_parse_targets():
             parse_targets(bad)
 
 
-def _prune(arch, target, table, **kw):
-    return prune(build(arch), arch, PruneConfig(target=target, calib_batches=1, eval_batches=1, **kw),
+def _prune(arch, target, table, seed=None, **kw):
+    model = build(arch) if seed is None else build(arch, seed=seed, after_init=True)
+    return prune(model, arch, PruneConfig(target=target, calib_batches=1, eval_batches=1, **kw),
                  calibration=batches(arch, 2), table=table)
 
 
@@ -51,13 +52,15 @@ def test_relative_latency_is_a_fraction_of_the_predicted_unpruned_latency(make):
 @pytest.mark.parametrize("selection", ["ratio", "knapsack"])
 def test_two_binding_budgets_are_both_met(make, selection):
     """macs=0.5 alone leaves latency above 0.7x and latency=0.7x alone leaves MACs above 0.5 on these
-    tables (checked), so only a mixed plan meets both."""
+    tables and weights (checked: seed 3, drawn after the model's init so that every torch version has them;
+    torch 2.5's init stream gave weights on which latency=0.7x alone kept fewer MACs), so only a mixed plan
+    meets both."""
     arch = make()
     t = grid_table(arch)
-    alone_macs = _prune(arch, "macs=0.5", t, selection=selection).report
-    alone_lat = _prune(arch, "latency=0.7x", t, selection=selection).report
+    alone_macs = _prune(arch, "macs=0.5", t, seed=3, selection=selection).report
+    alone_lat = _prune(arch, "latency=0.7x", t, seed=3, selection=selection).report
     assert alone_macs["latency_kept"] > 0.7 and alone_lat["macs_kept"] > 0.5
-    both = _prune(arch, "macs=0.5,latency=0.7x", t, selection=selection).report
+    both = _prune(arch, "macs=0.5,latency=0.7x", t, seed=3, selection=selection).report
     assert both["macs_kept"] <= 0.5 + 1e-9 and both["latency_kept"] <= 0.7 + 1e-9
     w = both["steps"][0]["candidates"][selection]["weights"]
     assert set(w) == {"macs=0.5", "latency=0.7x"} and 0 < w["macs=0.5"] < 1
