@@ -205,3 +205,47 @@ def test_no_weight_init_skips_only_the_calling_threads_init(monkeypatch):
     with no_weight_init(), no_weight_init():  # nested in one thread: still skipped, restored at the outer end
         torch.nn.Linear(6, 5)
     assert torch.nn.init.kaiming_uniform_ is spy and calls == [threading.get_ident()]
+
+
+def test_a_state_dict_saved_from_distributed_data_parallel_loads_without_its_module_prefix(tmp_path):
+    torch.manual_seed(0)
+    m = vitslim.build_model(_tiny_deit()).eval()
+    torch.save({"model": {"module." + k: v for k, v in m.state_dict().items()}}, tmp_path / "ddp.pth")
+    m2, arch = vitslim.load_checkpoint(tmp_path / "ddp.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x)) and arch["family"] == "deit"
+
+
+def test_a_vitslim_checkpoint_holds_its_arch_and_refuses_another_one_given(tmp_path):
+    a = _tiny_deit()
+    vitslim.save_checkpoint(vitslim.build_model(a), a, tmp_path / "m.pt")
+    assert vitslim.load_checkpoint(tmp_path / "m.pt", arch=a)[1] == vitslim.resolve_arch(a)
+    other = _tiny_deit()
+    other["num_classes"] = 7
+    with pytest.raises(vitslim.CheckpointError, match=r"m\.pt: a vitslim checkpoint holds its own arch, which differs "
+                                                      r"from the one given"):
+        vitslim.load_checkpoint(tmp_path / "m.pt", arch=other)
+
+
+def test_a_flipped_byte_in_a_stored_tensor_is_a_crc_error_not_a_wrong_weight(tmp_path):
+    m = vitslim.build_model(_tiny_deit())
+    p = tmp_path / "m.pth"
+    torch.save(m.state_dict(), p)
+    data = bytearray(p.read_bytes())
+    at = data.find(m.state_dict()["head.weight"].numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x40
+    p.write_bytes(bytes(data))
+    with pytest.raises(vitslim.CheckpointError, match=r"m\.pth: corrupt \(CRC mismatch in .*\), expected an intact "
+                                                      r"checkpoint"):
+        vitslim.load_checkpoint(p)
+
+
+def test_a_vitslim_checkpoint_of_another_version_is_refused(tmp_path):
+    a = _tiny_deit()
+    m = vitslim.build_model(a)
+    torch.save({"format": "vitslim-checkpoint", "version": 2, "arch": vitslim.resolve_arch(a), "state_dict": m.state_dict()},
+               tmp_path / "v2.pt")
+    with pytest.raises(vitslim.CheckpointError, match=r"v2\.pt: vitslim checkpoint version 2, expected 1"):
+        vitslim.load_checkpoint(tmp_path / "v2.pt")
