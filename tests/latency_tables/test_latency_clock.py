@@ -47,3 +47,64 @@ def test_times_are_not_zero_on_a_coarse_thread_clock(coarse):
                        clock=M.resolve_clock("auto", TorchCPU(threads=1)))
     (t,) = M.time_interleaved([work], proc)
     assert t.ms > 0
+
+
+class FakeClock:
+    """A clock that only the runners move: each call of a runner takes exactly the time it says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def runner(self, *durations):
+        k = [0]
+
+        def run():
+            self.now += durations[k[0] % len(durations)]
+            k[0] += 1
+        return run
+
+
+U = 2.0 ** -10  # about 1 ms, exact in binary: sums of it are exact
+
+
+def test_interleaved_timing_takes_as_many_rounds_as_the_time_budget_allows_within_the_sample_bounds(monkeypatch):
+    """Warm-up (3 calls each) estimates a round at 1 U + 3 U; time_per_item 2^-4 s for 2 items is 2^-3 s: 32
+    rounds, unless min_samples / max_samples say otherwise."""
+    clock = FakeClock()
+    monkeypatch.setitem(M.CLOCKS, "wall", clock)
+    for lo, hi, rounds in ((3, 1000, 32), (3, 10, 10), (50, 1000, 50)):
+        proc = M.Procedure(time_per_item=2.0 ** -4, min_samples=lo, max_samples=hi, warmup=0.0)
+        a, b = M.time_interleaved([clock.runner(U), clock.runner(3 * U)], proc)
+        assert (a.n, b.n) == (rounds, rounds)
+        assert (a.ms, a.p10, a.p90) == (1e3 * U,) * 3 and (b.ms, b.p10, b.p90) == (3e3 * U,) * 3
+
+
+def test_interleaved_timing_reports_the_median_and_the_10th_and_90th_percentiles(monkeypatch):
+    """Calls taking 1..10 U in turn, 10 rounds: median 5.5 U, p10 1.9 U and p90 9.1 U (linear between ranks)."""
+    clock = FakeClock()
+    monkeypatch.setitem(M.CLOCKS, "wall", clock)
+    proc = M.Procedure(time_per_item=1.0, min_samples=10, max_samples=10, warmup=0.0)
+    (t,) = M.time_interleaved([clock.runner(*[i * U for i in range(1, 11)])], proc)
+    assert t.n == 10
+    assert (t.ms, t.p10, t.p90) == pytest.approx((5.5e3 * U, 1.9e3 * U, 9.1e3 * U), rel=1e-12)
+    s = M.summarize([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert (s.ms, s.p10, s.p90, s.n) == pytest.approx((5.5, 1.9, 9.1, 10), rel=1e-12)
+
+
+def test_drift_reference_scales_each_group_by_the_first_groups_probe_time_over_its_own(monkeypatch):
+    """The probe (the reference network) runs as one more item of every group: the first group's probe time is
+    the reference (factor 1); a group whose probe ran twice as slow has its times halved."""
+    clock = FakeClock()
+    monkeypatch.setitem(M.CLOCKS, "wall", clock)
+    proc = M.Procedure(time_per_item=2.0 ** -4, min_samples=3, max_samples=100, warmup=0.0)
+    ref = M.DriftReference(TorchCPU(threads=1))
+    ref.runner = clock.runner(4 * U)
+    (t,) = ref.time([clock.runner(2 * U)], proc)
+    assert ref.ms == 4e3 * U and t.ms == 2e3 * U
+    ref.runner = clock.runner(8 * U)  # the machine got twice as slow: so did the item
+    (t,) = ref.time([clock.runner(4 * U)], proc)
+    assert ref.ms == 4e3 * U and t.ms == 2e3 * U and (t.p10, t.p90) == (2e3 * U, 2e3 * U)
+    assert ref.factors == [1.0, 0.5] and ref.to_dict()["factor_range"] == [0.5, 1.0]
