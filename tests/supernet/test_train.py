@@ -430,3 +430,133 @@ def test_temperature_schedule_runs_from_start_at_the_first_step_to_end_at_the_la
                "cosine": 2.0 + 6.0 * (1 + math.cos(math.pi / 4)) / 2}[schedule]
     assert t.at(2.5, 11) == pytest.approx(quarter, rel=1e-12)
     assert TemperatureConfig(start=3.0, end=0.5, schedule="constant").at(7, 11) == 3.0
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f]
+
+
+def test_logged_lr_and_tau_are_the_schedules_of_the_step_that_ran(tmp_path):
+    """lr: linear warm-up over 2 steps, then cosine from lr down to min_lr at the last step; tau: exponential
+    from start to end. Step s (logged as step s + 1) ran at lr * lr_factor(s) and tau(s); values hand-worked."""
+    import math
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(optimizer={"lr": 0.002, "min_lr": 1e-5, "warmup_steps": 2})), run, progress=False)
+    rec = metrics(run)
+    assert [r["step"] for r in rec] == [1, 2, 3, 4, 5, 6]
+    # min_lr / lr = 0.005; cosine over steps 2..5: t = 0, 1/3, 2/3, 1
+    want_lr = [0.001, 0.002, 0.002, 0.002 * (0.005 + 0.995 * 0.75), 0.002 * (0.005 + 0.995 * 0.25), 1e-5]
+    assert [r["lr"] for r in rec] == pytest.approx(want_lr, rel=1e-9)
+    assert [r["tau"] for r in rec] == pytest.approx([3.0 * (1 / 3) ** (s / 5) for s in range(6)], rel=1e-9)
+    assert rec[0]["tau"] == 3.0 and rec[-1]["tau"] == pytest.approx(1.0, rel=1e-12) and math.isfinite(rec[-1]["loss"])
+    with open(os.path.join(run, "importance.json")) as f:
+        assert json.load(f)["tau"] == rec[-1]["tau"]  # the temperature of the last step that ran
+    # widths: random per stage from min_width to max_width in width_step (both ends drawn)
+    drawn = [{r["widths"][i] for r in rec} for i in range(4)]
+    assert drawn[0] == {16} and all(d <= {16, 32} for d in drawn[1:3]) and drawn[3] == {32, 48}
+
+
+def test_distill_loss_soft_is_kl_at_the_temperature_times_its_square_and_hard_is_ce_on_the_teachers_argmax():
+    import math
+    from supernet.train import DistillConfig, distill_loss
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(9.0), 0.0]])
+    # tau 2: the teacher's softmax of [ln 9 / 2, 0] = [3/4, 1/4]; the student's is uniform
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert float(distill_loss(s, t, DistillConfig(kind="soft", tau=2.0))) == pytest.approx(4 * kl, rel=1e-6)
+    student, teacher = torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[0.0, 5.0, 1.0]])
+    ce = math.log(math.exp(2) + 1 + math.exp(1)) - 0.0  # the student's CE on the teacher's class 1
+    assert float(distill_loss(student, teacher, DistillConfig(kind="hard"))) == pytest.approx(ce, rel=1e-6)
+
+
+def test_distillation_trains_the_distillation_head_on_the_teacher_and_the_class_head_on_the_labels(tmp_path):
+    """A distilled space trains two heads: CE on the class head, the teacher's loss on the distillation head,
+    loss = (1 - weight) CE + weight KD. With weight 1 (and no weight decay) the class head gets no gradient at
+    all: it keeps its initial values, the distillation head moves."""
+    from supernet.supernet import MetaPathSupernet
+    space = dict(SPACE, distillation=True)
+    teacher, arch = MetaPathSupernet(space).extract(MetaPathSupernet(space).space.largest_choice())
+    vitslim.save_checkpoint(teacher, arch, tmp_path / "teacher.pt")
+    cfg = write_config(tmp_path / "c.yaml", space=space, steps=2, widths="max",
+                       optimizer={"lr": 0.01, "weight_decay": 0.0},
+                       distillation={"teacher": "teacher.pt", "weight": 1.0, "kind": "soft"})
+    train(load_config(cfg), str(tmp_path / "run"), progress=False)
+    trained, _ = load_supernet(str(tmp_path / "run"))
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    init = MetaPathSupernet(space)
+    for k in ("head.weight", "head.bias"):
+        assert torch.equal(trained.state_dict()[k], init.state_dict()[k]), k
+    for k in ("dist_head.weight", "dist_head.bias"):
+        assert not torch.equal(trained.state_dict()[k], init.state_dict()[k]), k
+
+
+def test_alphas_start_moving_at_their_start_step_exactly(tmp_path):
+    """start_step s: the step numbered s (0-based) is the first that updates the alphas."""
+    for start, moved in ((1, True), (2, False)):
+        run = str(tmp_path / str(start))
+        train(TrainConfig.from_dict(config(steps=2, alpha={"lr": 0.1, "start_step": start})), run, progress=False)
+        model, _ = load_supernet(run)
+        assert any(bool(a.abs().max() > 1e-3) for a in model.alphas) == moved, start
+        with open(os.path.join(run, "report.json")) as f:
+            rep = json.load(f)
+        if not moved:  # uniform alphas: no deviation, entropy normalised to 1
+            assert rep["alpha_dev"] == 0 and rep["alpha_entropy"] == pytest.approx(1.0, rel=1e-6)
+        else:
+            assert rep["alpha_dev"] > 0 and rep["alpha_entropy"] < 1
+
+
+def test_grad_clip_bounds_the_gradient_norm(tmp_path):
+    """A gradient clipped to norm 1e-12 is far below Adam's eps (1e-8): one step moves no weight by more than
+    lr * 1e-4, where the unclipped step moves some by about lr."""
+    from supernet.supernet import MetaPathSupernet
+    torch.manual_seed(0)
+    init = {n: p.detach() for n, p in MetaPathSupernet(SPACE).named_weight_parameters()}
+    moved = {}
+    for clip in (1e-12, None):
+        run = str(tmp_path / str(clip))
+        train(TrainConfig.from_dict(config(steps=1, widths="max", optimizer={"lr": 0.01, "weight_decay": 0.0,
+                                                                             "grad_clip": clip})), run, progress=False)
+        model, _ = load_supernet(run)
+        moved[clip] = max(float((p.detach() - init[n]).abs().max()) for n, p in model.named_weight_parameters())
+    assert moved[1e-12] <= 0.01 * 1e-4 < 0.005 < moved[None]
+
+
+def test_mid_run_evaluation_changes_no_number_and_reports_the_held_out_accuracy(tmp_path):
+    """eval_every evaluates the best choice on the held-out split in eval mode and goes back to training: the
+    curve and the weights are those of a run without it; the accuracy is the fraction of the first
+    eval_batches * batch_size held-out images the best choice gets right."""
+    from supernet.data import DataConfig, build_datasets
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(TrainConfig.from_dict(config(eval_every=0)), a, progress=False)
+    rep = train(TrainConfig.from_dict(config(eval_every=2)), b, progress=False)
+    assert losses(a) == losses(b)
+    sa, sb = read_run(a)["model"], read_run(b)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["step"] for r in metrics(b) if "heldout_acc" in r] == [2, 4, 6]
+    model, _ = load_supernet(b)
+    _, held = build_datasets(DataConfig.from_dict(config()["data"]), 32, 4, seed=0)
+    x = torch.stack([held[i][0] for i in range(8)])  # eval_batches 1 of batch_size 8
+    y = torch.tensor([held[i][1] for i in range(8)])
+    with torch.no_grad():
+        right = int((model(x, mode="fixed", choice=model.best_choice()).argmax(-1) == y).sum())
+    assert rep["heldout_acc_best"] == right / 8 == metrics(b)[-1]["heldout_acc"]
+
+
+def test_label_smoothing_is_applied_to_the_loss(tmp_path):
+    first = {}
+    for ls in (0.0, 0.5):
+        run = str(tmp_path / str(ls))
+        train(TrainConfig.from_dict(config(steps=2, label_smoothing=ls)), run, progress=False)
+        first[ls] = losses(run)[0][1]
+    assert first[0.0] != first[0.5]
+
+
+def test_boundary_settings_are_accepted_and_widths_are_part_of_the_run(tmp_path):
+    """min_lr = lr (a constant schedule after warm-up), warm-up over every step, a batch of the whole training
+    split: all valid. A resume with other widths is refused like any other change."""
+    TrainConfig.from_dict(config(optimizer={"lr": 0.001, "min_lr": 0.001, "warmup_steps": 6}))
+    run = str(tmp_path / "run")
+    rep = train(TrainConfig.from_dict(config(steps=2, batch_size=64)), run, progress=False)
+    assert rep["finished"]
+    with pytest.raises(ConfigError, match=r"widths: 'random' -> 'max'"):
+        train(TrainConfig.from_dict(config(steps=2, batch_size=64, widths="max")), run, progress=False)
