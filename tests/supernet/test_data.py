@@ -331,3 +331,132 @@ def test_linked_folders_leading_back_into_the_data_are_not_followed(tmp_path):
     by_class = {c: sorted(os.path.relpath(p, root) for p, lab in samples if classes[lab] == c) for c in classes}
     assert by_class["cat"] == ["cat/0.png", "cat/1.png", "cat/2.png"]
     assert by_class["dog"] == ["dog/0.png", "dog/1.png", "dog/2.png", "dog/more/0.png", "dog/more/1.png"]
+
+
+def _image(path, arr):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(arr, np.uint8)).save(path)
+
+
+def test_samples_are_normalised_with_the_configured_mean_and_std(tmp_path):
+    """A one-colour image stays one colour through any crop, resize or flip: every pixel of channel c reads
+    (value / 255 - mean[c]) / std[c], with the config's mean and std (ImageNet's by default)."""
+    for c in ("a", "b"):
+        _image(tmp_path / c / "x.png", np.broadcast_to(np.array([255, 0, 51], np.uint8), (20, 30, 3)))
+    rgb = torch.tensor([1.0, 0.0, 0.2])
+    for over, mean, std in (({}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                            ({"mean": [0.5, 0.25, 0.0], "std": [0.5, 2.0, 0.1]}, (0.5, 0.25, 0.0), (0.5, 2.0, 0.1))):
+        cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "val_fraction": 0.5, **over})
+        for ds in build_datasets(cfg, image_size=16, num_classes=2):
+            x = ds[0][0]
+            want = (rgb - torch.tensor(mean)) / torch.tensor(std)
+            assert x.shape == (3, 16, 16)
+            assert torch.allclose(x, want[:, None, None].expand(3, 16, 16), atol=1e-5), (over, ds.train)
+
+
+def test_eval_transform_resizes_the_short_side_to_size_over_crop_pct_and_takes_the_centre(tmp_path):
+    """32 x 32, black with a white 16 x 16 centre, left half of the centre red: at image_size 16, crop_pct 0.5
+    resizes to 32 (no change) and crops the centre (all of the white square: red left, white right); crop_pct 1
+    resizes the whole image to 16 (a black border). Rows are y, columns x."""
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    img[8:24, 8:16, 1:] = 0  # red left half
+    for c in ("a", "b"):
+        _image(tmp_path / c / "x.png", img)
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "val_fraction": 0.5,
+                                "crop_pct": 0.5, "mean": [0, 0, 0], "std": [1, 1, 1]})
+    _, held = build_datasets(cfg, image_size=16, num_classes=2)
+    x = held[0][0]
+    assert torch.equal(x[0], torch.ones(16, 16))                   # red channel: all of the centre square
+    assert torch.equal(x[1, :, :8], torch.zeros(16, 8)) and torch.equal(x[1, :, 8:], torch.ones(16, 8))
+    whole = ImageFolder(str(tmp_path), image_size=16, train=False, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1))[0][0]
+    assert float(whole[0, 0, 0]) == 0.0 and float(whole[0, 8, 8]) == 1.0   # border black, centre lit
+
+
+def test_train_crops_take_the_configured_area_inside_the_image_and_flip_only_when_asked(tmp_path):
+    """Random-resized crops cover scale[0]..scale[1] of the image's area at aspect 3/4..4/3, inside the image
+    (a wide one here); the horizontal flip happens to about half the samples with hflip, to none without."""
+    img = np.zeros((20, 60, 3), np.uint8)
+    img[:, :30] = 255  # left half white
+    for c in ("a", "b"):
+        _image(tmp_path / c / "x.png", img)
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "scale": [0.1, 0.2]})
+    tr, _ = build_datasets(cfg, image_size=16, num_classes=2)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = tr._crop_box(60, 20, rng)
+        assert 0 <= x0 < x1 <= 60 and 0 <= y0 < y1 <= 20
+        area = (x1 - x0) * (y1 - y0)
+        assert 0.1 * 1200 * 0.9 <= area <= 0.2 * 1200 * 1.1, area
+    for hflip in (True, False):
+        cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "scale": [1.0, 1.0],
+                                    "hflip": hflip, "mean": [0, 0, 0], "std": [1, 1, 1]})
+        tr, _ = build_datasets(cfg, image_size=16, num_classes=2)
+        # the whole image each time (centre square when the aspect does not fit): flipped iff its left is dark
+        flipped = [float(tr[i][0][0, 8, 0]) < 0.5 for i in range(40)]
+        assert (0 < sum(flipped) < 40) if hflip else not any(flipped)
+    # a quarter of a half-white square: some crops fall in its white half, some in its black one
+    _image(tmp_path / "a" / "x.png", np.where(np.arange(32)[None, :, None] < 16, 255, 0) * np.ones((32, 32, 3)))
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path), "scale": [0.25, 0.25],
+                                "mean": [0, 0, 0], "std": [1, 1, 1]})
+    tr, _ = build_datasets(cfg, image_size=16, num_classes=2)
+    means = [float(tr[i * len(tr)][0].mean()) for i in range(40)]  # sample 0 (the square) in 40 epochs
+    assert min(means) < 0.1 and max(means) > 0.9
+
+
+def test_synthetic_held_out_split_is_other_images_in_the_configured_normalisation():
+    cfg = DataConfig.from_dict({"train_size": 8, "heldout_size": 4, "mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 2.0]})
+    tr, held = build_datasets(cfg, image_size=32, num_classes=4, seed=1)
+    assert len(tr) == 8 and len(held) == 4
+    for i in range(4):
+        img = torch.from_numpy(held.render(i)).permute(2, 0, 1)
+        want = (img - torch.tensor([0.2, 0.4, 0.6])[:, None, None]) / torch.tensor([0.5, 0.25, 2.0])[:, None, None]
+        assert torch.allclose(held[i][0], want, atol=1e-6)
+        assert not torch.equal(held[i][0], tr[i][0]) and held[i][1] == tr[i][1]  # same class, another image
+
+
+def test_held_out_fraction_rounds_and_must_leave_training_images_and_val_dir_classes_must_match(tmp_path):
+    _write_folder(tmp_path / "t", n_per_class=3)  # 6 images
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path / "t"), "val_fraction": 0.3})
+    tr, ho = build_datasets(cfg, image_size=16, num_classes=2)
+    assert (len(tr), len(ho)) == (4, 2)  # round(0.3 * 6) = 2 held out
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path / "t"), "val_fraction": 0.95})
+    with pytest.raises(DataError, match=r"data.val_fraction: got 0.95, leaves no training image of 6"):
+        build_datasets(cfg, image_size=16, num_classes=2)
+    _write_folder(tmp_path / "v", n_per_class=1)
+    os.rename(tmp_path / "v" / "dog", tmp_path / "v" / "cow")
+    cfg = DataConfig.from_dict({"type": "imagefolder", "train_dir": str(tmp_path / "t"), "val_dir": str(tmp_path / "v")})
+    with pytest.raises(DataError, match=r"its classes differ from train_dir's \(e.g. cow, dog\)"):
+        build_datasets(cfg, image_size=16, num_classes=2)
+
+
+def test_later_epochs_are_new_permutations_addressed_past_the_dataset_length():
+    """Indices of epoch e are e * len + i (the dataset draws that epoch's augmentation from them), and each
+    epoch is its own permutation."""
+    s = StepBatchSampler(10, 5, steps=4, seed=2)
+    b = list(s)
+    assert all(0 <= i < 10 for i in b[0] + b[1]) and all(10 <= i < 20 for i in b[2] + b[3])
+    assert sorted(b[0] + b[1]) == list(range(10)) and sorted(b[2] + b[3]) == list(range(10, 20))
+    assert [i - 10 for i in b[2] + b[3]] != b[0] + b[1]
+
+
+def test_greyscale_32_bit_and_float_images_keep_their_brightness_and_other_channel_counts_get_imagenets_statistics(
+        tmp_path):
+    """PIL's 'I' (32-bit) holding 8-bit values and 'F' holding [0, 1] (1.0 included) read at their brightness;
+    one channel is normalised by ImageNet's mean and std averaged over RGB, a fourth channel by 0.5 / 0.5."""
+    from PIL import Image
+    for mode, arr in (("I", np.full((16, 16), 102, np.int32)), ("F", np.full((16, 16), 0.4, np.float32))):
+        arr = arr.copy()
+        arr[0, 0] = 255 if mode == "I" else 1.0  # the top of the range
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / mode / c, exist_ok=True)
+            Image.fromarray(arr, mode).save(tmp_path / mode / c / "x.tif")
+        assert Image.open(tmp_path / mode / "a" / "x.tif").mode == mode
+        x = ImageFolder(str(tmp_path / mode), image_size=16, train=False, crop_pct=1.0, in_chans=1)[0][0]
+        mean, std = sum((0.485, 0.456, 0.406)) / 3, sum((0.229, 0.224, 0.225)) / 3
+        assert x.shape == (1, 16, 16)
+        assert float(x[0, 8, 8]) == pytest.approx((102 / 255 - mean) / std, abs=1e-5), mode
+        assert float(x[0, 0, 0]) == pytest.approx((1.0 - mean) / std, abs=1e-5), mode
+    rgba = ImageFolder(str(tmp_path / "I"), image_size=16, train=False, crop_pct=1.0, in_chans=4)
+    assert rgba.mean == (0.485, 0.456, 0.406, 0.5) and rgba.std == (0.229, 0.224, 0.225, 0.5)
