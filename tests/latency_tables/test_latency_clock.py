@@ -108,3 +108,25 @@ def test_drift_reference_scales_each_group_by_the_first_groups_probe_time_over_i
     (t,) = ref.time([clock.runner(4 * U)], proc)
     assert ref.ms == 4e3 * U and t.ms == 2e3 * U and (t.p10, t.p90) == (2e3 * U, 2e3 * U)
     assert ref.factors == [1.0, 0.5] and ref.to_dict()["factor_range"] == [0.5, 1.0]
+
+
+def test_in_context_timing_times_every_step_of_every_chain_for_the_rounds_the_budget_allows(monkeypatch):
+    """Chains a(1 U) -> b(2 U) and a(1 U) -> c(4, 4, 10 U in turn): warm-up (2 runs each) estimates a round at
+    3 U + 5 U, so a budget of 2^-4 s per chain is 16 rounds. Entry a is timed in both chains; each chain's
+    total is the median of its runs (c's 10 U calls are a third of them: the median is 5 U, not the mean)."""
+    clock = FakeClock()
+    monkeypatch.setitem(M.CLOCKS, "wall", clock)
+
+    def step(*durations):
+        run = clock.runner(*durations)
+        return lambda h: (run(), h)[1]
+    chains = [M.Chain(["a", "b"], [step(U), step(2 * U)], None), M.Chain(["a", "c"], [step(U), step(4 * U, 4 * U, 10 * U)], None)]
+    proc = M.Procedure(time_per_item=2.0 ** -4, min_samples=3, max_samples=1000, warmup=0.0)
+    samples, totals, probe = M.time_chains(chains, proc)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 32, "b": 16, "c": 16} and probe is None
+    assert set(samples["a"]) == {1e3 * U} and set(samples["b"]) == {2e3 * U}
+    assert sorted(samples["c"]) == [4e3 * U] * 10 + [10e3 * U] * 6
+    assert totals == [3e3 * U, 5e3 * U]
+    proc = M.Procedure(time_per_item=2.0 ** -4, min_samples=3, max_samples=10, warmup=0.0)
+    samples, _, probe = M.time_chains(chains[:1], proc, probe=clock.runner(U))
+    assert len(samples["b"]) == 10 and probe == 1e3 * U

@@ -40,3 +40,15 @@ def test_the_cli_says_it_in_one_line(tmp_path, capsys, monkeypatch):
                str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "the training diverged" in err and "no checkpoint" in err, err
+
+
+def test_a_divergence_between_logged_steps_is_caught_before_the_checkpoint_is_overwritten(tmp_path, monkeypatch):
+    """Logged every 6 steps, saved every 2: the weights go NaN in step 3 (0-based 2); the save after step 4 finds
+    them before writing, and the step-2 checkpoint stays."""
+    _blow_up_from(monkeypatch, 2)
+    run = str(tmp_path / "r")
+    with pytest.raises(VitslimError, match=r"step 4: .* became NaN or Inf .*checkpoint.pt \(step 2\) is kept"):
+        train(TrainConfig.from_dict(config(steps=6, checkpoint_every=2, log_every=6)), run, progress=False)
+    st = read_run(run)
+    assert st["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in st["model"].values() if v.is_floating_point())
