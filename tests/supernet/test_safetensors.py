@@ -67,6 +67,11 @@ def test_timm_swin_written_as_safetensors_loads_too(tmp_path):
     model, arch = vitslim.load_checkpoint(tmp_path / "model.safetensors")
     assert arch["family"] == "swin"
     assert_golden_logits(model, g)
+    # a safetensors file under another name (a download saved as .bin / .pth) is read by its content
+    os.rename(tmp_path / "model.safetensors", tmp_path / "model.bin")
+    model, arch = vitslim.load_checkpoint(tmp_path / "model.bin")
+    assert arch["family"] == "swin"
+    assert_golden_logits(model, g)
 
 
 def test_a_vitslim_checkpoint_round_trips_with_its_arch_in_the_metadata(tmp_path):
