@@ -385,3 +385,47 @@ def test_an_unpruned_hf_swin_with_other_head_widths_per_stage_is_not_called_prun
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vitslim.load_checkpoint(save(sd, tmp_path / "model.bin", {"model_type": "swin", "image_size": 32}))
+
+
+def test_a_swin_stage_without_a_shifted_block_is_not_warned_about_at_any_size(tmp_path):
+    """Padding before or after the shift differs only in shifted blocks: a one-block stage has none, so a side
+    that is not a window multiple gives the same logits there (stage 1 here: 10 x 10, window 4, one block)."""
+    import warnings
+    sd = hf_swin_sd(depths=(2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, arch = vitslim.load_checkpoint(save(sd, tmp_path / "model.bin", {"model_type": "swin", "image_size": 40}))
+    assert arch["input_size"] == 40
+
+
+def test_hf_config_values_read_as_written_and_warned_about_only_where_logits_differ(tmp_path):
+    """image_size as a [h, w] pair; a stage side below its window (the window shrinks to it, no shift, in HF as in
+    vitslim) is not warned about; a ViT / DeiT layer_norm_eps above 1e-5 is; a wide ViT of a width released
+    models use (>= 1280, a multiple of 16) gets timm's head guess without a warning."""
+    import warnings
+    from supernet import hf_layouts
+    _, arch = vitslim.load_checkpoint(save(hf_swin_sd(), tmp_path / "a" / "model.bin",
+                                           {"model_type": "swin", "image_size": [32, 32]}))
+    assert arch["input_size"] == 32
+    # patch 2, window 8, two stages of two blocks at 20 px: sides 10 (not a multiple of 8) and 5 (below 8)
+    out = {"patch_embed.proj.weight": torch.zeros(4, 3, 2, 2)}
+    for i in range(2):
+        for j in range(2):
+            out[f"layers.{i}.blocks.{j}.attn.relative_position_bias_table"] = torch.zeros(15 * 15, 2)
+    with pytest.warns(UserWarning, match=r"image_size 20 gives Swin feature maps that are not window multiples "
+                                         r"\(stage 0: 10x10, window 8\): "):
+        hf_layouts._warn_swin_padding(out, 20, "m.bin")
+    with pytest.warns(UserWarning, match=r"layer_norm_eps 5e-05, vitslim's vit LayerNorms use 1e-06"):
+        vitslim.load_checkpoint(save(hf_vit_sd("vit"), tmp_path / "c" / "model.bin",
+                                     {"model_type": "vit", "layer_norm_eps": 5e-5, "num_attention_heads": 3}))
+    wide = {"vit.embeddings.patch_embeddings.projection.weight": torch.zeros(1296, 3, 16, 16),
+            "classifier.weight": torch.zeros(2, 1296)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, hints = hf_layouts.convert(wide, str(tmp_path / "none" / "model.bin"))
+    assert hints == {} and out["head.weight"].shape == (2, 1296)
+    # a config.json of another model type beside the file is not this model's: ignored
+    with pytest.warns(UserWarning, match=r"no config.json with num_attention_heads .*3 heads of 16 channels guessed"):
+        _, arch = vitslim.load_checkpoint(save(hf_vit_sd("vit"), tmp_path / "d" / "model.bin",
+                                               {"model_type": "bert", "hidden_act": "relu", "num_attention_heads": 6}))
+    assert [b["heads"] for b in arch["stages"][0]["blocks"]] == [3, 3]  # timm's guess for width 48, not 6
