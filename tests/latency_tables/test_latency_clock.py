@@ -130,3 +130,11 @@ def test_in_context_timing_times_every_step_of_every_chain_for_the_rounds_the_bu
     proc = M.Procedure(time_per_item=2.0 ** -4, min_samples=3, max_samples=10, warmup=0.0)
     samples, _, probe = M.time_chains(chains[:1], proc, probe=clock.runner(U))
     assert len(samples["b"]) == 10 and probe == 1e3 * U
+
+
+def test_a_procedure_with_another_seed_keeps_everything_else():
+    """time_networks times each group with proc.with_seed(...): the clock (thread for 1-thread CPU tables) and the
+    budget must stay the table's."""
+    p = M.Procedure(time_per_item=0.3, min_samples=7, max_samples=70, warmup=0.02, seed=1, clock="thread")
+    assert p.with_seed(9) == M.Procedure(time_per_item=0.3, min_samples=7, max_samples=70, warmup=0.02, seed=9,
+                                         clock="thread")

@@ -460,3 +460,12 @@ def test_greyscale_32_bit_and_float_images_keep_their_brightness_and_other_chann
         assert float(x[0, 0, 0]) == pytest.approx((1.0 - mean) / std, abs=1e-5), mode
     rgba = ImageFolder(str(tmp_path / "I"), image_size=16, train=False, crop_pct=1.0, in_chans=4)
     assert rgba.mean == (0.485, 0.456, 0.406, 0.5) and rgba.std == (0.229, 0.224, 0.225, 0.5)
+
+
+def test_data_config_accepts_the_smallest_values_and_refuses_below_them():
+    low = {"train_size": 1, "heldout_size": 1, "distractors": 0, "image_size": 16, "num_classes": 2}
+    c = DataConfig.from_dict(low)
+    assert (c.train_size, c.heldout_size, c.distractors, c.image_size, c.num_classes) == (1, 1, 0, 16, 2)
+    for k, v in low.items():
+        with pytest.raises(DataError, match=rf"^data\.{k}: got {v - 1}, expected an integer >= {v}$"):
+            DataConfig.from_dict({k: v - 1})
