@@ -272,3 +272,20 @@ def test_grid_of_blocks_of_one_geometry_spans_their_widest_widths():
         assert attn == {(h, q, v) for h in (1, 3) for q in (1, 4, 8) for v in (1, 4, 8)}
         assert sorted(k["ffn_hidden"] for k in keys if not k["heads"]) == [1, 16, 32, 48, 64]
         assert len(keys) == 18 + 5
+
+
+def test_a_distilled_deit_grid_fits_its_networks_and_one_head_count_means_one_and_all():
+    """A distilled DeiT's blocks see two prefix tokens: its grid entries fit its own block positions. heads=1
+    puts just the two ends on the head axis."""
+    arch = json.loads(json.dumps(tiny_deit()))
+    arch["distillation"] = True
+    arch = vitslim.resolve_arch(arch)
+    keys = prune_grid_keys(arch, GridSpec(qk=4, v=4, ffn=16, heads=2))
+    assert {k["tokens"] for k in keys} == {4 * 4 + 2}
+    seen = {}
+    for a in grid_networks(arch, keys, contexts=2, seed=0):
+        for s in decompose(a):
+            seen[s.id] = seen.get(s.id, 0) + 1
+    assert all(seen.get(key_str(k), 0) >= 2 for k in keys)
+    one = prune_grid_keys(tiny_deit(), GridSpec(qk=4, v=4, ffn=16, heads=1))
+    assert sorted({k["heads"] for k in one if k["heads"]}) == [1, 3]
