@@ -133,6 +133,8 @@ def test_surgery_keeps_the_input_model_and_its_mode():
     assert small.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+    small, _ = apply_plan(model.eval(), arch, random_plan(arch, 1))  # an eval-mode model gives an eval-mode one
+    assert not small.training and not any(m.training for m in small.modules())
 
 
 def test_surgery_keeps_the_models_dtype(net):
