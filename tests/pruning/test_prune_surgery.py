@@ -246,3 +246,21 @@ def test_a_plain_state_dict_of_a_swin_pruned_in_heads_only_loads_exactly_without
     x = batches(arch, 1)[0][0]
     with torch.no_grad():
         assert rel_err(back(x), small.eval()(x)) == 0
+
+
+def test_pruning_a_pruned_model_again_keeps_the_attention_scale_it_was_trained_with():
+    """A pruned arch carries its attention scale (the unpruned qk_dim ** -0.5): pruning it again reads that scale,
+    not the new qk_dim's, and the result still equals gating the removed units of the pruned model."""
+    arch = tiny_deit()
+    model = build(arch)
+    x = batches(arch, 1)[0][0]
+    once, once_arch = apply_plan(model, arch, random_plan(arch, 0))
+    scales = [b.get("scale") for b in once_arch["stages"][0]["blocks"]]
+    assert any(s is not None for s in scales)
+    plan = random_plan(once_arch, 5)
+    twice, twice_arch = apply_plan(once, once_arch, plan)
+    for b0, b1, s in zip(arch["stages"][0]["blocks"], twice_arch["stages"][0]["blocks"], scales):
+        if b1["heads"] and (s is not None or b1["qk_dim"] != b0["qk_dim"]):
+            assert b1["scale"] == b0["qk_dim"] ** -0.5
+    with torch.no_grad():
+        assert rel_err(twice(x), gated_output(once, once_arch, plan, x)) <= 1e-5
