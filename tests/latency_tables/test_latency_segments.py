@@ -118,3 +118,11 @@ def test_segment_macs_are_the_hand_counted_multiply_accumulates(key, macs):
     between measured ones when the table interpolates."""
     from latency_tables.segments import segment_macs
     assert segment_macs(key) == macs
+
+
+def test_an_entry_key_with_a_negative_width_is_refused_in_one_line():
+    from latency_tables.segments import SegmentError, check_key
+    assert check_key({"op": "meta4d", "res": 7, "dim": 0, "ffn_hidden": 8})["dim"] == 0
+    with pytest.raises(SegmentError, match=r"^entry key meta4d\|dim=-3\|ffn_hidden=8\|res=7: dim=-3, expected a "
+                                           r"non-negative integer or true/false$"):
+        check_key({"op": "meta4d", "res": 7, "dim": -3, "ffn_hidden": 8})
