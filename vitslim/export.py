@@ -404,6 +404,17 @@ def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
     return res
 
 
+@contextlib.contextmanager
+def _torchscript_deprecation_quiet():
+    """torch >= 2.11 deprecates TorchScript: torch.jit.save / load warn (a DeprecationWarning in torch 2.13, a
+    FutureWarning, shown to every user, in 2.15) to "switch to torch.export". Whoever asked for a TorchScript file
+    can not take that advice here, so only those deprecation notices are dropped (trace's go with its others)."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=category)
+        yield
+
+
 def _torchscript(model, arch, trained, out, batch, overwrite, check, **_):
     fused, x, ref = _deploy(model, arch, batch)
     with torch.no_grad(), warnings.catch_warnings():
@@ -413,10 +424,11 @@ def _torchscript(model, arch, trained, out, batch, overwrite, check, **_):
     # so the same model exports to the same bytes
     tmp_dir = _tmp_beside(out, is_dir=True)
     tmp = os.path.join(tmp_dir, os.path.basename(out))
-    torch.jit.save(traced, tmp)
+    with _torchscript_deprecation_quiet():
+        torch.jit.save(traced, tmp)
     res = {"format": "torchscript", "path": out}
     if check:
-        with torch.no_grad():
+        with torch.no_grad(), _torchscript_deprecation_quiet():
             got = torch.jit.load(tmp)(x)
         err = _rel_err(got, ref)
         if err > 1e-5:

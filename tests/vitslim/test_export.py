@@ -60,6 +60,18 @@ def test_torchscript_export_round_trips(ckpt, tmp_path):
 
 
 
+def test_a_torchscript_export_passes_on_no_torch_deprecation_notice(ckpt, tmp_path):
+    """torch deprecates TorchScript (2.11 on): torch.jit.save / load warned "switch to torch.export" to whoever
+    asked vitslim for a TorchScript file (a FutureWarning, printed by default, in torch 2.15), advice they can not
+    take here. The file is still written and checked."""
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = vitslim.export_model(str(ckpt), "torchscript", tmp_path / "m.ts", check=True)
+    assert res["max_rel_error"] <= 1e-5 and os.path.isfile(tmp_path / "m.ts")
+    assert [str(w.message) for w in seen if "deprecated" in str(w.message)] == []
+
+
 def test_the_same_model_exports_to_the_same_torchscript_bytes(ckpt, tmp_path):
     """No temporary name inside the archive (its inner folder is named after the file). Separate processes:
     within one, TorchScript renames classes traced before (___torch_mangle_N)."""
