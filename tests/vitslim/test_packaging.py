@@ -53,6 +53,42 @@ def test_package_data_holds_the_spaces_tables_and_configs():
     assert shipped["vitslim"] == ["configs/quickstart.yaml", "configs/supernet_tiny.yaml"]
 
 
+def test_a_wheel_ships_the_data_folders_as_listed_packages(tmp_path):
+    """supernet/spaces and vitslim/configs hold only .yaml files, yet Python can import them (namespace packages):
+    setuptools warns that a folder left out of `packages` "would be ignored" (84; "installing as data is
+    deprecated" from 62.3), so a later setuptools could ship a wheel without the spaces and configs. Built from a
+    copy of the packages (with a stray __pycache__, which must not become a package), the wheel holds the YAMLs
+    and setuptools names no package it would leave out."""
+    import shutil
+    import warnings
+    import zipfile
+    from setuptools import build_meta
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for pkg in ("vitslim", "supernet", "latency_tables", "nas", "pruning"):
+        shutil.copytree(os.path.join(ROOT, pkg), src / pkg, ignore=shutil.ignore_patterns("*.pyc"))
+    (src / "supernet" / "__pycache__").mkdir(exist_ok=True)
+    (src / "supernet" / "__pycache__" / "arch.cpython-311.pyc").write_bytes(b"")
+    cwd = os.getcwd()
+    try:
+        os.chdir(src)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            name = build_meta.build_wheel(str(tmp_path / "dist"))
+    finally:
+        os.chdir(cwd)
+    left_out = [str(w.message).split("\n")[0] for w in seen
+                if "supernet.spaces" in str(w.message) or "vitslim.configs" in str(w.message)]
+    assert left_out == []
+    with zipfile.ZipFile(tmp_path / "dist" / name) as z:
+        files = set(z.namelist())
+    assert {"supernet/spaces/tiny.yaml", "supernet/spaces/efficientformer_l1.yaml", "vitslim/configs/quickstart.yaml",
+            "vitslim/configs/supernet_tiny.yaml", "latency_tables/cpu_torch_tiny.yaml"} <= files
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
+
+
 @pytest.mark.parametrize("name", ["quickstart", "supernet_tiny"])
 def test_the_shipped_configs_are_the_experiments_ones(name):
     # one config, two places: the README runs experiments/NAME.yaml, a wheel user `vitslim run quickstart`
