@@ -141,8 +141,11 @@ class OptunaSearch(SearchStrategy):
         if not ctx.log_dir:
             return None
         path = os.path.abspath(os.path.join(ctx.log_dir, self.log_file))
-        if self.storage_kind == "sqlite":
-            return f"sqlite:///{path}"
+        if self.storage_kind == "sqlite":  # as Optuna makes it from the URL, kept to close its pool after the search
+            from optuna.storages import RDBStorage
+            storage = RDBStorage(f"sqlite:///{path}")
+            self.__dict__.setdefault("_rdb_storages", []).append(storage)
+            return storage
         from optuna.storages import JournalStorage
         return JournalStorage(_journal_backend(path))
 
@@ -245,6 +248,10 @@ class OptunaSearch(SearchStrategy):
                     raise
                 finally:
                     optuna.logging.set_verbosity(verbosity)
+                    # SQLite connections stay pooled by the engine until it is disposed (Python 3.13 warns of
+                    # each one at exit): a program running searches in a loop would hold a file per search
+                    for storage in self.__dict__.pop("_rdb_storages", []):
+                        storage.engine.dispose()
 
     def _search(self, ctx: SearchContext, workers: "_Workers", set_up=lambda: None) -> SearchResult:
         import optuna
