@@ -368,7 +368,6 @@ def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
                               "(export_model(..., opset=N)) may have the operator") from None
     data = None
     if len(os.listdir(tmp_dir)) > 1:  # over protobuf's 2 GB: the weights in one file beside the graph
-        import onnx
         from supernet.arch import write_target
         from supernet.runlock import plain_mode
         dest = write_target(out)  # where the graph lands (a symlink's target): its data goes beside it

@@ -20,14 +20,18 @@ def _blow_up_from(monkeypatch, step):
     monkeypatch.setattr(T, "lr_factor", lambda s, *a: float("nan") if s >= step else real(s, *a))
 
 
+def _assert_step_2_kept(run):
+    st = read_run(run)
+    assert st["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in st["model"].values() if v.is_floating_point())
+
+
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
     _blow_up_from(monkeypatch, 2)
     run = str(tmp_path / "r")
     with pytest.raises(VitslimError, match=r"step 3: .* became NaN or Inf .*checkpoint.pt \(step 2\) is kept"):
         train(TrainConfig.from_dict(config(steps=6, checkpoint_every=2, log_every=1)), run, progress=False)
-    st = read_run(run)
-    assert st["step"] == 2
-    assert all(bool(torch.isfinite(v).all()) for v in st["model"].values() if v.is_floating_point())
+    _assert_step_2_kept(run)
     assert not os.path.exists(os.path.join(run, "report.json"))
     with open(os.path.join(run, "metrics.jsonl")) as f:
         recs = [json.loads(ln) for ln in f]
@@ -49,6 +53,4 @@ def test_a_divergence_between_logged_steps_is_caught_before_the_checkpoint_is_ov
     run = str(tmp_path / "r")
     with pytest.raises(VitslimError, match=r"step 4: .* became NaN or Inf .*checkpoint.pt \(step 2\) is kept"):
         train(TrainConfig.from_dict(config(steps=6, checkpoint_every=2, log_every=6)), run, progress=False)
-    st = read_run(run)
-    assert st["step"] == 2
-    assert all(bool(torch.isfinite(v).all()) for v in st["model"].values() if v.is_floating_point())
+    _assert_step_2_kept(run)

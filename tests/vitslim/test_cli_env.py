@@ -67,15 +67,20 @@ def test_env_says_which_tables_this_machine_can_measure_for(capsys, linux_box, t
     assert "cannot check what they find by measuring here" in out  # the hint appears when a table is not measurable
 
 
-def test_env_human_output_names_missing_extras(capsys, linux_box, monkeypatch, tmp_path):
+def _not_installed(monkeypatch, missing):
+    """importlib.metadata as if the distribution `missing` were not installed."""
     from importlib import metadata
     real = metadata.version
 
     def version(dist):
-        if dist == "onnxruntime":
+        if dist == missing:
             raise metadata.PackageNotFoundError(dist)
         return real(dist)
     monkeypatch.setattr(metadata, "version", version)
+
+
+def test_env_human_output_names_missing_extras(capsys, linux_box, monkeypatch, tmp_path):
+    _not_installed(monkeypatch, "onnxruntime")
     code, out, err = run(capsys, "env", "--table", _table_on(tmp_path, "Test CPU 9000"))
     assert code == 0, err
     assert "onnxruntime not installed (vitslim[export])" in out
@@ -85,14 +90,7 @@ def test_env_human_output_names_missing_extras(capsys, linux_box, monkeypatch, t
 
 
 def test_env_missing_required_package_is_an_error(capsys, linux_box, monkeypatch):
-    from importlib import metadata
-    real = metadata.version
-
-    def version(dist):
-        if dist == "pillow":
-            raise metadata.PackageNotFoundError(dist)
-        return real(dist)
-    monkeypatch.setattr(metadata, "version", version)
+    _not_installed(monkeypatch, "pillow")
     code, out, err = run(capsys, "env")
     assert code == 2
     assert "pillow MISSING" in out  # the report still printed, then the error
