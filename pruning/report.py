@@ -64,30 +64,53 @@ def plot_reallocation(report: Mapping, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return atomic_savefig(reallocation_figure(report, plt), path, bbox_inches="tight")
+
+
+FAMILY_NAMES = {"deit": "DeiT", "swin": "Swin"}
+KIND_STYLE = {"qk": ("o", "blue"), "v": ("s", "orange"), "heads": ("^", "green"), "ffn": ("D", "vermillion"),
+              "embed": ("x", "purple")}  # (marker, PLOT_COLOURS key): told apart by shape as well as colour
+
+
+def reallocation_figure(report: Mapping, plt):
+    """The figure of `plot_reallocation`, not saved: blocks numbered within their stage as in the report
+    (stages[s].blocks[b]), the stages named above the plot and split by dashed lines."""
+    from supernet.arch import PLOT_COLOURS
     blocks = report["blocks"]
     xs = list(range(len(blocks)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(blocks) + 2), 3.6), dpi=120)
-    markers = {"qk": "o", "v": "s", "heads": "^", "ffn": "D", "embed": "x"}
+    stages = [b["stage"] for b in blocks]
+    multi = len(set(stages)) > 1
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.42 * len(blocks) + 3.0), 3.8), dpi=120)
     kinds = list(KIND_LABELS) + ([("embed", "embedding width")] if report.get("prune_embed") else [])
     for k, label in kinds:
         ys = [b["kept"].get(k) if b["kept"].get(k) is not None else float("nan") for b in blocks]
-        ax.plot(xs, ys, marker=markers[k], label=label, linewidth=1.5, markersize=4)
-    stages = [b["stage"] for b in blocks]
-    for j in range(1, len(stages)):
-        if stages[j] != stages[j - 1]:
-            ax.axvline(j - 0.5, color="0.8", linewidth=0.8)
+        marker, colour = KIND_STYLE[k]
+        ax.plot(xs, ys, marker=marker, color=PLOT_COLOURS[colour], label=label, linewidth=1.5, markersize=4.5)
+    first = [0] + [j for j in range(1, len(stages)) if stages[j] != stages[j - 1]]
+    for j in first[1:]:
+        ax.axvline(j - 0.5, color="0.3", linestyle="--", linewidth=0.9)
+    if multi:  # the stage names above the axes, centred on their blocks
+        for j, nxt in zip(first, first[1:] + [len(stages)]):
+            ax.text((j + nxt - 1) / 2, 1.01, f"stage {stages[j]}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8)
     ax.set_xticks(xs)
-    ax.set_xticklabels([f"{b['stage']}.{b['block']}" for b in blocks], fontsize=7, rotation=90 if len(xs) > 16 else 0)
-    ax.set_xlabel("block (stage.block)")
-    ax.set_ylabel("kept fraction")
+    ax.set_xticklabels([str(b["block"]) for b in blocks], fontsize=8)
+    ax.set_xlim(-0.5, len(blocks) - 0.5)
+    ax.set_xlabel("block (numbered within its stage, from 0)" if multi else "block (from 0)")
+    ax.set_ylabel("kept fraction of the block's units")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.set_title(f"{report.get('family', '')} pruned to {report.get('target', '')}: "
-                 f"params {report['params_after'] / report['params_before']:.2f}, "
-                 f"MACs {report['macs_after'] / report['macs_before']:.2f}", fontsize=9)
-    ax.legend(fontsize=7, ncol=4, loc="best")
+    whole = (f"params {report['params_after'] / report['params_before']:.2f}, "
+             f"MACs {report['macs_after'] / report['macs_before']:.2f}")
+    if report.get("latency_kept") is not None:
+        whole += f", predicted latency {report['latency_kept']:.2f}"
+    family = report.get("family", "")
+    ax.set_title(f"{FAMILY_NAMES.get(family, family)} pruned to {report.get('target', '')}: kept fraction per block\n"
+                 f"(whole network kept: {whole}; Q/K and V: channels over all heads)", fontsize=9,
+                 pad=16 if multi else 6)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    return atomic_savefig(fig, path)
+    return fig
 
 
 def _recover(out: str, parent: str, base: str) -> None:

@@ -260,6 +260,12 @@ def atomic_savefig(fig, path: str, **kwargs) -> str:
     return path
 
 
+# One palette for every figure vitslim draws: Okabe & Ito's, whose colours stay distinct for the common
+# colour-vision deficiencies (matplotlib's default cycle pairs a green with a red).
+PLOT_COLOURS = {"blue": "#0072B2", "orange": "#E69F00", "green": "#009E73", "vermillion": "#D55E00",
+                "purple": "#CC79A7", "sky": "#56B4E9", "grey": "#999999", "black": "#000000"}
+
+
 def save_arch(arch: Mapping, path: str) -> dict:
     a = validate(arch)
     atomic_write_text(path, to_yaml(a))
