@@ -25,7 +25,7 @@ import torch
 
 from latency_tables import LatencyTable
 from latency_tables.table import LatencyError, MissingEntriesError
-from supernet.arch import atomic_savefig, atomic_write_text, save_arch
+from supernet.arch import PLOT_COLOURS, atomic_savefig, atomic_write_text, save_arch
 from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
@@ -423,7 +423,8 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         report["files"].append("trajectory.jsonl")
         if plot_trajectory(result.extra["trajectory"], ctx.target_ms, os.path.join(out, "trajectory.png"),
                            refined=result.extra.get("refined"),
-                           chosen=(result.predicted_ms, result.acc, result.extra.get("picked", "end"))):
+                           chosen=(result.predicted_ms, result.acc, result.extra.get("picked", "end")),
+                           bound_ms=ctx.bound_ms, width_step=ctx.space.width_step):
             report["files"].append("trajectory.png")
     if "trial_rows" in result.extra:
         rows = result.extra["trial_rows"]
@@ -433,7 +434,8 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
               "trials": [{k: r[k] for k in ("number", "acc", "ms", "loss", "feasible")} for r in rows]}
         atomic_write_text(os.path.join(out, "pareto.json"), json.dumps(pj, indent=1) + "\n")
         report["files"].append("pareto.json")
-        if plot_pareto(rows, front, ctx.target_ms, result.extra["best_trial"], os.path.join(out, "pareto.png")):
+        if plot_pareto(rows, front, ctx.target_ms, result.extra["best_trial"], os.path.join(out, "pareto.png"),
+                       bound_ms=ctx.bound_ms):
             report["files"].append("pareto.png")
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1) + "\n")
     return report
@@ -454,51 +456,76 @@ def _save(fig, plt, path):
     atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
 
 
-def plot_trajectory(traj, target_ms, path, refined=None, chosen=None) -> bool:
-    """The slimming path (predicted ms, held-out accuracy per step), refinement's evaluations and the
-    network returned (`chosen`: (ms, acc, where it was picked)), which need not be the path's end."""
+ACC_LABEL = "held-out top-1 accuracy (fraction; supernet weights)"
+
+
+def _limits(ax, target_ms, bound_ms):
+    """The target (and the tighter bound verification searched under, when it differs) as vertical lines."""
+    ax.axvline(target_ms, color=PLOT_COLOURS["black"], ls="--", lw=1.2, label=f"target {target_ms:g} ms")
+    if bound_ms is not None and not math.isclose(bound_ms, target_ms, rel_tol=1e-9):
+        ax.axvline(bound_ms, color=PLOT_COLOURS["vermillion"], ls=":", lw=1.5,
+                   label=f"search bound {bound_ms:.4g} ms\n(tightened after measuring)")
+
+
+def _finish(ax, title):
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel(ACC_LABEL)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # never over the data
+
+
+def plot_trajectory(traj, target_ms, path, refined=None, chosen=None, bound_ms=None, width_step=16) -> bool:
+    """The slimming path (predicted ms, held-out accuracy per step) from its start network, refinement's
+    evaluations and the network returned (`chosen`: (ms, acc, where it was picked)), which need not be the
+    path's end; the target, and `bound_ms` when verification tightened the search below it."""
     plt = _plt()
     if plt is None or not traj:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    c = PLOT_COLOURS
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     ms = [t["predicted_ms"] for t in traj]
     acc = [t["acc"] for t in traj]
-    ax.plot(ms, acc, "o-", ms=3, label="slimming path")
+    ax.plot(ms, acc, "o-", ms=3.5, color=c["blue"], label=f"slimming path ({len(traj) - 1} steps)", zorder=3)
+    ax.scatter([ms[0]], [acc[0]], marker="s", s=55, c=c["blue"], edgecolors=c["black"], zorder=5,
+               label=f"start: {ms[0]:.4g} ms, {acc[0]:.3f}")
     if refined:
-        ax.scatter([r["predicted_ms"] for r in refined], [r["acc"] for r in refined], s=10, c="tab:green",
+        ax.scatter([r["predicted_ms"] for r in refined], [r["acc"] for r in refined], s=12, c=c["green"],
                    label=f"refinement ({len(refined)})", zorder=4)
     if chosen is not None:
-        ax.scatter([chosen[0]], [chosen[1]], marker="*", s=120, c="r", zorder=5, label=f"returned ({chosen[2]})")
+        ax.scatter([chosen[0]], [chosen[1]], marker="*", s=160, c=c["vermillion"], edgecolors=c["black"],
+                   linewidths=0.5, zorder=6, label=f"returned ({chosen[2]}): {chosen[0]:.4g} ms, {chosen[1]:.3f}")
     for t in traj[1:]:
-        ax.annotate({"to_identity": "I", "meta3d_to_meta4d": "4D", "shrink": "w"}.get(t["action"], "?"),
-                    (t["predicted_ms"], t["acc"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.axvline(target_ms, color="r", ls="--", label=f"target {target_ms:g} ms")
-    ax.invert_xaxis()
-    ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel("held-out accuracy (supernet weights)")
-    ax.set_title("latency-driven slimming (I: to identity, 4D: meta3d->meta4d, w: -16 channels)", fontsize=8)
-    ax.legend(fontsize=8)
+        ax.annotate({"to_identity": "id", "meta3d_to_meta4d": "4D", "shrink": "w"}.get(t["action"], "?"),
+                    (t["predicted_ms"], t["acc"]), fontsize=7, color="0.25", xytext=(2, 3), textcoords="offset points")
+    _limits(ax, target_ms, bound_ms)
+    _finish(ax, "latency-driven slimming: held-out accuracy against predicted latency\n"
+                f"step labels: id block to identity, 4D Meta3D to Meta4D, w stage width -{width_step} channels")
     _save(fig, plt, path)
     return True
 
 
-def plot_pareto(rows, front, target_ms, best, path) -> bool:
+def plot_pareto(rows, front, target_ms, best, path, bound_ms=None) -> bool:
+    """Optuna's trials (predicted ms, held-out accuracy), the Pareto front of those within the bound and the
+    chosen one; the target, and `bound_ms` when verification tightened the search below it."""
     plt = _plt()
     if plt is None or not rows:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    c = PLOT_COLOURS
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     ok = [r for r in rows if r.get("feasible", True)]
     over = [r for r in rows if not r.get("feasible", True)]
-    ax.scatter([r["ms"] for r in ok], [r["acc"] for r in ok], s=8, c="0.45", label="trials")
+    ax.scatter([r["ms"] for r in ok], [r["acc"] for r in ok], s=10, c="0.4", label=f"trials within the bound ({len(ok)})")
     if over:
-        ax.scatter([r["ms"] for r in over], [r["acc"] for r in over], s=8, c="0.8", label="trials over the bound")
+        ax.scatter([r["ms"] for r in over], [r["acc"] for r in over], s=10, c="0.75",
+                   label=f"trials over the bound ({len(over)})")
     pf = sorted((r for r in rows if r["number"] in front), key=lambda r: r["ms"])
-    ax.plot([r["ms"] for r in pf], [r["acc"] for r in pf], "o-", ms=4, label="Pareto front (within the bound)")
+    ax.plot([r["ms"] for r in pf], [r["acc"] for r in pf], "o-", ms=4, color=c["blue"],
+            label="Pareto front (within the bound)", zorder=4)
     b = next(r for r in rows if r["number"] == best)
-    ax.scatter([b["ms"]], [b["acc"]], marker="*", s=120, c="r", zorder=5, label="chosen")
-    ax.axvline(target_ms, color="r", ls="--", label=f"target {target_ms:g} ms")
-    ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel("held-out accuracy (supernet weights)")
-    ax.legend(fontsize=8)
+    ax.scatter([b["ms"]], [b["acc"]], marker="*", s=160, c=c["vermillion"], edgecolors=c["black"], linewidths=0.5,
+               zorder=5, label=f"chosen: trial {best}, {b['ms']:.4g} ms, {b['acc']:.3f}")
+    _limits(ax, target_ms, bound_ms)
+    _finish(ax, f"Optuna search ({len(rows)} trials): held-out accuracy against predicted latency")
     _save(fig, plt, path)
     return True

@@ -72,8 +72,8 @@ def test_the_trajectory_plot_shows_refinement_and_the_network_returned(supernet_
     import nas.run
     seen = {}
 
-    def spy(traj, target_ms, path, refined=None, chosen=None):
-        seen.update(traj=traj, refined=refined, chosen=chosen)
+    def spy(traj, target_ms, path, refined=None, chosen=None, **kw):
+        seen.update(traj=traj, refined=refined, chosen=chosen, **kw)
         return False
     monkeypatch.setattr(nas.run, "plot_trajectory", spy)
     target = 0.5 * start_ms(supernet_run, table_path)
@@ -81,6 +81,7 @@ def test_the_trajectory_plot_shows_refinement_and_the_network_returned(supernet_
     refs = [r for r in read_log(str(tmp_path / "r")) if r["type"] == "refine"]
     assert [(r["predicted_ms"], r["acc"]) for r in refs] == [(r["predicted_ms"], r["acc"]) for r in seen["refined"]]
     assert seen["chosen"] == (rep["predicted_ms"], rep["accuracy"], rep["search"]["picked"])
+    assert seen["bound_ms"] == rep["bound_ms"] and seen["width_step"] == load_supernet_run(supernet_run)[0].space.width_step
 
 
 def test_each_refinement_takes_the_candidate_the_regression_ranks_first(refined, supernet_run, table_path):
