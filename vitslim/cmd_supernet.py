@@ -141,38 +141,53 @@ def _pyplot():
     return plt
 
 
-# one colour per MetaPath type in every stage (stages 0-1 have no meta3d candidate)
-_COLOURS = {"meta4d": "tab:blue", "meta3d": "tab:orange", "identity": "tab:gray"}
+# one colour per MetaPath type in every stage (stages 0-1 have no meta3d candidate): supernet.arch.PLOT_COLOURS
+_COLOURS = {"meta4d": "blue", "meta3d": "orange", "identity": "grey"}
 
 
 def _plot(imp, path):
     """Stages and blocks numbered from 0, as in arch configs, search logs and reports."""
+    from supernet.arch import PLOT_COLOURS, atomic_savefig
     plt = _pyplot()
     n = len(imp["stage"])
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.2))
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.4))
+    handles = {}
     for i in range(n):
         ax = axes[i]
         probs, cands = imp["probabilities"][i], imp["candidates"][i]
         bottom = [0.0] * len(probs)
         for k, c in enumerate(cands):
             vals = [p[k] for p in probs]
-            ax.bar(range(len(probs)), vals, bottom=bottom, label=_SHORT.get(c, c), color=_COLOURS.get(c))
+            bars = ax.bar(range(len(probs)), vals, bottom=bottom, label=_SHORT.get(c, c),
+                          color=PLOT_COLOURS.get(_COLOURS.get(c)))
+            handles.setdefault(c, bars)
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_title(f"stage {i}")
         ax.set_xticks(range(len(probs)))
         ax.set_xlabel("block")
         ax.set_ylim(0, 1)
         if i == 0:
-            ax.set_ylabel("softmax(alpha)")
-        ax.legend(fontsize=7)
-    st = [s if s is not None else 0.0 for s in imp["stage"]]
-    axes[n].bar(range(n), st)
-    axes[n].set_xticks(range(n))
-    axes[n].set_title("stage importance")
-    axes[n].set_xlabel("stage")
+            ax.set_ylabel("probability, softmax(alpha)")
+    # one legend for every stage, beside the panels (in each panel it covered the last block's bars)
+    order = sorted(handles, key=lambda c: -list(_COLOURS).index(c) if c in _COLOURS else 1)  # as stacked, top first
+    fig.legend([handles[c] for c in order], [f"{_SHORT.get(c, c)} = {c}" for c in order], fontsize=8,
+               loc="upper left", bbox_to_anchor=(1.0, 0.9), borderaxespad=0.0)
+    ax = axes[n]
+    st = imp["stage"]
+    known = [i for i, s in enumerate(st) if s is not None]
+    ax.bar(known, [st[i] for i in known], color=PLOT_COLOURS["sky"])
+    for i, s in enumerate(st):
+        if s is None:  # no identity candidate: no importance, which is not an importance of 0
+            ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(n))
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_title("stage importance")
+    ax.set_xlabel("stage")
+    ax.set_ylabel("sum of P(not identity) / P(identity)")
+    fig.suptitle(f"supernet architecture probabilities at step {imp.get('step')}, "
+                 f"temperature {imp.get('tau', float('nan')):.3g}", fontsize=10)
     fig.tight_layout()
-    from supernet.arch import atomic_savefig
-    atomic_savefig(fig, path, dpi=120)
+    atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _parse_widths(s):
