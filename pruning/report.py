@@ -98,7 +98,7 @@ def reallocation_figure(report: Mapping, plt):
     ax.set_xlim(-0.5, len(blocks) - 0.5)
     ax.set_xlabel("block (numbered within its stage, from 0)" if multi else "block (from 0)")
     ax.set_ylabel("kept fraction of the block's units")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(-0.04, 1.05)  # a unit kind emptied (0) or kept whole (1): its markers fully in view
     ax.grid(alpha=0.3)
     whole = (f"params {report['params_after'] / report['params_before']:.2f}, "
              f"MACs {report['macs_after'] / report['macs_before']:.2f}")

@@ -99,3 +99,14 @@ def test_a_swin_marks_and_names_its_stages(saved):
     assert names["stage 2"].get_position()[0] == pytest.approx(6.5)  # centred over blocks 4..9
     title = ax.title.get_window_extent()
     assert not any(_overlap(t.get_window_extent(), title) for t in ax.texts)
+
+
+def test_an_emptied_attention_is_drawn_in_full_at_zero(saved):
+    rep = _report("deit_tiny", "deit")
+    b = rep["blocks"][3]
+    b["kept"].update(heads=0.0, qk=0.0, v=0.0)  # what --depth reports for an attention it removed
+    fig, _ = saved(rep)
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 1  # not half a marker under the x axis
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert lines["heads"].get_ydata()[3] == 0.0
