@@ -111,6 +111,9 @@ def _run(args):
     from pruning.units import PruneError
 
     apply_threads(args)
+    if args.table:  # a shipped table's name (as --help says) becomes its file: the resume key stats it, the report records it
+        from latency_tables.table import resolve_table_path
+        args.table = resolve_table_path(args.table)
     targets = parse_targets(",".join(args.target))
     macs = next((t for t in targets if t.kind == "macs"), None)
     if args.proportional and (macs is None or not args.table):

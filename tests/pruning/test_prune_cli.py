@@ -458,3 +458,26 @@ def test_an_out_whose_temporary_names_would_not_fit_is_refused_before_any_work(d
     rc, _, err = run(args + ["--out", str(tmp_path / ("p" * fits))] + FAST, capsys)
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path)) == sorted(["deit.pt", "p" * fits])
+
+
+def test_a_shipped_table_is_taken_by_name(tmp_path, capsys, monkeypatch, quick_tables):
+    """--help says --table takes a shipped table's name: prune stat-ed the bare name for its resume key (a
+    FileNotFoundError traceback) before the table was ever resolved."""
+    import latency_tables.table as lt
+    arch = tiny_deit()
+    ck = tmp_path / "deit.pt"
+    vitslim.save_checkpoint(build(arch), arch, ck)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    fake_table(arch).save(str(shipped / "my_deit_cpu.yaml"))
+    monkeypatch.setattr(lt, "TABLES_DIR", str(shipped))
+    out = tmp_path / "r"
+    rc, _, err = run(["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "latency=0.8x", "--table",
+                      "my_deit_cpu", "--out", str(out)] + FAST, capsys)
+    assert rc == 0, err
+    with open(out / "report.json") as f:
+        rep = json.load(f)
+    assert rep["table"] == str(shipped / "my_deit_cpu.yaml") and rep["latency_kept"] <= 0.8 + 1e-9
+    one_line_error(capsys, ["prune", "--checkpoint", str(ck), "--data", "synthetic", "--target", "latency=0.8x",
+                            "--table", "no_such_table", "--out", str(tmp_path / "r2")] + FAST,
+                   "no_such_table: no such file, expected a latency table .yaml or a shipped table name (my_deit_cpu)")
