@@ -424,7 +424,7 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         if plot_trajectory(result.extra["trajectory"], ctx.target_ms, os.path.join(out, "trajectory.png"),
                            refined=result.extra.get("refined"),
                            chosen=(result.predicted_ms, result.acc, result.extra.get("picked", "end")),
-                           bound_ms=ctx.bound_ms, width_step=ctx.space.width_step):
+                           bound_ms=ctx.bound_ms, width_step=ctx.space.width_step, measured_ms=report["measured_ms"]):
             report["files"].append("trajectory.png")
     if "trial_rows" in result.extra:
         rows = result.extra["trial_rows"]
@@ -435,7 +435,7 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         atomic_write_text(os.path.join(out, "pareto.json"), json.dumps(pj, indent=1) + "\n")
         report["files"].append("pareto.json")
         if plot_pareto(rows, front, ctx.target_ms, result.extra["best_trial"], os.path.join(out, "pareto.png"),
-                       bound_ms=ctx.bound_ms):
+                       bound_ms=ctx.bound_ms, measured_ms=report["measured_ms"]):
             report["files"].append("pareto.png")
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1) + "\n")
     return report
@@ -467,18 +467,31 @@ def _limits(ax, target_ms, bound_ms):
                    label=f"search bound {bound_ms:.4g} ms\n(tightened after measuring)")
 
 
-def _finish(ax, title):
-    ax.set_xlabel("predicted latency (ms)")
+def _measured(ax, predicted_ms, acc, measured_ms, target_ms):
+    """The returned network as measured end to end by verification (x: its measured ms, same accuracy), joined to
+    where the table put it: how far the prediction was off, against the target."""
+    if measured_ms is None:
+        return
+    ax.plot([predicted_ms, measured_ms], [acc, acc], ":", color=PLOT_COLOURS["black"], lw=0.8, zorder=5)
+    ax.scatter([measured_ms], [acc], marker="D", s=45, facecolors="none", edgecolors=PLOT_COLOURS["vermillion"],
+               linewidths=1.5, zorder=7,
+               label=f"returned, measured: {measured_ms:.4g} ms ({measured_ms / target_ms - 1:+.1%} vs target)")
+
+
+def _finish(ax, title, measured=False):
+    ax.set_xlabel("predicted latency (ms)" + ("; the open diamond: measured" if measured else ""))
     ax.set_ylabel(ACC_LABEL)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # never over the data
 
 
-def plot_trajectory(traj, target_ms, path, refined=None, chosen=None, bound_ms=None, width_step=16) -> bool:
+def plot_trajectory(traj, target_ms, path, refined=None, chosen=None, bound_ms=None, width_step=16,
+                    measured_ms=None) -> bool:
     """The slimming path (predicted ms, held-out accuracy per step) from its start network, refinement's
     evaluations and the network returned (`chosen`: (ms, acc, where it was picked)), which need not be the
-    path's end; the target, and `bound_ms` when verification tightened the search below it."""
+    path's end, and where verification measured it (`measured_ms`); the target, and `bound_ms` when verification
+    tightened the search below it."""
     plt = _plt()
     if plt is None or not traj:
         return False
@@ -495,19 +508,22 @@ def plot_trajectory(traj, target_ms, path, refined=None, chosen=None, bound_ms=N
     if chosen is not None:
         ax.scatter([chosen[0]], [chosen[1]], marker="*", s=160, c=c["vermillion"], edgecolors=c["black"],
                    linewidths=0.5, zorder=6, label=f"returned ({chosen[2]}): {chosen[0]:.4g} ms, {chosen[1]:.3f}")
+        _measured(ax, chosen[0], chosen[1], measured_ms, target_ms)
     for t in traj[1:]:
         ax.annotate({"to_identity": "id", "meta3d_to_meta4d": "4D", "shrink": "w"}.get(t["action"], "?"),
                     (t["predicted_ms"], t["acc"]), fontsize=7, color="0.25", xytext=(2, 3), textcoords="offset points")
     _limits(ax, target_ms, bound_ms)
     _finish(ax, "latency-driven slimming: held-out accuracy against predicted latency\n"
-                f"step labels: id block to identity, 4D Meta3D to Meta4D, w stage width -{width_step} channels")
+                f"step labels: id block to identity, 4D Meta3D to Meta4D, w stage width -{width_step} channels",
+            measured=measured_ms is not None and chosen is not None)
     _save(fig, plt, path)
     return True
 
 
-def plot_pareto(rows, front, target_ms, best, path, bound_ms=None) -> bool:
+def plot_pareto(rows, front, target_ms, best, path, bound_ms=None, measured_ms=None) -> bool:
     """Optuna's trials (predicted ms, held-out accuracy), the Pareto front of those within the bound and the
-    chosen one; the target, and `bound_ms` when verification tightened the search below it."""
+    chosen one (and where verification measured it: `measured_ms`); the target, and `bound_ms` when verification
+    tightened the search below it."""
     plt = _plt()
     if plt is None or not rows:
         return False
@@ -525,7 +541,9 @@ def plot_pareto(rows, front, target_ms, best, path, bound_ms=None) -> bool:
     b = next(r for r in rows if r["number"] == best)
     ax.scatter([b["ms"]], [b["acc"]], marker="*", s=160, c=c["vermillion"], edgecolors=c["black"], linewidths=0.5,
                zorder=5, label=f"chosen: trial {best}, {b['ms']:.4g} ms, {b['acc']:.3f}")
+    _measured(ax, b["ms"], b["acc"], measured_ms, target_ms)
     _limits(ax, target_ms, bound_ms)
-    _finish(ax, f"Optuna search ({len(rows)} trials): held-out accuracy against predicted latency")
+    _finish(ax, f"Optuna search ({len(rows)} trials): held-out accuracy against predicted latency",
+            measured=measured_ms is not None)
     _save(fig, plt, path)
     return True

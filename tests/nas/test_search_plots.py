@@ -102,3 +102,19 @@ def test_the_pareto_plot_shows_the_trials_front_and_choice_given(saved, tmp_path
     assert list(zip(front.get_xdata(), front.get_ydata())) == [(0.8, 0.15), (1.1, 0.23), (1.25, 0.26)]
     assert _points(ax, "chosen") == [(1.25, 0.26)]
     assert "Optuna" in ax.get_title() and "6 trials" in ax.get_title()
+
+
+@pytest.mark.parametrize("which", ["trajectory", "pareto"])
+def test_the_returned_network_as_measured_is_drawn_beside_its_prediction(saved, tmp_path, which):
+    def plot(**kw):
+        if which == "trajectory":
+            return plot_trajectory(TRAJ, 1.5, str(tmp_path / "t.png"), chosen=(1.4, 0.2, "end"), **kw)
+        return plot_pareto(ROWS, {0, 1, 2}, 1.5, 2, str(tmp_path / "p.png"), **kw)
+    acc = 0.2 if which == "trajectory" else ROWS[2]["acc"]
+    assert plot(measured_ms=1.55)
+    ax = saved[-1][0].axes[0]
+    assert _points(ax, "returned, measured: 1.55 ms (+3.3% vs target)") == [(1.55, acc)]
+    assert ax.get_xlabel() == "predicted latency (ms); the open diamond: measured"
+    assert plot()  # not measured (verification off, or the table's device is elsewhere): no such mark
+    assert not any(c.get_label().startswith("returned, measured") for c in saved[-1][0].axes[0].collections)
+    assert saved[-1][0].axes[0].get_xlabel() == "predicted latency (ms)"
