@@ -52,11 +52,31 @@ def table_status(paths: List[str]) -> List[dict]:
     from nas.verify import unavailable_reason
     rows = []
     for path in paths:
-        t = LatencyTable.load(path)
-        why = unavailable_reason(t)
+        try:  # one damaged table (a shipped one included) is a row of the report, not the end of it
+            t = LatencyTable.load(path)
+        except VitslimError as e:
+            rows.append({"table": path, "measured_on": None, "measurable_here": False,
+                         "why": f"cannot read it: {_first_line(e)}"})
+            continue
+        try:
+            why = unavailable_reason(t)
+        except Exception as e:  # noqa: BLE001 - e.g. a CUDA driver that fails to start: the reason asked for
+            why = f"cannot check: {_first_line(e)}"
         rows.append({"table": path, "measured_on": describe_device(t.device), "measurable_here": why is None,
                      "why": why})
     return rows
+
+
+def _cuda_devices():
+    """(the CUDA devices' names, None) or ([], why not) when asking torch raises (a broken driver or
+    CUDA_VISIBLE_DEVICES naming a device that is not there): the rest of the report is still wanted."""
+    import torch
+    try:
+        if not torch.cuda.is_available():
+            return [], None
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], None
+    except Exception as e:  # noqa: BLE001
+        return [], _first_line(e)
 
 
 def collect(tables: Optional[List[str]] = None) -> dict:
@@ -67,8 +87,7 @@ def collect(tables: Optional[List[str]] = None) -> dict:
     from latency_tables.table import TABLES_DIR, resolve_table_path, shipped_tables
 
     from . import __version__
-    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
-        else []
+    cuda, cuda_error = _cuda_devices()
     mps = getattr(torch.backends, "mps", None)
     backends = backend_status()
     paths = ([resolve_table_path(t) for t in tables] if tables
@@ -81,7 +100,7 @@ def collect(tables: Optional[List[str]] = None) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "torch": {"version": str(torch.__version__), "cuda": torch.version.cuda, "cuda_devices": cuda,
+        "torch": {"version": str(torch.__version__), "cuda": torch.version.cuda, "cuda_devices": cuda, "cuda_error": cuda_error,
                   "mps": bool(mps is not None and mps.is_available())},
         "packages": {d: _version(d) for d in CORE},
         "extras": {d: _version(d) for d in EXTRAS},
@@ -106,7 +125,7 @@ def _env(args):
     print(f"vitslim {info['vitslim']} ({info['location']})")
     print(f"python {info['python']}, {info['platform']}")
     print(f"cpu {info['cpu']}, {info['cpu_count']} logical cores, torch threads {info['torch_threads']}")
-    gpu = ", ".join(t["cuda_devices"]) or "no CUDA device"
+    gpu = (f"error: {t['cuda_error']}" if t["cuda_error"] else ", ".join(t["cuda_devices"]) or "no CUDA device")
     print(f"torch {t['version']} (CUDA {t['cuda'] or 'not built'}: {gpu}; MPS {'yes' if t['mps'] else 'no'})")
     print("packages: " + ", ".join(f"{d} {v or 'MISSING'}" for d, v in info["packages"].items()))
     print("extras:   " + ", ".join(f"{d} {v}" if v else f"{d} not installed (vitslim[{EXTRAS[d]}])"
@@ -120,7 +139,7 @@ def _env(args):
     for r in info["tables"]:
         name = os.path.splitext(os.path.basename(r["table"]))[0] if not args.table else r["table"]
         print(f"  {name}: " + ("yes" if r["measurable_here"] else f"no: {r['why']}"))
-    if any(not r["measurable_here"] for r in info["tables"]):
+    if any(not r["measurable_here"] and r["measured_on"] is not None for r in info["tables"]):
         print("(a table measured elsewhere predicts its own device: search and prune use it as it is, but cannot "
               "check what they find by measuring here; `vitslim latency build` measures this machine)")
     missing = [d for d, v in info["packages"].items() if v is None]

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,46 @@ def test_env_unknown_table_is_one_line(capsys, linux_box, tmp_path):
     code, out, err = run(capsys, "env", "--table", str(tmp_path / "nope.yaml"))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "nope.yaml: no such file, expected a latency table .yaml" in err
+
+
+def test_env_reports_a_damaged_shipped_table_as_a_row_not_a_traceback(capsys, linux_box, monkeypatch, tmp_path):
+    """`vitslim env` is what a user runs when something is broken: a damaged shipped table is one row of the
+    report, and the backends, versions and the other tables are still printed."""
+    import latency_tables.table as table
+    good = _table_on(tmp_path, "Test CPU 9000")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    text = Path(good).read_text(encoding="utf-8")
+    (shipped / "good.yaml").write_text(text, encoding="utf-8")
+    (shipped / "torn.yaml").write_text(text[:300] + "\n  - [", encoding="utf-8")
+    (shipped / "other.yaml").write_text("format: something-else\n", encoding="utf-8")
+    monkeypatch.setattr(table, "TABLES_DIR", str(shipped))
+    code, out, err = run(capsys, "env", "--json")
+    assert code == 0, err
+    rows = {os.path.basename(r["table"]): r for r in json.loads(out)["tables"]}
+    assert rows["good.yaml"]["measurable_here"] is True
+    for bad in ("torn.yaml", "other.yaml"):
+        assert rows[bad]["measurable_here"] is False and rows[bad]["measured_on"] is None
+        assert rows[bad]["why"].startswith(f"cannot read it: {shipped / bad}: ")
+    code, out, err = run(capsys, "env")
+    assert code == 0, err
+    assert "  good: yes\n" in out and "  torn: no: cannot read it: " in out and "latency backends here:" in out
+    assert "cannot check what they find by measuring here" not in out  # not a table from elsewhere: no such hint
+
+
+def test_env_survives_a_cuda_that_raises(capsys, linux_box, monkeypatch):
+    """torch.cuda can say a device is there and then fail to name it (a broken driver, CUDA_VISIBLE_DEVICES
+    naming a missing device): the report says so where the GPUs go, and the rest of it is printed."""
+    def broken(i=0):
+        raise RuntimeError("CUDA error: unknown error\nCUDA kernel errors might be asynchronously reported")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", broken)
+    code, out, err = run(capsys, "env", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["torch"]["cuda_devices"] == [] and d["torch"]["cuda_error"] == "CUDA error: unknown error"
+    assert d["backends"]["torch-cuda"] == {"available": False, "why": "CUDA error: unknown error"}
+    code, out, err = run(capsys, "env")
+    assert code == 0, err
+    assert ": error: CUDA error: unknown error; MPS" in out and "latency tables" in out
