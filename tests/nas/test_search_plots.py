@@ -27,7 +27,9 @@ def saved(monkeypatch):
         got.append((fig, kw))
         return path
     monkeypatch.setattr(nas.run, "atomic_savefig", fake_save)
-    return got
+    yield got
+    for fig, _ in got:  # what atomic_savefig does once saved: pyplot keeps every figure until closed
+        matplotlib.pyplot.close(fig)
 
 
 def _legend(ax):

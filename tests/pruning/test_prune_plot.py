@@ -47,7 +47,9 @@ def saved(monkeypatch, tmp_path):
     def plot(report):
         assert report_mod.plot_reallocation(report, str(tmp_path / "r.png")) is not None
         return got[-1]
-    return plot
+    yield plot
+    for fig, _ in got:  # what atomic_savefig does once saved: pyplot keeps every figure until closed
+        matplotlib.pyplot.close(fig)
 
 
 def _overlap(a, b):

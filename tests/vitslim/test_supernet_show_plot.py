@@ -28,7 +28,8 @@ def figure(monkeypatch, tmp_path):
         return path
     monkeypatch.setattr(supernet.arch, "atomic_savefig", fake_save)
     cmd_supernet._plot(IMP, str(tmp_path / "imp.png"))
-    return got[-1]
+    yield got[-1]
+    matplotlib.pyplot.close(got[-1][0])  # what atomic_savefig does once saved: pyplot keeps it until closed
 
 
 def _overlap(a, b):
