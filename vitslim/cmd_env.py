@@ -140,8 +140,9 @@ def _env(args):
         name = os.path.splitext(os.path.basename(r["table"]))[0] if not args.table else r["table"]
         print(f"  {name}: " + ("yes" if r["measurable_here"] else f"no: {r['why']}"))
     if any(not r["measurable_here"] and r["measured_on"] is not None for r in info["tables"]):
-        print("(a table measured elsewhere predicts its own device: search and prune use it as it is, but cannot "
-              "check what they find by measuring here; `vitslim latency build` measures this machine)")
+        print("(a table this machine cannot measure for still predicts the device it was measured on: search and "
+              "prune use it as it is, but cannot check what they find by measuring here; install its backend, or "
+              "`vitslim latency build` measures this machine)")
     missing = [d for d, v in info["packages"].items() if v is None]
     if missing:
         raise VitslimError(f"required packages missing: {', '.join(missing)}, expected them installed with vitslim "

@@ -146,3 +146,17 @@ def test_env_survives_a_cuda_that_raises(capsys, linux_box, monkeypatch):
     code, out, err = run(capsys, "env")
     assert code == 0, err
     assert ": error: CUDA error: unknown error; MPS" in out and "latency tables" in out
+
+
+def test_env_does_not_say_a_table_of_this_cpu_was_measured_elsewhere(capsys, linux_box, monkeypatch, tmp_path):
+    """A table measured on this very CPU whose backend is not installed here: the row says why (the backend), and
+    the hint under the tables does not claim the table came from another machine."""
+    def not_installed(self):
+        raise backends.BackendError("onnxruntime backend: the onnxruntime package is not installed, expected "
+                                    "`pip install vitslim[export]`")
+    monkeypatch.setattr(backends.ONNXRuntime, "check_available", not_installed)
+    t = _table_on(tmp_path, "Test CPU 9000", backend="onnxruntime")
+    code, out, err = run(capsys, "env", "--table", t)
+    assert code == 0, err
+    assert f"  {t}: no: the table's backend onnxruntime cannot run here (onnxruntime backend: the onnxruntime " in out
+    assert "cannot check what they find by measuring here" in out and "measured elsewhere" not in out
