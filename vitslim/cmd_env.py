@@ -40,7 +40,8 @@ def backend_status() -> Dict[str, dict]:
             out[name] = {"available": True, "device": b.device_name()}
         except Exception as e:  # noqa: BLE001 - any reason a backend cannot start here is the answer asked for
             why = _first_line(e)
-            why = why[len(name) + 2:] if why.startswith(name + ": ") else why  # the row already names it
+            for prefix in (name + ": ", name + " backend: "):  # the row already names it
+                why = why[len(prefix):] if why.startswith(prefix) else why
             out[name] = {"available": False, "why": why.split(". ")[0]}
     return out
 

@@ -159,4 +159,5 @@ def test_env_does_not_say_a_table_of_this_cpu_was_measured_elsewhere(capsys, lin
     code, out, err = run(capsys, "env", "--table", t)
     assert code == 0, err
     assert f"  {t}: no: the table's backend onnxruntime cannot run here (onnxruntime backend: the onnxruntime " in out
+    assert "  onnxruntime  no: the onnxruntime package is not installed, expected `pip install vitslim[export]`\n" in out
     assert "cannot check what they find by measuring here" in out and "measured elsewhere" not in out
