@@ -260,5 +260,6 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message} ({category.__name__}, {filename}:{lineno})\n"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m vitslim.cli`: the package's module, where the other commands register
+    from vitslim.cli import main as package_main
+    sys.exit(package_main())

@@ -121,7 +121,7 @@ def _env(args):
     info = collect(args.table)
     if args.json:
         print(json.dumps(info, indent=1))
-        return 0
+        return _check_required(info)
     t = info["torch"]
     print(f"vitslim {info['vitslim']} ({info['location']})")
     print(f"python {info['python']}, {info['platform']}")
@@ -144,6 +144,11 @@ def _env(args):
         print("(a table this machine cannot measure for still predicts the device it was measured on: search and "
               "prune use it as it is, but cannot check what they find by measuring here; install its backend, or "
               "`vitslim latency build` measures this machine)")
+    return _check_required(info)
+
+
+def _check_required(info) -> int:
+    """After the report (JSON or text): a required package missing is an error (exit 2), in either form."""
     missing = [d for d, v in info["packages"].items() if v is None]
     if missing:
         raise VitslimError(f"required packages missing: {', '.join(missing)}, expected them installed with vitslim "

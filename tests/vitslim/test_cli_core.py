@@ -135,3 +135,11 @@ def test_bad_checkpoint_via_cli(capsys, tmp_path):
 def test_console_script_help_has_example():
     r = subprocess.run([sys.executable, "-m", "vitslim", "info", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "example:" in r.stdout and "vitslim info" in r.stdout
+
+
+def test_python_dash_m_vitslim_cli_knows_every_command():
+    """`python -m vitslim.cli` runs cli.py as __main__, a second copy of the module: the commands of the other
+    modules registered into the package's copy, so only info and presets were known there."""
+    r = subprocess.run([sys.executable, "-m", "vitslim.cli", "env", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: vitslim env"), r.stderr

@@ -92,6 +92,9 @@ def test_env_human_output_names_missing_extras(capsys, linux_box, monkeypatch, t
 
 def test_env_missing_required_package_is_an_error(capsys, linux_box, monkeypatch):
     _not_installed(monkeypatch, "pillow")
+    code, out, err = run(capsys, "env", "--json")
+    assert code == 2 and json.loads(out)["packages"]["pillow"] is None  # the JSON form fails the same way
+    assert err.strip().startswith("vitslim env: error: required packages missing: pillow")
     code, out, err = run(capsys, "env")
     assert code == 2
     assert "pillow MISSING" in out  # the report still printed, then the error
