@@ -413,8 +413,9 @@ def test_hf_config_values_read_as_written_and_warned_about_only_where_logits_dif
         for j in range(2):
             out[f"layers.{i}.blocks.{j}.attn.relative_position_bias_table"] = torch.zeros(15 * 15, 2)
     with pytest.warns(UserWarning, match=r"image_size 20 gives Swin feature maps that are not window multiples "
-                                         r"\(stage 0: 10x10, window 8\): "):
+                                         r"\(stage 0: 10x10, window 8\): ") as rec:
         hf_layouts._warn_swin_padding(out, 20, "m.bin")
+    assert len(rec) == 1 and "stage 1" not in str(rec[0].message)  # 5x5, below its window: the same logits
     with pytest.warns(UserWarning, match=r"layer_norm_eps 5e-05, vitslim's vit LayerNorms use 1e-06"):
         vitslim.load_checkpoint(save(hf_vit_sd("vit"), tmp_path / "c" / "model.bin",
                                      {"model_type": "vit", "layer_norm_eps": 5e-5, "num_attention_heads": 3}))
