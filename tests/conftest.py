@@ -20,3 +20,25 @@ def scan_cache(tmp_path_factory, monkeypatch):
     d = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("VITSLIM_CACHE_DIR", str(d))
     return d
+
+
+@pytest.fixture
+def figures_of(monkeypatch):
+    """`figures_of(module)` -> the list of (figure, savefig keyword arguments) that `module.atomic_savefig` is
+    given from then on, each drawn instead of written; closed after the test, as the real one closes them once saved
+    (pyplot keeps every figure until then)."""
+    got = []
+
+    def fake_save(fig, path, **kw):
+        fig.canvas.draw()
+        got.append((fig, kw))
+        return path
+
+    def patch(module):
+        monkeypatch.setattr(module, "atomic_savefig", fake_save)
+        return got
+    yield patch
+    if got:
+        import matplotlib.pyplot as plt
+        for fig, _ in got:
+            plt.close(fig)

@@ -18,18 +18,9 @@ ROWS = [{"number": i, "ms": ms, "acc": acc, "loss": 1.0, "feasible": ms <= 1.3}
 
 
 @pytest.fixture
-def saved(monkeypatch):
+def saved(figures_of):
     """The figure each plot saves, drawn instead of written."""
-    got = []
-
-    def fake_save(fig, path, **kw):
-        fig.canvas.draw()
-        got.append((fig, kw))
-        return path
-    monkeypatch.setattr(nas.run, "atomic_savefig", fake_save)
-    yield got
-    for fig, _ in got:  # what atomic_savefig does once saved: pyplot keeps every figure until closed
-        matplotlib.pyplot.close(fig)
+    return figures_of(nas.run)
 
 
 def _legend(ax):

@@ -33,23 +33,14 @@ def _report(preset, family):
 
 
 @pytest.fixture
-def saved(monkeypatch, tmp_path):
+def saved(figures_of, tmp_path):
     """plot_reallocation's figure and savefig arguments, drawn instead of written."""
-    got = []
-
-    def fake_save(fig, path, **kw):
-        fig.canvas.draw()
-        got.append((fig, kw))
-        return path
-
-    monkeypatch.setattr(report_mod, "atomic_savefig", fake_save)
+    got = figures_of(report_mod)
 
     def plot(report):
         assert report_mod.plot_reallocation(report, str(tmp_path / "r.png")) is not None
         return got[-1]
-    yield plot
-    for fig, _ in got:  # what atomic_savefig does once saved: pyplot keeps every figure until closed
-        matplotlib.pyplot.close(fig)
+    return plot
 
 
 def _overlap(a, b):

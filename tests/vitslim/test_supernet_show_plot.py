@@ -19,17 +19,10 @@ IMP = {"step": 150, "tau": 0.5,
 
 
 @pytest.fixture
-def figure(monkeypatch, tmp_path):
-    got = []
-
-    def fake_save(fig, path, **kw):
-        fig.canvas.draw()
-        got.append((fig, kw))
-        return path
-    monkeypatch.setattr(supernet.arch, "atomic_savefig", fake_save)
+def figure(figures_of, tmp_path):
+    got = figures_of(supernet.arch)
     cmd_supernet._plot(IMP, str(tmp_path / "imp.png"))
-    yield got[-1]
-    matplotlib.pyplot.close(got[-1][0])  # what atomic_savefig does once saved: pyplot keeps it until closed
+    return got[-1]
 
 
 def _overlap(a, b):
