@@ -17,7 +17,7 @@ from typing import Callable, Dict, Tuple, Type
 import torch
 import torch.nn as nn
 
-from supernet.errors import VitslimError
+from supernet.errors import VitslimError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,13 +48,18 @@ def cpu_model() -> str:
 def _versions(*mods) -> Dict[str, str]:
     import numpy
     out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(numpy.__version__)}
-    from importlib import metadata
-    for m in mods:  # the installed version, without importing (coremltools warns on import)
-        try:
-            out[m] = metadata.version(m)
-        except metadata.PackageNotFoundError:
-            out[m] = None
+    for m in mods:
+        out[m] = dist_version(m)
     return out
+
+
+def dist_version(dist: str):
+    """The installed version of a distribution, without importing it (coremltools warns on import); None if absent."""
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class Backend:
@@ -300,7 +305,7 @@ class CoreML(Backend):
         try:  # once before timing: coremltools raises plain Exception where Core ML cannot load or run the model
             predict({"x": x.numpy()})
         except Exception as e:
-            why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+            why = first_line(e)[:300]
             on_device = COREML_OFF_MAC.split("Measure on the device instead: ", 1)[1]
             raise BackendError(f"coreml: Core ML cannot run the converted model on this Mac "
                                f"({why}); measure on the device instead: {on_device}") from None

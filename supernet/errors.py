@@ -13,6 +13,12 @@ class CheckpointError(VitslimError, ValueError):
     """A checkpoint file that cannot be read or does not fit the network it describes."""
 
 
+def first_line(e: BaseException, default=None) -> str:
+    """The first non-blank line of an exception's message (libraries raise pages: converters, exporters, drivers),
+    or `default` (the exception's type name when None) where it has none."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__ if default is None else default)
+
+
 def bad(path: str, value, expected: str) -> ArchError:
     """The house format for a config error: `<key path>: got <value>, expected <what>`."""
     return ArchError(f"{path}: got {value!r}, expected {expected}")

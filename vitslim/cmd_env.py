@@ -5,28 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-from importlib import metadata
 from typing import Dict, List, Optional
 
-from supernet.errors import VitslimError
+from supernet.errors import VitslimError, first_line
 
 from .cli import register_command
 
 CORE = ("torch", "numpy", "scipy", "optuna", "pyyaml", "tqdm", "pillow")
 EXTRAS = {"onnx": "export", "onnxruntime": "export", "coremltools": "export", "matplotlib": "plot"}
-
-
-def _version(dist: str) -> Optional[str]:
-    """The installed version of a distribution, without importing it (coremltools prints warnings on import)."""
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def backend_status() -> Dict[str, dict]:
@@ -39,7 +25,7 @@ def backend_status() -> Dict[str, dict]:
             b.check_available()
             out[name] = {"available": True, "device": b.device_name()}
         except Exception as e:  # noqa: BLE001 - any reason a backend cannot start here is the answer asked for
-            why = _first_line(e)
+            why = first_line(e)
             for prefix in (name + ": ", name + " backend: "):  # the row already names it
                 why = why[len(prefix):] if why.startswith(prefix) else why
             out[name] = {"available": False, "why": why.split(". ")[0]}
@@ -57,12 +43,12 @@ def table_status(paths: List[str]) -> List[dict]:
             t = LatencyTable.load(path)
         except VitslimError as e:
             rows.append({"table": path, "measured_on": None, "measurable_here": False,
-                         "why": f"cannot read it: {_first_line(e)}"})
+                         "why": f"cannot read it: {first_line(e)}"})
             continue
         try:
             why = unavailable_reason(t)
         except Exception as e:  # noqa: BLE001 - e.g. a CUDA driver that fails to start: the reason asked for
-            why = f"cannot check: {_first_line(e)}"
+            why = f"cannot check: {first_line(e)}"
         rows.append({"table": path, "measured_on": describe_device(t.device), "measurable_here": why is None,
                      "why": why})
     return rows
@@ -77,14 +63,14 @@ def _cuda_devices():
             return [], None
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], None
     except Exception as e:  # noqa: BLE001
-        return [], _first_line(e)
+        return [], first_line(e)
 
 
 def collect(tables: Optional[List[str]] = None) -> dict:
     """Everything `vitslim env` prints, as a plain dict (tables: paths or shipped names; default: the shipped)."""
     import torch
 
-    from latency_tables.backends import cpu_model
+    from latency_tables.backends import cpu_model, dist_version
     from latency_tables.table import TABLES_DIR, resolve_table_path, shipped_tables
 
     from . import __version__
@@ -103,8 +89,8 @@ def collect(tables: Optional[List[str]] = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": {"version": str(torch.__version__), "cuda": torch.version.cuda, "cuda_devices": cuda, "cuda_error": cuda_error,
                   "mps": bool(mps is not None and mps.is_available())},
-        "packages": {d: _version(d) for d in CORE},
-        "extras": {d: _version(d) for d in EXTRAS},
+        "packages": {d: dist_version(d) for d in CORE},
+        "extras": {d: dist_version(d) for d in EXTRAS},
         "backends": backends,
         "tables": table_status(paths),
     }

@@ -17,7 +17,7 @@ from typing import Mapping, Tuple
 import torch
 import torch.nn as nn
 
-from supernet.errors import VitslimError, nearest_existing
+from supernet.errors import VitslimError, first_line, nearest_existing
 
 FORMATS = ("yaml", "onnx", "coreml", "torchscript", "safetensors")
 _SUFFIX = {"yaml": (".yaml", ".yml"), "onnx": (".onnx",), "coreml": (".mlpackage",), "torchscript": (".pt", ".ts", ".torchscript"),
@@ -363,7 +363,7 @@ def _onnx(model, arch, trained, out, batch, overwrite, check, opset, **_):
         except (RuntimeError, ValueError, TypeError) as e:  # torch's exporter: an operator this opset lacks, ...
             if isinstance(e, OSError):
                 raise
-            what = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            what = first_line(e)
             raise ExportError(f"onnx: torch.onnx.export failed at opset {opset} ({what[:300]}); a higher opset "
                               "(export_model(..., opset=N)) may have the operator") from None
     data = None
@@ -462,7 +462,7 @@ def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
     except ExportError:
         raise
     except Exception as e:  # coremltools' converter: an operator or pattern it cannot convert
-        what = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        what = first_line(e, "")
         raise ExportError(f"coreml: coremltools could not convert this {arch['family']} network "
                           f"({type(e).__name__}{': ' + what[:300] if what else ''})") from None
     tmpdir = _tmp_beside(out, is_dir=True)
@@ -474,7 +474,7 @@ def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
         try:
             got = ml.predict({"image": x.numpy()})["logits"]
         except Exception as e:  # coremltools raises plain Exception: no Core ML it can load, or a model it cannot run
-            why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+            why = first_line(e)[:300]
             if getattr(ml, "__proxy__", True) is not None:  # loaded, but failed to run: the package is at fault
                 shutil.rmtree(tmpdir, ignore_errors=True)  # nothing half-written is left beside --out
                 raise ExportError(f"coreml check: Core ML could not run the package on this Mac ({why}); pass "

@@ -42,6 +42,13 @@ def _points(ax, label):
     return [tuple(p) for p in hits[0].get_offsets()]
 
 
+def _plot(which, tmp_path, **kw):
+    """The trajectory (returned: 1.4 ms, 0.2) or the Pareto plot (chosen: trial 2) with a 1.5 ms target."""
+    if which == "trajectory":
+        return plot_trajectory(TRAJ, 1.5, str(tmp_path / "t.png"), chosen=(1.4, 0.2, "end"), **kw)
+    return plot_pareto(ROWS, {0, 1, 2}, 1.5, 2, str(tmp_path / "p.png"), **kw)
+
+
 def test_the_trajectory_marks_its_start_and_the_network_returned(saved, tmp_path):
     assert plot_trajectory(TRAJ, 1.5, str(tmp_path / "t.png"), chosen=(1.4, 0.2, "end"))
     fig, kw = saved[-1]
@@ -62,15 +69,11 @@ def test_the_trajectory_names_the_spaces_width_step(saved, tmp_path):
 
 @pytest.mark.parametrize("which", ["trajectory", "pareto"])
 def test_the_target_and_a_tightened_bound_are_both_drawn(saved, tmp_path, which):
-    def plot(**kw):
-        if which == "trajectory":
-            return plot_trajectory(TRAJ, 1.5, str(tmp_path / "t.png"), chosen=(1.4, 0.2, "end"), **kw)
-        return plot_pareto(ROWS, {0, 1, 2}, 1.5, 2, str(tmp_path / "p.png"), **kw)
-    assert plot(bound_ms=1.3)
+    assert _plot(which, tmp_path, bound_ms=1.3)
     lines = _vlines(saved[-1][0].axes[0])
     assert lines.get("target 1.5 ms") == 1.5
     assert [x for label, x in lines.items() if label.startswith("search bound 1.3 ms")] == [1.3]
-    assert plot(bound_ms=1.5)  # the bound is the target: one line
+    assert _plot(which, tmp_path, bound_ms=1.5)  # the bound is the target: one line
     assert list(_vlines(saved[-1][0].axes[0]).values()) == [1.5]
 
 
@@ -99,15 +102,11 @@ def test_the_pareto_plot_shows_the_trials_front_and_choice_given(saved, tmp_path
 
 @pytest.mark.parametrize("which", ["trajectory", "pareto"])
 def test_the_returned_network_as_measured_is_drawn_beside_its_prediction(saved, tmp_path, which):
-    def plot(**kw):
-        if which == "trajectory":
-            return plot_trajectory(TRAJ, 1.5, str(tmp_path / "t.png"), chosen=(1.4, 0.2, "end"), **kw)
-        return plot_pareto(ROWS, {0, 1, 2}, 1.5, 2, str(tmp_path / "p.png"), **kw)
     acc = 0.2 if which == "trajectory" else ROWS[2]["acc"]
-    assert plot(measured_ms=1.55)
+    assert _plot(which, tmp_path, measured_ms=1.55)
     ax = saved[-1][0].axes[0]
     assert _points(ax, "returned, measured: 1.55 ms (+3.3% vs target)") == [(1.55, acc)]
     assert ax.get_xlabel() == "predicted latency (ms); the open diamond: measured"
-    assert plot()  # not measured (verification off, or the table's device is elsewhere): no such mark
+    assert _plot(which, tmp_path)  # not measured (verification off, or the table's device is elsewhere): no such mark
     assert not any(c.get_label().startswith("returned, measured") for c in saved[-1][0].axes[0].collections)
     assert saved[-1][0].axes[0].get_xlabel() == "predicted latency (ms)"
