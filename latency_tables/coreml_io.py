@@ -71,6 +71,15 @@ def convert_coreml(module: nn.Module, x: torch.Tensor, compute_units=None, preci
                               compute_precision=prec, **kw)
 
 
+def release_temp_package(mlmodel) -> None:
+    """Delete the package coremltools converted into (tempfile's dir/tmpXXXX.mlpackage, weights included) now:
+    coremltools removes it only at interpreter exit, so an export of many entries held every one of them in
+    /tmp until the end, and a killed process left them there for good."""
+    path = getattr(mlmodel, "package_path", None)
+    if getattr(mlmodel, "is_temp_package", False) and path and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _save_package(mlmodel, path: str) -> None:
     from supernet.runlock import remove_stale_temps, temp_prefix
     d = os.path.dirname(os.path.abspath(path))
@@ -84,6 +93,7 @@ def _save_package(mlmodel, path: str) -> None:
         os.replace(p, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_temp_package(mlmodel)
 
 
 def entry_name(i: int, key: Mapping) -> str:

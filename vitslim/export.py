@@ -465,30 +465,34 @@ def _coreml(model, arch, trained, out, batch, overwrite, check, **_):
         what = first_line(e, "")
         raise ExportError(f"coreml: coremltools could not convert this {arch['family']} network "
                           f"({type(e).__name__}{': ' + what[:300] if what else ''})") from None
-    tmpdir = _tmp_beside(out, is_dir=True)
-    pkg = os.path.join(tmpdir, os.path.basename(out))
-    ml.save(pkg)
-    res = {"format": "coreml", "path": out, "predicted": False}
-    if check and sys.platform == "darwin":  # Core ML predicts only on Apple's OSes
-        got = None
-        try:
-            got = ml.predict({"image": x.numpy()})["logits"]
-        except Exception as e:  # coremltools raises plain Exception: no Core ML it can load, or a model it cannot run
-            why = first_line(e)[:300]
-            if getattr(ml, "__proxy__", True) is not None:  # loaded, but failed to run: the package is at fault
-                shutil.rmtree(tmpdir, ignore_errors=True)  # nothing half-written is left beside --out
-                raise ExportError(f"coreml check: Core ML could not run the package on this Mac ({why}); pass "
-                                  "--no-check to write it unchecked") from None
-            # Core ML cannot load an iOS 16 mlprogram here (macOS before 13, or coremltools without its macOS
-            # library): the package is still what the phone runs; written unchecked, as on Linux
-            res["unchecked"] = f"Core ML cannot load it on this Mac ({why})"
-        if got is not None:
-            err = _rel_err(got, ref)
-            if err > COREML_TOLERANCE:
-                raise ExportError(f"coreml check: Core ML output differs from PyTorch by {err:.2e} (relative), "
-                                  f"expected <= {COREML_TOLERANCE:g} (the package computes in float16)")
-            res["max_rel_error"] = err
-            res["predicted"] = True
-    _commit(pkg, out, overwrite)
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    return res
+    from latency_tables.coreml_io import release_temp_package
+    try:
+        tmpdir = _tmp_beside(out, is_dir=True)
+        pkg = os.path.join(tmpdir, os.path.basename(out))
+        ml.save(pkg)
+        res = {"format": "coreml", "path": out, "predicted": False}
+        if check and sys.platform == "darwin":  # Core ML predicts only on Apple's OSes
+            got = None
+            try:
+                got = ml.predict({"image": x.numpy()})["logits"]
+            except Exception as e:  # coremltools raises plain Exception: no Core ML it can load, or a model it cannot run
+                why = first_line(e)[:300]
+                if getattr(ml, "__proxy__", True) is not None:  # loaded, but failed to run: the package is at fault
+                    shutil.rmtree(tmpdir, ignore_errors=True)  # nothing half-written is left beside --out
+                    raise ExportError(f"coreml check: Core ML could not run the package on this Mac ({why}); pass "
+                                      "--no-check to write it unchecked") from None
+                # Core ML cannot load an iOS 16 mlprogram here (macOS before 13, or coremltools without its macOS
+                # library): the package is still what the phone runs; written unchecked, as on Linux
+                res["unchecked"] = f"Core ML cannot load it on this Mac ({why})"
+            if got is not None:
+                err = _rel_err(got, ref)
+                if err > COREML_TOLERANCE:
+                    raise ExportError(f"coreml check: Core ML output differs from PyTorch by {err:.2e} (relative), "
+                                      f"expected <= {COREML_TOLERANCE:g} (the package computes in float16)")
+                res["max_rel_error"] = err
+                res["predicted"] = True
+        _commit(pkg, out, overwrite)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        return res
+    finally:  # coremltools would keep its converted copy in /tmp until the interpreter exits
+        release_temp_package(ml)

@@ -104,6 +104,20 @@ def test_every_block_kind_converts_to_an_mlpackage(exported):
     assert len(rows) == len(manifest["entries"]) + 1 and rows[-1]["name"] == "net00"
 
 
+def test_export_leaves_no_converted_package_in_the_temp_dir(tmp_path, monkeypatch):
+    """coremltools converts each entry into tempfile's dir (tmpXXXX.mlpackage, weights included) and removes
+    them only at interpreter exit: an export of a whole space held every package twice until the end, and a killed
+    export left them all in /tmp."""
+    pytest.importorskip("coremltools")
+    import tempfile
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    manifest = export_coreml(KINDS[2:4], str(tmp_path / "out"), networks=[NET])
+    assert len(manifest["entries"]) == 2 and len(manifest["networks"]) == 1
+    assert [p.name for p in tmp.iterdir() if p.name.endswith(".mlpackage")] == []
+
+
 def _write_csv(path, rows, header=("name", "median_ms", "p10_ms", "p90_ms", "samples")):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)

@@ -2,6 +2,7 @@
 overwrite unless asked."""
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -91,6 +92,18 @@ def test_coreml_export_writes_mlpackage(tmp_path):
     assert os.path.isdir(out) and os.path.isfile(out / "Manifest.json") and res["format"] == "coreml"
 
 
+def test_coreml_export_leaves_no_converted_package_in_the_temp_dir(tmp_path, monkeypatch):
+    """coremltools converts into tempfile's dir (tmpXXXX.mlpackage, weights included) and removes it only at
+    interpreter exit: every export by a long-lived process (or one killed) left a copy of the model in /tmp."""
+    pytest.importorskip("coremltools")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    vitslim.export_model(tiny_arch(), "coreml", tmp_path / "m.mlpackage")
+    assert (tmp_path / "m.mlpackage" / "Manifest.json").is_file()
+    assert [p.name for p in tmp.iterdir() if p.name.endswith(".mlpackage")] == []
+
+
 def test_a_symlinked_output_is_written_through_and_the_link_kept(ckpt, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
@@ -171,6 +184,7 @@ def test_a_torchscript_file_as_input_is_named(capsys, ckpt, tmp_path):
     assert rc == 2 and "a TorchScript archive" in err and not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")  # the check loads what it wrote
 def test_export_at_another_input_size(ckpt, tmp_path):
     a = vitslim.get_preset("efficientformer_l1")
     a.update(num_classes=5)
@@ -192,6 +206,7 @@ def test_export_at_another_input_size(ckpt, tmp_path):
     vitslim.export_model("deit_tiny", "torchscript", tmp_path / "d.ts", input_size=64, check=True)
 
 
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")  # the check loads what it wrote
 def test_an_arch_yaml_with_its_weights_beside_it_exports_the_trained_network(capsys, ckpt, tmp_path):
     """export --format yaml writes X.yaml + X.pt; exporting X.yaml brings X.pt's weights, and an arch alone says
     its weights are random."""
@@ -287,6 +302,7 @@ def test_a_core_ml_check_over_the_float16_tolerance_fails(monkeypatch, ckpt, tmp
     with pytest.raises(vitslim.VitslimError, match="coreml check: Core ML output differs .* expected <= 0.05"):
         vitslim.export_model(str(ckpt), "coreml", tmp_path / "bad.mlpackage")
     assert not (tmp_path / "bad.mlpackage").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "m.pt") == ["ok.mlpackage"]  # no temporary left
 
 
 def test_export_of_an_arch_leaves_the_callers_random_state_alone(tmp_path):
