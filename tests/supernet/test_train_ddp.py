@@ -12,8 +12,15 @@ from supernet.train import read_run
 from test_train import config, losses  # noqa: E402  (tests/supernet is on sys.path under pytest)
 
 
+def scratch_tmp(run):
+    """A TMPDIR of the test's own: torchrun leaves a torchelastic_* folder in it at every launch."""
+    d = os.path.join(os.path.dirname(run), "tmp")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def torchrun(cfg, run, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TMPDIR=scratch_tmp(run))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vitslim", "supernet", "train", "--config", cfg, "--out", run, "--no-progress", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -63,9 +70,9 @@ def test_ranks_that_see_other_images_are_refused_before_training(tmp_path):
                               data={"type": "imagefolder", "train_dir": "imgs", "val_fraction": 0.2}), f)
     script = tmp_path / "skewed.py"
     script.write_text(SKEWED)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     run = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TMPDIR=scratch_tmp(run),
+               PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), "supernet", "train", "--config", cfg, "--out", run, "--no-progress"],
                        env=env, capture_output=True, text=True, timeout=300)
