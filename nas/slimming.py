@@ -64,7 +64,7 @@ from .strategy import (SearchContext, SearchError, SearchResult, SearchStrategy,
                        require_reachable)
 
 ACTIONS = ("to_identity", "meta3d_to_meta4d", "shrink")
-LOG_VERSION = 1
+LOG_VERSION = 1  # raise it when a change to the step rule would make a resumed log mix two rules
 
 
 def per_ms(delta: float, saved: float) -> float:
@@ -369,6 +369,9 @@ class LatencySlimming(SearchStrategy):
             head = recs[0]
             if head.get("type") != "header":
                 raise SearchError(f"{log.path}: first line is not a header (not a slimming log)")
+            if head.get("version") != LOG_VERSION:  # its steps were taken under another version's rules
+                raise SearchError(f"cannot resume {log.path}: a slimming log of version {head.get('version')!r}, "
+                                  f"expected {LOG_VERSION} (use this vitslim's own log: another --out, or --overwrite)")
             diff = args_diff(head.get("args", {}), json.loads(json.dumps(args)))
             if diff:
                 raise SearchError(f"cannot resume {log.path}: the arguments differ from the logged run's: "

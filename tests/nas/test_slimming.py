@@ -108,6 +108,21 @@ def test_resume_with_other_arguments_is_refused(slim_run, supernet_run, table_pa
         run_search(supernet_run, table_path, target, str(part), eval_images=8, progress=False)
 
 
+@pytest.mark.parametrize("version", [None, 2])
+def test_resume_of_a_log_of_another_version_is_refused(slim_run, supernet_run, table_path, tmp_path, version):
+    """A log whose steps another version's rules chose (or one without a version) is not continued under these."""
+    out, rep, target = slim_run
+    part = tmp_path / "part"
+    part.mkdir()
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        lines = f.readlines()[:3]
+    head = json.loads(lines[0])
+    head.pop("version") if version is None else head.update(version=version)
+    (part / "trajectory.jsonl").write_text(json.dumps(head) + "\n" + "".join(lines[1:]))
+    with pytest.raises(SearchError, match=f"cannot resume .*a slimming log of version {version}, expected 1"):
+        run_search(supernet_run, table_path, target, str(part), eval_images=16, progress=False)
+
+
 def test_unreachable_target_names_the_fastest_network(supernet_run, table_path, tmp_path):
     with pytest.raises(SearchError, match=r"unreachable: the fastest network .* predicted at [0-9.]+ ms"):
         run_search(supernet_run, table_path, 0.01, str(tmp_path / "r"), eval_images=16, progress=False)
