@@ -473,8 +473,8 @@ def _measured(ax, predicted_ms, acc, measured_ms, target_ms):
     if measured_ms is None:
         return
     ax.plot([predicted_ms, measured_ms], [acc, acc], ":", color=PLOT_COLOURS["black"], lw=0.8, zorder=5)
-    ax.scatter([measured_ms], [acc], marker="D", s=45, facecolors="none", edgecolors=PLOT_COLOURS["vermillion"],
-               linewidths=1.5, zorder=7,
+    ax.scatter([measured_ms], [acc], marker="D", s=150, facecolors="none", edgecolors=PLOT_COLOURS["black"],
+               linewidths=1.2, zorder=7,
                label=f"returned, measured: {measured_ms:.4g} ms ({measured_ms / target_ms - 1:+.1%} vs target)")
 
 

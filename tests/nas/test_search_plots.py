@@ -110,3 +110,18 @@ def test_the_returned_network_as_measured_is_drawn_beside_its_prediction(saved, 
     assert _plot(which, tmp_path)  # not measured (verification off, or the table's device is elsewhere): no such mark
     assert not any(c.get_label().startswith("returned, measured") for c in saved[-1][0].axes[0].collections)
     assert saved[-1][0].axes[0].get_xlabel() == "predicted latency (ms)"
+
+
+@pytest.mark.parametrize("which", ["trajectory", "pareto"])
+def test_the_measured_mark_stays_visible_on_a_prediction_that_was_exact(saved, tmp_path, which):
+    """Measured where it was predicted, the open diamond lies on the returned star: drawn under it, or in the
+    star's own colour, it vanished (a search whose prediction was right looked unverified)."""
+    x = 1.4 if which == "trajectory" else ROWS[2]["ms"]
+    assert _plot(which, tmp_path, measured_ms=x)
+    ax = saved[-1][0].axes[0]
+    star = next(c for c in ax.collections if c.get_label().startswith(("returned (", "chosen")))
+    diamond = next(c for c in ax.collections if c.get_label().startswith("returned, measured"))
+    assert [tuple(p) for p in diamond.get_offsets()] == [tuple(p) for p in star.get_offsets()]
+    assert diamond.get_zorder() > star.get_zorder()
+    assert not matplotlib.colors.same_color(diamond.get_edgecolor()[0], star.get_facecolor()[0])
+    assert diamond.get_sizes()[0] >= 0.9 * star.get_sizes()[0]  # its corners show round the star
