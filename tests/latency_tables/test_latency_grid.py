@@ -155,7 +155,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.filterwarnings("ignore:the table's entries sum")  # timed for 1 ms each: they need not add up
 def test_build_prune_grid_on_the_command_line(capsys, tmp_path):
     a = tmp_path / "deit.yaml"
     vitslim.save_arch(tiny_deit(), a)
@@ -180,7 +179,6 @@ def test_build_prune_grid_on_the_command_line(capsys, tmp_path):
     assert code == 0 and f"{len(t)} present, 0 to measure" in so
 
 
-@pytest.mark.filterwarnings("ignore:the table's entries sum")  # timed for 1 ms each: they need not add up
 def test_build_falls_back_from_a_calibration_slope_that_prices_every_network_alike(capsys, tmp_path, monkeypatch):
     """The rule `latency import` applies (a slope 1 + scale outside [0.5, 1.5] falls back to a constant) holds for
     build's own calibration too, and build prints the same note."""
