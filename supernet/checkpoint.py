@@ -23,6 +23,7 @@ from .safetensors_io import SUFFIX as SAFETENSORS, is_safetensors, read_safetens
 FORMAT = "vitslim-checkpoint"
 VERSION = 1
 _WRAPPERS = ("model", "state_dict", "model_ema", "module", "net")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # key prefixes of DistributedDataParallel and torch.compile
 
 
 def read_file(path) -> object:
@@ -128,9 +129,12 @@ def unwrap_state_dict(obj, path="checkpoint") -> Dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: not a state dict: entries {', '.join(map(repr, bad[:3]))} are not name -> tensor")
     sd = dict(obj)
-    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    # saved from a wrapped model: DistributedDataParallel ("module."), torch.compile ("_orig_mod."), or both
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            return sd
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
 
 
 def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:

@@ -217,6 +217,22 @@ def test_a_state_dict_saved_from_distributed_data_parallel_loads_without_its_mod
         assert torch.equal(m(x), m2(x)) and arch["family"] == "deit"
 
 
+@pytest.mark.parametrize("ddp", [False, True])
+def test_a_state_dict_saved_from_a_compiled_model_loads_without_its_orig_mod_prefix(tmp_path, ddp):
+    """torch.compile's wrapper prefixes every key with `_orig_mod.` (under DistributedDataParallel too)."""
+    torch.manual_seed(0)
+    m = vitslim.build_model(_tiny_deit()).eval()
+    sd = torch.compile(m).state_dict()  # no forward: nothing is compiled
+    assert all(k.startswith("_orig_mod.") for k in sd)
+    if ddp:
+        sd = {"module." + k: v for k, v in sd.items()}
+    torch.save(sd, tmp_path / "compiled.pth")
+    m2, arch = vitslim.load_checkpoint(tmp_path / "compiled.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x)) and arch["family"] == "deit"
+
+
 def test_a_vitslim_checkpoint_holds_its_arch_and_refuses_another_one_given(tmp_path):
     a = _tiny_deit()
     vitslim.save_checkpoint(vitslim.build_model(a), a, tmp_path / "m.pt")
