@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import zipfile
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -239,10 +240,25 @@ def load_checkpoint(path, arch: Optional[Mapping] = None) -> Tuple[nn.Module, di
                           f"of one of the supported families: {', '.join(sorted(FAMILIES))}")
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside the wrappers a training script puts around it, whose state dicts prefix every key:
+    DistributedDataParallel / DataParallel (`module.`) and torch.compile (`_orig_mod.`), in any nesting."""
+    while True:
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def save_checkpoint(model: nn.Module, arch: Mapping, path, extra: Mapping | None = None) -> None:
     """One file: {"format", "version", "arch", "state_dict"}; written atomically. A path ending in
-    .safetensors gets that format, the arch (and `extra`) as JSON in its metadata."""
+    .safetensors gets that format, the arch (and `extra`) as JSON in its metadata. A model wrapped by
+    DistributedDataParallel or torch.compile is saved as the network inside (keys without their prefixes)."""
     arch = validate(arch)
+    model = unwrap_model(model)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _check_shapes(arch, sd, f"save_checkpoint {os.fspath(path)}: the model")  # a file that would not load back
     obj = {"format": FORMAT, "version": VERSION, "arch": arch, "state_dict": sd}

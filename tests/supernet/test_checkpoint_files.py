@@ -233,6 +233,27 @@ def test_a_state_dict_saved_from_a_compiled_model_loads_without_its_orig_mod_pre
         assert torch.equal(m(x), m2(x)) and arch["family"] == "deit"
 
 
+@pytest.mark.parametrize("compile_outside", [True, False])
+def test_saving_a_model_wrapped_by_ddp_and_torch_compile_writes_the_network_inside(tmp_path, compile_outside):
+    """What a training script holds at the end: torch.compile(DDP(model)) or DDP(torch.compile(model))."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    a = _tiny_deit()
+    m = vitslim.build_model(a).eval()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(DDP(m)) if compile_outside else DDP(torch.compile(m))
+        vitslim.save_checkpoint(wrapped, a, tmp_path / "m.pt")
+    finally:
+        dist.destroy_process_group()
+    assert list(torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]) == list(m.state_dict())
+    m2, a2 = vitslim.load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x)) and a2 == vitslim.resolve_arch(a)
+
+
 def test_a_vitslim_checkpoint_holds_its_arch_and_refuses_another_one_given(tmp_path):
     a = _tiny_deit()
     vitslim.save_checkpoint(vitslim.build_model(a), a, tmp_path / "m.pt")
