@@ -15,6 +15,8 @@ import threading
 import torch
 import torch.nn as nn
 
+from .arch import check_int, is_int
+from .errors import bad
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
@@ -103,6 +105,40 @@ def fold_linear_after_bn(bn: nn.BatchNorm1d, lin: nn.Linear) -> nn.Linear:
         b = lin.bias if lin.bias is not None else torch.zeros_like(new.bias)
         new.bias.copy_(b + lin.weight @ t)
     return new
+
+
+class Classifier:
+    """timm's `get_classifier()` / `reset_classifier(num_classes)` for a family's network (a mixin).
+
+    `_heads`: the attributes holding classifiers (the distillation head after the main one; one that is None
+    is not built); `_new_head(old, num_classes)`: a freshly initialised classifier like `old` (an existing head)
+    for `num_classes` classes."""
+
+    _heads = ("head",)
+
+    def _built_heads(self):
+        return [n for n in self._heads if getattr(self, n, None) is not None]
+
+    def get_classifier(self):
+        """The module(s) `forward_head` maps the pooled features to logits with: the head, or (head,
+        distillation head) for a distilled network, as timm returns them."""
+        heads = tuple(getattr(self, n) for n in self._built_heads())
+        return heads[0] if len(heads) == 1 else heads
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New, randomly initialised classifier(s) for `num_classes` classes, trainable, on the old head's device
+        and dtype (fine-tuning on another dataset; a frozen backbone stays frozen). `.arch["num_classes"]` follows:
+        the model saves and rebuilds as it now is."""
+        if is_int(num_classes) and num_classes == 0:  # timm's "no classifier": no arch config describes one
+            raise bad("num_classes", num_classes, "an integer >= 1 (forward_features gives the features)")
+        n = check_int(num_classes, "num_classes")
+        for name in self._built_heads():
+            old = getattr(self, name)
+            like = next(old.parameters())
+            setattr(self, name, self._new_head(old, n).to(device=like.device, dtype=like.dtype))
+        self.arch = dict(self.arch, num_classes=n)
+        if hasattr(self, "num_classes"):
+            self.num_classes = n
 
 
 class ConvBN(nn.Sequential):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..arch import COMMON_KEYS, check_int, check_keys, check_list, req
 from ..errors import bad
+from ..layers import Classifier
 from ..registry import Family, register_family, register_preset
 
 ATTN_BLOCK_KEYS = ("type", "heads", "qk_dim", "v_dim", "ffn_hidden", "scale")
@@ -151,8 +152,10 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------- network
-class VisionTransformer(nn.Module):
+class VisionTransformer(Classifier, nn.Module):
     """DeiT / ViT (timm `VisionTransformer`, `VisionTransformerDistilled` when `distillation`)."""
+
+    _heads = ("head", "head_dist")
 
     def __init__(self, arch: dict, drop_path_rate: float = 0.0):
         super().__init__()
@@ -183,6 +186,11 @@ class VisionTransformer(nn.Module):
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
         self.apply(init_linear)
+
+    def _new_head(self, old, num_classes):
+        head = nn.Linear(old.in_features, num_classes)
+        init_linear(head)
+        return head
 
     def block_modules(self):
         for j, blk in enumerate(self.blocks):

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..arch import COMMON_KEYS, check_choice, check_int, check_keys, check_list
 from ..errors import ArchError, CheckpointError, bad
+from ..layers import Classifier
 from ..registry import Family, register_family, register_preset
 
 BLOCK_KEYS = {
@@ -190,7 +191,9 @@ def stage_resolutions(arch: Mapping):
     return out
 
 
-class EfficientFormer(nn.Module):
+class EfficientFormer(Classifier, nn.Module):
+    _heads = ("head", "dist_head")
+
     def __init__(self, arch: dict):
         super().__init__()
         self.arch = arch
@@ -211,6 +214,11 @@ class EfficientFormer(nn.Module):
         for m in (self.head, self.dist_head):
             if m is not None:
                 _trunc_normal_linear(m)
+
+    def _new_head(self, old, num_classes):
+        head = nn.Linear(self.num_features, num_classes)
+        _trunc_normal_linear(head)
+        return head
 
     def block_modules(self):
         for i, stage in enumerate(self.stages):

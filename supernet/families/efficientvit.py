@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..arch import COMMON_KEYS, check_choice, check_int, check_keys, check_list, req
 from ..errors import bad
-from ..layers import BNLinear, ConvBN
+from ..layers import BNLinear, Classifier, ConvBN
 from ..registry import Family, register_family, register_preset
 
 __all__ = ["Residual", "FFN", "SqueezeExcite", "PatchMerging", "CascadedGroupAttention",
@@ -256,12 +256,13 @@ class EfficientViTBlock(nn.Module):
 
 
 # ---------------------------------------------------------------- network
-class StagedNet(nn.Module):
+class StagedNet(Classifier, nn.Module):
     """Stem -> blocks1..N (each after the first opens with its downsample, as in the official
     layout: indices 0, 1, 2 = Res(DW)+Res(FFN), PatchMerging, Res(DW)+Res(FFN)) -> mean pool ->
     BN + Linear head (and `head_dist` with distillation). `make_block(width, block, resolution)`."""
 
     make_block: Callable = None
+    _heads = ("head", "head_dist")
 
     def __init__(self, arch: Mapping):
         super().__init__()
@@ -287,6 +288,9 @@ class StagedNet(nn.Module):
         self.head = BNLinear(prev, arch["num_classes"])
         if self.distillation:
             self.head_dist = BNLinear(prev, arch["num_classes"])
+
+    def _new_head(self, old, num_classes):
+        return BNLinear(self.num_features, num_classes)
 
     def stage_modules(self):
         return [getattr(self, f"blocks{i + 1}") for i in range(len(self.arch["stages"]))]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..arch import COMMON_KEYS, check_int, check_keys
 from ..errors import bad
+from ..layers import Classifier
 from ..registry import Family, register_family, register_preset
 from .deit import (Attention, Mlp, PatchEmbed, attention_dims, block_count, drop_path, ffn_width, init_linear,
                    validate_attention_block, validate_patch_stem, vit_block)
@@ -221,7 +222,7 @@ def stage_resolutions(arch: dict):
     return out
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(Classifier, nn.Module):
     """Swin (timm >= 0.9 layout)."""
 
     def __init__(self, arch: dict, drop_path_rate: float = 0.0):
@@ -239,6 +240,9 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
         self.head = ClassifierHead(in_dim, arch["num_classes"])
         self.apply(init_linear)
+
+    def _new_head(self, old, num_classes):
+        return ClassifierHead(old.fc.in_features, num_classes).apply(init_linear)
 
     def block_modules(self):
         for i, stage in enumerate(self.layers):
