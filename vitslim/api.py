@@ -103,7 +103,7 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
                 mean=None, std=None, crop_pct=None, **config) -> Tuple[nn.Module, dict, dict]:
     """Taylor structured pruning from Python, as `vitslim prune` does it: (pruned model, its arch, report).
 
-    target: a DeiT or Swin module built by vitslim (with `.arch`) or a checkpoint path (official, timm, Hugging
+    target: a DeiT or Swin module built by vitslim (with `.arch`; also wrapped by DDP or torch.compile) or a checkpoint path (official, timm, Hugging
     Face or vitslim; `arch`: see load_checkpoint). prune_target: "macs=0.5", "params=0.5", "latency=0.5x" (with `table`) or several joined by
     commas. data: "synthetic", an ImageFolder directory (normalised with `mean` / `std`, eval-cropped by `crop_pct`:
     ImageNet's and 0.875 by default) or a .pt of images, for calibration (and fine-tuning);
@@ -113,6 +113,7 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     depth, calib_batches, eval_batches, seed, ...). The input model is not modified."""
     from pruning.pruner import DataSource, PruneConfig, prune
     if isinstance(target, nn.Module):
+        target = _ckpt.unwrap_model(target)  # the network inside DistributedDataParallel / torch.compile
         own = getattr(target, "arch", None)
         if arch is not None and own is not None and resolve_arch(arch) != resolve_arch(own):
             raise ArchError("arch: differs from the model's own .arch, expected the model's (or a model without one)")

@@ -27,6 +27,29 @@ def test_prune_model_from_a_module_with_own_batches_meets_the_target_and_leaves_
     assert small(x).shape == (len(x), arch["num_classes"])
 
 
+@pytest.mark.parametrize("wrap", ["compile", "ddp"])
+def test_prune_model_takes_the_model_a_training_script_holds(wrap, tmp_path):
+    """torch.compile(model) and DistributedDataParallel(model) prune as the model inside (their state dicts prefix
+    every key: the pruner's lookups failed with a KeyError traceback, or DDP had no .arch)."""
+    import torch.distributed as dist
+    arch = tiny_deit()
+    model = build(arch)
+    calib = batches(arch, 1)
+    ref, ref_arch, _ = vitslim.prune_model(model, "macs=0.6", calibration=calib, calib_batches=1, eval_batches=1)
+    if wrap == "ddp":
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(model, backend="eager") if wrap == "compile" else \
+            torch.nn.parallel.DistributedDataParallel(model)
+        small, small_arch, _ = vitslim.prune_model(wrapped, "macs=0.6", calibration=calib, calib_batches=1,
+                                                   eval_batches=1)
+    finally:
+        if wrap == "ddp":
+            dist.destroy_process_group()
+    assert small_arch == ref_arch
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in small.state_dict().items())
+
+
 def test_prune_model_from_a_checkpoint_with_synthetic_data_and_a_latency_table(tmp_path):
     from pruning_nets import fake_table
     arch = tiny_swin()
