@@ -183,6 +183,8 @@ def read_manifest(path: str) -> dict:
             m = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CSVImportError(f"{path}: not valid JSON ({e}), expected a manifest from export-coreml") from None
+    except RecursionError:  # '[[[[...' nested past Python's recursion limit
+        raise CSVImportError(f"{path}: nested too deeply to read, expected a manifest from export-coreml") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise CSVImportError(f"{path}: format: got {m.get('format') if isinstance(m, dict) else m!r}, "
                            f"expected {MANIFEST_FORMAT!r}")

@@ -288,6 +288,9 @@ def read_yaml(path, error=ArchError, what: str = "an arch config .yaml", invalid
         raise error(f"{path}: cannot read ({e.strerror or e}), expected {what}") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:  # PyYAML composes nested collections recursively: '[[[[...' a few thousand deep
+        tail = f", expected {invalid_hint or what}"
+        raise error(f"{path}: nested too deeply to read (over Python's recursion limit){tail}") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         tail = f", expected {invalid_hint}" if invalid_hint else ""

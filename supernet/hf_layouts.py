@@ -110,7 +110,7 @@ def read_config(path: str, prefix: str) -> dict:
     try:
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: '[[[[...' nested
         warnings.warn(f"{cfg_path}: not readable JSON ({type(e).__name__}), ignored: the architecture is read "
                       "from the tensors alone", stacklevel=3)
         return {}

@@ -303,7 +303,7 @@ def _check_not_foreign(out_dir: str, cfg_dict: Mapping) -> None:
         with open(os.path.join(out_dir, "config.yaml"), encoding="utf-8") as f:
             prev = yaml.safe_load(f)
         ours = isinstance(prev, Mapping) and not config_diff(prev, cfg_dict)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         pass
     if not ours:
         raise ConfigError(f"{out_dir}: holds {', '.join(mine)} but no checkpoint.pt (not a run of this config); "

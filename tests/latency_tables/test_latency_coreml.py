@@ -220,6 +220,15 @@ def test_a_damaged_manifest_is_refused_in_one_line_naming_the_entry(tmp_path, en
     assert not os.path.exists(tmp_path / "t.yaml")
 
 
+def test_a_manifest_nested_past_the_recursion_limit_is_refused_in_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    csv_path = _write_csv(tmp_path / "t.csv", [["e0001_x", "0.5", "", "", ""]])
+    with pytest.raises(CSVImportError) as e:
+        import_csv(str(tmp_path / "manifest.json"), csv_path, str(tmp_path / "t.yaml"), "iPhone 12")
+    assert "manifest.json: nested too deeply to read" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "t.yaml")
+
+
 @pytest.mark.parametrize("payload", [b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01",
                                      "name,median_ms\ne0001_x,0.5\n".encode("utf-16")])
 def test_a_binary_times_file_is_refused_in_one_line(tmp_path, payload):

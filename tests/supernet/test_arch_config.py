@@ -80,6 +80,18 @@ def test_invalid_yaml_is_one_clear_error(tmp_path):
         vitslim.load_arch(p)
 
 
+def test_yaml_nested_past_the_recursion_limit_is_one_clear_error(tmp_path):
+    """A few bytes of '[[[[...' made PyYAML's recursive composer raise RecursionError: a traceback, not an error."""
+    p = tmp_path / "deep.yaml"
+    p.write_text("family: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(vitslim.ArchError) as e:
+        vitslim.load_arch(p)
+    assert str(e.value) == f"{p}: nested too deeply to read (over Python's recursion limit), expected an arch config"
+    from latency_tables.table import LatencyError, LatencyTable  # every YAML input reads through the same reader
+    with pytest.raises(LatencyError, match="nested too deeply to read"):
+        LatencyTable.load(p)
+
+
 def test_yaml_error_prefixes_the_file(tmp_path):
     a = vitslim.get_preset("deit_tiny")
     a["num_classes"] = "ten"

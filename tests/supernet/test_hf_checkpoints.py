@@ -430,3 +430,12 @@ def test_hf_config_values_read_as_written_and_warned_about_only_where_logits_dif
         _, arch = vitslim.load_checkpoint(save(hf_vit_sd("vit"), tmp_path / "d" / "model.bin",
                                                {"model_type": "bert", "hidden_act": "relu", "num_attention_heads": 6}))
     assert [b["heads"] for b in arch["stages"][0]["blocks"]] == [3, 3]  # timm's guess for width 48, not 6
+
+
+def test_a_config_json_nested_past_the_recursion_limit_is_ignored_with_a_warning(tmp_path):
+    """config.json comes from the hub: '[[[[...' made json raise RecursionError through load_checkpoint."""
+    path = save(hf_vit_sd("vit"), tmp_path / "model.bin")
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.warns(UserWarning, match=r"config.json: not readable JSON \(RecursionError\), ignored"):
+        _, arch = vitslim.load_checkpoint(path)
+    assert arch["family"] == "deit"

@@ -560,3 +560,10 @@ def test_boundary_settings_are_accepted_and_widths_are_part_of_the_run(tmp_path)
     assert rep["finished"]
     with pytest.raises(ConfigError, match=r"widths: 'random' -> 'max'"):
         train(TrainConfig.from_dict(config(steps=2, batch_size=64, widths="max")), run, progress=False)
+
+
+def test_an_out_with_a_config_yaml_nested_too_deeply_is_someone_elses_in_one_line(tmp_path):
+    from supernet.train import _check_not_foreign
+    (tmp_path / "config.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="holds config.yaml but no checkpoint.pt"):
+        _check_not_foreign(str(tmp_path), {"version": 1})
