@@ -210,7 +210,10 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
         size = cfg.get("image_size")
         if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
             size = size[0]
-        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):  # "224", 224.0, [224, 256], true
+            raise CheckpointError(f"{path}: config.json image_size {size!r:.40}, expected an integer (or a square "
+                                  "[n, n] pair); fix or remove config.json")
+        if size is not None:
             patch = out["patch_embed.proj.weight"].shape[-1]
             n_stages = 1 + max((int(m.group(1)) for k in out for m in [re.match(r"layers\.(\d+)\.", k)] if m), default=0)
             lo = patch * 2 ** (n_stages - 1)
@@ -222,7 +225,11 @@ def convert(sd: Mapping[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.
     else:
         heads = cfg.get("num_attention_heads")
         hidden = out["patch_embed.proj.weight"].shape[0]
-        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and hidden % heads == 0:
+        if heads is not None and not (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0
+                                      and hidden % heads == 0):  # not silently replaced by a guess
+            raise CheckpointError(f"{path}: config.json num_attention_heads {heads!r:.40}, expected a positive integer "
+                                  f"that divides the width {hidden}; fix or remove config.json")
+        if heads is not None:
             hints["head_dim"] = hidden // heads
         elif hidden % 64 and not (hidden >= 1280 and hidden % 16 == 0):  # not a width of a released model
             from .families.deit import vit_default_heads

@@ -439,3 +439,27 @@ def test_a_config_json_nested_past_the_recursion_limit_is_ignored_with_a_warning
     with pytest.warns(UserWarning, match=r"config.json: not readable JSON \(RecursionError\), ignored"):
         _, arch = vitslim.load_checkpoint(path)
     assert arch["family"] == "deit"
+
+
+@pytest.mark.parametrize("kind, field, value, needle", [
+    ("vit", "num_attention_heads", "3", "num_attention_heads '3', expected a positive integer that divides the width 48"),
+    ("vit", "num_attention_heads", 0, "num_attention_heads 0, expected a positive integer"),
+    ("vit", "num_attention_heads", -3, "num_attention_heads -3, expected a positive integer"),
+    ("vit", "num_attention_heads", 5, "num_attention_heads 5, expected a positive integer that divides the width 48"),
+    ("vit", "num_attention_heads", [3], "num_attention_heads [3], expected a positive integer"),
+    ("deit", "num_attention_heads", True, "num_attention_heads True, expected a positive integer"),
+    ("swin", "image_size", "32", "image_size '32', expected an integer (or a square [n, n] pair)"),
+    ("swin", "image_size", [32, 64], "image_size [32, 64], expected an integer (or a square [n, n] pair)"),
+    ("swin", "image_size", 32.0, "image_size 32.0, expected an integer"),
+    ("swin", "image_size", True, "image_size True, expected an integer"),
+    ("swin", "image_size", 0, "image_size 0, expected 4 to 4096"),
+    ("swin", "image_size", -32, "image_size -32, expected 4 to 4096"),
+])
+def test_a_config_json_field_of_the_wrong_type_or_size_is_refused_in_one_line(tmp_path, kind, field, value, needle):
+    """A field config.json has but that cannot be right was ignored silently (the heads guessed from the width
+    instead, the image size taken from nothing): the file is refused, naming the field and what it should be."""
+    sd = hf_swin_sd() if kind == "swin" else hf_vit_sd(kind)
+    path = save(sd, tmp_path / "model.bin", {"model_type": kind, field: value})
+    with pytest.raises(vitslim.CheckpointError) as e:
+        vitslim.load_checkpoint(path)
+    assert f"config.json {needle}" in str(e.value) and "\n" not in str(e.value)
