@@ -677,17 +677,27 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     pending = None  # a step selected before an interrupt: (its report so far, its fine-tuning state or None)
     st = _read_state(state_path, key) if state_path else None
     if st is not None:  # an interrupted run: continue from its last saved point
-        first, cur_arch = int(st["step"]), st["arch"]
-        with no_weight_init():
-            cur = get_family(cur_arch["family"]).build(cur_arch)
-        cur.load_state_dict(st["state_dict"])
-        cur.arch = cur_arch
-        cur.eval()
-        prev = Scores.from_state(st["prev"]) if st.get("prev") is not None else None
-        steps_report, scoring_seconds, ft_start = json.loads(st["steps_report"]), float(st["scoring_seconds"]), int(st["ft_start"])
-        torch.set_rng_state(st["rng"])
-        if st.get("pending") is not None:
-            pending = (json.loads(st["pending"]["step_report"]), st["pending"]["finetune"])
+        from supernet.arch import validate
+        from supernet.checkpoint import _check_shapes
+        from supernet.errors import first_line
+        try:  # a damaged or edited state: one line, and its arch checked against its tensors before a byte is allocated
+            first, cur_arch = int(st["step"]), validate(st["arch"])
+            if not 0 <= first <= K:
+                raise ValueError(f"step {first}, expected 0 to {K}")
+            _check_shapes(cur_arch, st["state_dict"], "its network")
+            with no_weight_init():
+                cur = get_family(cur_arch["family"]).build(cur_arch)
+            cur.load_state_dict(st["state_dict"])
+            cur.arch = cur_arch
+            cur.eval()
+            prev = Scores.from_state(st["prev"]) if st.get("prev") is not None else None
+            steps_report, scoring_seconds, ft_start = json.loads(st["steps_report"]), float(st["scoring_seconds"]), int(st["ft_start"])
+            torch.set_rng_state(st["rng"])
+            if st.get("pending") is not None:
+                pending = (json.loads(st["pending"]["step_report"]), st["pending"]["finetune"])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # ArchError too
+            raise PruneError(f"{state_path}: a damaged prune state ({first_line(e)[:160]}); delete it to start "
+                             "over") from None
 
     def save_state(steps_done: int, step_report: Optional[dict] = None, ft_state: Optional[dict] = None) -> None:
         """The state after `steps_done` finished steps; with `step_report`, the next step is selected (cur is
@@ -850,7 +860,12 @@ def _read_state(path: str, key: Mapping) -> Optional[dict]:
         raise PruneError(f"{path}: not a prune state (format {st.get('format') if isinstance(st, Mapping) else None!r}); "
                          "delete it to start over")
     if st.get("key") != json.dumps(key, sort_keys=True):
-        old = json.loads(st.get("key") or "{}")
+        try:
+            old = json.loads(st.get("key") or "{}")
+        except (TypeError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise PruneError(f"{path}: not a prune state (key {st.get('key')!r:.40}); delete it to start over")
         diff = [f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
         raise PruneError(f"{path}: an interrupted prune of other settings ({'; '.join(diff[:3])}); re-run it with "
                          "its settings to resume it, or pass --overwrite to start this one")
