@@ -479,7 +479,29 @@ def read_run(run_dir: str) -> dict:
                               f"expected {RUN_FORMAT!r})")
     if obj.get("version") != RUN_VERSION:
         raise CheckpointError(f"{path}: run checkpoint version {obj.get('version')!r}, expected {RUN_VERSION}")
+    _check_run(obj, path)
     return obj
+
+
+def _check_run(obj: Mapping, path: str) -> None:
+    """The parts every reader of a run uses: config (its space and steps), step and the supernet's weights, these
+    checked against the space built on the meta device (a damaged or edited file allocates nothing, and says so in
+    one line)."""
+    from .checkpoint import check_fit, unwrap_state_dict
+    from .errors import first_line
+    from .layers import no_weight_init
+    try:
+        cfg = obj["config"]
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"config is a {type(cfg).__name__}, expected a mapping")
+        int(cfg["steps"]), int(obj["step"])
+        sd = unwrap_state_dict(obj["model"], "model")
+        with no_weight_init(), torch.device("meta"):
+            ref = MetaPathSupernet(cfg["space"])
+        check_fit(ref, sd, "model")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # Arch/CheckpointError too
+        raise CheckpointError(f"{path}: a damaged run checkpoint ({first_line(e)[:160]}), expected what "
+                              "'vitslim supernet train' writes") from None
 
 
 def load_supernet(run_dir: str):

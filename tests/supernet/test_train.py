@@ -567,3 +567,39 @@ def test_an_out_with_a_config_yaml_nested_too_deeply_is_someone_elses_in_one_lin
     (tmp_path / "config.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ConfigError, match="holds config.yaml but no checkpoint.pt"):
         _check_not_foreign(str(tmp_path), {"version": 1})
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("short") / "run")
+    train(TrainConfig.from_dict(config(steps=1, optimizer={"lr": 0.002, "warmup_steps": 0})), run, progress=False)
+    return run
+
+
+def _widen(obj):
+    obj["config"]["space"]["stages"][0]["max_width"] = 64  # an edited space: tensors of 16 channels in the file
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (lambda o: o.pop("config"), "('config')"),
+    (lambda o: o.update(config=[1]), "(config is a list, expected a mapping)"),
+    (lambda o: o.pop("model"), "('model')"),
+    (lambda o: o["config"].update(steps="x"), "(invalid literal for int()"),
+    (lambda o: o.update(model={"stem.conv1.weight": 3}), "(model: not a state dict"),
+    (_widen, "(model: does not fit the architecture: wrong shapes stem.conv1.weight (8, 3, 3, 3) vs (32, 3, 3, 3)"),
+])
+def test_a_tampered_run_checkpoint_is_refused_in_one_line_before_building(short_run, tmp_path, capsys, tamper, needle):
+    """A run directory from elsewhere: its checkpoint's config and weights are checked, the supernet built on the
+    meta device first (an edited space was built, allocating whatever widths it named, then failed to load)."""
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(short_run, run)
+    obj = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    tamper(obj)
+    torch.save(obj, os.path.join(run, "checkpoint.pt"))
+    with pytest.raises(vitslim.CheckpointError) as e:
+        load_supernet(run)
+    assert "a damaged run checkpoint " + needle in str(e.value) and "\n" not in str(e.value)
+    assert main(["supernet", "extract", run, "--choice", "best", "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err
+    assert "a damaged run checkpoint" in err and len(err.strip().splitlines()) == 1
