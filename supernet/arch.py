@@ -53,6 +53,11 @@ def req(d: Mapping, key: str, path: str):
 
 
 MAX_INT = 2 ** 31 - 1  # no size of a network comes near; larger values are typos or hostile files
+# What no network of these families comes near (the largest: 384-1024 px inputs, 4 stages, 18-48 blocks in a
+# stage); beyond them a few bytes of YAML build gigabytes (a 10**6 px position embedding) or a million modules.
+MAX_INPUT_SIZE = 4096
+MAX_STAGES = 64
+MAX_BLOCKS = 1000  # per stage
 
 
 def check_int(v, path: str, lo: int | None = 1, hi: int | None = None) -> int:
@@ -116,17 +121,21 @@ def validate(arch) -> dict:
     if not isinstance(fam_name, str):
         raise bad("family", fam_name, "a family name (efficientformer, efficientvit, shvit, deit or swin)")
     fam = get_family(fam_name)
-    check_int(a.setdefault("input_size", fam.default_input_size), "input_size", lo=16)
+    check_int(a.setdefault("input_size", fam.default_input_size), "input_size", lo=16, hi=MAX_INPUT_SIZE)
     check_int(a.setdefault("in_chans", 3), "in_chans")
     check_int(a.setdefault("num_classes", 1000), "num_classes")
     check_bool(a.setdefault("distillation", False), "distillation")
     stages = check_list(req(a, "stages", ""), "stages")
+    if len(stages) > MAX_STAGES:
+        raise ArchError(f"stages: {len(stages)} stages, expected at most {MAX_STAGES}")
     for i, st in enumerate(stages):
         p = f"stages[{i}]"
         if not isinstance(st, Mapping):
             raise bad(p, st, "a mapping with width and blocks")
         check_int(req(st, "width", p), p + ".width")
         blocks = check_list(req(st, "blocks", p), p + ".blocks", nonempty=False)
+        if len(blocks) > MAX_BLOCKS:
+            raise ArchError(f"{p}.blocks: {len(blocks)} blocks, expected at most {MAX_BLOCKS} in a stage")
         for j, b in enumerate(blocks):
             bp = f"{p}.blocks[{j}]"
             if not isinstance(b, Mapping):

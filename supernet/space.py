@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping
 
 
-from .arch import check_choice, check_int, check_keys, check_list, is_int, read_yaml, req, validate
+from .arch import MAX_BLOCKS, MAX_INPUT_SIZE, check_choice, check_int, check_keys, check_list, is_int, read_yaml, req, validate
 from .errors import ArchError, bad
 
 SPACE_VERSION = 1
@@ -70,7 +70,7 @@ class SearchSpace:
             raise bad("version", ver, f"{SPACE_VERSION}")
         fam = check_choice(req(d, "family", ""), "family", ("efficientformer",))
         step = check_int(d.get("width_step", 16), "width_step")
-        size = check_int(d.get("input_size", 224), "input_size", lo=32)
+        size = check_int(d.get("input_size", 224), "input_size", lo=32, hi=MAX_INPUT_SIZE)
         if size % 32:
             raise bad("input_size", size, "a multiple of 32 (four stride-2 stages after a stride-4 stem)")
         att = dict(d.get("attention") or {"heads": 8, "qk_dim": 32, "v_dim": 128})
@@ -84,7 +84,7 @@ class SearchSpace:
             if not isinstance(s, Mapping):
                 raise bad(p, s, "a mapping with max_depth, max_width, candidates")
             check_keys(s, p, ("max_depth", "max_width", "min_width", "candidates"))
-            depth = check_int(req(s, "max_depth", p), p + ".max_depth")
+            depth = check_int(req(s, "max_depth", p), p + ".max_depth", hi=MAX_BLOCKS)
             mw = check_int(req(s, "max_width", p), p + ".max_width")
             mn = check_int(s.get("min_width", step), p + ".min_width")
             for key, w in (("max_width", mw), ("min_width", mn)):

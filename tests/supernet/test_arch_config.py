@@ -92,6 +92,37 @@ def test_yaml_nested_past_the_recursion_limit_is_one_clear_error(tmp_path):
         LatencyTable.load(p)
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda a: a.update(input_size=10 ** 6), "input_size: got 1000000, expected an integer <= 4096"),
+    (lambda a: a["stages"][0].update(blocks=a["stages"][0]["blocks"] * 100), "stages[0].blocks: 1200 blocks, expected at "
+                                                                           "most 1000 in a stage"),
+    (lambda a: a.update(stages=a["stages"] * 65), "stages: 65 stages, expected at most 64"),
+])
+def test_sizes_no_network_comes_near_are_refused_before_anything_is_built(edit, needle, monkeypatch):
+    """A few bytes of YAML: a 10**6 px DeiT's position embedding is 3 TB (count() fell back to the CPU and tried to
+    allocate it), a stage of a million blocks a million modules."""
+    from supernet.families import deit
+    built = []
+    monkeypatch.setattr(deit, "VisionTransformer", lambda *a, **k: built.append(1))
+    a = vitslim.get_preset("deit_tiny")
+    edit(a)
+    with pytest.raises(vitslim.ArchError) as e:
+        vitslim.count(a)
+    assert needle in str(e.value) and built == []
+
+
+def test_the_largest_networks_still_validate():
+    for name, size in (("deit_base", 384), ("efficientformer_l7", 224), ("deit_base", 4096)):
+        assert vitslim.resolve_arch({**vitslim.get_preset(name), "input_size": size})["input_size"] == size
+    a = {**vitslim.get_preset("swin_base"), "input_size": 384}  # Swin-L at 384: 192 wide, 18 blocks in stage 2
+    for i, st in enumerate(a["stages"]):
+        st.update(window_size=12, width=192 * 2 ** i)
+        for b in st["blocks"]:
+            b.update(heads=6 * 2 ** i, ffn_hidden=4 * 192 * 2 ** i)
+    assert len(a["stages"][2]["blocks"]) == 18
+    assert 190e6 < vitslim.count(a)["params"] < 200e6  # Swin-L: 197M
+
+
 def test_yaml_error_prefixes_the_file(tmp_path):
     a = vitslim.get_preset("deit_tiny")
     a["num_classes"] = "ten"

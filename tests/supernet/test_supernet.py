@@ -276,6 +276,9 @@ def test_recalibrating_one_choice_leaves_the_rest_of_the_supernet_alone():
     ({"stages": [dict(SPACE["stages"][0], candidates=["identity"])] + SPACE["stages"][1:]}, "an empty stage"),
     ({"stages": [dict(SPACE["stages"][0], candidates=[])] + SPACE["stages"][1:]}, "stages[0].candidates: got []"),
     ({"stages": [dict(SPACE["stages"][0], max_depth=0)] + SPACE["stages"][1:]}, "stages[0].max_depth: got 0"),
+    ({"stages": [dict(SPACE["stages"][0], max_depth=10 ** 6)] + SPACE["stages"][1:]},  # a million MetaPaths to build
+     "stages[0].max_depth: got 1000000, expected an integer <= 1000"),
+    ({"input_size": 10 ** 6}, "input_size: got 1000000, expected an integer <= 4096"),
     ({"stages": [dict(SPACE["stages"][0], candidates=["meta4d", "meta4d"])] + SPACE["stages"][1:]}, "listed twice"),
     ({"width_step": 1, "stages": [dict(SPACE["stages"][0], min_width=1)] + SPACE["stages"][1:]},
      "stages[0].min_width: got 1, expected at least 2 for stage 0"),  # its arch would not build (a stem of 0)
