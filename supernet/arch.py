@@ -281,6 +281,23 @@ def save_arch(arch: Mapping, path: str) -> dict:
     return a
 
 
+MAX_YAML_NODES = 10 ** 7
+
+
+def _fits_expanded(data, limit: int) -> bool:
+    """Whether `data` has at most `limit` values counted as a copy would (each alias of a shared list or mapping
+    in full): safe_load shares what an alias names, but JSON dumps, comparisons and walks expand it, so nine
+    levels of nine aliases in 1 kB of YAML become 387 million values (and gigabytes) downstream."""
+    n, stack = 0, [data] if isinstance(data, (dict, list)) else []
+    while stack:
+        x = stack.pop()
+        n += len(x)
+        if n > limit:
+            return False
+        stack.extend(v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list)))
+    return True
+
+
 def read_yaml(path, error=ArchError, what: str = "an arch config .yaml", invalid_hint: str = ""):
     """The data of a YAML file (yaml.safe_load: untrusted files build no objects); a one-line `error`
     naming the file when it is missing ("expected {what}") or not YAML (", expected {invalid_hint}")."""
@@ -296,7 +313,11 @@ def read_yaml(path, error=ArchError, what: str = "an arch config .yaml", invalid
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e}), expected {what}") from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
+        if not _fits_expanded(data, max(MAX_YAML_NODES, len(text))):  # no file without aliases comes near
+            raise error(f"{path}: YAML aliases (*name) that expand to over {max(MAX_YAML_NODES, len(text)):,} values "
+                        f"(a 'billion laughs' file), expected {invalid_hint or what} without such repetition")
+        return data
     except RecursionError:  # PyYAML composes nested collections recursively: '[[[[...' a few thousand deep
         tail = f", expected {invalid_hint or what}"
         raise error(f"{path}: nested too deeply to read (over Python's recursion limit){tail}") from None

@@ -123,6 +123,29 @@ def test_the_largest_networks_still_validate():
     assert 190e6 < vitslim.count(a)["params"] < 200e6  # Swin-L: 197M
 
 
+def test_yaml_aliases_that_expand_to_billions_of_values_are_refused(tmp_path, monkeypatch):
+    """1 kB of YAML, nine levels of nine aliases: safe_load shares them, but every JSON dump or walk of the data
+    expands 387 million values (a latency table's device field took a search to a MemoryError)."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+                                                       for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nfamily: deit\n")
+    from supernet import arch as arch_mod
+    monkeypatch.setattr(arch_mod, "MAX_YAML_NODES", 10 ** 5, raising=False)  # the walk stops at the limit: 10**7 takes seconds
+    with pytest.raises(vitslim.ArchError, match=r"bomb.yaml: YAML aliases \(\*name\) that expand to over 100,000 values"):
+        vitslim.load_arch(bomb)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("a: &a [*a]\n")  # a list that holds itself: no end to expand
+    with pytest.raises(vitslim.ArchError, match="YAML aliases"):
+        vitslim.load_arch(loop)
+    a = vitslim.get_preset("deit_tiny")  # aliases as people use them (a repeated block written once) still read
+    text = yaml.safe_dump({k: v for k, v in a.items() if k != "stages"})
+    text += "stages: [{width: 192, blocks: [&b {type: vit, heads: 3, qk_dim: 64, v_dim: 64, ffn_hidden: 768}, "
+    text += ", ".join(["*b"] * 11) + "]}]\n"
+    (tmp_path / "ok.yaml").write_text(text)
+    assert vitslim.load_arch(tmp_path / "ok.yaml") == vitslim.resolve_arch(a)
+
+
 def test_yaml_error_prefixes_the_file(tmp_path):
     a = vitslim.get_preset("deit_tiny")
     a["num_classes"] = "ten"
