@@ -70,12 +70,22 @@ def read_file(path) -> object:
                               "checkpoint") from None
 
 
+MAX_ZIP_RATIO = 100  # torch.save stores members uncompressed (1x); a re-zipped file of weights packs to ~1.1x
+ZIP_RATIO_FLOOR = 1 << 30  # below 1 GiB unpacked, any ratio: small files full of zeros are no threat
+
+
 def _check_crcs(path: str) -> None:
     """torch.load does not check the CRC of a zip checkpoint's members: a flipped byte in a tensor loads as a
-    wrong weight. Every member is read and checked here first (about 1 s per GB); legacy (non-zip) files pass."""
+    wrong weight. Every member is read and checked here first (about 1 s per GB); legacy (non-zip) files pass.
+    torch.load also inflates deflated members, each into one allocation of the size its header states: a file
+    that unpacks to over MAX_ZIP_RATIO times its size (a zip bomb: 1 MB of zeros is 1 GB) is refused unread."""
     if not zipfile.is_zipfile(path):
         return
     with zipfile.ZipFile(path) as z:
+        size, unpacked = os.path.getsize(path), sum(i.file_size for i in z.infolist())
+        if unpacked > max(ZIP_RATIO_FLOOR, MAX_ZIP_RATIO * size):
+            raise CheckpointError(f"{path}: a zip that unpacks to {unpacked:,} bytes from {size:,} (over {MAX_ZIP_RATIO}x, "
+                                  "a zip bomb), expected a checkpoint as torch.save writes it (uncompressed)")
         bad = z.testzip()
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad}), expected an intact checkpoint: copy it again")

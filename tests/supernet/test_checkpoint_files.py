@@ -286,3 +286,29 @@ def test_a_vitslim_checkpoint_of_another_version_is_refused(tmp_path):
                tmp_path / "v2.pt")
     with pytest.raises(vitslim.CheckpointError, match=r"v2\.pt: vitslim checkpoint version 2, expected 1"):
         vitslim.load_checkpoint(tmp_path / "v2.pt")
+
+
+def _rezip(src, dst):
+    import zipfile
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zo:
+        for n in zin.namelist():
+            zo.writestr(n, zin.read(n))
+    return dst
+
+
+def test_a_zip_bomb_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
+    """torch.load inflates a deflated member into one allocation of its stated size: 1 MB of deflated zeros made a
+    1 GB tensor (and 100 MB, 100 GB). Measured at 1 GiB; here at 4 MB, the floor lowered to 0."""
+    from supernet import checkpoint as ck
+    monkeypatch.setattr(ck, "ZIP_RATIO_FLOOR", 0, raising=False)
+    torch.save({"a": torch.zeros(2 ** 20)}, tmp_path / "zeros.pt")
+    bomb = _rezip(tmp_path / "zeros.pt", tmp_path / "bomb.pt")
+    with pytest.raises(vitslim.CheckpointError, match=r"bomb.pt: a zip that unpacks to 4,19\d,\d+ bytes from [\d,]+ \(over 100x, "
+                                                      r"a zip bomb\)"):
+        ck.read_file(bomb)
+    # a re-zipped checkpoint of real weights (they do not compress) still loads
+    torch.manual_seed(0)
+    m = vitslim.build_model(_tiny_deit())
+    vitslim.save_checkpoint(m, m.arch, tmp_path / "m.pt")
+    loaded, _ = vitslim.load_checkpoint(_rezip(tmp_path / "m.pt", tmp_path / "m_deflated.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
