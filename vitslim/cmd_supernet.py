@@ -102,10 +102,36 @@ def _load_importance(run):
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             try:
-                return json.load(f)
+                return _check_importance(json.load(f), path)
             except json.JSONDecodeError:
                 pass  # fall back on the checkpoint's copy
-    return read_run(run)["importance"]
+    return _check_importance(read_run(run).get("importance"), os.path.join(run, "checkpoint.pt") + ": importance")
+
+
+def _check_importance(imp, where):
+    """The record `show` prints and plots, as train writes it: per stage its candidates, per block their
+    probabilities and MetaPath importance, per stage its importance (None where it has no identity candidate)."""
+    def num(x, none=False):
+        return (x is None and none) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    def ok():
+        if not isinstance(imp, dict) or not num(imp.get("tau", 0.0)):
+            return False
+        parts = [imp.get(k) for k in ("candidates", "probabilities", "metapath", "stage")]
+        if not all(isinstance(p, list) and len(p) == len(parts[0]) for p in parts):
+            return False
+        for cands, probs, mp, st in zip(*parts):
+            if not (isinstance(cands, list) and all(isinstance(c, str) for c in cands) and num(st, none=True)
+                    and isinstance(probs, list) and isinstance(mp, list) and len(mp) == len(probs)
+                    and all(num(m, none=True) for m in mp)
+                    and all(isinstance(p, list) and len(p) == len(cands) and all(num(q) for q in p) for p in probs)):
+                return False
+        return True
+
+    if not ok():
+        raise VitslimError(f"{where}: not an importance record, expected per stage its candidates, probabilities, "
+                           "metapath and stage importance as 'vitslim supernet train' writes them")
+    return imp
 
 
 def _show(args):

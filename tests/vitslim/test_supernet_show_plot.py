@@ -50,3 +50,22 @@ def test_the_bars_are_the_probabilities_and_one_legend_covers_no_panel(figure):
     assert not any(_overlap(leg, ax.get_window_extent()) for ax in fig.axes)
     assert kw.get("bbox_inches") == "tight"  # the legend beside the panels is kept in the image
     assert "step 150" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("imp", [
+    5, [], {"candidates": 3}, {**IMP, "stage": IMP["stage"][:2]}, {**IMP, "tau": "hot"},
+    {**IMP, "probabilities": [[[0.35, 0.65, 0.1], [0.47, 0.53]]] + IMP["probabilities"][1:]},
+    {**IMP, "metapath": [["x", 0.88]] + IMP["metapath"][1:]},
+])
+def test_a_tampered_importance_json_is_refused_in_one_line(tmp_path, capsys, imp):
+    """importance.json of a run directory from elsewhere was printed and plotted as it was: an AttributeError or
+    TypeError traceback for anything else than what train writes."""
+    import json
+    from vitslim.cli import main
+    (tmp_path / "importance.json").write_text(json.dumps(IMP))  # as train writes it: shown
+    assert main(["supernet", "show", str(tmp_path)]) == 0 and "stage 2: importance n/a" in capsys.readouterr().out
+    (tmp_path / "importance.json").write_text(json.dumps(imp))
+    for extra in ([], ["--plot", str(tmp_path / "imp.png")]):
+        assert main(["supernet", "show", str(tmp_path)] + extra) != 0
+        err = capsys.readouterr().err
+        assert "importance.json: not an importance record" in err and len(err.strip().splitlines()) == 1, err
