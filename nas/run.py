@@ -96,7 +96,7 @@ def _search_report(out: str):
     try:
         with open(path, encoding="utf-8") as f:
             rep = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: '[[[[...' nested
         rep = None
     if not (isinstance(rep, dict) and "target_ms" in rep and "strategy" in rep and "choice" in rep):
         raise SearchError(f"--out {out}: holds a report.json that is not a search run's, expected a new or search "

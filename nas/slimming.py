@@ -94,7 +94,7 @@ class TrajectoryLog:
             try:
                 recs.append(json.loads(line))
                 good.append(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: '[[[[...' nested
                 if any(x.strip() for x in lines[n + 1:]):
                     raise SearchError(f"{self.path}: line {n + 1} is not JSON (a corrupt log; remove the run "
                                       "directory or pass --overwrite)") from None

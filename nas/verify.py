@@ -99,7 +99,7 @@ class Verifier:
         try:
             with open(self.path, encoding="utf-8") as f:
                 return list(json.load(f).get("rounds", []))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             raise SearchError(f"{self.path}: not a verification log (remove it to measure again)") from None
 
     def _write(self) -> None:

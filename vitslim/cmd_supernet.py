@@ -103,7 +103,7 @@ def _load_importance(run):
         with open(path, encoding="utf-8") as f:
             try:
                 return _check_importance(json.load(f), path)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: '[[[[...' nested
                 pass  # fall back on the checkpoint's copy
     return _check_importance(read_run(run).get("importance"), os.path.join(run, "checkpoint.pt") + ": importance")
 

@@ -397,3 +397,30 @@ def test_a_search_leaves_the_callers_random_state_alone(supernet_run, table_path
     torch.manual_seed(7)   # and the search's own result does not depend on it
     again = run_search(supernet_run, table_path, 4.0, str(tmp_path / "o2"), eval_images=16, progress=False, verify="off")
     assert again["choice"] == rep["choice"] and again["accuracy"] == rep["accuracy"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # a few hundred kB that json can only read by recursing 100 000 deep
+
+
+def test_run_dir_json_nested_past_the_recursion_limit_is_a_one_line_error(tmp_path):
+    """report.json, verify.json and trajectory.jsonl of a --out from elsewhere: json raised RecursionError (a
+    traceback) where any other unreadable content is named in one line."""
+    from nas.run import _search_report
+    from nas.slimming import TrajectoryLog
+    from nas.verify import Verifier
+    (tmp_path / "report.json").write_text(DEEP)
+    with pytest.raises(SearchError, match="holds a report.json that is not a search run's"):
+        _search_report(str(tmp_path))
+    (tmp_path / "verify.json").write_text(DEEP)
+    with pytest.raises(SearchError, match="verify.json: not a verification log"):
+        Verifier(table=None, path=str(tmp_path / "verify.json"))
+    (tmp_path / "trajectory.jsonl").write_text(DEEP + "\n" + json.dumps({"step": 1}) + "\n")
+    with pytest.raises(SearchError, match="trajectory.jsonl: line 1 is not JSON"):
+        TrajectoryLog(str(tmp_path / "trajectory.jsonl")).read()
+
+
+def test_a_deep_importance_json_falls_back_on_the_checkpoint_in_one_line(tmp_path, capsys):
+    (tmp_path / "importance.json").write_text(DEEP)
+    assert main(["supernet", "show", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "no checkpoint.pt" in err and len(err.strip().splitlines()) == 1, err
