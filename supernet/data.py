@@ -637,7 +637,7 @@ def make_loader(dataset: Dataset, batch_size: int, steps: int, seed: int = 0, st
     sampler = StepBatchSampler(len(dataset), batch_size, steps, seed=seed, start=start_step, rank=rank,
                                world_size=world_size, shuffle=shuffle)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=_loader_generator(seed))
 
 
 def subset_indices(dataset: Dataset, n: int) -> List[int]:
@@ -660,4 +660,11 @@ def heldout_batches(dataset: Dataset, batch_size: int, max_batches: Optional[int
     mine = idx[rank::world_size]
     per = max(1, batch_size // world_size)
     batches = [mine[i:i + per] for i in range(0, len(mine), per)]
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=_loader_generator(0))
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from each time it starts iterating (the
+    samples use none of it), so that it draws nothing from torch's global RNG: a run resumed from a
+    checkpoint would otherwise draw once more than an uninterrupted one and save another RNG state."""
+    return torch.Generator().manual_seed(int(seed) & 0xFFFFFFFFFFFF)

@@ -340,6 +340,30 @@ def test_re_running_the_same_command_after_a_stop_resumes_exactly(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def same_state(x, y) -> bool:
+    """Two loaded checkpoints hold the same keys, tensors (dtype, shape, values) and other values, nested."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same_state(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(map(same_state, x, y))
+    return x == y
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_checkpoint_rng_states_included(tmp_path):
+    """Not only the weights: the RNG states saved with them too (the data loaders drew their base seed from
+    torch's global RNG whenever they started iterating, once more in a resumed run, so it saved another state)."""
+    cfg = TrainConfig.from_dict(config(eval_every=2))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(cfg, a, progress=False)
+    train(cfg, b, progress=False, stop_at=3)
+    train(cfg, b, progress=False)
+    ra, rb = read_run(a), read_run(b)
+    assert torch.equal(ra["rng"]["torch"], rb["rng"]["torch"])
+    assert same_state(ra, rb)
+
+
 def test_a_stop_between_logged_steps_leaves_the_uninterrupted_curve_and_the_report_has_the_final_loss(tmp_path):
     cfg = TrainConfig.from_dict(config(steps=8, log_every=4, checkpoint_every=0))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
