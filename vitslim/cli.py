@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     _expand_home(args)
     name = " ".join(["vitslim", args.command] + [v for v in (getattr(args, "latency_command", None),
                                                               getattr(args, "action", None)) if isinstance(v, str)])
+    import torch
+    threads = torch.get_num_threads()  # --threads (or a pipeline's `threads`) is the command's, not its caller's
     old_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
         return 130
     finally:
         warnings.formatwarning = old_format
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _expand_home(args) -> None:
