@@ -119,6 +119,12 @@ class Backend:
         return torch.randn(tuple(input_shape), generator=g)
 
 
+def flushes_denormals() -> bool:
+    """Whether this thread's CPU flushes denormal floats to zero (what torch.set_flush_denormal set)."""
+    with torch.inference_mode():
+        return (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() == 0.0
+
+
 class TorchCPU(Backend):
     """PyTorch eager on the CPU, `torch.set_num_threads(threads)`, inference mode."""
 
@@ -131,15 +137,16 @@ class TorchCPU(Backend):
     def session(self):
         old_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        # denormals from random weights would be slow in a way trained weights are not
-        old_denormal = torch.set_flush_denormal(True)
+        # denormals from random weights would be slow in a way trained weights are not; the caller's setting is
+        # restored (set_flush_denormal returns whether the CPU supports it, not what it was: there is no getter)
+        old_denormal = flushes_denormals()
+        torch.set_flush_denormal(True)
         try:
             with torch.inference_mode():
                 yield
         finally:
             torch.set_num_threads(old_threads)
-            if not old_denormal:
-                torch.set_flush_denormal(False)
+            torch.set_flush_denormal(old_denormal)
 
     def prepare_fn(self, module, input_shape):
         dt = DTYPES[self.dtype]

@@ -39,3 +39,43 @@ def test_a_command_with_threads_gives_the_caller_its_thread_count_back(ckpt, tmp
                str(tmp_path / "r"), "--threads", "1"] + FAST)
     assert rc == (0 if target == "macs=0.5" else 2), capsys.readouterr().err
     assert torch.get_num_threads() == 3
+
+
+@pytest.fixture
+def tiny_arch(tmp_path):
+    from supernet.space import load_space
+    sp = load_space(os.path.join(os.path.dirname(os.path.abspath(vitslim.__file__)), "..", "supernet", "spaces",
+                                 "tiny.yaml"))
+    p = tmp_path / "a.yaml"
+    vitslim.save_arch(sp.to_arch(sp.largest_choice()), p)
+    return str(p)
+
+
+def quick_build(arch, out):
+    return ["latency", "build", "--arch", arch, "--out", str(out), "--time-per-network", "0.001", "--min-samples", "3",
+            "--calibrate", "0", "--contexts", "1", "--no-drift-reference", "--quiet"]
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_measuring_latency_leaves_the_callers_denormal_setting(tiny_arch, tmp_path, capsys, monkeypatch, flush):
+    """torch-cpu measures with denormals flushed; the caller's setting (either) is back afterwards, also when the
+    measurement is interrupted."""
+    from latency_tables import build as latency_build
+    from state_utils import flushes_denormals
+    if not torch.set_flush_denormal(flush):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    try:
+        assert flushes_denormals() == flush
+        assert main(quick_build(tiny_arch, tmp_path / "t.yaml")) == 0, capsys.readouterr().err
+        assert flushes_denormals() == flush
+        assert main(["latency", "validate", "--table", str(tmp_path / "t.yaml"), "--arch", tiny_arch,
+                     "--time-per-network", "0.001"]) == 0, capsys.readouterr().err
+        assert flushes_denormals() == flush
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(latency_build, "time_chains", interrupted)  # inside the backend's session
+        assert main(quick_build(tiny_arch, tmp_path / "t2.yaml")) == 130
+        assert flushes_denormals() == flush
+    finally:
+        torch.set_flush_denormal(False)
