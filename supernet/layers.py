@@ -198,7 +198,13 @@ def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
 
 @torch.no_grad()
 def fuse_model(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with every BatchNorm folded into its neighbour."""
+    """An eval-mode copy of `model` with every BatchNorm folded into its neighbour. The layers it builds draw a
+    random init that the folded weights then replace: drawn on a fork of torch's RNG, the caller's is kept."""
+    with torch.random.fork_rng(devices=[]):
+        return _fuse_model(model)
+
+
+def _fuse_model(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
 
     def visit(mod: nn.Module) -> nn.Module:

@@ -1,5 +1,6 @@
 """What a call may change in the process beyond its result (vitslim as a library: a notebook, a service):
 `process_state()` before and after, `state_changes(before, after)` -> {what: (before, after)}, empty when kept."""
+import hashlib
 import logging
 import os
 import random
@@ -16,6 +17,10 @@ def flushes_denormals() -> bool:
     return (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() == 0.0
 
 
+def _digest(state) -> str:
+    return hashlib.sha1(state if isinstance(state, bytes) else state.encode()).hexdigest()[:12]
+
+
 def process_state() -> dict:
     s = {"torch threads": torch.get_num_threads(), "torch interop threads": torch.get_num_interop_threads(),
          "grad enabled": torch.is_grad_enabled(), "inference mode": torch.is_inference_mode_enabled(),
@@ -23,8 +28,8 @@ def process_state() -> dict:
          "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
          "cudnn.benchmark": torch.backends.cudnn.benchmark, "mkldnn": torch.backends.mkldnn.enabled,
          "flush denormal": flushes_denormals(),
-         "torch RNG": bytes(torch.get_rng_state().numpy()), "numpy RNG": repr(np.random.get_state()),
-         "random RNG": random.getstate(),
+         "torch RNG": _digest(bytes(torch.get_rng_state().numpy())), "numpy RNG": _digest(repr(np.random.get_state())),
+         "random RNG": _digest(repr(random.getstate())),
          "warnings.filters": list(warnings.filters), "warnings.formatwarning": warnings.formatwarning,
          "root logger": (logging.root.level, list(logging.root.handlers)),
          "coremltools logger": logging.getLogger("coremltools").level,

@@ -79,3 +79,16 @@ def test_measuring_latency_leaves_the_callers_denormal_setting(tiny_arch, tmp_pa
         assert flushes_denormals() == flush
     finally:
         torch.set_flush_denormal(False)
+
+
+
+def test_fuse_leaves_the_callers_rng_and_model_as_they_were():
+    """Folding BatchNorm builds new layers whose random init it overwrites: drawing that init from the caller's
+    torch RNG moved the caller's random stream (a seeded notebook's next numbers changed with a fuse)."""
+    from state_utils import process_state, state_changes
+    model = vitslim.build_model("efficientvit_m0").train()
+    torch.manual_seed(0)
+    before = process_state()
+    fused = vitslim.fuse(model)
+    assert state_changes(before, process_state()) == {}
+    assert model.training and not fused.training
