@@ -136,7 +136,7 @@ def export_coreml(keys: Sequence[Mapping], out_dir: str, networks: Sequence[Mapp
             name = entry_name(n_next, k)
             n_next += 1
             module, shape = build_segment(k)
-            x = torch.randn((batch_size,) + tuple(shape))
+            x = torch.randn((batch_size,) + tuple(shape), generator=torch.Generator().manual_seed(0))
             ml = convert_coreml(deploy(module, True), x, precision=precision)
             _save_package(ml, os.path.join(out_dir, name + ".mlpackage"))
             manifest["entries"].append({"name": name, "key": k, "key_str": s, "package": name + ".mlpackage",
@@ -148,7 +148,8 @@ def export_coreml(keys: Sequence[Mapping], out_dir: str, networks: Sequence[Mapp
         name = f"net{i:02d}"
         model = build_network(a)
         arch = model.arch
-        x = torch.randn(batch_size, arch["in_chans"], arch["input_size"], arch["input_size"])
+        x = torch.randn(batch_size, arch["in_chans"], arch["input_size"], arch["input_size"],
+                        generator=torch.Generator().manual_seed(0))
         pkg = os.path.join(out_dir, name + ".mlpackage")
         ml = convert_coreml(deploy(model, True), x, precision=precision)
         _save_package(ml, pkg)

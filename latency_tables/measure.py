@@ -158,8 +158,9 @@ def build_network(arch: Mapping, seed: int = 0) -> nn.Module:
     from supernet.arch import validate
     from supernet.registry import get_family
     a = validate(arch)
-    torch.manual_seed(seed)
-    model = get_family(a["family"]).build(a)
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG left as it was
+        torch.manual_seed(seed)
+        model = get_family(a["family"]).build(a)
     model.arch = a
     _randomise_bn(model)
     return model.eval()

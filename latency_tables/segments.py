@@ -129,8 +129,9 @@ def check_key(key: Mapping) -> dict:
 def build_segment(key: Mapping, seed: int = 0) -> Tuple[nn.Module, Tuple[int, ...]]:
     """(module with random weights in eval mode, input shape without batch) of an entry key."""
     k = check_key(key)
-    torch.manual_seed(seed)
-    module, shape = OPS[k["op"]].build(k)
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG left as it was
+        torch.manual_seed(seed)
+        module, shape = OPS[k["op"]].build(k)
     _randomise_bn(module)
     return module.eval(), tuple(shape)
 

@@ -92,3 +92,18 @@ def test_fuse_leaves_the_callers_rng_and_model_as_they_were():
     fused = vitslim.fuse(model)
     assert state_changes(before, process_state()) == {}
     assert model.training and not fused.training
+
+
+def test_latency_build_and_validate_leave_the_process_as_they_found_it(tiny_arch, tmp_path, capsys, three_threads):
+    """The measured networks' random weights are seeded (the same table on every run) without reseeding the
+    caller's torch RNG: random numbers drawn after a build are not the same on every call."""
+    from state_utils import process_state, state_changes
+    import scipy.stats  # noqa: F401 - validate's Spearman: importing scipy adds warning filters of its own
+    torch.manual_seed(1234)
+    torch.rand(1)
+    for argv in (quick_build(tiny_arch, tmp_path / "t.yaml"),
+                 ["latency", "validate", "--table", str(tmp_path / "t.yaml"), "--arch", tiny_arch,
+                  "--time-per-network", "0.001"]):
+        before = process_state()
+        assert main(argv) == 0, capsys.readouterr().err
+        assert state_changes(before, process_state()) == {}, argv[1]
