@@ -25,7 +25,7 @@ import torch
 
 from latency_tables import LatencyTable
 from latency_tables.table import LatencyError, MissingEntriesError
-from supernet.arch import PLOT_COLOURS, atomic_savefig, atomic_write_text, save_arch
+from supernet.arch import PLOT_COLOURS, atomic_savefig, atomic_write_text, figures, save_arch
 from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
@@ -444,10 +444,7 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
 # ---------------------------------------------------------------- plots (matplotlib optional)
 def _plt():
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
+        return figures()
     except Exception:  # noqa: BLE001 - plots are a convenience
         return None
 

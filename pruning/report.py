@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 
 import torch.nn as nn
 
-from supernet.arch import atomic_savefig, write_target
+from supernet.arch import atomic_savefig, figures, write_target
 from supernet.errors import VitslimError, check_writable
 from supernet.runlock import check_names_fit, file_lock, lock_beside, pid_alive, plain_mode, remove_stale_temps, temp_names, temp_prefix
 
@@ -59,9 +59,7 @@ def plot_reallocation(report: Mapping, path: str) -> Optional[str]:
     """Kept fraction per block (x) of Q/K, V, heads and FFN; returns the path, or None without
     matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = figures()
     except ImportError:
         return None
     return atomic_savefig(reallocation_figure(report, plt), path, bbox_inches="tight")

@@ -28,6 +28,7 @@ import errno
 import io
 import os
 import shutil
+import sys
 from numbers import Integral
 from typing import Any, Iterable, Mapping
 
@@ -246,10 +247,26 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def figures():
+    """pyplot's `subplots(...)` for figures that are only saved: each draws on its own Agg canvas, so no backend
+    is chosen for the process (`matplotlib.use("Agg")` switched a notebook's inline backend, closing its
+    figures) and pyplot never holds them. ImportError without matplotlib."""
+    from types import SimpleNamespace
+
+    import matplotlib  # noqa: F401 - first: the ImportError where it is missing, also after its parts were imported
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def subplots(*args, figsize=None, dpi=None, **kwargs):
+        fig = Figure(figsize=figsize, dpi=dpi)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(*args, **kwargs)
+    return SimpleNamespace(subplots=subplots)
+
+
 def atomic_savefig(fig, path: str, **kwargs) -> str:
     """fig.savefig to a temp file then rename (a crash never leaves half an image under the real name);
-    the format from the extension, PNG when there is none. Closes the figure."""
-    import matplotlib.pyplot as plt
+    the format from the extension, PNG when there is none. Closes the figure (one pyplot holds)."""
     path = write_target(path)
     _check_writable_path(path)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
@@ -263,7 +280,8 @@ def atomic_savefig(fig, path: str, **kwargs) -> str:
             raise
         raise err from e
     finally:
-        plt.close(fig)
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
     return path

@@ -42,3 +42,16 @@ def figures_of(monkeypatch):
         import matplotlib.pyplot as plt
         for fig, _ in got:
             plt.close(fig)
+
+
+@pytest.fixture
+def notebook_backend():
+    """A caller's pyplot on a backend of its own (a notebook's inline one: svg here), with a figure open."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    old = dict.__getitem__(matplotlib.rcParams, "backend")
+    plt.switch_backend("svg")
+    fig = plt.figure()
+    yield fig
+    plt.close(fig)
+    plt.switch_backend(old)

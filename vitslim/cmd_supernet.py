@@ -158,13 +158,11 @@ def _show(args):
 
 
 def _pyplot():
+    from supernet.arch import figures
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return figures()
     except ImportError:
         raise VitslimError("--plot: needs matplotlib (pip install matplotlib, or pip install 'vitslim[plot]')") from None
-    return plt
 
 
 # one colour per MetaPath type in every stage (stages 0-1 have no meta3d candidate): supernet.arch.PLOT_COLOURS

@@ -107,3 +107,15 @@ def test_latency_build_and_validate_leave_the_process_as_they_found_it(tiny_arch
         before = process_state()
         assert main(argv) == 0, capsys.readouterr().err
         assert state_changes(before, process_state()) == {}, argv[1]
+
+
+def test_prune_keeps_the_callers_matplotlib_backend_and_figures(ckpt, tmp_path, capsys, notebook_backend):
+    """reallocation.png is drawn without switching the process to Agg (a notebook's inline backend, its figures)."""
+    import matplotlib.pyplot as plt
+    from state_utils import process_state, state_changes
+    before = process_state()
+    assert main(["prune", "--checkpoint", ckpt, "--data", "synthetic", "--target", "macs=0.5", "--out",
+                 str(tmp_path / "r")] + FAST) == 0, capsys.readouterr().err
+    assert (tmp_path / "r" / "reallocation.png").stat().st_size > 0
+    assert state_changes(before, process_state()) == {}
+    assert plt.get_fignums() == [notebook_backend.number]
