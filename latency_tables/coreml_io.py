@@ -65,10 +65,15 @@ def convert_coreml(module: nn.Module, x: torch.Tensor, compute_units=None, preci
         import contextlib
         import io
         import logging
-        logging.getLogger("coremltools").setLevel(logging.ERROR)
-        with contextlib.redirect_stderr(io.StringIO()):  # coremltools' own per-pass progress bars
-            return ct.convert(traced, inputs=[ct.TensorType(name="x", shape=tuple(x.shape))], convert_to="mlprogram",
-                              compute_precision=prec, **kw)
+        logger = logging.getLogger("coremltools")  # quiet for this conversion, as the caller set it afterwards
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # coremltools' own per-pass progress bars
+                return ct.convert(traced, inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
+                                  convert_to="mlprogram", compute_precision=prec, **kw)
+        finally:
+            logger.setLevel(level)
 
 
 def release_temp_package(mlmodel) -> None:

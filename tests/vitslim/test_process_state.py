@@ -119,3 +119,35 @@ def test_prune_keeps_the_callers_matplotlib_backend_and_figures(ckpt, tmp_path, 
     assert (tmp_path / "r" / "reallocation.png").stat().st_size > 0
     assert state_changes(before, process_state()) == {}
     assert plt.get_fignums() == [notebook_backend.number]
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_core_ml_conversion_quiets_coremltools_only_while_it_runs(monkeypatch, interrupted):
+    """coremltools' logger is set to ERROR for the conversion (its notes would drown the command's output) and
+    back to the caller's level afterwards: a program that also uses coremltools still sees its warnings."""
+    import logging
+    ct = pytest.importorskip("coremltools")
+    logger = logging.getLogger("coremltools")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        _convert_interrupted_or_not(monkeypatch, ct, logger, interrupted)
+    finally:
+        logger.setLevel(old)
+
+
+def _convert_interrupted_or_not(monkeypatch, ct, logger, interrupted):
+    import logging
+    from latency_tables.coreml_io import convert_coreml
+    if interrupted:
+        def convert(*a, **k):
+            assert logger.level == logging.ERROR
+            raise KeyboardInterrupt
+        monkeypatch.setattr(ct, "convert", convert)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            convert_coreml(module, torch.zeros(1, 3, 8, 8))
+    else:
+        assert convert_coreml(module, torch.zeros(1, 3, 8, 8)) is not None
+    assert logger.level == logging.INFO
