@@ -14,6 +14,7 @@ Rows named `net..` are whole networks: they fit the table's overhead.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -51,6 +52,18 @@ def _coremltools():
     return ct
 
 
+@contextlib.contextmanager
+def keeps_numpy_rng():
+    """numpy's global RNG as it was after the block: coremltools' converter draws from it (np.random.rand for
+    the templates of its fusion passes, whose values do not reach the model), moving a caller's seeded stream."""
+    import numpy as np
+    state = np.random.get_state()
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def convert_coreml(module: nn.Module, x: torch.Tensor, compute_units=None, precision: str = "float16"):
     """An ML program (mlprogram) of `module` traced on `x`; input named 'x'."""
     ct = _coremltools()
@@ -62,14 +75,13 @@ def convert_coreml(module: nn.Module, x: torch.Tensor, compute_units=None, preci
         if compute_units is not None:
             kw["compute_units"] = compute_units
         prec = ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32
-        import contextlib
         import io
         import logging
         logger = logging.getLogger("coremltools")  # quiet for this conversion, as the caller set it afterwards
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
-            with contextlib.redirect_stderr(io.StringIO()):  # coremltools' own per-pass progress bars
+            with contextlib.redirect_stderr(io.StringIO()), keeps_numpy_rng():  # the redirect: its progress bars
                 return ct.convert(traced, inputs=[ct.TensorType(name="x", shape=tuple(x.shape))],
                                   convert_to="mlprogram", compute_precision=prec, **kw)
         finally:

@@ -439,6 +439,7 @@ def _torchscript(model, arch, trained, out, batch, overwrite, check, **_):
 
 def to_coreml(model: nn.Module, example: torch.Tensor):
     """A converted (not yet saved) Core ML mlprogram of a fused eval model."""
+    from latency_tables.coreml_io import keeps_numpy_rng
     try:
         import coremltools as ct
     except ImportError:
@@ -446,9 +447,10 @@ def to_coreml(model: nn.Module, example: torch.Tensor):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
-        return ct.convert(traced, inputs=[ct.TensorType(name="image", shape=tuple(example.shape))],
-                          outputs=[ct.TensorType(name="logits")], convert_to="mlprogram",
-                          minimum_deployment_target=ct.target.iOS16)
+        with keeps_numpy_rng():
+            return ct.convert(traced, inputs=[ct.TensorType(name="image", shape=tuple(example.shape))],
+                              outputs=[ct.TensorType(name="logits")], convert_to="mlprogram",
+                              minimum_deployment_target=ct.target.iOS16)
 
 
 COREML_TOLERANCE = 5e-2  # float16 compute (coremltools' default for an iOS 16 mlprogram): ~1e-3 typical

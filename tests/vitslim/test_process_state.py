@@ -151,3 +151,20 @@ def _convert_interrupted_or_not(monkeypatch, ct, logger, interrupted):
     else:
         assert convert_coreml(module, torch.zeros(1, 3, 8, 8)) is not None
     assert logger.level == logging.INFO
+
+
+def test_core_ml_exports_leave_the_callers_numpy_rng(ckpt, tmp_path, capsys):
+    """coremltools' converter draws from numpy's global RNG (templates of its fusion passes): a notebook's seeded
+    numpy stream is as it was after `export --format coreml` and a `latency export-coreml` conversion."""
+    pytest.importorskip("coremltools")  # its import sets loggers, warning filters and environment of its own
+    import numpy as np
+    from latency_tables.coreml_io import convert_coreml
+    from state_utils import process_state, state_changes
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    np.random.seed(0)
+    before = process_state()
+    assert main(["export", ckpt, "--format", "coreml", "--out", str(tmp_path / "m.mlpackage")]) == 0, \
+        capsys.readouterr().err
+    assert state_changes(before, process_state()) == {}
+    convert_coreml(module, torch.zeros(1, 3, 8, 8))
+    assert state_changes(before, process_state()) == {}
