@@ -327,37 +327,39 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float =
     bar = tqdm(total=steps, initial=done, desc=desc, disable=not progress, leave=False)
     last_save, save_cost = time.monotonic(), 0.0
     ran = done
-    for step, (x, y) in enumerate(itertools.islice(batches, steps - done), start=done):
-        ran = step + 1
-        out = _logits(model(x))
-        t_out = None
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = _logits(teacher(x))
-        if y is not None and t_out is not None:
-            loss = (1 - kd_weight) * F.cross_entropy(out, y) + kd_weight * kd_loss(out, t_out, temperature)
-        elif t_out is not None:
-            loss = kd_loss(out, t_out, temperature)
-        else:
-            loss = default_loss(out, y)
-        losses[1 if losses else 0:] = [float(loss.detach())]
-        if not math.isfinite(losses[-1]):
-            raise PruneError(f"fine-tuning step {step + 1}: the loss is {losses[-1]} (diverged), expected a finite "
-                             f"loss; lower --lr (now {lr:g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if save is not None and step + 1 < steps and time.monotonic() - last_save >= (
-                max(save_seconds, 20 * save_cost) if save_seconds > 0 else 0):
-            t0 = time.monotonic()  # a large model's save takes seconds: at most ~5% of the time goes to saving
-            save({"done": step + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "losses": list(losses), "rng": torch.get_rng_state()})
-            last_save = time.monotonic()
-            save_cost = last_save - t0
-    bar.close()
+    try:
+        for step, (x, y) in enumerate(itertools.islice(batches, steps - done), start=done):
+            ran = step + 1
+            out = _logits(model(x))
+            t_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = _logits(teacher(x))
+            if y is not None and t_out is not None:
+                loss = (1 - kd_weight) * F.cross_entropy(out, y) + kd_weight * kd_loss(out, t_out, temperature)
+            elif t_out is not None:
+                loss = kd_loss(out, t_out, temperature)
+            else:
+                loss = default_loss(out, y)
+            losses[1 if losses else 0:] = [float(loss.detach())]
+            if not math.isfinite(losses[-1]):
+                raise PruneError(f"fine-tuning step {step + 1}: the loss is {losses[-1]} (diverged), expected a finite "
+                                 f"loss; lower --lr (now {lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if save is not None and step + 1 < steps and time.monotonic() - last_save >= (
+                    max(save_seconds, 20 * save_cost) if save_seconds > 0 else 0):
+                t0 = time.monotonic()  # a large model's save takes seconds: at most ~5% of the time goes to saving
+                save({"done": step + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "losses": list(losses), "rng": torch.get_rng_state()})
+                last_save = time.monotonic()
+                save_cost = last_save - t0
+    finally:
+        bar.close()  # also when interrupted: an open bar shifts every later one down a line
     model.eval()
     for p in params:
         p.grad = None
@@ -720,9 +722,11 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
             bar = tqdm(total=len(calibration) if imp.needs_data else 0, desc=f"score {step + 1}/{K}",
                        disable=not progress, leave=False)
             t0 = time.perf_counter()
-            scores = imp.score(cur, cur_arch, calibration, progress=bar, embed=cfg.prune_embed)
+            try:
+                scores = imp.score(cur, cur_arch, calibration, progress=bar, embed=cfg.prune_embed)
+            finally:
+                bar.close()
             scoring_seconds += time.perf_counter() - t0
-            bar.close()
             scores = scores.blend(prev, cfg.momentum)
             if scores.all_zero():
                 import warnings

@@ -45,4 +45,8 @@ def process_state() -> dict:
 
 
 def state_changes(before: dict, after: dict) -> dict:
-    return {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    out = {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    if "environ" in out:  # the variables that changed, not the whole environment
+        a, b = out.pop("environ")
+        out.update({f"${k}": (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)})
+    return out

@@ -168,3 +168,28 @@ def test_core_ml_exports_leave_the_callers_numpy_rng(ckpt, tmp_path, capsys):
     assert state_changes(before, process_state()) == {}
     convert_coreml(module, torch.zeros(1, 3, 8, 8))
     assert state_changes(before, process_state()) == {}
+
+
+def _interrupt(*a, **k):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["scoring", "fine-tuning"])
+def test_an_interrupted_prune_leaves_no_progress_bar_open(monkeypatch, capsys, where):
+    """Ctrl-C in a notebook keeps the traceback (and with it the bar) alive: a bar left open pushes every later
+    tqdm bar down a line, and a service's log gains a dead bar per interrupted call."""
+    from pruning import importance, pruner
+    from tqdm import tqdm
+    arch = tiny_deit()
+    model = build(arch)
+    model.arch = arch
+    if where == "scoring":
+        monkeypatch.setattr(importance.TaylorImportance, "score", _interrupt)
+    else:
+        monkeypatch.setattr(pruner, "default_loss", _interrupt)
+    before = set(tqdm._instances)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        vitslim.prune_model(model, "macs=0.5", data="synthetic", calib_batches=1, batch_size=4, eval_batches=1,
+                            finetune_steps=2, progress=True)
+    assert interrupted.traceback  # held, as a notebook holds it
+    assert [b.desc for b in set(tqdm._instances) - before] == []
