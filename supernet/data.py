@@ -277,52 +277,54 @@ def scan_image_folder(root: str, verify: bool = True, progress: bool = False,
     # it would list other classes' images under this one, or the same images again until ELOOP
     reserved = {_dir_id(root)} | {_dir_id(os.path.join(root, c)) for c in classes}
     looped: List[str] = []
-    for label, c in enumerate(classes):
-        n0 = len(samples)
-        seen = {_dir_id(os.path.join(root, c))}
-        for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
-            keep = []
-            for d in sorted(d for d in dirnames if not _junk(d)):
-                full = os.path.join(dirpath, d)
-                i = _dir_id(full)
-                if i is None or i in seen or (i in reserved and os.path.islink(full)):
-                    looped.append(full)
-                    continue
-                seen.add(i)
-                keep.append(d)
-            dirnames[:] = keep
-            images = [fn for fn in sorted(files) if not _junk(fn) and fn.lower().endswith(IMAGE_EXTENSIONS)]
-            bad: Optional[Dict[str, str]] = None
-            if verify:
-                rel = os.path.relpath(dirpath, root)
-                fp = _fingerprint(dirpath, images) if cache_path else None
-                hit = known.get(rel)
-                if fp is not None and isinstance(hit, dict) and hit.get("fp") == fp and isinstance(hit.get("bad"), dict):
-                    bad = {str(k): str(v) for k, v in hit["bad"].items()}
+    try:
+        for label, c in enumerate(classes):
+            n0 = len(samples)
+            seen = {_dir_id(os.path.join(root, c))}
+            for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
+                keep = []
+                for d in sorted(d for d in dirnames if not _junk(d)):
+                    full = os.path.join(dirpath, d)
+                    i = _dir_id(full)
+                    if i is None or i in seen or (i in reserved and os.path.islink(full)):
+                        looped.append(full)
+                        continue
+                    seen.add(i)
+                    keep.append(d)
+                dirnames[:] = keep
+                images = [fn for fn in sorted(files) if not _junk(fn) and fn.lower().endswith(IMAGE_EXTENSIONS)]
+                bad: Optional[Dict[str, str]] = None
+                if verify:
+                    rel = os.path.relpath(dirpath, root)
+                    fp = _fingerprint(dirpath, images) if cache_path else None
+                    hit = known.get(rel)
+                    if fp is not None and isinstance(hit, dict) and hit.get("fp") == fp and isinstance(hit.get("bad"), dict):
+                        bad = {str(k): str(v) for k, v in hit["bad"].items()}
+                        bar.update(len(images))
+                    else:
+                        bad = {}
+                        for fn in images:
+                            bar.update(1)
+                            try:
+                                with Image.open(os.path.join(dirpath, fn)) as im:
+                                    im.verify()
+                            except Exception as e:  # PIL raises many types for a bad file
+                                bad[fn] = type(e).__name__
+                    if fp is not None:
+                        dirs[rel] = {"fp": fp, "bad": bad}
+                if not verify:
                     bar.update(len(images))
-                else:
-                    bad = {}
-                    for fn in images:
-                        bar.update(1)
-                        try:
-                            with Image.open(os.path.join(dirpath, fn)) as im:
-                                im.verify()
-                        except Exception as e:  # PIL raises many types for a bad file
-                            bad[fn] = type(e).__name__
-                if fp is not None:
-                    dirs[rel] = {"fp": fp, "bad": bad}
-            if not verify:
-                bar.update(len(images))
-            for fn in images:
-                p = os.path.join(dirpath, fn)
-                if bad and fn in bad:
-                    skipped += 1
-                    first_bad = first_bad or f"{p} ({bad[fn]})"
-                    continue
-                samples.append((p, label))
-        if len(samples) == n0:
-            empty.append(c)
-    bar.close()
+                for fn in images:
+                    p = os.path.join(dirpath, fn)
+                    if bad and fn in bad:
+                        skipped += 1
+                        first_bad = first_bad or f"{p} ({bad[fn]})"
+                        continue
+                    samples.append((p, label))
+            if len(samples) == n0:
+                empty.append(c)
+    finally:
+        bar.close()  # also when interrupted (a notebook holding the traceback kept it open)
     if cache_path and dirs != known:
         _write_scan_cache(cache_path, root, dirs)
     if looped:

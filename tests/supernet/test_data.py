@@ -211,6 +211,22 @@ def test_a_folder_scan_shows_its_progress_when_asked(tmp_path, capsys):
     assert f"scanning {tmp_path}: " in err and " files" in err and len(samples) == 6
 
 
+def test_an_interrupted_folder_scan_leaves_no_progress_bar_open(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a long scan (ImageNet: minutes) from a notebook, which keeps the traceback and so the bar: an
+    open bar would push every later tqdm bar down a line."""
+    from PIL import Image
+    from tqdm import tqdm
+    _write_folder(tmp_path, n_per_class=3)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image, "open", interrupted)
+    before = set(tqdm._instances)
+    with pytest.raises(KeyboardInterrupt) as e:
+        scan_image_folder(str(tmp_path), progress=True)
+    assert e.traceback and [b.desc for b in set(tqdm._instances) - before] == []
+
+
 def _counting_opens(monkeypatch):
     from PIL import Image
     opened, real = [], Image.open
