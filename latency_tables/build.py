@@ -10,8 +10,8 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .measure import (DriftReference, Procedure, chain_for, entry_runner, summarize, time_chains, time_group,
-                      time_networks)
+from .measure import (DriftReference, Procedure, chain_for, entry_runner, forget_deployed, summarize, time_chains,
+                      time_group, time_networks)
 from .segments import arch_keys, decompose, key_str, space_keys
 from .table import LatencyError, LatencyTable, now_iso
 
@@ -179,30 +179,33 @@ def measure_in_context(table: LatencyTable, keys: Sequence[Mapping], archs: Sequ
     if progress is not None and hasattr(progress, "total"):  # the networks this run times, not every candidate
         progress.total = len(chosen)
         progress.refresh()
-    for g in range(0, len(chosen), max(1, group)):
-        part = chosen[g:g + group]
-        chains = [chain_for(backend, a) for a in part]
-        with backend.session():
-            samples, _, probe_ms = time_chains(chains, proc.with_seed(proc.seed + len(ran)),
-                                               reference.runner if reference is not None else None)
-        del chains
-        f = reference.factor(probe_ms) if reference is not None else 1.0
-        for sid, v in samples.items():
-            if sid in wanted:
-                acc.setdefault(sid, []).extend(x * f for x in v)
-        if reference is not None:
-            table.measurement["reference"] = _merge_ref(table.measurement.get("reference"), reference)
-        finished = [sid for sid in list(acc) if last.get(sid, -1) < g + len(part)]
-        finish(finished)
-        ran += [net_id(a) for a in part]
-        if state_path:
-            if not finished and table.path:
-                table.save()  # the drift reference taken in the first group must survive too
-            atomic_write(state_path, json.dumps({"setup": setup,
-                                                 "ran": ran,
-                                                 "samples": {k: [round(x, 6) for x in v] for k, v in acc.items()}}))
-        if progress is not None:
-            progress.update(len(part))
+    try:
+        for g in range(0, len(chosen), max(1, group)):
+            part = chosen[g:g + group]
+            chains = [chain_for(backend, a) for a in part]
+            with backend.session():
+                samples, _, probe_ms = time_chains(chains, proc.with_seed(proc.seed + len(ran)),
+                                                   reference.runner if reference is not None else None)
+            del chains
+            f = reference.factor(probe_ms) if reference is not None else 1.0
+            for sid, v in samples.items():
+                if sid in wanted:
+                    acc.setdefault(sid, []).extend(x * f for x in v)
+            if reference is not None:
+                table.measurement["reference"] = _merge_ref(table.measurement.get("reference"), reference)
+            finished = [sid for sid in list(acc) if last.get(sid, -1) < g + len(part)]
+            finish(finished)
+            ran += [net_id(a) for a in part]
+            if state_path:
+                if not finished and table.path:
+                    table.save()  # the drift reference taken in the first group must survive too
+                atomic_write(state_path, json.dumps({"setup": setup,
+                                                     "ran": ran,
+                                                     "samples": {k: [round(x, 6) for x in v] for k, v in acc.items()}}))
+            if progress is not None:
+                progress.update(len(part))
+    finally:
+        forget_deployed()  # the deployed segments (GBs for a large grid) are not kept past the build
     if state_path and os.path.exists(state_path):
         os.unlink(state_path)
     return done

@@ -281,6 +281,12 @@ def deployed_segment(key: Mapping, fused: bool, cache: int = 96) -> Tuple[nn.Mod
     return copy.deepcopy(hit[0]), hit[1]
 
 
+def forget_deployed() -> None:
+    """Drop the modules deployed_segment keeps: the build that reuses them is over (a long-running process would
+    hold up to `cache` deployed blocks, DeiT-B's 28 MB each, from its last build on)."""
+    _DEPLOYED.clear()
+
+
 def chain_for(backend, arch: Mapping) -> Chain:
     from .segments import decompose
     segs = decompose(arch)
