@@ -506,8 +506,10 @@ def _check_run(obj: Mapping, path: str) -> None:
 
 def load_supernet(run_dir: str):
     """(MetaPathSupernet with the run's latest weights and alphas, in eval mode, the run checkpoint)."""
+    from .layers import no_weight_init
     obj = read_run(run_dir)
-    model = MetaPathSupernet(obj["config"]["space"])
+    with no_weight_init():  # every tensor comes from the run (strict): no random init drawn from the caller's RNG
+        model = MetaPathSupernet(obj["config"]["space"])
     model.load_state_dict(obj["model"])
     return model.eval(), obj
 

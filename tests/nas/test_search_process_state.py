@@ -25,3 +25,16 @@ def test_plotting_commands_keep_the_callers_matplotlib_backend(supernet_run, tab
     assert plot.stat().st_size > 0
     assert state_changes(before, process_state()) == {}
     assert plt.get_fignums() == [notebook_backend.number]  # the caller's figure: still open (a switch closes all)
+
+
+@pytest.mark.parametrize("action", ["show", "extract"])
+def test_reading_a_supernet_run_leaves_the_callers_rng(supernet_run, tmp_path, capsys, action):
+    """`supernet show` / `extract` load the run's weights: building the supernet drew its random init (all
+    overwritten) from the caller's torch RNG, moving a seeded notebook's stream."""
+    import torch
+    torch.manual_seed(0)
+    argv = ["supernet", action, supernet_run] + (["--choice", "best", "--out", str(tmp_path / "x")]
+                                                 if action == "extract" else [])
+    before = process_state()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert state_changes(before, process_state()) == {}
