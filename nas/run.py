@@ -30,6 +30,7 @@ from supernet.checkpoint import save_checkpoint
 from supernet.count import count
 from supernet.data import build_datasets, make_loader
 from supernet.errors import CheckpointError, check_device
+from supernet.layers import no_weight_init
 from supernet.runlock import LOCK_FILE, remove_stale_temps, run_lock
 from supernet.train import TrainConfig, read_run
 from supernet.supernet import MetaPathSupernet
@@ -59,7 +60,8 @@ def load_supernet_run(run_dir: str):
         raise SearchError(f"--supernet {run_dir}: the run is incomplete (step {step} of {steps}); finish it with "
                           f"`vitslim supernet train --out {run_dir} --resume`")
     cfg = TrainConfig.from_dict(obj["config"])
-    model = MetaPathSupernet(obj["config"]["space"])
+    with no_weight_init():  # every tensor comes from the run (strict): no random init drawn from the caller's RNG
+        model = MetaPathSupernet(obj["config"]["space"])
     model.load_state_dict(obj["model"])
     return model.eval(), cfg, obj
 

@@ -6,9 +6,11 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from latency_tables.backends import cpu_model
+from state_utils import process_state, state_changes
 from vitslim.cli import main
 
 _spec = importlib.util.spec_from_file_location("nas_conftest", os.path.join(os.path.dirname(__file__), "conftest.py"))
@@ -50,7 +52,15 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "export", "model.safetensors"))
     # a second run reuses everything: nothing is trained, measured or exported again
     before = os.path.getmtime(os.path.join(out, "search", "report.json"))
-    assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the pipeline's 1
+    try:
+        state = process_state()
+        assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+        # run in-process, it gives the caller back its threads and its RNG (the supernet's load drew its init)
+        assert state_changes(state, process_state()) == {}
+    finally:
+        torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert "supernet: reusing" in text and "model.ts exists" in text
     assert os.path.getmtime(os.path.join(out, "search", "report.json")) == before
