@@ -212,9 +212,14 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `vitslim ... | head`: the reader left; not an error of ours
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return 0
+        try:
             os.dup2(devnull, sys.stdout.fileno())
         except (OSError, ValueError):
             pass
+        finally:
+            os.close(devnull)  # dup2 made its own copy: run in-process, every broken pipe kept one more file open
         return 0
     except OSError as e:
         if e.errno not in _STORAGE_ERRNOS:

@@ -214,3 +214,19 @@ def test_a_latency_build_keeps_none_of_its_deployed_networks(tiny_arch, tmp_path
     assert main(quick_build(tiny_arch, tmp_path / "t.yaml")) == (130 if interrupted else 0), capsys.readouterr().err
     gc.collect()
     assert deployed and [r for r in deployed if r() is not None] == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the open files in /proc/self/fd (Linux)")
+def test_a_broken_pipe_leaves_no_file_open(monkeypatch, capsys):
+    """`vitslim ... | head`: the reader left, and main returns 0 quietly; run in-process (a service whose
+    client went away) it kept the /dev/null it opened for stdout, one more open file per call."""
+    import vitslim.cli as cli
+
+    def broken(args):
+        raise BrokenPipeError
+    add_args, _, help_text, example = cli.COMMANDS["presets"]
+    monkeypatch.setitem(cli.COMMANDS, "presets", (add_args, broken, help_text, example))
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert main(["presets"]) == 0
+    assert sorted(os.listdir("/proc/self/fd")) == before
