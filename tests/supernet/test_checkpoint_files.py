@@ -207,27 +207,20 @@ def test_no_weight_init_skips_only_the_calling_threads_init(monkeypatch):
     assert torch.nn.init.kaiming_uniform_ is spy and calls == [threading.get_ident()]
 
 
-def test_a_state_dict_saved_from_distributed_data_parallel_loads_without_its_module_prefix(tmp_path):
+@pytest.mark.parametrize("wrappers", [("ddp",), ("compile",), ("compile", "ddp")])
+def test_a_state_dict_saved_from_a_wrapped_model_loads_without_the_wrappers_prefixes(tmp_path, wrappers):
+    """DistributedDataParallel prefixes every key with `module.`, torch.compile's wrapper with `_orig_mod.` (a
+    compiled model under DDP: both)."""
     torch.manual_seed(0)
     m = vitslim.build_model(_tiny_deit()).eval()
-    torch.save({"model": {"module." + k: v for k, v in m.state_dict().items()}}, tmp_path / "ddp.pth")
-    m2, arch = vitslim.load_checkpoint(tmp_path / "ddp.pth")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(m(x), m2(x)) and arch["family"] == "deit"
-
-
-@pytest.mark.parametrize("ddp", [False, True])
-def test_a_state_dict_saved_from_a_compiled_model_loads_without_its_orig_mod_prefix(tmp_path, ddp):
-    """torch.compile's wrapper prefixes every key with `_orig_mod.` (under DistributedDataParallel too)."""
-    torch.manual_seed(0)
-    m = vitslim.build_model(_tiny_deit()).eval()
-    sd = torch.compile(m).state_dict()  # no forward: nothing is compiled
-    assert all(k.startswith("_orig_mod.") for k in sd)
-    if ddp:
+    sd = m.state_dict()
+    if "compile" in wrappers:
+        sd = torch.compile(m).state_dict()  # no forward: nothing is compiled
+        assert all(k.startswith("_orig_mod.") for k in sd)
+    if "ddp" in wrappers:
         sd = {"module." + k: v for k, v in sd.items()}
-    torch.save(sd, tmp_path / "compiled.pth")
-    m2, arch = vitslim.load_checkpoint(tmp_path / "compiled.pth")
+    torch.save({"model": sd} if wrappers == ("ddp",) else sd, tmp_path / "wrapped.pth")
+    m2, arch = vitslim.load_checkpoint(tmp_path / "wrapped.pth")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(m(x), m2(x)) and arch["family"] == "deit"
@@ -312,3 +305,4 @@ def test_a_zip_bomb_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
     vitslim.save_checkpoint(m, m.arch, tmp_path / "m.pt")
     loaded, _ = vitslim.load_checkpoint(_rezip(tmp_path / "m.pt", tmp_path / "m_deflated.pt"))
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
+
