@@ -340,6 +340,20 @@ def _space_keys(space):
     return space_keys(space)
 
 
+def _pipeline_record(path: str, what: str, redo: str):
+    """A JSON record the pipeline wrote itself (atomically): a mapping, or one line naming the file and how to redo
+    the stage (a file edited or damaged by hand was a JSONDecodeError / AttributeError traceback)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError too
+        rec = e
+    if not isinstance(rec, dict):
+        why = f"not JSON ({type(rec).__name__})" if isinstance(rec, Exception) else f"a {type(rec).__name__}"
+        raise VitslimError(f"{path}: {why}, expected {what} as `vitslim run` writes it; {redo}")
+    return rec
+
+
 def _run_args(p):
     p.add_argument("pipeline", help="pipeline .yaml (experiments/quickstart.yaml), or a built-in one by name "
                                     "(quickstart: the same file, shipped with the package)")
@@ -378,12 +392,11 @@ def _run(args):
              "table_digest": _table_digest(table)}  # its content, not its path: a moved checkout still resumes
     stage_file = os.path.join(search_dir, STAGE_FILE)
     was = None
+    redo = f"delete {search_dir} and {os.path.join(args.out, 'export')} to search again"
     if os.path.isfile(stage_file):
-        with open(stage_file) as f:
-            was = json.load(f)
+        was = _pipeline_record(stage_file, "the settings of the search it holds", redo)
     elif os.path.isfile(os.path.join(search_dir, "report.json")):  # a run of an earlier version: what it recorded
-        with open(os.path.join(search_dir, "report.json")) as f:
-            rep = json.load(f)
+        rep = _pipeline_record(os.path.join(search_dir, "report.json"), "a search report", redo)
         was = {k: rep.get(k) for k in ("target_ms", "strategy", "seed")}
     if was is not None:
         diff = []
@@ -401,8 +414,7 @@ def _run(args):
                                f"another --out, or delete {search_dir} and {os.path.join(args.out, 'export')} to "
                                "search again")
     if os.path.isfile(os.path.join(search_dir, "report.json")):
-        with open(os.path.join(search_dir, "report.json")) as f:
-            rep = json.load(f)
+        rep = _pipeline_record(os.path.join(search_dir, "report.json"), "a search report", redo)
         print(f"  reusing {search_dir}")
     else:
         os.makedirs(search_dir, exist_ok=True)
@@ -414,9 +426,9 @@ def _run(args):
     model = os.path.join(search_dir, "model.pt")
     source, stamp = _sha256(model), os.path.join(args.out, "export", "source.json")
     made = {}
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            made = json.load(f)
+    if os.path.isfile(stamp):  # which search each export was made from; unreadable, every export is made anew
+        with contextlib.suppress(VitslimError):
+            made = _pipeline_record(stamp, "", "")
     for fmt in fmts:
         dst = os.path.join(args.out, "export", "model" + EXPORT_SUFFIX[fmt])
         os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -76,6 +76,21 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(["run", str(tmp_path / "pipe3.yaml"), "--out", out, "--no-progress"]) == 2
     assert "a finished supernet trained with another config (steps: 6 -> 5)" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(out, "search", "report.json")) == before
+    # its own records damaged by hand: the export stamp is a cache (exports made anew), the search's are one line
+    (tmp_path / "run" / "export" / "source.json").write_text("{not json")
+    pipe = write_pipeline(tmp_path)  # (pipe2 rewrote the file)
+    assert main(["run", pipe, "--out", out, "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out and os.path.isfile(os.path.join(out, "export", "model.ts"))
+    with open(os.path.join(out, "export", "source.json")) as f:
+        assert sorted(json.load(f)) == ["model.safetensors", "model.ts"]
+    for name, text in (("pipeline_stage.json", "[1, 2]"), ("pipeline_stage.json", "\xff"), ("report.json", "")):
+        with open(os.path.join(out, "search", name), "w", encoding="latin-1") as f:
+            f.write(text)
+        assert main(["run", pipe, "--out", out, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert name in err and "expected" in err and "to search again" in err and "\n" not in err, err
+        if name == "pipeline_stage.json":
+            os.remove(os.path.join(out, "search", name))  # the earlier version's way: the report is read instead
 
 
 def test_a_resumed_pipeline_keeps_its_thread_count(tmp_path, capsys, monkeypatch):
