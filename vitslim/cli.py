@@ -226,9 +226,14 @@ def main(argv=None) -> int:
             raise
         # the machine's, not the input's: a full disk, a read-only or forbidden place, a name too long
         where = f" ({e.filename})" if e.filename else ""
-        kept = ("what was saved before is kept; re-run to resume" if args.command in RESUMABLE or args.command == "prune"
-                else "nothing was left half-written")
-        print(f"{name}: error: cannot write: {e.strerror or e}{where}; {kept}", file=sys.stderr)
+        print(f"{name}: error: cannot write: {e.strerror or e}{where}; {_kept(args)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        what = _out_of_memory(e)
+        if what is None:
+            raise
+        print(f"{name}: error: out of memory ({what}): use a smaller network, batch or input size, or a machine or "
+              f"device with more memory; {_kept(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         what = ("state saved so far is kept; re-run to resume" if args.command in RESUMABLE
@@ -254,6 +259,26 @@ def _expand_home(args) -> None:
 
     for k, v in vars(args).items():
         setattr(args, k, [home(x) for x in v] if isinstance(v, list) else home(v))
+
+
+def _kept(args) -> str:
+    return ("what was saved before is kept; re-run to resume" if args.command in RESUMABLE or args.command == "prune"
+            else "nothing was left half-written")
+
+
+def _out_of_memory(e: BaseException):
+    """What an allocation that failed asked for (torch's CPU allocator, CUDA's, or Python's MemoryError), or
+    None for any other error: a network or batch too large for the machine is the machine's limit, not a bug."""
+    import re
+    text = str(e)
+    cuda = type(e).__name__ == "OutOfMemoryError"
+    if not (isinstance(e, MemoryError) or cuda or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    m = re.search(r"tried to allocate (\d+) bytes", text, re.I)
+    if m:
+        return f"tried to allocate {int(m.group(1)) / 2 ** 30:,.1f} GiB"
+    m = re.search(r"tried to allocate ([0-9.]+ [KMGT]iB)", text, re.I)
+    return f"tried to allocate {m.group(1)}" if m else ("CUDA" if cuda else type(e).__name__)
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG}

@@ -143,3 +143,38 @@ def test_python_dash_m_vitslim_cli_knows_every_command():
     r = subprocess.run([sys.executable, "-m", "vitslim.cli", "env", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("usage: vitslim env"), r.stderr
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 307200000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error,said", [
+    (RuntimeError(CPU_OOM), "tried to allocate 286.1 GiB"),  # an arch of width 10**8: torch's CPU allocator
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                                   "total capacity of 139.8 GiB"), "tried to allocate 20.00 GiB"),
+    (MemoryError(), "MemoryError"),
+])
+def test_running_out_of_memory_is_one_line_naming_what_was_asked(capsys, monkeypatch, tmp_path, error, said):
+    """A network, batch or input too large for the machine is its limit, not a bug: it was a traceback from deep
+    inside torch (the allocator's message last, after forty lines)."""
+    import vitslim.export as ex
+
+    def build(*a, **k):
+        raise error
+    monkeypatch.setattr(ex, "resolve_source", build)
+    code, out, err = run(capsys, "export", "deit_tiny", "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert code == 1 and out == ""
+    assert err == (f"vitslim export: error: out of memory ({said}): use a smaller network, batch or input size, or a "
+                   "machine or device with more memory; nothing was left half-written\n")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(capsys, monkeypatch, tmp_path):
+    import vitslim.export as ex
+
+    def build(*a, **k):
+        raise RuntimeError("shape '[2, 3]' is invalid for input of size 7")
+    monkeypatch.setattr(ex, "resolve_source", build)
+    with pytest.raises(RuntimeError, match="is invalid for input of size 7"):
+        main(["export", "deit_tiny", "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
