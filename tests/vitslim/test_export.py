@@ -184,7 +184,6 @@ def test_a_torchscript_file_as_input_is_named(capsys, ckpt, tmp_path):
     assert rc == 2 and "a TorchScript archive" in err and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")  # the check loads what it wrote
 def test_export_at_another_input_size(ckpt, tmp_path):
     a = vitslim.get_preset("efficientformer_l1")
     a.update(num_classes=5)
@@ -206,7 +205,6 @@ def test_export_at_another_input_size(ckpt, tmp_path):
     vitslim.export_model("deit_tiny", "torchscript", tmp_path / "d.ts", input_size=64, check=True)
 
 
-@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")  # the check loads what it wrote
 def test_an_arch_yaml_with_its_weights_beside_it_exports_the_trained_network(capsys, ckpt, tmp_path):
     """export --format yaml writes X.yaml + X.pt; exporting X.yaml brings X.pt's weights, and an arch alone says
     its weights are random."""
