@@ -4,7 +4,8 @@ build the evaluation context, run a strategy, and write the run directory:
     arch.yaml          the found network's arch config
     model.pt           a vitslim checkpoint with the supernet's (inherited) weights, fine-tuned if asked
     report.json        target_ms, predicted_ms, params, macs, accuracy, latency_split, ... (written last)
-    trajectory.jsonl   slimming's log (resume) / study.journal or study.db: the Optuna study (resume)
+    trajectory.jsonl   slimming's log (resume) / study.journal or study.db: the Optuna study (resume) /
+                       random.jsonl: random search's evaluations (resume)
     verify.json        the found network measured end to end on the table's backend, per round (nas/verify.py)
     trajectory.png     slimming: predicted ms and accuracy per step / pareto.json + pareto.png: Optuna
 
@@ -43,8 +44,8 @@ from .slimming import LatencySlimming
 from .strategy import SearchContext, SearchError, SearchResult, check_target, describe_blocks
 from .verify import MODES as VERIFY_MODES, VERIFY_FILE, Verifier, unavailable_reason
 
-RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "study.journal",
-             "study.db", "pareto.json", "pareto.png", "verify.json", ".workers", SETUP_LOCK)
+RUN_FILES = ("arch.yaml", "model.pt", "report.json", "trajectory.jsonl", "trajectory.png", "random.jsonl",
+             "study.journal", "study.db", "pareto.json", "pareto.png", "verify.json", ".workers", SETUP_LOCK)
 STRATEGIES = {"slim": LatencySlimming, "optuna": OptunaSearch, "random": RandomSearch, "uniform": UniformShrink}
 
 
@@ -107,6 +108,7 @@ def _search_report(out: str):
 
 
 SEARCH_LOGS = {"trajectory.jsonl": "slim search (--strategy slim)",
+               "random.jsonl": "random search (--strategy random)",
                "study.journal": "Optuna search (--strategy optuna --storage journal)",
                "study.db": "Optuna search (--strategy optuna --storage sqlite)"}
 
@@ -145,8 +147,7 @@ def prepare_out(out: str, overwrite: bool, extend=None, log: Optional[str] = Non
                 os.remove(p)
     os.makedirs(out, exist_ok=True)
     remove_stale_temps(out)  # what a killed writer left before its rename: never a result
-    return "resume" if any(os.path.exists(os.path.join(out, f)) for f in ("trajectory.jsonl", "study.journal",
-                                                                          "study.db")) else "fresh"
+    return "resume" if any(os.path.exists(os.path.join(out, f)) for f in SEARCH_LOGS) else "fresh"
 
 
 def make_evaluator(supernet, cfg: TrainConfig, eval_images: int = 512, bn_batches: int = 0, batch_size: int = 256,
@@ -178,7 +179,7 @@ def make_strategy(name: str, run_args: Mapping, trials: int = 100, sampler: str 
     if name == "optuna":
         return OptunaSearch(n_trials=trials, sampler=sampler, storage=storage, run_args=run_args)
     if name == "random":
-        return RandomSearch(budget=budget, band=band)
+        return RandomSearch(budget=budget, band=band, run_args=run_args)
     if name == "uniform":
         return UniformShrink()
     raise SearchError(f"--strategy: got {name!r}, expected one of {', '.join(STRATEGIES)}")
@@ -418,7 +419,7 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "verification": dict(verification) if verification else None,
         "files": ["arch.yaml", "model.pt", "report.json"] + (["verify.json"] if verification and "rounds" in verification
                                                                 else [])
-                 + [f for f in ("study.journal", "study.db") if os.path.isfile(os.path.join(out, f))],
+                 + [f for f in ("random.jsonl", "study.journal", "study.db") if os.path.isfile(os.path.join(out, f))],
     }
     if "trajectory" in result.extra:
         report["trajectory"] = result.extra["trajectory"]

@@ -180,6 +180,30 @@ def test_latency_matched_random_search_samples_only_near_the_target(supernet_run
                    eval_images=16, progress=False)
 
 
+def test_a_killed_random_search_resumes_from_its_log_to_the_uninterrupted_result(supernet_run, table_path, tmp_path):
+    """Each evaluation is logged: a re-run after a kill evaluates only what the log lacks (a long random baseline
+    at ImageNet scale re-evaluated every sample) and returns what an uninterrupted run returns."""
+    target = 0.5 * start_ms(supernet_run, table_path)
+    full = str(tmp_path / "full")
+    rep = run_search(supernet_run, table_path, target, full, strategy="random", budget=4, eval_images=16,
+                     verify="off", progress=False)
+    with open(os.path.join(full, "random.jsonl")) as f:
+        lines = f.read().splitlines()
+    assert [json.loads(ln)["type"] for ln in lines] == ["header"] + ["eval"] * 4 and "random.jsonl" in rep["files"]
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "random.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # two logged, one torn
+    rep2 = run_search(supernet_run, table_path, target, str(part), strategy="random", budget=4, eval_images=16,
+                      verify="off", progress=False)
+    assert (rep2["choice"], rep2["accuracy"]) == (rep["choice"], rep["accuracy"])
+    assert rep2["evaluation"]["evaluated_this_run"] == 2 and rep2["evaluation"]["evaluations"] == 4
+    assert (part / "random.jsonl").read_text().splitlines() == lines
+    (part / "report.json").unlink()  # as if killed before the report: other arguments are refused
+    with pytest.raises(SearchError, match="cannot resume .*random.jsonl: the arguments differ .*budget: was 4, now 5"):
+        run_search(supernet_run, table_path, target, str(part), strategy="random", budget=5, eval_images=16,
+                   verify="off", progress=False)
+
+
 def test_loss_criterion_steps_by_loss_increase_per_ms_and_returns_the_lowest_loss(supernet_run, table_path, tmp_path):
     target = 0.5 * start_ms(supernet_run, table_path)
     out = str(tmp_path / "loss")
