@@ -38,8 +38,9 @@ def _space_record(given: str) -> str:
 
 def _bar(total: int, what: str, quiet: bool):
     from tqdm import tqdm
+    unit = what.replace("{", "{{").replace("}", "}}")  # written in: tqdm 4.27 (our floor) has no {unit}: a KeyError
     return tqdm(total=total, unit=what, file=sys.stderr, disable=quiet, dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]")
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + unit + " [{elapsed}<{remaining}]")
 
 
 def _positive(name, v, lo=1):

@@ -342,3 +342,14 @@ def test_a_build_killed_while_it_refits_the_overhead_refits_it_on_resume(capsys,
     assert over["provenance"] == "measured" and "calibration_pending" not in over
     code, out, err = run(capsys, "latency", "build", "--arch", b, *quick)   # nothing new: no refit
     assert code == 0 and len(fits) == 2
+
+
+def test_the_build_progress_bar_names_its_unit_on_every_supported_tqdm(capsys):
+    """The bar's format wrote `{unit}`, a key tqdm 4.27 (the declared floor) does not fill: every `latency build`
+    with its progress bar stopped there with KeyError 'unit' (found by `bash .ci/run-oldest`)."""
+    from vitslim.cmd_latency import _bar
+    bar = _bar(3, "entries", quiet=False)
+    bar.update(2)
+    bar.refresh()
+    bar.close()
+    assert "2/3 entries [" in capsys.readouterr().err
