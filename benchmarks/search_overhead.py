@@ -20,14 +20,19 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc, argv=None):
+    """The arguments of the search-overhead benchmarks (this one, search_overhead_random.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--supernet", required=True)
     p.add_argument("--table", default="latency_tables/cpu_torch_tiny.yaml")
     p.add_argument("--target-ms", type=float, required=True)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(__doc__, argv)
     import torch
     import supernet.supernet as sn
     from nas.run import run_search

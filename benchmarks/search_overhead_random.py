@@ -9,7 +9,6 @@ BENCHMARKS.md ("Search", goals).
 
     python benchmarks/search_overhead_random.py --supernet runs/quickstart/supernet --target-ms 1.634
 """
-import argparse
 import json
 import os
 import statistics
@@ -20,13 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--supernet", required=True)
-    p.add_argument("--table", default="latency_tables/cpu_torch_tiny.yaml")
-    p.add_argument("--target-ms", type=float, required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    from search_overhead import parse_args  # (benchmarks/ is on sys.path as the script's own folder)
+    a = parse_args(__doc__, argv)
 
     import torch
     import nas.random_search as rs
