@@ -154,6 +154,7 @@ def segment_macs(key: Mapping) -> int:
         with torch.device("meta"):
             module, shape = OPS[k["op"]].build(k)
             x = torch.zeros((1,) + tuple(shape))
+        module.eval()  # as deployed (and as build_segment's): BatchNorm1d in training refuses a batch of 1
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             module(x)
         return int(fc.get_total_flops()) // 2
