@@ -87,7 +87,9 @@ def _axis(full: int, step: int) -> List[int]:
 def _heads_axis(full: int, n: int) -> List[int]:
     if full <= 0:
         return []
-    n = max(2, n) if full > 1 else 1
+    if full == 1:  # one head: the axis is that point (n - 1 below would be 0)
+        return [1]
+    n = max(2, n)
     return sorted({max(1, round(1 + (full - 1) * i / (n - 1))) for i in range(n)} | {1, full})
 
 
