@@ -61,8 +61,11 @@ class Scores:
 
     def all_zero(self) -> bool:
         """Whether every unit, residual channel and branch scores exactly 0 (nothing to select by)."""
-        arrays = [v for b in self.blocks.values() for v in b.values()] + list(self.embed.values()) \
-            + list(self.branch.values())
+        arrays = [v for b in self.blocks.values() for v in b.values()] + list(self.embed.values())
+        for key, br in self.branch.items():  # a branch's score where the branch is there (0 stands for absent)
+            b = self.blocks.get(key, {})
+            arrays.append(np.asarray(br)[[np.size(b.get("head", ())) > 0, np.size(b.get("ffn", ())) > 0]])
+        arrays = [v for v in arrays if np.size(v)]  # a network with no units has nothing to select, not all zeros
         return bool(arrays) and all(not np.any(np.asarray(v)) for v in arrays)
 
     def restrict(self, infos: Sequence[BlockInfo], plan: Plan) -> "Scores":
@@ -205,8 +208,8 @@ class TaylorImportance(Importance):
                         raise PruneError(f"calibration batch {n + 1}: the loss is {float(loss.detach().reshape(-1)[0])} "
                                          "on the model being scored (its activations overflow float32, or its weights "
                                          "or images hold NaN or Inf): Taylor importance needs a finite loss")
-                    keys = list(captured)
-                    grads = torch.autograd.grad(loss, [captured[k] for k in keys], allow_unused=True)
+                    keys = list(captured)  # none: no block has a unit or branch left to score
+                    grads = torch.autograd.grad(loss, [captured[k] for k in keys], allow_unused=True) if keys else ()
                 infos_by_key = {i.key: i for i in infos}
                 G_embed = {i: np.zeros_like(e) for i, e in emb.items()}
                 for (key, what), g in zip(keys, grads):
