@@ -18,8 +18,9 @@ def _deit(r):
     blocks = []
     for _ in range(r.randint(1, 3)):
         h = r.choice([0, 1, 2, 3])
-        b = {"type": "vit", "heads": h, "qk_dim": r.randint(1, 9) if h else 0, "v_dim": r.randint(1, 9) if h else 0,
-             "ffn_hidden": r.choice([0, 1, r.randint(1, 40)])}
+        q = r.randint(1, 9) if h else 0
+        b = {"type": "vit", "heads": h, "qk_dim": q, "v_dim": r.choice([q, r.randint(1, 9)]) if h else 0,
+             "ffn_hidden": r.choice([0, 1, r.randint(1, 40)])}  # qk_dim == v_dim: the fused attention kernel
         if h and r.random() < 0.5:
             b["scale"] = r.uniform(0.05, 1.0)
         blocks.append(b)
