@@ -92,6 +92,68 @@ def test_surgery_equals_the_unpruned_network_with_the_removed_units_masked(famil
                      "macs": reference_macs(pruned.float(), parch["input_size"], parch["in_chans"])}, (case, parch)
 
 
+def _embed_masked_forward(model, arch, plan, x):
+    """The unpruned model with the residual channels the plan removes held at zero and every LayerNorm that reads
+    the residual width computed over the kept channels only (what a narrower LayerNorm computes), on top of
+    _masked_forward's unit masks."""
+    widths = [st["width"] for st in arch["stages"]]
+    E = [torch.tensor(plan.embed_keep(i, w)) for i, w in enumerate(widths)]
+    handles = []
+
+    def norm_over(mod, keep):
+        def hook(m, a, o):
+            out = torch.zeros_like(o)
+            out[..., keep] = F.layer_norm(a[0][..., keep], (len(keep),), m.weight[keep], m.bias[keep], m.eps)
+            return out
+        handles.append(mod.register_forward_hook(hook))
+
+    def mask(keep, width):
+        m = torch.zeros(width, dtype=x.dtype)
+        m[keep] = 1
+        return m
+    for info in block_infos(arch):
+        blk, m = block_module(model, info), mask(E[info.stage], widths[info.stage])
+        for norm in (blk.norm1, blk.norm2):
+            if norm is not None:
+                norm_over(norm, E[info.stage])
+        for branch in (blk.attn, blk.mlp):  # proj / fc2 rows of removed channels are gone
+            if branch is not None:
+                handles.append(branch.register_forward_hook(lambda mod, a, o, m=m: o * m))
+    norm_over(model.norm, E[-1])
+    if arch["family"] == "deit":  # patch embedding, tokens and position embedding: the first block's input
+        m0 = mask(E[0], widths[0])
+        handles.append(model.blocks[0].register_forward_pre_hook(lambda mod, a: (a[0] * m0,)))
+    else:
+        norm_over(model.patch_embed.norm, E[0])
+        for i in range(1, len(widths)):
+            ds, m = model.layers[i].downsample, mask(E[i], widths[i])
+            norm_over(ds.norm, torch.cat([q * widths[i - 1] + E[i - 1] for q in range(4)]))  # 4 neighbours concatenated
+            handles.append(ds.register_forward_hook(lambda mod, a, o, m=m: o * m))
+    try:
+        return _masked_forward(model, arch, plan, x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_embedding_surgery_equals_narrower_layernorms_on_the_kept_channels(family):
+    r = random.Random(f"embed-{family}")
+    for case in range(8):
+        arch = random_arch(family, r)
+        model = _random_net(arch, case)
+        plan = _random_plan(r, arch) if r.random() < 0.5 else Plan()
+        plan.embed = {i: sorted(r.sample(range(st["width"]), r.randint(1, st["width"])))
+                      for i, st in enumerate(arch["stages"]) if r.random() < 0.8}
+        pruned, _ = apply_plan(model, arch, plan)
+        x = torch.randn(r.choice([1, 3]), arch["in_chans"], arch["input_size"], arch["input_size"],
+                        generator=torch.Generator().manual_seed(case), dtype=torch.float64)
+        with torch.no_grad():
+            got = pruned(x)
+        torch.testing.assert_close(got, _embed_masked_forward(model, arch, plan, x), rtol=1e-9, atol=1e-9,
+                                   msg=lambda m: f"case {case}: {arch} {plan.embed}\n{m}")
+
+
 def _gated_scores(model, arch, batches, embed):
     """Taylor importance from explicit gates g = 1 (autograd's dL/dg, squared, averaged over batches): on q and on
     k of each Q/K pair separately, on each head's output channels and on the head as a whole at proj's input,
