@@ -308,7 +308,7 @@ class SplitIndex:
                 self.attn.setdefault(attn_geometry(k), {})[(k["heads"], k["qk_dim"], k["v_dim"])] = e
             elif k["heads"] == 0 and k["ffn_hidden"] > 0:
                 self.ffn.setdefault(ffn_geometry(k), {})[k["ffn_hidden"]] = e
-        self.attn_axes = {g: tuple(sorted({p[i] for p in pts}) for i in range(3)) for g, pts in self.attn.items()}
+        self.attn_axes = {g: _lattice(pts) for g, pts in self.attn.items()}
         self.ffn_axes = {g: sorted(pts) for g, pts in self.ffn.items()}
         # Junction: a block with both branches is one segment, its two parts were measured as two
         # (two calls, two timed steps). What a measured whole block (the unpruned one, say) differs
@@ -394,6 +394,28 @@ class SplitIndex:
         if f is None:
             return None
         return (a[0] + f[0], a[1] + f[1], a[2] + f[2])
+
+
+def _lattice(pts) -> Tuple[List[int], List[int], List[int]]:
+    """The (heads, qk_dim, v_dim) axes of the grid among the measured attention-only points, without the
+    values of entries off it: a pruned block's own key (say qk_dim 11 on a grid of 1, 8, 16) would otherwise
+    add its value to an axis where few other points have it, and every width bracketed by that value would
+    lose its corners and fall back to MAC interpolation. A value goes when its slice (that value of one
+    axis, every value of the others) misses more than half of its points, the sparsest first; such entries
+    stay exact entries. A grid missing a corner here and there keeps its axes (and those widths fall back)."""
+    axes = [sorted({p[i] for p in pts}) for i in range(3)]
+    while True:
+        worst = None
+        for i, ax in enumerate(axes):
+            for x in ax:
+                cut = [a if j != i else [x] for j, a in enumerate(axes)]
+                n = len(cut[0]) * len(cut[1]) * len(cut[2])
+                miss = sum(c not in pts for c in _corners(cut)) / n
+                if miss > 0.5 and (worst is None or miss > worst[0]):
+                    worst = (miss, i, x)
+        if worst is None:
+            return tuple(axes)
+        axes[worst[1]].remove(worst[2])
 
 
 def _bracket(axis: Sequence[int], x: int):

@@ -72,7 +72,8 @@ def test_the_compiled_scorer_equals_predict_on_random_choices():
 
 def _grid_table(arch, spec, attn_ms, ffn_ms, junction):
     """A table holding the arch's width grid priced by attn_ms(geometry key, h, q, v) and ffn_ms(key, f), and the
-    arch's own (two-branch) block entries priced as the sum of their parts plus `junction`."""
+    arch's own block entries (as `latency build --prune-grid --arch` measures them) priced as the sum of their parts,
+    plus `junction` where a block has both."""
     t = LatencyTable(DEVICE)
     blocks = [s.key for s in decompose(arch) if s.key["op"] in ("vit_block", "swin_block")]
     for k in prune_grid_keys(arch, spec):
@@ -81,8 +82,10 @@ def _grid_table(arch, spec, attn_ms, ffn_ms, junction):
             ms = attn_ms(k, h, k["qk_dim"], k["v_dim"]) if h else ffn_ms(k, f)
             t.set(k, ms, ms, ms, 3)
     for k in blocks:
-        if k["heads"] and k["ffn_hidden"] and k not in t:
-            ms = attn_ms(k, k["heads"], k["qk_dim"], k["v_dim"]) + ffn_ms(k, k["ffn_hidden"]) + junction
+        h, f = k["heads"], k["ffn_hidden"]
+        if (h or f) and k not in t:
+            ms = (attn_ms(k, h, k["qk_dim"], k["v_dim"]) if h else 0.0) + (ffn_ms(k, f) if f else 0.0) \
+                + (junction if h and f else 0.0)
             t.set(k, ms, ms, ms, 3)
     return t, blocks
 
@@ -142,7 +145,8 @@ def test_the_width_grid_is_monotone_where_its_entries_are():
                     continue
                 base = table.lookup(w, interpolate=True).ms
                 for field in ("heads", "qk_dim", "v_dim", "ffn_hidden"):
-                    if w[field] < k[field]:
+                    # (not an FFN appearing: a two-branch block adds the measured junction, which may be < 0)
+                    if w[field] < k[field] and (field != "ffn_hidden" or w[field] > 0):
                         up = table.lookup(dict(w, **{field: w[field] + 1}), interpolate=True).ms
                         assert up >= base - 1e-12, (case, w, field)
 
@@ -155,3 +159,21 @@ def test_a_block_of_one_head_has_a_width_grid():
                                                                       "ffn_hidden": 64}]}]})
     keys = prune_grid_keys(arch, GridSpec(qk=4, v=4, ffn=32, heads=3))
     assert {k["heads"] for k in keys if k["ffn_hidden"] == 0} == {1}
+
+
+def test_a_blocks_own_entry_off_the_grid_leaves_the_grid_whole():
+    # a one-branch block of the arch (qk_dim 11, between the grid's 8 and 16) is an attention-only entry of the same
+    # geometry: its value joined the qk axis, the grid lost its corners at 11 and every Q/K width from 9 to 15 fell
+    # back to interpolation in MACs
+    import vitslim
+    arch = vitslim.resolve_arch({"family": "deit", "input_size": 32, "num_classes": 10, "stem": {"patch_size": 8},
+                                 "stages": [{"width": 24, "blocks": [
+                                     {"type": "vit", "heads": 3, "qk_dim": 16, "v_dim": 16, "ffn_hidden": 64},
+                                     {"type": "vit", "heads": 2, "qk_dim": 11, "v_dim": 16, "ffn_hidden": 0}]}]})
+    attn = lambda k, h, q, v: 0.05 + 0.01 * h + 0.002 * h * q + 0.002 * h * v  # noqa: E731
+    ffn = lambda k, f: 0.02 + 0.0005 * f  # noqa: E731
+    table, _ = _grid_table(arch, GridSpec(qk=8, v=8, ffn=32, heads=3), attn, ffn, 0.0)
+    for q in range(1, 17):
+        key = {"op": "vit_block", "tokens": 17, "dim": 24, "heads": 3, "qk_dim": q, "v_dim": 8, "ffn_hidden": 40}
+        assert table.has_split_grid(key), q
+        assert table.lookup(key, interpolate=True).ms == pytest.approx(attn(key, 3, q, 8) + ffn(key, 40), rel=1e-12)
