@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import vitslim
+from pruning_nets import grid_table
 from random_archs import random_arch, reference_macs
-from pruning.budget import Floor, MacsCost, Network, ParamsCost, analytic_count, select_knapsack, select_ratio
+from latency_tables.grid import GridSpec
+from pruning.budget import Floor, LatencyCost, MacsCost, Network, ParamsCost, analytic_count, select_knapsack, select_ratio
+from pruning.importance import Scores
 from pruning.importance import TaylorImportance
 from pruning.surgery import apply_plan
 from pruning.units import BlockKeep, Plan, block_infos, block_module, pruned_arch
@@ -323,3 +326,33 @@ def test_the_knapsack_is_optimal_when_the_cost_is_separable():
         best = min(m for c, m in combos if c <= budget)
         sel = select_knapsack(Network(arch, scores, cost, Floor(0.0)), budget)
         assert sel.cost <= budget and sel.removed_importance == pytest.approx(best, abs=1e-12), (case, sel, best)
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_what_a_selection_prices_is_what_the_pruned_arch_costs(family):
+    # random kept counts (and residual widths): Network.total() = count() of the pruned arch (params, MACs) or the
+    # table's predict of it (latency on the width grid, the arch's own entries included as latency build has them)
+    r = random.Random(f"price-{family}")
+    for case in range(24):
+        arch = random_arch(family, r)
+        kind = ("params", "macs", "latency", "latency")[case % 4]
+        embed = kind != "latency" and r.random() < 0.5
+        rs = np.random.default_rng(case)
+        scores = Scores({i.key: {"head": rs.random(i.heads), "qk": rs.random((i.heads, i.qk_dim)),
+                                 "v": rs.random((i.heads, i.v_dim)), "ffn": rs.random(i.ffn_hidden)}
+                         for i in block_infos(arch)}, "random", 1,
+                        {s: rs.random(st["width"]) for s, st in enumerate(arch["stages"])} if embed else {})
+        if kind == "latency":
+            table = grid_table(arch, GridSpec(qk=4, v=4, ffn=8, heads=2))
+            cost, price = LatencyCost(table, arch), lambda a: table.predict(a, interpolate=True)
+        else:
+            cost = ParamsCost() if kind == "params" else MacsCost()
+            price = lambda a, kind=kind: vitslim.count(a)[kind]  # noqa: E731
+        net = Network(arch, scores, cost, Floor(0.0), embed=embed)
+        blocks, embeds = net.counts()
+        for k, _ in blocks:
+            for unit in k:
+                k[unit] = r.randint(0, k[unit]) if unit in ("head", "ffn") else r.randint(1, max(1, k[unit]))
+        net.set_counts((blocks, {i: r.randint(1, w) for i, w in embeds.items()}))
+        assert net.total() == pytest.approx(price(vitslim.resolve_arch(pruned_arch(arch, net.plan()))), rel=1e-12), \
+            (case, kind, arch)
