@@ -85,13 +85,13 @@ def _ctx(r, space, target_frac):
     return ctx, ms, score, mp
 
 
-def _paper_candidates(space, cur, ms, mp):
-    """The paper's candidate actions from `cur`, derived here from the rules: [(action, where, choice)]."""
+def _paper_candidates(space, cur, ms, mp, every=False):
+    """The paper's candidate actions from `cur`, derived here from the rules: [(action, where, choice)]. `every`:
+    (a) for every running position and (c) for every stage that can shrink, not only the least important."""
     cands = []
     running = sorted((mp[i][j], i, j) for i, st in enumerate(space.stages) if "identity" in st.candidates
                      for j in range(st.max_depth) if cur["blocks"][i][j] != "identity" and mp[i][j] is not None)
-    if running:
-        _, i, j = running[0]
+    for _, i, j in (running if every else running[:1]):
         c = {"widths": list(cur["widths"]), "blocks": [list(b) for b in cur["blocks"]]}
         c["blocks"][i][j] = "identity"
         cands.append(("to_identity", f"stage{i}.block{j}", c))
@@ -117,7 +117,9 @@ def _paper_candidates(space, cur, ms, mp):
         c = {"widths": list(cur["widths"]), "blocks": [list(b) for b in cur["blocks"]]}
         c["widths"][i] -= 16
         return c
-    if stages:
+    if every:
+        cands += [("shrink", f"stage{i}", narrower(i)) for _, i in stages]
+    elif stages:
         i = next((i for _, i in stages if ms(narrower(i)) < ms(cur) - 1e-12), stages[0][1])
         cands.append(("shrink", f"stage{i}", narrower(i)))
     return cands
@@ -137,8 +139,10 @@ def _chosen(cands, cur, ms, score):
     return cands[min(ranked)[2]] if ranked else None
 
 
-def test_every_slimming_step_and_the_result_agree_with_an_independent_derivation():
-    r = random.Random("slimming")
+@pytest.mark.parametrize("actions", LatencySlimming.ACTION_SETS)
+def test_every_slimming_step_and_the_result_agree_with_an_independent_derivation(actions):
+    r = random.Random(f"slimming-{actions}")
+    every = actions == "every"
     steps_checked = stuck = 0
     for case in range(40):
         space = _space(r)
@@ -148,7 +152,7 @@ def test_every_slimming_step_and_the_result_agree_with_an_independent_derivation
                "blocks": [[next(t for t in st.candidates if t != "identity")] * st.max_depth for st in space.stages]}
         path, evaluated = [], [cur]
         while ms(cur) > ctx.target_ms:
-            cands = _paper_candidates(space, cur, ms, mp)
+            cands = _paper_candidates(space, cur, ms, mp, every)
             evaluated += [c for _, _, c in cands]
             step = _chosen(cands, cur, ms, score)
             if step is None:
@@ -157,10 +161,10 @@ def test_every_slimming_step_and_the_result_agree_with_an_independent_derivation
             cur = step[2]
         if ms(cur) > ctx.target_ms:  # no candidate saves time: the documented stop
             with pytest.raises(SearchError, match="no action saves time"):
-                LatencySlimming().search(ctx)
+                LatencySlimming(actions=actions).search(ctx)
             stuck += 1
             continue
-        res = LatencySlimming().search(ctx)
+        res = LatencySlimming(actions=actions).search(ctx)
         got = [(s["action"], s["where"], s["predicted_ms"]) for s in res.extra["trajectory"][1:]]
         assert got == [(a, w, ms(c)) for a, w, c in path], case
         steps_checked += len(path)
