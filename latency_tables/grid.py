@@ -402,12 +402,13 @@ def _lattice(pts) -> Tuple[List[int], List[int], List[int]]:
     add its value to an axis where few other points have it, and every width bracketed by that value would
     lose its corners and fall back to MAC interpolation. A value goes when its slice (that value of one
     axis, every value of the others) misses more than half of its points, the sparsest first; such entries
-    stay exact entries. A grid missing a corner here and there keeps its axes (and those widths fall back)."""
+    stay exact entries. A grid missing a corner here and there keeps its axes (and those widths fall back); an
+    axis is never emptied, however scattered the points."""
     axes = [sorted({p[i] for p in pts}) for i in range(3)]
     while True:
         worst = None
         for i, ax in enumerate(axes):
-            for x in ax:
+            for x in ax if len(ax) > 1 else ():  # an axis keeps one value (scattered points: no lattice)
                 cut = [a if j != i else [x] for j, a in enumerate(axes)]
                 n = len(cut[0]) * len(cut[1]) * len(cut[2])
                 miss = sum(c not in pts for c in _corners(cut)) / n

@@ -289,3 +289,18 @@ def test_a_distilled_deit_grid_fits_its_networks_and_one_head_count_means_one_an
     assert all(seen.get(key_str(k), 0) >= 2 for k in keys)
     one = prune_grid_keys(tiny_deit(), GridSpec(qk=4, v=4, ffn=16, heads=1))
     assert sorted({k["heads"] for k in one if k["heads"]}) == [1, 3]
+
+
+def test_split_index_of_scattered_attention_entries_keeps_every_axis():
+    """Attention-only entries that form no lattice (several pruned archs' blocks, no grid built): the index
+    still loads, prices each measured point exactly, and prices nothing it has no corners for (the axes
+    pruning away sparse values stopped at one value each: it emptied an axis and divided by zero)."""
+    from latency_tables.grid import SplitIndex, attn_key
+    g = ("vit_block", 17, 24)
+    pts = [(3, 4, 4), (3, 8, 8), (2, 4, 8), (3, 16, 16)]
+    idx = SplitIndex([_entry(attn_key(g, h, q, v), h + q + v) for h, q, v in pts])
+    assert all(len(ax) >= 1 for ax in idx.attn_axes[next(iter(idx.attn_axes))])
+    for h, q, v in pts:
+        got = idx.attn_part(g, h, q, v)
+        assert got is None or got[0] == pytest.approx(h + q + v)
+    assert idx.attn_part(g, 3, 6, 6) is None
