@@ -145,6 +145,12 @@ def load_pipeline(path: str) -> dict:
             raise VitslimError(f"{path}: unknown key {k!r}, expected one of {', '.join(PIPELINE_KEYS)}")
     if d.get("version", 1) != 1:
         raise _bad("version", d.get("version"), "1")
+    for k in ("supernet", "search"):  # sections of settings, read key by key below and in the stages
+        if d.get(k) is not None and not isinstance(d[k], dict):
+            raise _bad(k, d[k], "a mapping of settings")
+    cfg = (d.get("supernet") or {}).get("config")
+    if cfg is not None and not isinstance(cfg, str):
+        raise _bad("supernet.config", cfg, "a path to a supernet training config .yaml")
     s = d.get("search") or {}
     for k in s:  # checked before anything is trained
         if k not in SEARCH_KEYS + ("target_ms", "target_fraction"):

@@ -157,6 +157,24 @@ def test_bad_table_and_export_sections_are_refused_before_training(tmp_path, cap
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d.update(search=5), "search: got 5, expected a mapping"),
+    (lambda d: d.update(search="slim"), "search: got 'slim', expected a mapping"),
+    (lambda d: d.update(supernet=5), "supernet: got 5, expected a mapping"),
+    (lambda d: d.update(supernet=["sn.yaml"]), "supernet: got ['sn.yaml'], expected a mapping"),
+    (lambda d: d["supernet"].update(config=3), "supernet.config: got 3, expected a path"),
+])
+def test_sections_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, edit, msg):
+    pipe = write_pipeline(tmp_path)
+    d = yaml.safe_load(open(pipe))
+    edit(d)
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_bare_on_off_in_yaml_mean_the_verify_modes(tmp_path):
     from vitslim.cmd_search import load_pipeline
     pipe = write_pipeline(tmp_path)
