@@ -355,9 +355,3 @@ def load_arch(path: str) -> dict:
     except ArchError as e:
         raise ArchError(f"{path}: {e}") from None
 
-
-def blocks(arch: Mapping):
-    """Yield (stage index, block index, block dict) over every block, in forward order."""
-    for i, st in enumerate(arch["stages"]):
-        for j, b in enumerate(st["blocks"]):
-            yield i, j, b

@@ -396,21 +396,6 @@ class MetaPathSupernet(nn.Module):
             blocks.append(bl)
         return self.space.check_choice({"widths": list(widths or self.max_widths), "blocks": blocks})
 
-    def sample_choice(self, generator: Optional[torch.Generator] = None, widths=None) -> dict:
-        """A Choice drawn from softmax(alpha) (hard mode's sampling, without running the network)."""
-        noise = self.gumbel(generator)
-        blocks = []
-        for s, a, g in zip(self.space.stages, self.alphas, noise):
-            bl, seen3d = [], False
-            for j in range(s.max_depth):
-                logits = (a[j].detach() + g[j]).cpu().tolist()
-                order = sorted(range(len(logits)), key=lambda k: -logits[k])
-                t = next(s.candidates[k] for k in order if not (seen3d and s.candidates[k] == "meta4d"))
-                seen3d |= t == "meta3d"
-                bl.append(t)
-            blocks.append(bl)
-        return self.space.check_choice({"widths": list(widths or self.max_widths), "blocks": blocks})
-
     # ------------------------------------------------------------ extraction
     def _source_key(self, key: str, arch: Mapping) -> str:
         m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key)
