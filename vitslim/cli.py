@@ -159,11 +159,7 @@ def _load_extra_commands():
     import importlib
     for mod in ("vitslim.cmd_latency", "vitslim.cmd_supernet", "vitslim.cmd_search", "vitslim.cmd_prune",
                 "vitslim.cmd_export", "vitslim.cmd_env"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)
 
 
 class OneLineParser(argparse.ArgumentParser):
