@@ -227,6 +227,9 @@ def _extract(args):
     import supernet.arch as A
     from supernet.checkpoint import save_checkpoint
     from supernet.train import load_supernet
+    if args.widths is not None and args.choice not in ("best", "largest"):  # an arch or a JSON choice has its own
+        raise VitslimError(f"--widths: only with --choice best or largest, got it with "
+                           f"{'--arch ' + args.arch if args.arch else '--choice ' + args.choice} (whose widths are its own)")
     check_writable(args.out, "--out", is_dir=True)
     mine = [f for f in ("arch.yaml", "model.pt", "choice.json") if os.path.exists(os.path.join(args.out, f))]
     if mine and not args.overwrite:

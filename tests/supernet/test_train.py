@@ -209,6 +209,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
     assert len(err) == 1 and needle in err[0]
 
 
+def test_cli_extract_refuses_widths_it_would_ignore(tmp_path, capsys):
+    """--widths sets the widths of --choice best / largest; an arch or a JSON choice has widths of its own, and
+    --widths beside them was silently dropped (the network written was not of the widths asked for)."""
+    run = str(tmp_path / "run")
+    train(TrainConfig.from_dict(config(steps=2)), run, progress=False)
+    choice = json.dumps({"widths": [16, 16, 32, 32], "blocks": [["meta4d"], ["meta4d"], ["meta4d", "meta4d"],
+                                                                ["meta4d", "meta4d"]]})
+    assert main(["supernet", "extract", run, "--choice", choice, "--out", str(tmp_path / "a")]) == 0
+    for how in (["--choice", choice], ["--arch", str(tmp_path / "a" / "arch.yaml")]):
+        capsys.readouterr()
+        assert main(["supernet", "extract", run, *how, "--widths", "16,16,16,32", "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--widths: only with --choice best or largest" in err[0], err
+        assert not (tmp_path / "b").exists()
+
+
 def test_cli_data_directory_without_images_fails_in_one_line(tmp_path, capsys):
     os.makedirs(tmp_path / "imgs" / "a")
     (tmp_path / "imgs" / "a" / "x.txt").write_text("no image")
