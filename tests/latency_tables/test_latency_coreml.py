@@ -290,6 +290,27 @@ def test_times_that_look_like_seconds_are_warned_about(exported, tmp_path):
                    "iPhone 12")
 
 
+def test_continuing_an_export_keeps_the_packages_written_and_converts_only_the_new_entries(exported, tmp_path):
+    """An export re-run with the same settings (after an interruption, or for more entries) reuses every package
+    it wrote; a new entry gets a name no earlier package has."""
+    import shutil
+    out = str(tmp_path / "again")
+    shutil.copytree(exported[0], out)
+    old = exported[1]["entries"][0]
+    pkg = os.path.join(out, old["package"], "Manifest.json")
+    before = os.stat(pkg).st_mtime_ns
+    new_key = {"op": "meta4d", "res": 8, "dim": 16, "ffn_hidden": 32}
+    manifest = export_coreml([old["key"], new_key], out)
+    assert manifest["entries"][0] == old and os.stat(pkg).st_mtime_ns == before
+    names = {r["name"] for r in exported[1]["entries"]}
+    new = manifest["entries"][1]
+    assert new["key_str"] == key_str(new_key) and new["name"] not in names
+    assert os.path.isdir(os.path.join(out, new["package"]))
+    assert json.load(open(os.path.join(out, "manifest.json")))["entries"] == manifest["entries"]
+    with open(os.path.join(out, "times_template.csv")) as f:
+        assert [r[0] for r in csv.reader(f)][1:] == [old["name"], new["name"]]
+
+
 def test_continuing_an_export_with_another_batch_or_precision_is_refused(exported, tmp_path):
     out, manifest = exported
     for kw, needle in (({"precision": "float32"}, "precision 'float32 inputs, float16 compute', asked 'float32 inputs, "
