@@ -174,6 +174,11 @@ def make_strategy(name: str, run_args: Mapping, trials: int = 100, sampler: str 
                   actions: str = "paper", refine: int = 0):
     if refine and name != "slim":
         raise SearchError(f"--refine {refine}: refinement follows slimming (--strategy slim), not {name}")
+    # settings of one strategy given to another would be dropped without a word: the run would answer another question
+    for flag, given, default, owner in (("--criterion", criterion, "acc", "slim"), ("--actions", actions, "paper", "slim"),
+                                        ("--band", band, 0.0, "random")):
+        if given != default and name != owner and name in STRATEGIES:
+            raise SearchError(f"{flag} {given}: a setting of --strategy {owner}, not {name} (which would ignore it)")
     if name == "slim":
         return LatencySlimming(run_args=run_args, criterion=criterion, actions=actions, refine=refine)
     if name == "optuna":

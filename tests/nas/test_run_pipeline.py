@@ -120,6 +120,7 @@ def test_a_resumed_pipeline_keeps_its_thread_count(tmp_path, capsys, monkeypatch
                                         ({"refine": -2}, "search.refine: got -2"),
                                         ({"criterion": "top5"}, "search.criterion: got 'top5'"),
                                         ({"strategy": "random", "refine": 3}, "refinement follows slimming"),
+                                        ({"strategy": "optuna", "criterion": "loss"}, "search.criterion loss: a setting"),
                                         ({"target_fraction": 1.5}, "search.target_fraction: got 1.5"),
                                         ({"target_fraction": None, "target_ms": -1}, "search.target_ms: got -1"),
                                         ({"eval_images": 0}, "search.eval_images: got 0, expected an integer >= 1"),

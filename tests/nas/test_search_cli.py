@@ -83,6 +83,18 @@ def test_settings_are_checked_even_where_they_would_not_be_used(supernet_run, ta
         assert not os.path.exists(tmp_path / "o")
 
 
+def test_a_setting_of_another_strategy_is_refused_not_dropped(supernet_run, table_path, tmp_path, capsys):
+    """--band shapes random search's samples, --criterion and --actions slimming's steps: given with a strategy that
+    has no use for them, the run ignored them and answered another question than the one asked."""
+    for extra, needle in ((["--strategy", "slim", "--band", "0.1"], "--band 0.1: a setting of --strategy random, not slim"),
+                          (["--strategy", "random", "--criterion", "loss"], "--criterion loss: a setting of --strategy slim"),
+                          (["--strategy", "uniform", "--actions", "every"], "--actions every: a setting of --strategy slim")):
+        rc, err = run_cli(capsys, "--supernet", supernet_run, "--table", table_path, "--target-ms", "3",
+                          "--out", str(tmp_path / "o"), "--eval-images", "8", "--verify", "off", *extra)
+        assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+        assert not os.path.exists(tmp_path / "o")
+
+
 def test_report_says_the_accuracy_of_the_saved_weights(supernet_run, table_path, tmp_path):
     """`accuracy` is the search's (inherited weights); `model_accuracy` is model.pt's on the same images:
     the same without fine-tuning, the fine-tuned weights' with it."""
