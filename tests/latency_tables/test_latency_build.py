@@ -310,3 +310,23 @@ def test_topping_up_a_few_entries_runs_only_the_networks_they_need(tmp_path, tin
     holding = [a for a in nets if {s.id for s in decompose(a)} & {key_str(k) for k in gone}]
     run = b2.prepared
     assert run <= sum(len(decompose(a)) for a in holding[:2 * len(gone)]) < full, (run, full)
+
+
+@pytest.mark.parametrize("name", ["tiny", "efficientformer_l1"])
+def test_a_space_s_calibration_networks_span_it_and_are_priced_by_its_table(name):
+    """`latency build --space S --calibrate N` (the default build) fits the overhead on the space's largest and
+    smallest members and random ones: every one inside the space and made only of entries its table holds
+    (else calibrate stops with 'needs entries the table lacks'), the same list on every re-run."""
+    from latency_tables.build import calibration_archs, smallest_choice
+    from latency_tables.segments import space_keys
+    from lat_helpers import fake_table
+    from supernet.space import load_space, shipped_space_file
+    space = load_space(shipped_space_file(name))
+    nets = calibration_archs(space, n=5)
+    assert len(nets) == 5 and nets == calibration_archs(space, n=5)
+    smallest = space.check_choice(smallest_choice(space))
+    assert nets[0] == space.to_arch(space.largest_choice()) and nets[1] == space.to_arch(smallest)
+    assert smallest["widths"] == [s.min_width for s in space.stages]
+    table = fake_table(space_keys(space))
+    assert all(table.missing(a) == [] for a in nets)
+    assert table.predict(nets[1]) < table.predict(nets[0])
