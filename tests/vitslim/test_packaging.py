@@ -142,5 +142,6 @@ def test_the_source_distribution_carries_the_tests_and_experiments(tmp_path):
         files = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {"LICENSE", "CHANGELOG.md", "experiments/quickstart.yaml", "tests/conftest.py",
             "tests/data/golden/deit_p4_d48_h3_l2.pt", "supernet/spaces/tiny.yaml",
-            "latency_tables/cpu_torch_tiny.yaml"} <= files
+            "latency_tables/cpu_torch_tiny.yaml", "tests/data/compat/c02c843/latency_table.yaml",
+            "tests/data/compat/c02c843/expected.json"} <= files
     assert not any(f.endswith(".pyc") or "__pycache__" in f for f in files)
