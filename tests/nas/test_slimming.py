@@ -108,7 +108,7 @@ def test_resume_with_other_arguments_is_refused(slim_run, supernet_run, table_pa
         run_search(supernet_run, table_path, target, str(part), eval_images=8, progress=False)
 
 
-@pytest.mark.parametrize("version", [None, 2])
+@pytest.mark.parametrize("version", [None, 1, 3])
 def test_resume_of_a_log_of_another_version_is_refused(slim_run, supernet_run, table_path, tmp_path, version):
     """A log whose steps another version's rules chose (or one without a version) is not continued under these."""
     out, rep, target = slim_run
@@ -119,8 +119,24 @@ def test_resume_of_a_log_of_another_version_is_refused(slim_run, supernet_run, t
     head = json.loads(lines[0])
     head.pop("version") if version is None else head.update(version=version)
     (part / "trajectory.jsonl").write_text(json.dumps(head) + "\n" + "".join(lines[1:]))
-    with pytest.raises(SearchError, match=f"cannot resume .*a slimming log of version {version}, expected 1"):
+    with pytest.raises(SearchError, match=f"cannot resume .*a slimming log of version {version}, expected 2"):
         run_search(supernet_run, table_path, target, str(part), eval_images=16, progress=False)
+
+
+def test_a_log_an_earlier_vitslim_wrote_is_refused_not_continued(supernet_run, table_path, tmp_path):
+    """tests/data/compat/c02c843/trajectory.jsonl: the first step of a search by commit c02c843, whose rules (step
+    scoring, final pick, stage shrink) differ from these though its header said version 1 as these logs did; it
+    was continued under these rules (and a finished path's pick recomputed against its own done record)."""
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "compat", "c02c843",
+                             "trajectory.jsonl"), part / "trajectory.jsonl")
+    target = 0.5 * start_ms(supernet_run, table_path)
+    with pytest.raises(SearchError) as e:
+        run_search(supernet_run, table_path, target, str(part), eval_images=16, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(part / "trajectory.jsonl") in msg and "version 1, expected 2" in msg
+    assert msg.endswith("delete it to search again)")  # also what `vitslim run` needs: it has no --overwrite
 
 
 def test_unreachable_target_names_the_fastest_network(supernet_run, table_path, tmp_path):
