@@ -850,6 +850,14 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
 
 
 STATE_FORMAT = "vitslim-prune-state"
+
+
+class _Missing:
+    def __repr__(self):
+        return "(none)"
+
+
+_NONE = _Missing()  # a key setting a resume state does not hold
 FINETUNE_SAVE_SECONDS = 60.0  # how often an interrupted fine-tuning may lose its work, at most
 
 
@@ -870,9 +878,18 @@ def _read_state(path: str, key: Mapping) -> Optional[dict]:
             old = None
         if not isinstance(old, dict):
             raise PruneError(f"{path}: not a prune state (key {st.get('key')!r:.40}); delete it to start over")
-        diff = [f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
-        raise PruneError(f"{path}: an interrupted prune of other settings ({'; '.join(diff[:3])}); re-run it with "
-                         "its settings to resume it, or pass --overwrite to start this one")
+        diff, newer = [], False  # newer: a setting the state lacks (an earlier vitslim's, which had none such)
+        for k in sorted(set(old) | set(key)):
+            a, b = old.get(k, _NONE), key.get(k, _NONE)
+            pairs = ([(f"{k}.{c}", a.get(c, _NONE), b.get(c, _NONE)) for c in sorted(set(a) | set(b))]
+                     if isinstance(a, Mapping) and isinstance(b, Mapping) else [(k, a, b)])  # the setting, not all
+            for name, x, y in pairs:
+                if x != y:
+                    newer |= x is _NONE
+                    diff.append(f"{name}: {x!r} -> {y!r}")
+        raise PruneError(f"{path}: an interrupted prune of other settings ({'; '.join(diff[:3])}); " + (
+            "its state was written by an earlier vitslim: pass --overwrite to start this one" if newer else
+            "re-run it with its settings to resume it, or pass --overwrite to start this one"))
     return dict(st)
 
 

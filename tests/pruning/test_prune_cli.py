@@ -328,6 +328,25 @@ main({argv!r})
 """
 
 
+def test_a_resume_state_an_earlier_vitslim_wrote_is_refused_naming_the_settings_it_lacks(tmp_path):
+    """A state from before a setting existed (--keep, --round-to) differs in its key only by that setting: the error
+    names it, not two whole config dicts, and says to start over (re-running 'with its settings' cannot help)."""
+    from pruning.pruner import STATE_FORMAT, _read_state
+    from pruning.units import PruneError
+    key = {"config": {"iterative_steps": 3, "keep": [], "round_to": 1, "lr": 1e-4}, "seed": 0}
+    old = {"config": {"iterative_steps": 3, "lr": 1e-4}, "seed": 0}
+    path = str(tmp_path / ".p.resume.pt")
+    torch.save({"format": STATE_FORMAT, "key": json.dumps(old, sort_keys=True)}, path)
+    with pytest.raises(PruneError) as e:
+        _read_state(path, key)
+    msg = str(e.value)
+    assert "(config.keep: (none) -> []; config.round_to: (none) -> 1)" in msg and "iterative_steps" not in msg
+    assert msg.endswith("written by an earlier vitslim: pass --overwrite to start this one")
+    torch.save({"format": STATE_FORMAT, "key": json.dumps(dict(key, seed=1), sort_keys=True)}, path)
+    with pytest.raises(PruneError, match=r"\(seed: 1 -> 0\); re-run it with its settings to resume it"):
+        _read_state(path, key)  # this vitslim's state of other settings: as before
+
+
 def test_a_prune_killed_during_fine_tuning_resumes_to_the_uninterrupted_result(deit_ckpt, tmp_path, capsys):
     """kill -9, not Ctrl-C: nothing of the killed process cleans up (its lock, its temporaries); re-running the
     command continues from the last save to the weights and report of an uninterrupted run."""
