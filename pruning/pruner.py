@@ -591,12 +591,13 @@ def block_widths(arch: Mapping) -> List[dict]:
 
 
 def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[DataSource] = None,
-          calibration: Optional[List[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
+          calibration: Optional[Iterable[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
           progress: bool = False, importance: Optional[Importance] = None, state_path: Optional[str] = None,
           state_key: Optional[Mapping] = None) -> PruneResult:
     """Prune `model` (not modified) to `config.target`; returns the smaller model, its arch and the
-    report (report.py adds the file-level fields). Calibration batches come from `calibration` or
-    `data`; fine-tuning batches from `data`.
+    report (report.py adds the file-level fields). Calibration batches come from `calibration` (an iterable of
+    (images, labels or None) batches, e.g. a DataLoader: its first `config.calib_batches` are read) or `data`;
+    fine-tuning batches from `data`.
 
     `state_path`: the run saves its state there after every step but the last (the pruned network, the
     scores' momentum, the report so far, the RNG), once a step that fine-tunes (or the last step) is
@@ -610,7 +611,7 @@ def prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[D
 
 
 def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[DataSource] = None,
-           calibration: Optional[List[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
+           calibration: Optional[Iterable[Batch]] = None, table=None, cost_fn: Optional[Callable] = None,
            progress: bool = False, importance: Optional[Importance] = None, state_path: Optional[str] = None,
            state_key: Optional[Mapping] = None) -> PruneResult:
     from tqdm import tqdm
@@ -629,8 +630,8 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
         if data is None and imp.needs_data:
             raise PruneError("calibration data: none given, expected --data synthetic or an ImageFolder directory")
         calibration = data.calibration(cfg.calib_batches) if data is not None else []
-    else:
-        calibration = list(calibration)
+    else:  # the first calib_batches of the caller's iterable: a DataLoader over a training set is not read whole
+        calibration = list(itertools.islice(calibration, cfg.calib_batches))
         for x, _ in calibration[:1]:
             check_images(x, arch)
     heldout = data.heldout(cfg.eval_batches) if (data is not None and cfg.eval_batches) else calibration[:cfg.eval_batches]

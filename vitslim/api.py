@@ -107,7 +107,8 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     Face or vitslim; `arch`: see load_checkpoint). prune_target: "macs=0.5", "params=0.5", "latency=0.5x" (with `table`) or several joined by
     commas. data: "synthetic", an ImageFolder directory (normalised with `mean` / `std`, eval-cropped by `crop_pct`:
     ImageNet's and 0.875 by default) or a .pt of images, for calibration (and fine-tuning);
-    or give `calibration`, an iterable of (images, labels or None) batches from your own loader. table: a latency
+    or give `calibration`, an iterable of (images, labels or None) batches from your own loader (a DataLoader:
+    only its first `calib_batches`, 8 by default, are read; without `data` the held-out figures share them). table: a latency
     table (path, shipped name or LatencyTable) for latency targets. **config: any `pruning.pruner.PruneConfig`
     field (criterion, selection, iterative_steps, finetune_steps, kd, min_keep, keep, round_to, prune_embed,
     depth, calib_batches, eval_batches, seed, ...). The input model is not modified."""
@@ -132,7 +133,7 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     if table is not None and not hasattr(table, "predict"):
         from latency_tables.table import LatencyTable
         table = LatencyTable.load(os.fspath(table))
-    res = prune(model, arch, cfg, data=src, calibration=list(calibration) if calibration is not None else None,
+    res = prune(model, arch, cfg, data=src, calibration=calibration,
                 table=table, progress=progress)
     res.model.arch = res.arch
     return res.model, res.arch, res.report

@@ -32,7 +32,7 @@ def test_parse_targets():
 
 def _prune(arch, target, table, seed=None, **kw):
     model = build(arch) if seed is None else build(arch, seed=seed, after_init=True)
-    return prune(model, arch, PruneConfig(target=target, calib_batches=1, eval_batches=1, **kw),
+    return prune(model, arch, PruneConfig(target=target, calib_batches=2, eval_batches=1, **kw),
                  calibration=batches(arch, 2), table=table)
 
 

@@ -76,3 +76,31 @@ def test_an_arch_that_differs_from_the_models_own_is_refused():
     arch = tiny_deit()
     with pytest.raises(vitslim.VitslimError, match="arch: differs from the model's own .arch"):
         vitslim.prune_model(build(arch), "macs=0.5", calibration=batches(arch, 1), arch=tiny_deit(blocks=3))
+
+
+class _CountingImages(torch.utils.data.Dataset):
+    """A user's own dataset that counts the images read from it."""
+
+    def __init__(self, arch, n):
+        g = torch.Generator().manual_seed(0)
+        s = arch["input_size"]
+        self.x, self.y = torch.randn(n, arch["in_chans"], s, s, generator=g), torch.randint(0, 10, (n,), generator=g)
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def test_prune_model_reads_only_calib_batches_of_a_dataloader():
+    """A DataLoader over a training set as `calibration`: the pruner read all of it into memory (and scored on
+    every batch, whatever calib_batches said), hours and gigabytes on ImageNet; now its first calib_batches."""
+    arch = tiny_deit()
+    ds = _CountingImages(arch, 400)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)
+    small, _, rep = vitslim.prune_model(build(arch), "macs=0.6", calibration=loader, calib_batches=2, eval_batches=1)
+    assert ds.reads == 8 and rep["calib_batches"] == 2 and rep["calib_images"] == 8
+    assert rep["macs_after"] <= 0.6 * rep["macs_before"]
