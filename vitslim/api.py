@@ -100,7 +100,7 @@ def load_arch(path) -> dict:
 
 def prune_model(target, prune_target, data=None, calibration=None, table=None, batch_size: int = 32,
                 labels: str = "auto", progress: bool = False, arch: "ArchLike | None" = None,
-                mean=None, std=None, crop_pct=None, **config) -> Tuple[nn.Module, dict, dict]:
+                mean=None, std=None, crop_pct=None, importance=None, **config) -> Tuple[nn.Module, dict, dict]:
     """Taylor structured pruning from Python, as `vitslim prune` does it: (pruned model, its arch, report).
 
     target: a DeiT or Swin module built by vitslim (with `.arch`; also wrapped by DDP or torch.compile) or a checkpoint path (official, timm, Hugging
@@ -111,7 +111,10 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     only its first `calib_batches`, 8 by default, are read; without `data` the held-out figures share them). table: a latency
     table (path, shipped name or LatencyTable) for latency targets. **config: any `pruning.pruner.PruneConfig`
     field (criterion, selection, iterative_steps, finetune_steps, kd, min_keep, keep, round_to, prune_embed,
-    depth, calib_batches, eval_batches, seed, ...). The input model is not modified."""
+    depth, calib_batches, eval_batches, seed, ...). importance: your own criterion instead of `criterion`, a
+    `pruning.Importance` (e.g. `pruning.TaylorImportance(loss_fn)` with your loss(logits, labels or None), or a
+    subclass whose `score` returns `pruning.Scores`); the budgets and surgery are vitslim's. The input model is
+    not modified."""
     from pruning.pruner import DataSource, PruneConfig, prune
     if isinstance(target, nn.Module):
         target = _ckpt.unwrap_model(target)  # the network inside DistributedDataParallel / torch.compile
@@ -124,6 +127,13 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
         model, arch = target, resolve_arch(arch)
     else:
         model, arch = load_checkpoint(target, arch)
+    if importance is not None:
+        from pruning import Importance, PruneError
+        if not isinstance(importance, Importance):
+            raise TypeError(f"importance: got {type(importance).__name__}, expected a pruning.Importance (a subclass "
+                            "with score(model, arch, batches, progress=None, embed=False) -> pruning.Scores)")
+        if "criterion" in config:
+            raise PruneError(f"criterion={config['criterion']!r} and importance: both name the criterion, expected one")
     cfg = PruneConfig(target=prune_target, **config).check()
     src = None
     if data is not None:
@@ -134,6 +144,6 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
         from latency_tables.table import LatencyTable
         table = LatencyTable.load(os.fspath(table))
     res = prune(model, arch, cfg, data=src, calibration=calibration,
-                table=table, progress=progress)
+                table=table, progress=progress, importance=importance)
     res.model.arch = res.arch
     return res.model, res.arch, res.report

@@ -104,3 +104,40 @@ def test_prune_model_reads_only_calib_batches_of_a_dataloader():
     small, _, rep = vitslim.prune_model(build(arch), "macs=0.6", calibration=loader, calib_batches=2, eval_batches=1)
     assert ds.reads == 8 and rep["calib_batches"] == 2 and rep["calib_images"] == 8
     assert rep["macs_after"] <= 0.6 * rep["macs_before"]
+
+
+def test_prune_model_takes_the_users_own_importance_and_loss():
+    """Your own criterion with vitslim's budgets and surgery, from prune_model: it took only the built-in criteria
+    by name (`importance=` existed on pruning.prune alone), so a custom loss for Taylor scoring, or a criterion of
+    your own, meant leaving the documented entry point."""
+    from pruning import MagnitudeImportance, TaylorImportance
+    import torch.nn.functional as F
+    arch = tiny_deit(blocks=3)
+    model, calib = build(arch), batches(arch, 2)
+
+    class Mine(MagnitudeImportance):  # a criterion of one's own: here magnitude under another name, counted
+        name, calls = "mine", 0
+
+        def score(self, *a, **kw):
+            Mine.calls += 1
+            return super().score(*a, **kw)
+
+    ref, ref_arch, _ = vitslim.prune_model(model, "macs=0.6", calibration=calib, criterion="magnitude", eval_batches=1)
+    small, small_arch, rep = vitslim.prune_model(model, "macs=0.6", calibration=calib, importance=Mine(),
+                                                 eval_batches=1)
+    assert Mine.calls == 1 and rep["criterion"] == "mine" and small_arch == ref_arch
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in small.state_dict().items())
+
+    seen = []
+
+    def smoothed(logits, labels):  # the user's loss for Taylor scoring: label smoothing
+        seen.append(len(logits))
+        return F.cross_entropy(logits, labels, label_smoothing=0.1)
+
+    _, _, rep = vitslim.prune_model(model, "macs=0.6", calibration=calib, importance=TaylorImportance(smoothed),
+                                    eval_batches=1)
+    assert seen == [4, 4] and rep["criterion"] == "taylor" and rep["macs_after"] <= 0.6 * rep["macs_before"]
+    with pytest.raises(TypeError, match="importance: got str, expected a pruning.Importance"):
+        vitslim.prune_model(model, "macs=0.6", calibration=calib, importance="magnitude")
+    with pytest.raises(vitslim.VitslimError, match="criterion='taylor' and importance: both name the criterion"):
+        vitslim.prune_model(model, "macs=0.6", calibration=calib, importance=Mine(), criterion="taylor")
