@@ -287,3 +287,24 @@ def test_the_embedding_floor_is_a_rounded_fraction_of_the_original_width_capped_
     assert Floor(0.0).embed_min(40, 64) == 1
     assert Floor(0.3, keep={(1, 0)}).embed_min(40, 64, stage=1) == 40  # a kept block's stage keeps its width
     assert Floor(0.3, keep={(1, 0)}).embed_min(40, 64, stage=0) == 20
+
+
+def test_own_scores_compose_with_selection_and_surgery_from_the_package():
+    """The two halves from `import pruning` alone: scores of one's own (here random), a selection under a budget, then
+    surgery. select_knapsack / select_ratio were exported but `Network`, what they select on, was not."""
+    import pruning
+    arch = tiny_swin()
+    model = build(arch)
+    rng = np.random.default_rng(0)
+    infos = pruning.block_infos(arch)
+    own = pruning.Scores({i.key: {"head": rng.random(i.heads), "qk": rng.random((i.heads, i.qk_dim)),
+                                  "v": rng.random((i.heads, i.v_dim)), "ffn": rng.random(i.ffn_hidden)} for i in infos},
+                         "random")
+    cost = pruning.MacsCost()
+    budget = 0.6 * cost.total(arch)
+    net = pruning.Network(arch, own, cost, pruning.Floor(0.1).of(infos))
+    sel = pruning.select_knapsack(net, budget)
+    assert isinstance(sel, pruning.Selection) and sel.cost <= budget
+    small, small_arch = pruning.apply_plan(model, arch, sel.plan)
+    assert cost.total(small_arch) <= budget + 1e-6 * budget
+    assert small(batches(arch, 1)[0][0]).shape == (4, arch["num_classes"])
