@@ -142,3 +142,31 @@ def test_prune_to_a_latency_target_on_a_measured_grid(make, tmp_path):
     assert res.report["latency_after_ms"] == pytest.approx(t.predict(res.arch, interpolate=True))
     assert t.predict_stages(res.arch, interpolate=True)["estimated"]  # pruned widths priced from the grid
     assert res.report["macs_after"] < res.report["macs_before"]
+
+
+def test_a_table_filled_by_the_users_own_timer_prices_pruning(tmp_path):
+    """A device vitslim has no backend for (a remote board, a profiler): the user times every entry with their own
+    timer and prunes against the table, from `import latency_tables` alone. The width grid's keys and the entries'
+    modules were reachable only through latency_tables.grid / .segments internals."""
+    import torch
+    import vitslim
+    from latency_tables import LatencyTable, arch_keys, build_segment, prune_grid_keys
+    arch = tiny_deit(blocks=3)
+
+    def my_timer(module, x):  # stands in for a device's own clock: runs the module, "ms" from its size
+        with torch.no_grad():
+            module(x)
+        return 0.01 + 1e-4 * sum(p.numel() for p in module.parameters())
+
+    table = LatencyTable({"backend": "my-npu", "device": "board 3", "threads": 1, "batch_size": 1})
+    for key in arch_keys(arch) + prune_grid_keys(arch):
+        module, shape = build_segment(key)
+        ms = my_timer(vitslim.fuse(module), torch.randn(1, *shape))
+        table.set(key, ms, ms, ms, n=1)
+    table.save(str(tmp_path / "my_npu.yaml"))
+    _, small_arch, rep = vitslim.prune_model(build(arch), "latency=0.6x", calibration=batches(arch, 1),
+                                             table=tmp_path / "my_npu.yaml", eval_batches=0)
+    assert rep["latency_grid_blocks"] == rep["blocks_total"] == 3
+    assert rep["latency_after_ms"] <= 0.6 * rep["latency_before_ms"] + 1e-9
+    assert LatencyTable.load(str(tmp_path / "my_npu.yaml")).predict(small_arch, interpolate=True) == \
+        pytest.approx(rep["latency_after_ms"])
