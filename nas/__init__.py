@@ -5,9 +5,13 @@
 
 Strategies share one interface (`SearchStrategy.search(SearchContext) -> SearchResult`):
 `LatencySlimming` (EfficientFormer's slimming), `OptunaSearch`, and the baselines `RandomSearch`,
-`UniformShrink`. `HeldoutEvaluator` scores a Choice with the supernet's weights.
+`UniformShrink`. `HeldoutEvaluator` scores a Choice with the supernet's weights; a SearchContext also takes your
+own function choice -> {"acc", "loss"} as its evaluator (wrapped in a `FunctionEvaluator`):
+
+    ctx = SearchContext(space, supernet, table, table.compile(space), my_eval, target_ms, progress=False)
+    result = LatencySlimming().search(ctx)          # result.choice; supernet.extract(result.choice) -> (model, arch)
 """
-from .evaluator import HeldoutEvaluator, choice_key
+from .evaluator import FunctionEvaluator, HeldoutEvaluator, choice_key
 from .optuna_search import FlatEncoding, OptunaSearch
 from .random_search import RandomSearch, UniformShrink
 from .run import run_search, write_run
@@ -15,5 +19,6 @@ from .slimming import LatencySlimming
 from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, fastest_choice, largest_choice
 
 __all__ = ["run_search", "write_run", "SearchStrategy", "SearchContext", "SearchResult", "SearchError",
-           "LatencySlimming", "OptunaSearch", "RandomSearch", "UniformShrink", "HeldoutEvaluator", "FlatEncoding",
+           "LatencySlimming", "OptunaSearch", "RandomSearch", "UniformShrink", "HeldoutEvaluator", "FunctionEvaluator",
+           "FlatEncoding",
            "choice_key", "fastest_choice", "largest_choice"]

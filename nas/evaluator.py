@@ -141,3 +141,44 @@ class HeldoutEvaluator:
         if key not in self.cache:
             self.primed += 1
         self.cache[key] = {"acc": float(result["acc"]), "loss": float(result["loss"])}
+
+
+class FunctionEvaluator:
+    """Your own evaluator as a search's: `fn(choice) -> {"acc", "loss"}` (e.g. the extracted network on your own
+    held-out set, with your own metric as "acc", higher better) behind what the strategies use of a
+    `HeldoutEvaluator`: each choice evaluated once (cached by `choice_key`), counted, and primed from a log on a
+    resume. `SearchContext` wraps a plain callable given as its evaluator in one."""
+
+    def __init__(self, fn, space):
+        self.fn, self.space = fn, space
+        self.cache: Dict[str, dict] = {}
+        self.evaluations, self.primed, self.seconds = 0, 0, 0.0
+
+    def __call__(self, choice: Mapping) -> dict:
+        import math
+        choice = self.space.check_choice(choice)
+        key = choice_key(choice)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return dict(hit)
+        t0 = time.perf_counter()
+        res = self.fn(choice)
+        self.seconds += time.perf_counter() - t0
+        try:
+            out = {"acc": float(res["acc"]), "loss": float(res["loss"])}
+        except (TypeError, KeyError, ValueError):
+            out = None
+        if out is None or not all(math.isfinite(v) for v in out.values()):
+            from .strategy import SearchError
+            raise SearchError(f"evaluator: returned {res!r} for {key}, expected a dict with finite numbers 'acc' "
+                             "(higher is better) and 'loss'")
+        self.evaluations += 1
+        self.cache[key] = out
+        return dict(out)
+
+    def prime(self, choice: Mapping, result: Mapping) -> None:
+        """Seed the cache with a logged result (resume: the log's numbers are reused verbatim)."""
+        key = choice_key(choice)
+        if key not in self.cache:
+            self.primed += 1
+        self.cache[key] = {"acc": float(result["acc"]), "loss": float(result["loss"])}

@@ -13,7 +13,7 @@ import numpy as np
 
 from supernet.errors import VitslimError
 
-from .evaluator import HeldoutEvaluator
+from .evaluator import FunctionEvaluator, HeldoutEvaluator
 
 
 class SearchError(VitslimError, ValueError):
@@ -26,13 +26,21 @@ class SearchContext:
     supernet: Any                   # MetaPathSupernet (eval mode)
     table: Any                      # latency_tables.LatencyTable
     compiled: Any                   # table.compile(space): vectorised scoring of Choices
-    evaluator: HeldoutEvaluator
+    evaluator: HeldoutEvaluator     # or your own fn(choice) -> {"acc", "loss"} (wrapped in a FunctionEvaluator)
     target_ms: float
     seed: int = 0
     progress: bool = True
     log_dir: Optional[str] = None   # where a strategy keeps its resumable log / storage
     lookup_seconds: float = 0.0     # time in table look-ups (the overhead figure)
     limit_ms: Optional[float] = None  # a tighter bound on predicted latency (set by verification; None: the target)
+
+    def __post_init__(self):
+        ev = self.evaluator
+        if ev is not None and not (hasattr(ev, "prime") and hasattr(ev, "evaluations")):
+            if not callable(ev):
+                raise SearchError(f"evaluator: got {type(ev).__name__}, expected a nas.HeldoutEvaluator or a function "
+                                  "choice -> {'acc', 'loss'}")
+            self.evaluator = FunctionEvaluator(ev, self.space)
 
     @property
     def bound_ms(self) -> float:

@@ -501,3 +501,51 @@ def test_random_search_spends_its_budget_on_distinct_networks_and_returns_the_mo
     assert RandomSearch(budget=20).sample_feasible(ctx) == drawn
     ctx.seed = 1
     assert RandomSearch(budget=20).sample_feasible(ctx) != drawn
+
+
+def test_slimming_a_supernet_of_ones_own_loop_with_ones_own_evaluator_function(supernet_run, table_path, tmp_path):
+    """A research user's search: a MetaPathSupernet trained by their own loop, their own held-out set and metric as
+    a plain function choice -> {"acc", "loss"}, LatencySlimming, then the found network exported. SearchContext
+    took only a HeldoutEvaluator: a function failed deep in the strategy (AttributeError: no 'evaluations')."""
+    import torch.nn.functional as F
+    from latency_tables import LatencyTable
+    from nas import FunctionEvaluator, LatencySlimming, SearchContext
+    from supernet.supernet import MetaPathSupernet
+    torch.manual_seed(0)
+    net = MetaPathSupernet(load_supernet_run(supernet_run)[0].space)  # the space table_path covers, weights new
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(net.weight_parameters(), lr=0.01)
+    for _ in range(2):  # the user's own training loop
+        x = torch.randn(4, 3, 64, 64, generator=g)
+        loss = F.cross_entropy(net(x, mode="hard", generator=g), torch.randint(0, 4, (4,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    held = (torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 4, (8,), generator=g))
+    calls = []
+
+    def top2(choice):  # the user's own metric on their own held-out images
+        calls.append(choice)
+        model, _ = net.extract(choice)
+        with torch.no_grad():
+            out = model.eval()(held[0])
+        hit = (out.topk(2, -1).indices == held[1][:, None]).any(-1).float().mean()
+        return {"acc": float(hit), "loss": float(F.cross_entropy(out, held[1]))}
+
+    table = LatencyTable.load(table_path)
+    compiled = table.compile(net.space)
+    start = float(compiled.score_choices([net.space.largest_choice()])[0])
+    ctx = SearchContext(net.space, net, table, compiled, top2, 0.6 * start, progress=False)
+    assert isinstance(ctx.evaluator, FunctionEvaluator)
+    res = LatencySlimming().search(ctx)
+    assert res.predicted_ms <= 0.6 * start and res.evaluations == len(calls) > 1
+    assert res.acc == top2(res.choice)["acc"]
+    model, arch = net.extract(res.choice)
+    r = vitslim.export_model(model, "torchscript", tmp_path / "found.pt")
+    assert r["trained"] and os.path.isfile(tmp_path / "found.pt")
+    with pytest.raises(SearchError, match="evaluator: returned 0.5 for .*, expected a dict with finite numbers 'acc'"):
+        SearchContext(net.space, net, table, compiled, lambda c: 0.5, 0.6 * start, progress=False).evaluator(
+            res.choice)
+    with pytest.raises(SearchError, match="evaluator: got str, expected a nas.HeldoutEvaluator or a function"):
+        SearchContext(net.space, net, table, compiled, "top2", 0.6 * start, progress=False)
