@@ -238,6 +238,55 @@ class DataSource:
         return self._batches(self._train, steps, start, shuffle=True)
 
 
+class BatchSource:
+    """Your own batches as a DataSource (what `prune` takes as `data`): `train` (e.g. your DataLoader) gives
+    calibration (its first batches) and fine-tuning (read on across iterative steps, started again when it runs
+    out); `heldout` the held-out figures (the first training batches without it). Batches are
+    (images, labels or None) pairs; labels outside the model's classes are replaced by the unpruned model's top-1."""
+
+    def __init__(self, arch: Mapping, train: Iterable, heldout: Optional[Iterable] = None, what: str = "train_batches"):
+        self.arch, self.train, self.held, self.what = arch, train, heldout, what
+        self._it: Optional[Iterator] = None
+        self._checked = False
+
+    def _pair(self, b, what: str) -> Batch:
+        if isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], torch.Tensor) and \
+                (b[1] is None or isinstance(b[1], torch.Tensor)):
+            x, y = b
+        else:
+            raise PruneError(f"{what}: got a batch of {type(b).__name__}"
+                             f"{' of ' + str(len(b)) if isinstance(b, (tuple, list)) else ''}, expected (images, "
+                             "labels or None) pairs")
+        if not self._checked:
+            check_images(x, self.arch, what)
+            self._checked = True
+        return x, y
+
+    def _first(self, src: Iterable, n: int, what: str) -> List[Batch]:
+        return [self._pair(b, what) for b in itertools.islice(iter(src), n)]
+
+    def calibration(self, n: int) -> List[Batch]:
+        return self._first(self.train, n, self.what)
+
+    def heldout(self, n: int) -> List[Batch]:
+        return self._first(self.held, n, "heldout_batches") if self.held is not None else self.calibration(n)
+
+    def training(self, steps: int, start: int = 0) -> Iterator[Batch]:
+        n = 0
+        while n < steps:
+            fresh, got = self._it is None, 0
+            if fresh:
+                self._it = iter(self.train)
+            for b in self._it:
+                yield self._pair(b, self.what)
+                n, got = n + 1, got + 1
+                if n == steps:
+                    return
+            self._it = None
+            if fresh and not got:
+                raise PruneError(f"{self.what}: gave no batch, expected (images, labels or None) batches to fine-tune on")
+
+
 # ---------------------------------------------------------------- training helpers
 def _logits(out):
     return (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out

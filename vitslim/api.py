@@ -100,7 +100,8 @@ def load_arch(path) -> dict:
 
 def prune_model(target, prune_target, data=None, calibration=None, table=None, batch_size: int = 32,
                 labels: str = "auto", progress: bool = False, arch: "ArchLike | None" = None,
-                mean=None, std=None, crop_pct=None, importance=None, **config) -> Tuple[nn.Module, dict, dict]:
+                mean=None, std=None, crop_pct=None, importance=None, train_batches=None, heldout_batches=None,
+                **config) -> Tuple[nn.Module, dict, dict]:
     """Taylor structured pruning from Python, as `vitslim prune` does it: (pruned model, its arch, report).
 
     target: a DeiT or Swin module built by vitslim (with `.arch`; also wrapped by DDP or torch.compile) or a checkpoint path (official, timm, Hugging
@@ -108,14 +109,17 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
     commas. data: "synthetic", an ImageFolder directory (normalised with `mean` / `std`, eval-cropped by `crop_pct`:
     ImageNet's and 0.875 by default) or a .pt of images, for calibration (and fine-tuning);
     or give `calibration`, an iterable of (images, labels or None) batches from your own loader (a DataLoader:
-    only its first `calib_batches`, 8 by default, are read; without `data` the held-out figures share them). table: a latency
+    only its first `calib_batches`, 8 by default, are read; without `data` the held-out figures share them), or
+    `train_batches`, such an iterable to calibrate on (its first batches) and, with `finetune_steps`, to fine-tune
+    on between iterative steps (read on from step to step, started again when it runs out), with `heldout_batches`
+    for the held-out figures (the first training batches without it). table: a latency
     table (path, shipped name or LatencyTable) for latency targets. **config: any `pruning.pruner.PruneConfig`
     field (criterion, selection, iterative_steps, finetune_steps, kd, min_keep, keep, round_to, prune_embed,
     depth, calib_batches, eval_batches, seed, ...). importance: your own criterion instead of `criterion`, a
     `pruning.Importance` (e.g. `pruning.TaylorImportance(loss_fn)` with your loss(logits, labels or None), or a
     subclass whose `score` returns `pruning.Scores`); the budgets and surgery are vitslim's. The input model is
     not modified."""
-    from pruning.pruner import DataSource, PruneConfig, prune
+    from pruning.pruner import BatchSource, DataSource, PruneConfig, prune
     if isinstance(target, nn.Module):
         target = _ckpt.unwrap_model(target)  # the network inside DistributedDataParallel / torch.compile
         own = getattr(target, "arch", None)
@@ -136,6 +140,15 @@ def prune_model(target, prune_target, data=None, calibration=None, table=None, b
             raise PruneError(f"criterion={config['criterion']!r} and importance: both name the criterion, expected one")
     cfg = PruneConfig(target=prune_target, **config).check()
     src = None
+    if train_batches is not None:
+        from pruning import PruneError
+        if data is not None:
+            raise PruneError(f"data={os.fspath(data)!r} and train_batches: both give training images, expected one")
+        src = BatchSource(arch, train_batches, heldout_batches)
+    elif heldout_batches is not None:
+        from pruning import PruneError
+        raise PruneError("heldout_batches: given without train_batches, expected both (or data=, which holds out "
+                         "its own)")
     if data is not None:
         src = DataSource(os.fspath(data), arch, batch_size=batch_size, seed=cfg.seed, labels=labels,
                          mean=mean, std=std, crop_pct=crop_pct,

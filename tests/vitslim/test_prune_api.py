@@ -141,3 +141,67 @@ def test_prune_model_takes_the_users_own_importance_and_loss():
         vitslim.prune_model(model, "macs=0.6", calibration=calib, importance="magnitude")
     with pytest.raises(vitslim.VitslimError, match="criterion='taylor' and importance: both name the criterion"):
         vitslim.prune_model(model, "macs=0.6", calibration=calib, importance=Mine(), criterion="taylor")
+
+
+class _Counting(torch.utils.data.Dataset):
+    """The user's own dataset, counting the images read."""
+
+    def __init__(self, arch, n):
+        g = torch.Generator().manual_seed(1)
+        s = arch["input_size"]
+        self.x = torch.randn(n, arch["in_chans"], s, s, generator=g)
+        self.y = torch.randint(0, arch["num_classes"], (n,), generator=g)
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def test_prune_model_fine_tunes_between_steps_on_the_users_own_loader():
+    """train_batches: the user's DataLoader calibrates and fine-tunes between iterative steps (it needed data=, a
+    path): the steps read on through it (wrapping when it runs out), and fine-tuning changes the network."""
+    arch = tiny_deit(blocks=2)
+    model = build(arch)
+    ds = _Counting(arch, 12)  # 3 batches of 4: the 5 fine-tuning steps wrap around
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
+    kw = dict(iterative_steps=2, calib_batches=1, eval_batches=1, lr=1e-3)
+    small, small_arch, rep = vitslim.prune_model(model, "macs=0.6", train_batches=loader, finetune_steps=5, **kw)
+    assert [s["finetune"]["steps"] for s in rep["steps"]] == [2, 3]
+    # calibration (1 batch, scored at every step) + held-out (1 batch) + 5 fine-tuning batches: not the whole set
+    assert ds.reads == 4 * (1 + 1 + 5)
+    same, same_arch, _ = vitslim.prune_model(model, "macs=0.6", calibration=[(ds.x[:4], ds.y[:4])], **kw)
+    assert small_arch == same_arch
+    assert not all(torch.equal(v, same.state_dict()[k]) for k, v in small.state_dict().items())
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(data="synthetic", train_batches=[]), "both give training images"),
+    (dict(heldout_batches=[]), "heldout_batches: given without train_batches"),
+    (dict(train_batches=[torch.zeros(4, 3, 32, 32)]), "expected (images, labels or None) pairs"),
+    (dict(train_batches=[(torch.zeros(4, 3, 16, 16), None)]), "train_batches"),
+    (dict(train_batches=[], finetune_steps=2, calibration="own"), "train_batches: gave no batch"),
+])
+def test_prune_model_train_batches_errors_are_one_line(kw, needle):
+    from pruning import PruneError
+    arch = tiny_deit()
+    if kw.get("calibration") == "own":
+        kw["calibration"] = batches(arch, 1)
+    with pytest.raises(PruneError) as e:
+        vitslim.prune_model(build(arch), "macs=0.6", calib_batches=1, eval_batches=1, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_batch_source_reads_on_across_calls_and_wraps_around_a_one_batch_loader():
+    from pruning import BatchSource
+    arch = tiny_deit()
+    own = batches(arch, 3)
+    src = BatchSource(arch, own)
+    got = list(src.training(2)) + list(src.training(2))  # the second call goes on where the first stopped
+    assert [b[0] is o[0] for b, o in zip(got, own + own)] == [True] * 4
+    one = BatchSource(arch, own[:1])
+    assert len(list(one.training(3))) == 3  # one batch a pass: three passes, not 'gave no batch'
+    assert [b[0] is own[1][0] for b in BatchSource(arch, own, heldout=own[1:]).heldout(1)] == [True]

@@ -57,6 +57,7 @@ def test_the_readme_using_vitslim_from_python_block_runs(tmp_path, monkeypatch):
     exec(compile(head, "README.md", "exec"), ns)
     m0 = vitslim.count(build(arch))["macs"]
     assert len(steps) == 2 and steps[1] <= 0.5 * m0 * 1.001 < steps[0]
+    assert vitslim.count(ns["pruned"])["macs"] <= 0.5 * m0 and [s["finetune"]["steps"] for s in ns["ft_rep"]["steps"]] == [2, 2]
     assert ns["rep"]["latency_after_ms"] <= 0.5 * ns["rep"]["latency_before_ms"] + 1e-9
     ns["target_ms"] = 0.7 * LatencyTable.load("cpu_torch_tiny").predict(sn.space.to_arch(sn.space.largest_choice()))
     exec(compile("# your supernet loop" + search, "README.md", "exec"), ns)
