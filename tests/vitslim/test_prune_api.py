@@ -143,30 +143,12 @@ def test_prune_model_takes_the_users_own_importance_and_loss():
         vitslim.prune_model(model, "macs=0.6", calibration=calib, importance=Mine(), criterion="taylor")
 
 
-class _Counting(torch.utils.data.Dataset):
-    """The user's own dataset, counting the images read."""
-
-    def __init__(self, arch, n):
-        g = torch.Generator().manual_seed(1)
-        s = arch["input_size"]
-        self.x = torch.randn(n, arch["in_chans"], s, s, generator=g)
-        self.y = torch.randint(0, arch["num_classes"], (n,), generator=g)
-        self.reads = 0
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        return self.x[i], self.y[i]
-
-
 def test_prune_model_fine_tunes_between_steps_on_the_users_own_loader():
     """train_batches: the user's DataLoader calibrates and fine-tunes between iterative steps (it needed data=, a
     path): the steps read on through it (wrapping when it runs out), and fine-tuning changes the network."""
     arch = tiny_deit(blocks=2)
     model = build(arch)
-    ds = _Counting(arch, 12)  # 3 batches of 4: the 5 fine-tuning steps wrap around
+    ds = _CountingImages(arch, 12)  # 3 batches of 4: the 5 fine-tuning steps wrap around
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
     kw = dict(iterative_steps=2, calib_batches=1, eval_batches=1, lr=1e-3)
     small, small_arch, rep = vitslim.prune_model(model, "macs=0.6", train_batches=loader, finetune_steps=5, **kw)
