@@ -201,6 +201,26 @@ def test_a_plain_state_dict_of_a_pruned_swin_warns_that_its_attention_scale_is_l
         assert rel_err(ours(x), small(x)) == 0
 
 
+def test_a_plain_state_dict_of_a_network_whose_first_block_went_loads_with_its_arch_given(tmp_path):
+    """A DeiT pruned with --depth whose first block lost both branches leaves no key of that block: the shapes
+    cannot describe it ('no block 0'), and load_checkpoint refused it even with its arch given (the README's
+    torch.save(small.state_dict()) -> load_checkpoint(..., arch=small_arch) round trip)."""
+    arch = tiny_deit(blocks=3)
+    keep = {i.key: BlockKeep([] if i.key == (0, 0) else list(range(i.heads)),
+                             {h: list(range(i.qk_dim)) for h in range(i.heads)},
+                             {h: list(range(i.v_dim)) for h in range(i.heads)},
+                             [] if i.key == (0, 0) else list(range(i.ffn_hidden))) for i in block_infos(arch)}
+    small, small_arch = apply_plan(build(arch), arch, Plan(keep))
+    assert not any(k.startswith("blocks.0.") for k in small.state_dict())
+    torch.save(small.state_dict(), tmp_path / "plain.pt")
+    back, back_arch = vitslim.load_checkpoint(tmp_path / "plain.pt", arch=small_arch)
+    x = batches(arch, 1)[0][0]
+    with torch.no_grad():
+        assert back_arch == small_arch and rel_err(back(x), small.eval()(x)) == 0
+    with pytest.raises(vitslim.CheckpointError, match="no block 0"):  # without the arch: what it cannot tell
+        vitslim.load_checkpoint(tmp_path / "plain.pt")
+
+
 def test_a_plain_state_dict_loads_exactly_with_its_arch_given(tmp_path):
     """What the shapes cannot tell (a pruned Swin's scales, a pruned DeiT's head split, a ViT whose heads are not 64
     channels wide) comes from the arch given: load_checkpoint(path, arch=...), prune --arch."""

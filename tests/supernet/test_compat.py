@@ -70,8 +70,10 @@ def test_an_old_interrupted_supernet_run_resumes_to_the_old_uninterrupted_result
     assert obj["step"] == want["steps"]
     sums = {k: float(v.double().abs().sum()) for k, v in obj["model"].items() if v.is_floating_point()}
     assert sums.keys() == want["final_weight_abs_sums"].keys()
+    # exact on the torch that wrote them; torch 2.5 rounds a training step otherwise (sums 3e-6 apart at most),
+    # while a resume that lost the optimisers' moments lands 4e-5 to 8e-5 away
     for k, v in want["final_weight_abs_sums"].items():
-        assert sums[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+        assert sums[k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
     with open(os.path.join(run, "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f if line.strip()]
     assert losses == pytest.approx(want["final_metrics_losses"], rel=1e-6)

@@ -156,8 +156,8 @@ def test_prune_model_fine_tunes_between_steps_on_the_users_own_loader():
     # calibration (1 batch, scored at every step) + held-out (1 batch) + 5 fine-tuning batches: not the whole set
     assert ds.reads == 4 * (1 + 1 + 5)
     same, same_arch, _ = vitslim.prune_model(model, "macs=0.6", calibration=[(ds.x[:4], ds.y[:4])], **kw)
-    assert small_arch == same_arch
-    assert not all(torch.equal(v, same.state_dict()[k]) for k, v in small.state_dict().items())
+    # not fine-tuned: other weights (and, scored after fine-tuning, maybe another second step's selection)
+    assert small_arch != same_arch or not all(torch.equal(v, same.state_dict()[k]) for k, v in small.state_dict().items())
 
 
 @pytest.mark.parametrize("kw, needle", [
