@@ -31,6 +31,7 @@ from .slimming import args_diff
 from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, require_reachable
 
 STUDY_NAME = "vitslim-search"
+STUDY_VERSION = 1  # the study's user attribute vitslim_study: raise it when trials would be drawn or read otherwise
 SAMPLERS = ("nsga2", "tpe")
 STORAGES = ("journal", "sqlite")
 SETUP_LOCK = ".study-setup.lock"  # OUT/: held by the worker registering and opening the study (see search())
@@ -206,13 +207,25 @@ class OptunaSearch(SearchStrategy):
                                     load_if_exists=True)  # its sampler is set below, once its shape is known
         args = json.loads(json.dumps({**self.args(), "target_ms": ctx.target_ms, "seed": ctx.seed}))
         old = study.user_attrs.get("vitslim_args")
+        ver = study.user_attrs.get("vitslim_study")
+        if isinstance(ver, int) and ver > STUDY_VERSION:
+            raise SearchError(f"cannot resume the study in {ctx.log_dir}: written by a newer vitslim (study version "
+                              f"{ver}, expected {STUDY_VERSION} or older): resume it with that vitslim, or use another --out")
         if old is None:
             study.set_user_attr("vitslim_args", args)
+            study.set_user_attr("vitslim_study", STUDY_VERSION)
         else:
             diff = args_diff(old, args)
             if diff:
                 raise SearchError(f"cannot resume the study in {ctx.log_dir}: the arguments differ from its: "
                                   f"{'; '.join(diff[:3])} (use the same arguments, another --out, or --overwrite)")
+            if ver is None:  # an earlier vitslim's: its trials stand, the ones added are drawn as this one draws
+                import warnings
+                warnings.warn(f"the study in {ctx.log_dir} was written by an earlier vitslim (no study version): its "
+                              f"{len(study.trials)} trial(s) are kept, the trials added are drawn with this version's "
+                              "per-trial seeding, so the study is not what one run of either version gives",
+                              stacklevel=2)
+                study.set_user_attr("vitslim_study", STUDY_VERSION)
         # the sampler's shape follows --trials when the study starts and stays with it: more trials asked later
         # must not regroup NSGA-II's generations (population) or TPE's random start mid-study
         shape = study.user_attrs.get("vitslim_sampler")

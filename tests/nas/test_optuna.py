@@ -388,3 +388,31 @@ def test_sqlite_study_holds_no_open_file_after_the_search(supernet_run, table_pa
         res = OptunaSearch(n_trials=2, storage="sqlite", run_args={"supernet": "x"}).search(ctx)
         assert res.choice is not None and os.path.isfile(out / "study.db")
     assert _open_files_under(tmp_path) == []
+
+
+def test_a_study_of_an_earlier_vitslim_is_continued_with_a_warning_and_a_newer_ones_refused(supernet_run, table_path,
+                                                                                          tmp_path):
+    """Studies record their version (vitslim_study): one without it (written before there was one, trials drawn
+    without per-trial seeding) goes on with a one-line warning; one of a newer version is refused, untouched."""
+    import sqlite3
+    import optuna
+    from nas.optuna_search import STUDY_NAME, STUDY_VERSION
+    from nas.strategy import SearchError
+    out = str(tmp_path / "opt")
+    kw = dict(strategy="optuna", storage="sqlite", eval_images=16, progress=False, seed=3)
+    run_search(supernet_run, table_path, 4.0, out, trials=2, **kw)
+    url = f"sqlite:///{os.path.join(out, 'study.db')}"
+    assert optuna.load_study(study_name=STUDY_NAME, storage=url).user_attrs["vitslim_study"] == STUDY_VERSION
+    with sqlite3.connect(os.path.join(out, "study.db")) as db:  # as an earlier vitslim left it
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'vitslim_study'")
+    os.remove(os.path.join(out, "report.json"))
+    with pytest.warns(UserWarning, match=r"earlier vitslim \(no study version\): its 2 trial\(s\) are kept"):
+        rep = run_search(supernet_run, table_path, 4.0, out, trials=3, **kw)
+    assert rep["search"]["trials"] == 3
+    study = optuna.load_study(study_name=STUDY_NAME, storage=url)
+    assert study.user_attrs["vitslim_study"] == STUDY_VERSION
+    study.set_user_attr("vitslim_study", STUDY_VERSION + 1)
+    os.remove(os.path.join(out, "report.json"))
+    with pytest.raises(SearchError, match=rf"newer vitslim \(study version {STUDY_VERSION + 1}, expected"):
+        run_search(supernet_run, table_path, 4.0, out, trials=4, **kw)
+    assert len(optuna.load_study(study_name=STUDY_NAME, storage=url).trials) == 3
