@@ -7,6 +7,11 @@ and the backends that measure them.
     table.predict_stages(arch)       # {"stem", "stage0", ..., "head", "overhead", "total"}
     scorer = table.compile(space)    # numpy scoring of Choice codes, >100k archs/s
 
+`build_table` measures a table from Python, as `vitslim latency build` does (resuming one that exists), on a
+backend named or a `Backend` instance of your own (a subclass: `prepare_fn(module, input_shape)` -> (step, x0)):
+
+    table = build_table("my_table.yaml", MyBackend(), space="tiny", calibrate=4)   # or "torch-cpu", archs=[...]
+
 A timer of your own (a remote board, a profiler) fills a table without a Backend: every entry an arch needs
 (`arch_keys`), and for pruning to a latency target its width grid (`prune_grid_keys`), each built by
 `build_segment(key)` -> (module in eval mode, input shape without batch):
@@ -19,10 +24,11 @@ A timer of your own (a remote board, a profiler) fills a table without a Backend
     table.save("my_npu.yaml")         # then vitslim.prune_model(..., "latency=0.5x", table=table)
 """
 from .backends import BACKENDS, Backend, BackendError, get_backend
+from .build import build_table
 from .grid import GridSpec, prune_grid_keys
 from .segments import SegmentError, arch_keys, build_segment, decompose, key_str, space_keys
 from .table import Entry, LatencyError, LatencyTable, MissingEntriesError
 
 __all__ = ["LatencyTable", "Entry", "LatencyError", "MissingEntriesError", "Backend", "BackendError", "BACKENDS",
            "get_backend", "SegmentError", "arch_keys", "build_segment", "decompose", "key_str", "space_keys", "GridSpec",
-           "prune_grid_keys"]
+           "prune_grid_keys", "build_table"]

@@ -385,3 +385,297 @@ def calibrate(table: LatencyTable, backend, archs: Sequence[Mapping], proc: Proc
     if table.path:
         table.save()
     return over
+
+
+# ------------------------------------------------------------------ a whole build: `build_table` (and `vitslim latency build`)
+BUILD_DEFAULTS = {"time_per_network": 0.4, "time_per_entry": 0.5, "min_samples": 15}
+
+# how a message names a setting: build_table's parameter, or the option of `vitslim latency build` (cli=True)
+_CLI_FLAGS = {"batch_size": "--batch", "archs": "--arch", "drift_reference": "--no-drift-reference"}
+
+
+def _flag(name: str, cli: bool) -> str:
+    return (_CLI_FLAGS.get(name) or "--" + name.replace("_", "-")) if cli else name
+
+
+def _at_least(name: str, v, lo: int = 1):
+    if v < lo:
+        from supernet.errors import VitslimError
+        raise VitslimError(f"{name}: got {v}, expected a number >= {lo}")
+    return v
+
+
+def progress_bar(total: int, what: str, quiet: bool):
+    """A tqdm bar on stderr counting `total` `what` (disabled when `quiet`)."""
+    import sys
+    from tqdm import tqdm
+    unit = what.replace("{", "{{").replace("}", "}}")  # written in: tqdm 4.27 (our floor) has no {unit}: a KeyError
+    return tqdm(total=total, unit=what, file=sys.stderr, disable=quiet, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + unit + " [{elapsed}<{remaining}]")
+
+
+def procedure_for(backend, time_per_item: float, min_samples: int, clock: Optional[str] = None,
+                  measurement: Optional[Mapping] = None, option: str = "--time-per-network",
+                  min_option: str = "--min-samples") -> Procedure:
+    """The timing procedure: `clock` (else the measurement's, else auto) and the measurement's sample cap and
+    warm-up (a table's, else the defaults); `option` / `min_option` name the settings in errors."""
+    from supernet.errors import VitslimError
+    from .measure import resolve_clock
+    m = measurement or {}
+    clock = clock or m.get("clock") or "auto"
+    if time_per_item <= 0:
+        raise VitslimError(f"{option}: got {time_per_item:g}, expected seconds > 0")
+    return Procedure(time_per_item=time_per_item, min_samples=_at_least(min_option, min_samples),
+                     max_samples=m.get("max_samples", 2000), warmup=m.get("warmup_s", 0.05),
+                     clock=resolve_clock(clock, backend))
+
+
+def resolve_arch_like(target) -> dict:
+    """An arch from a dict, a preset name, an arch .yaml or a checkpoint (its arch)."""
+    import os
+    from vitslim import api   # the top of the stack, imported when used: nothing imports latency_tables first
+    if isinstance(target, (str, os.PathLike)) and os.path.isfile(target) \
+            and not os.fspath(target).endswith((".yaml", ".yml")):
+        _, arch = api.load_checkpoint(os.fspath(target))
+        return arch
+    return api.resolve_arch(target)
+
+
+def space_record(given) -> str:
+    """What a table records as the file of its space (built_for.space_file): the path relative to where the
+    build ran, or for a shipped space its place in the package (supernet/spaces/NAME.yaml), found from any
+    folder by `validate`."""
+    import os
+    from supernet.space import SPACES_DIR, resolve_space_path
+    path = os.path.abspath(resolve_space_path(given))
+    if os.path.dirname(path) == os.path.abspath(SPACES_DIR):
+        return "supernet/spaces/" + os.path.basename(path)
+    return os.path.relpath(path)
+
+
+def add_grid_keys(keys, grid_keys) -> None:
+    """Append the grid's keys (per arch) to `keys`, each once."""
+    seen = {key_str(k) for k in keys}
+    for gk in grid_keys:
+        for k in gk:
+            if key_str(k) not in seen:
+                seen.add(key_str(k))
+                keys.append(k)
+
+
+def grid_for(prune_grid: bool, grid_step, archs: Sequence[Mapping], cli: bool = False):
+    """(grid keys per arch, GridSpec) for a pruning grid, else ([], None)."""
+    from supernet.errors import VitslimError
+    from .grid import parse_grid_step, prune_grid_keys
+    if not prune_grid:
+        if grid_step:
+            raise VitslimError(f"{_flag('grid_step', cli)} {grid_step}: only with {_flag('prune_grid', cli)} (it "
+                               "spaces the pruning grid)")
+        return [], None
+    if not archs:
+        raise VitslimError(f"{_flag('prune_grid', cli)}: expected {'--arch ARCH' if cli else 'archs'} (the DeiT or "
+                           "Swin preset, arch .yaml or checkpoint whose pruned widths the grid prices)")
+    spec = parse_grid_step(grid_step)
+    return [prune_grid_keys(a, spec) for a in archs], spec
+
+
+def check_table_names(out: str, flag: str = "--out") -> None:
+    """A table's temporaries (NAME.tmp.PID, NAME.partial.json and its own) and lock must fit the file system's
+    name limit: checked before the first network is timed, not when the first save fails."""
+    import os
+    from supernet.runlock import check_names_fit, lock_beside, temp_names
+    base, partial = os.path.basename(out), os.path.basename(partial_path(out))
+    check_names_fit(flag, out, os.path.dirname(os.path.abspath(out)),
+                    temp_names(base) + [partial] + temp_names(partial))
+    lock = lock_beside(out)
+    check_names_fit(flag, out, os.path.dirname(lock), [os.path.basename(lock)])
+
+
+def table_lock(out: str, flag: str = "--out"):
+    """Hold the table's lock for the whole build (or import): a second build of the same table would save over
+    the first's entries and share (then delete) its NAME.partial.json."""
+    import os
+    from supernet.runlock import file_lock, lock_beside
+    lock = lock_beside(out)
+    return file_lock(lock, busy=f"{flag} {out}: another latency build (or import) is writing this table; wait for it "
+                                f"to finish (a build resumes from what the other measured), or choose another {flag}",
+                     cannot=f"{flag} {out}: cannot write in {os.path.dirname(lock)}")
+
+
+def build_table(out, backend="torch-cpu", space=None, archs: Sequence = (), prune_grid: bool = False, *,
+                grid_step: Optional[str] = None, threads: Optional[int] = None, batch_size: Optional[int] = None,
+                dtype: Optional[str] = None, fused: Optional[bool] = None, clock: Optional[str] = None,
+                procedure: str = "in-context", contexts: int = 2, time_per_network: Optional[float] = None,
+                time_per_entry: Optional[float] = None, min_samples: Optional[int] = None, group: int = 8,
+                calibrate: int = 10, recalibrate: bool = False, drift_reference: bool = True, dry_run: bool = False,
+                progress: bool = False, log: Optional[Callable[[str], None]] = None,
+                _cli: bool = False) -> LatencyTable:
+    """Measure the latency table of a search space and/or some archs into `out` (.yaml), as
+    `vitslim latency build` does, and return it.
+
+    `backend`: a backend name (torch-cpu, torch-cuda, onnxruntime, coreml; `threads`, `batch_size`, `dtype`,
+    `fused` configure it: default 1, 1, float32, fused) or a `Backend` instance, your own subclass included
+    (configured already: those four are then not taken). `space`: a SearchSpace, a space .yaml or a shipped
+    space's name; `archs`: arch dicts, preset names, arch .yaml or checkpoint paths; `prune_grid` (with
+    `archs`, DeiT or Swin) adds the width grid `prune_model(..., "latency=...")` prices pruned widths with
+    (`grid_step`: "qk=8,v=8,ffn=0,heads=3"). `procedure`: "in-context" (each entry timed as a step of `contexts`
+    whole networks at least) or "isolated"; `time_per_network` / `time_per_entry` seconds (default 0.4 / 0.5)
+    and `min_samples` (default 15) runs per item, `group` items interleaved; `clock` auto, wall or thread;
+    `calibrate` networks measured end to end fit the overhead (0: none; `recalibrate` refits it anyway).
+
+    A table that exists at `out` is resumed (topped up): only missing entries are measured, with the settings
+    it was measured with (another value given is an error). The table is saved atomically after every group
+    and at the end, under a lock beside it. `dry_run`: only count what is needed and missing (nothing is
+    written). `progress`: tqdm bars on stderr; `log`: called with each status line (e.g. `print`)."""
+    import os
+    from supernet.errors import VitslimError, check_writable
+    from supernet.runlock import remove_stale_temps
+    from .backends import Backend, get_backend
+    say = log or (lambda msg: None)
+    out = os.fspath(out)
+    if space is None and not archs:
+        raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)"
+                           if _cli else "build_table: expected space and/or archs (what to enumerate entries for)")
+    if procedure not in ("in-context", "isolated"):
+        raise VitslimError(f"procedure: got {procedure!r}, expected in-context or isolated")
+    _at_least(_flag("group", _cli), group)
+    _at_least(_flag("calibrate", _cli), calibrate, 0)
+    _at_least(_flag("contexts", _cli), contexts)
+    space_obj = space
+    if space is not None and not hasattr(space, "stages"):
+        from supernet.space import load_space
+        space_obj = load_space(space)
+    arch_dicts = [resolve_arch_like(a) for a in archs]
+    keys = needed_keys(space_obj, arch_dicts)
+    grid_keys, grid_spec = grid_for(prune_grid, grid_step, arch_dicts, _cli)
+    add_grid_keys(keys, grid_keys)
+    if isinstance(backend, Backend):
+        given = [(n, v) for n, v in (("threads", threads), ("batch_size", batch_size), ("dtype", dtype),
+                                     ("fused", fused)) if v is not None]
+        if given:
+            raise VitslimError(f"{given[0][0]}: got {given[0][1]!r} with a Backend instance, expected it left out "
+                               f"(set it on the instance: {type(backend).__name__}({given[0][0]}=...))")
+    elif isinstance(backend, str):
+        threads = 1 if threads is None else threads
+        batch_size = 1 if batch_size is None else batch_size
+        _at_least(_flag("threads", _cli), threads)
+        _at_least(_flag("batch_size", _cli), batch_size)
+        backend = get_backend(backend, threads=threads, batch_size=batch_size, dtype=dtype or "float32",
+                              fused=True if fused is None else fused)
+    else:
+        raise VitslimError(f"backend: got {type(backend).__name__}, expected a backend name or a "
+                           "latency_tables.Backend instance")
+    if not dry_run:
+        backend.check_available()
+    in_context = procedure == "in-context"
+    built_for = {}
+    if space_obj is not None:
+        built_for.update({"space": space_obj.name})
+        if space_obj is not space:  # given as a file or a shipped name: where it is
+            built_for["space_file"] = space_record(space)
+        built_for["input_size"] = space_obj.input_size
+    if archs:
+        built_for["archs"] = [os.fspath(a) if isinstance(a, (str, os.PathLike)) else f"{a['family']} arch (a dict)"
+                              for a in archs]
+    if grid_spec is not None:
+        built_for["prune_grid"] = grid_spec.to_dict()
+    check_writable(out, _flag("out", _cli))
+    check_table_names(out, _flag("out", _cli))
+    settings = dict(clock=clock, time_per_network=time_per_network, time_per_entry=time_per_entry,
+                    min_samples=min_samples, procedure=procedure, contexts=contexts, group=group, calibrate=calibrate,
+                    recalibrate=recalibrate, drift_reference=drift_reference, dry_run=dry_run, quiet=not progress)
+
+    def build():
+        remove_stale_temps(os.path.dirname(os.path.abspath(out)), base=os.path.basename(out))
+        return _build_into(out, space_obj, arch_dicts, keys, grid_keys, grid_spec, backend, in_context, built_for,
+                           settings, say, _cli)
+    if dry_run:  # reads the table only
+        return build()
+    with table_lock(out, _flag("out", _cli)):
+        return build()
+
+
+def _resume_settings(out: str, s: dict, table: LatencyTable, backend, in_context: bool, cli: bool) -> None:
+    """The clock and sampling settings of a build (in `s`): a resumed table's own (another value given is
+    refused: its entries would be measured two ways under one header), else the ones given or their defaults."""
+    from supernet.errors import VitslimError
+    m = table.measurement or {}
+    stored = m.get("clock")
+    new_out = "use a new " + _flag("out", cli)
+    if stored:  # two clocks do not add up
+        from .measure import resolve_clock
+        if s["clock"] is not None and resolve_clock(s["clock"], backend) != stored:
+            leave = "leave out --clock" if cli else "leave out clock"
+            raise VitslimError(f"{_flag('clock', cli)} {s['clock']}: {out} was measured with the {stored} clock, and "
+                               f"times from two clocks do not add up ({leave} to resume with {stored}, or {new_out})")
+        s["clock"] = stored
+    timed = "time_per_network" if in_context else "time_per_entry"
+    stored = {timed: m.get("time_per_item_s"), "min_samples": m.get("min_samples")}
+    for k, default in BUILD_DEFAULTS.items():
+        given, was = s[k], stored.get(k)
+        if was is not None and given is not None and float(given) != float(was):
+            leave = "the option" if cli else "it"
+            raise VitslimError(f"{_flag(k, cli)} {given:g}: {out} was measured with {was:g}; a resumed build keeps "
+                               f"its settings (leave {leave} out, or {new_out})")
+        s[k] = given if given is not None else (was if was is not None else default)
+
+
+def _build_into(out, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for, s, say, cli):
+    from supernet.errors import VitslimError
+    table = open_table(out, backend, built_for)
+    _resume_settings(out, s, table, backend, in_context, cli)
+    timed = "time_per_network" if in_context else "time_per_entry"
+    proc = procedure_for(backend, s[timed], s["min_samples"], s["clock"], option=_flag(timed, cli),
+                         min_option=_flag("min_samples", cli))
+    proc_nets = procedure_for(backend, s["time_per_network"], s["min_samples"], s["clock"],
+                              option=_flag("time_per_network", cli), min_option=_flag("min_samples", cli))
+    if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(s["procedure"]):
+        raise VitslimError(f"{out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
+                           f"not {s['procedure']}: entries of both kinds would not add up (use a new "
+                           f"{_flag('out', cli)})")
+    missing = table.missing(keys)
+    say(f"{out}: {len(keys)} entries needed, {len(keys) - len(missing)} present, {len(missing)} to measure "
+        f"on {backend.name} ({backend.device_name()}, {backend.threads} thread(s), batch {backend.batch_size}, "
+        f"clock {proc.clock})")
+    if s["dry_run"]:
+        return table
+    backend.check_available()
+    if not table.measurement.get("procedure"):
+        table.measurement.update(proc.to_dict(in_context))
+    if table.built_for != built_for:
+        merged = dict(table.built_for)
+        merged.update(built_for)
+        table.built_for = merged
+    ref = table_reference(table, backend, s["drift_reference"], space)
+    if missing and in_context:
+        # covering networks of every entry, not only the missing ones: the same list on every re-run,
+        # so an interrupted build skips the networks it already ran (see measure_in_context)
+        nets = covering_archs(space, keys, archs, contexts=s["contexts"])
+        if grid_spec is not None:
+            from .grid import grid_networks
+            nets = [n for a, gk in zip(archs, grid_keys) for n in grid_networks(a, gk, s["contexts"])] + nets
+        say(f"timing {len(missing)} entries inside the networks of {len(nets)} covering ones that hold them "
+            f"{s['contexts']} time(s) over")
+        with progress_bar(len(nets), "networks", s["quiet"]) as bar:
+            measure_in_context(table, missing, nets, backend, proc, group=s["group"], progress=bar, reference=ref,
+                               contexts=s["contexts"])
+    elif missing:
+        with progress_bar(len(missing), "entries", s["quiet"]) as bar:
+            measure_entries(table, keys, backend, proc, group=s["group"], progress=bar, reference=ref)
+    if missing and s["calibrate"] and table.overhead:  # fitted without the new entries' networks: refit,
+        table.overhead["calibration_pending"] = True   # also when this run is killed before it (a resume)
+    table.save(out)
+    calib_done = (table.overhead or {}).get("provenance") == "measured" and \
+        not (table.overhead or {}).get("calibration_pending")
+    if s["calibrate"] and (missing or s["recalibrate"] or not calib_done):
+        if grid_spec is not None:  # pruned variants too: the networks the grid is for
+            nets = grid_calibration_networks(space, archs, n=s["calibrate"])
+        else:
+            nets = calibration_archs(space, archs, n=s["calibrate"])
+        with progress_bar(len(nets), "networks", s["quiet"]) as bar:
+            over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref,
+                             interpolate=grid_spec is not None)
+        say(overhead_summary(over))
+    table.save(out)
+    say(f"wrote {out}: {len(table)} entries")
+    return table

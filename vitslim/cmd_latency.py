@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from supernet.errors import VitslimError, check_writable
 
@@ -13,11 +12,8 @@ from .cli import finite_float, register_command
 
 # ------------------------------------------------------------------ helpers
 def _arch_of(target: str) -> dict:
-    from . import api
-    if os.path.isfile(target) and not target.endswith((".yaml", ".yml")):
-        _, arch = api.load_checkpoint(target)
-        return arch
-    return api.resolve_arch(target)
+    from latency_tables.build import resolve_arch_like
+    return resolve_arch_like(target)
 
 
 def _space(path):
@@ -26,21 +22,13 @@ def _space(path):
 
 
 def _space_record(given: str) -> str:
-    """What a table records as the file of its space (built_for.space_file): the path relative to where the
-    build ran, or for a shipped space its place in the package (supernet/spaces/NAME.yaml), found from any
-    folder by `validate`."""
-    from supernet.space import SPACES_DIR, resolve_space_path
-    path = os.path.abspath(resolve_space_path(given))
-    if os.path.dirname(path) == os.path.abspath(SPACES_DIR):
-        return "supernet/spaces/" + os.path.basename(path)
-    return os.path.relpath(path)
+    from latency_tables.build import space_record
+    return space_record(given)
 
 
 def _bar(total: int, what: str, quiet: bool):
-    from tqdm import tqdm
-    unit = what.replace("{", "{{").replace("}", "}}")  # written in: tqdm 4.27 (our floor) has no {unit}: a KeyError
-    return tqdm(total=total, unit=what, file=sys.stderr, disable=quiet, dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + unit + " [{elapsed}<{remaining}]")
+    from latency_tables.build import progress_bar
+    return progress_bar(total, what, quiet)
 
 
 def _positive(name, v, lo=1):
@@ -78,14 +66,9 @@ def _make_backend(args, table=None):
 
 
 def _proc(args, backend, time_per_item, table=None, option="--time-per-network"):
-    from latency_tables.measure import Procedure, resolve_clock
-    m = (table.measurement if table is not None else {}) or {}
-    clock = args.clock or m.get("clock") or "auto"
-    if time_per_item <= 0:
-        raise VitslimError(f"{option}: got {time_per_item:g}, expected seconds > 0")
-    return Procedure(time_per_item=time_per_item, min_samples=_positive("--min-samples", args.min_samples),
-                     max_samples=m.get("max_samples", 2000), warmup=m.get("warmup_s", 0.05),
-                     clock=resolve_clock(clock, backend))
+    from latency_tables.build import procedure_for
+    return procedure_for(backend, time_per_item, args.min_samples, args.clock,
+                         (table.measurement if table is not None else {}) or {}, option)
 
 
 # ------------------------------------------------------------------ build
@@ -134,167 +117,37 @@ def _grid_args(p, more: str):
 
 def _add_grid_keys(keys, grid_keys) -> None:
     """Append the grid's keys (per arch) to `keys`, each once."""
-    from latency_tables.segments import key_str
-    seen = {key_str(k) for k in keys}
-    for gk in grid_keys:
-        for k in gk:
-            if key_str(k) not in seen:
-                seen.add(key_str(k))
-                keys.append(k)
+    from latency_tables.build import add_grid_keys
+    add_grid_keys(keys, grid_keys)
 
 
 def _grid(args, archs):
     """(grid keys per arch, GridSpec) for --prune-grid, else ([], None)."""
-    from latency_tables.grid import parse_grid_step, prune_grid_keys
-    if not args.prune_grid:
-        if args.grid_step:
-            raise VitslimError(f"--grid-step {args.grid_step}: only with --prune-grid (it spaces the pruning grid)")
-        return [], None
-    if not args.arch:
-        raise VitslimError("--prune-grid: expected --arch ARCH (the DeiT or Swin preset, arch .yaml or checkpoint "
-                           "whose pruned widths the grid prices)")
-    spec = parse_grid_step(args.grid_step)
-    return [prune_grid_keys(a, spec) for a in archs], spec
-
-
-BUILD_DEFAULTS = {"time_per_network": 0.4, "time_per_entry": 0.5, "min_samples": 15}
-
-
-def _resume_settings(args, table, backend, in_context: bool) -> None:
-    """The clock and sampling settings of a build: a resumed table's own (another value given is refused:
-    its entries would be measured two ways under one header), else the options or their defaults."""
-    m = table.measurement or {}
-    stored = m.get("clock")
-    if stored:  # two clocks do not add up
-        from latency_tables.measure import resolve_clock
-        if args.clock is not None and resolve_clock(args.clock, backend) != stored:
-            raise VitslimError(f"--clock {args.clock}: {args.out} was measured with the {stored} clock, and times "
-                               f"from two clocks do not add up (leave out --clock to resume with {stored}, "
-                               "or use a new --out)")
-        args.clock = stored
-    timed = "time_per_network" if in_context else "time_per_entry"
-    stored = {timed: m.get("time_per_item_s"), "min_samples": m.get("min_samples")}
-    for k, default in BUILD_DEFAULTS.items():
-        given, was = getattr(args, k), stored.get(k)
-        if was is not None and given is not None and float(given) != float(was):
-            raise VitslimError(f"--{k.replace('_', '-')} {given:g}: {args.out} was measured with {was:g}; a resumed "
-                               f"build keeps its settings (leave the option out, or use a new --out)")
-        setattr(args, k, given if given is not None else (was if was is not None else default))
+    from latency_tables.build import grid_for
+    return grid_for(args.prune_grid, args.grid_step, archs, cli=True)
 
 
 def _build(args):
-    from latency_tables.build import needed_keys
-    if not args.space and not args.arch:
-        raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)")
-    _positive("--group", args.group)
-    _positive("--calibrate", args.calibrate, 0)
-    _positive("--contexts", args.contexts)
-    space = _space(args.space) if args.space else None
-    archs = [_arch_of(a) for a in args.arch]
-    keys = needed_keys(space, archs)
-    grid_keys, grid_spec = _grid(args, archs)
-    _add_grid_keys(keys, grid_keys)
-    backend = _make_backend(args)
-    if not args.dry_run:
-        backend.check_available()
-    in_context = args.procedure == "in-context"
-    built_for = {}
-    if space is not None:
-        built_for.update({"space": space.name, "space_file": _space_record(args.space), "input_size": space.input_size})
-    if args.arch:
-        built_for["archs"] = list(args.arch)
-    if grid_spec is not None:
-        built_for["prune_grid"] = grid_spec.to_dict()
-    check_writable(args.out, "--out")
-    _check_table_names(args.out)
-    if args.dry_run:  # reads the table only
-        return _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for)
-    with _table_lock(args.out):
-        return _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for)
+    """One implementation with the Python API: latency_tables.build_table, its messages naming these options."""
+    from latency_tables.build import build_table
+    build_table(args.out, args.backend or "torch-cpu", space=args.space or None, archs=list(args.arch),
+                prune_grid=args.prune_grid, grid_step=args.grid_step, threads=args.threads, batch_size=args.batch,
+                dtype=args.dtype, fused=not args.no_fuse, clock=args.clock, procedure=args.procedure,
+                contexts=args.contexts, time_per_network=args.time_per_network, time_per_entry=args.time_per_entry,
+                min_samples=args.min_samples, group=args.group, calibrate=args.calibrate, recalibrate=args.recalibrate,
+                drift_reference=not args.no_drift_reference, dry_run=args.dry_run, progress=not args.quiet,
+                log=print, _cli=True)
+    return 0
 
 
 def _check_table_names(out: str) -> None:
-    """A table's temporaries (NAME.tmp.PID, NAME.partial.json and its own) and lock must fit the file system's
-    name limit: checked before the first network is timed, not when the first save fails."""
-    from latency_tables.build import partial_path
-    from supernet.runlock import check_names_fit, lock_beside, temp_names
-    base, partial = os.path.basename(out), os.path.basename(partial_path(out))
-    check_names_fit("--out", out, os.path.dirname(os.path.abspath(out)),
-                    temp_names(base) + [partial] + temp_names(partial))
-    lock = lock_beside(out)
-    check_names_fit("--out", out, os.path.dirname(lock), [os.path.basename(lock)])
+    from latency_tables.build import check_table_names
+    check_table_names(out, "--out")
 
 
 def _table_lock(out: str):
-    """Hold the table's lock for the whole build (or import): a second build of the same table would save over
-    the first's entries and share (then delete) its NAME.partial.json."""
-    from supernet.runlock import file_lock, lock_beside
-    lock = lock_beside(out)
-    return file_lock(lock, busy=f"--out {out}: another latency build (or import) is writing this table; wait for it to "
-                                "finish (a build resumes from what the other measured), or choose another --out",
-                     cannot=f"--out {out}: cannot write in {os.path.dirname(lock)}")
-
-
-def _build_into(args, space, archs, keys, grid_keys, grid_spec, backend, in_context, built_for):
-    from latency_tables.build import (calibrate, calibration_archs, covering_archs, grid_calibration_networks,
-                                      measure_entries, measure_in_context, open_table, overhead_summary,
-                                      table_reference)
-    from supernet.runlock import remove_stale_temps
-    remove_stale_temps(os.path.dirname(os.path.abspath(args.out)), base=os.path.basename(args.out))
-    table = open_table(args.out, backend, built_for)
-    _resume_settings(args, table, backend, in_context)
-    proc = _proc(args, backend, args.time_per_network if in_context else args.time_per_entry, None,
-                 "--time-per-network" if in_context else "--time-per-entry")
-    proc_nets = _proc(args, backend, args.time_per_network)
-    if table.measurement.get("procedure") and not table.measurement["procedure"].startswith(args.procedure):
-        raise VitslimError(f"{args.out}: measured with the {table.measurement['procedure'].split(':')[0]} procedure, "
-                           f"not {args.procedure}: entries of both kinds would not add up (use a new --out)")
-    missing = table.missing(keys)
-    print(f"{args.out}: {len(keys)} entries needed, {len(keys) - len(missing)} present, {len(missing)} to measure "
-          f"on {backend.name} ({backend.device_name()}, {backend.threads} thread(s), batch {backend.batch_size}, "
-          f"clock {proc.clock})")
-    if args.dry_run:
-        return 0
-    backend.check_available()
-    if not table.measurement.get("procedure"):
-        table.measurement.update(proc.to_dict(in_context))
-    if table.built_for != built_for:
-        merged = dict(table.built_for)
-        merged.update(built_for)
-        table.built_for = merged
-    ref = table_reference(table, backend, not args.no_drift_reference, space)
-    if missing and in_context:
-        # covering networks of every entry, not only the missing ones: the same list on every re-run,
-        # so an interrupted build skips the networks it already ran (see measure_in_context)
-        nets = covering_archs(space, keys, archs, contexts=args.contexts)
-        if grid_spec is not None:
-            from latency_tables.grid import grid_networks
-            nets = [n for a, gk in zip(archs, grid_keys) for n in grid_networks(a, gk, args.contexts)] + nets
-        print(f"timing {len(missing)} entries inside the networks of {len(nets)} covering ones that hold them "
-              f"{args.contexts} time(s) over")
-        with _bar(len(nets), "networks", args.quiet) as bar:
-            measure_in_context(table, missing, nets, backend, proc, group=args.group, progress=bar, reference=ref,
-                               contexts=args.contexts)
-    elif missing:
-        with _bar(len(missing), "entries", args.quiet) as bar:
-            measure_entries(table, keys, backend, proc, group=args.group, progress=bar, reference=ref)
-    if missing and args.calibrate and table.overhead:  # fitted without the new entries' networks: refit,
-        table.overhead["calibration_pending"] = True   # also when this run is killed before it (a resume)
-    table.save(args.out)
-    calib_done = (table.overhead or {}).get("provenance") == "measured" and \
-        not (table.overhead or {}).get("calibration_pending")
-    if args.calibrate and (missing or args.recalibrate or not calib_done):
-        if grid_spec is not None:  # pruned variants too: the networks the grid is for
-            nets = grid_calibration_networks(space, archs, n=args.calibrate)
-        else:
-            nets = calibration_archs(space, archs, n=args.calibrate)
-        with _bar(len(nets), "networks", args.quiet) as bar:
-            over = calibrate(table, backend, nets, proc_nets, progress=bar, reference=ref,
-                             interpolate=grid_spec is not None)
-        print(overhead_summary(over))
-    table.save(args.out)
-    print(f"wrote {args.out}: {len(table)} entries")
-    return 0
+    from latency_tables.build import table_lock
+    return table_lock(out, "--out")
 
 
 # ------------------------------------------------------------------ predict
