@@ -36,7 +36,7 @@ from supernet.runlock import LOCK_FILE, remove_stale_temps, run_lock
 from supernet.train import TrainConfig, read_run
 from supernet.supernet import MetaPathSupernet
 
-from .evaluator import HeldoutEvaluator, stack_batches
+from .evaluator import FunctionEvaluator, HeldoutEvaluator, stack_batches
 from .finetune import finetune as finetune_model
 from .optuna_search import SETUP_LOCK, OptunaSearch
 from .random_search import RandomSearch, UniformShrink
@@ -378,16 +378,25 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
               verification: Optional[Mapping] = None) -> dict:
     os.makedirs(out, exist_ok=True)
     choice = ctx.space.check_choice(result.choice)
-    model, arch = ctx.evaluator.model(choice)
+    # your own evaluator function scored choices, not models: the network is the supernet's extraction (the
+    # inherited weights it was given), and what only a HeldoutEvaluator knows (images, BatchNorm batches, the
+    # fine-tuned model's top-1) is null in the report, not made up
+    own = isinstance(ctx.evaluator, FunctionEvaluator)
+    if own:
+        model, arch = ctx.supernet.extract(choice)
+        model = model.eval()
+    else:
+        model, arch = ctx.evaluator.model(choice)
     ft = None
     if finetune_steps > 0:
-        before = ctx.evaluator.score_model(model)
+        before = None if own else ctx.evaluator.score_model(model)
         t0 = time.perf_counter()
         finetune_model(model, train_set, finetune_steps, batch_size=batch_size, lr=finetune_lr,
                        label_smoothing=label_smoothing, seed=ctx.seed, progress=progress, device=device)
-        after = ctx.evaluator.score_model(model)
-        ft = {"steps": finetune_steps, "lr": finetune_lr, "acc_before": before["acc"], "acc_after": after["acc"],
-              "loss_before": before["loss"], "loss_after": after["loss"], "seconds": time.perf_counter() - t0}
+        after = None if own else ctx.evaluator.score_model(model)
+        ft = {"steps": finetune_steps, "lr": finetune_lr, "acc_before": before and before["acc"],
+              "acc_after": after and after["acc"], "loss_before": before and before["loss"],
+              "loss_after": after and after["loss"], "seconds": time.perf_counter() - t0}
     save_arch(arch, os.path.join(out, "arch.yaml"))
     save_checkpoint(model.cpu(), arch, os.path.join(out, "model.pt"),
                     extra={"search": {"strategy": result.strategy, "target_ms": ctx.target_ms}})
@@ -398,10 +407,14 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "target_ms": ctx.target_ms, "predicted_ms": float(result.predicted_ms), "bound_ms": ctx.bound_ms,
         "measured_ms": (verification or {}).get("measured_ms"), "params": c["params"], "macs": c["macs"],
         "accuracy": result.acc, "heldout_loss": result.loss,
-        "accuracy_note": "top-1 on the held-out images with the supernet's inherited weights"
-                         + (" (BatchNorm recalibrated)" if ctx.evaluator.bn_batches else "")
-                         + ("; model.pt is fine-tuned: its top-1 on the same images is model_accuracy" if ft else
-                            "; model.pt holds these weights"),
+        "accuracy_note": ("your own evaluator's 'acc' (and heldout_loss its 'loss') with the supernet's inherited "
+                          "weights, not vitslim's held-out top-1"
+                          + ("; model.pt is fine-tuned, not scored by your evaluator (it scores choices): "
+                             "model_accuracy is null" if ft else "; model.pt holds these weights")) if own else
+                         ("top-1 on the held-out images with the supernet's inherited weights"
+                          + (" (BatchNorm recalibrated)" if ctx.evaluator.bn_batches else "")
+                          + ("; model.pt is fine-tuned: its top-1 on the same images is model_accuracy" if ft else
+                             "; model.pt holds these weights")),
         "model_accuracy": ft["acc_after"] if ft else result.acc,  # of the weights saved in model.pt
         "latency_split": {k: v for k, v in split.items() if k != "estimated"},
         "latency_estimated_entries": split.get("estimated", []),
@@ -409,7 +422,9 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         "choice": choice, "blocks": describe_blocks(choice),
         "supernet": run_args.get("supernet"), "supernet_step": run_args.get("supernet_step"),
         "table": run_args.get("table"), "device": dict(ctx.table.device),
-        "evaluation": {"images": ctx.evaluator.n_images, "bn_batches": ctx.evaluator.bn_batches,
+        "evaluation": {"images": None if own else ctx.evaluator.n_images,
+                       "bn_batches": None if own else ctx.evaluator.bn_batches,
+                       "evaluator": "own function" if own else "held-out top-1",
                        "torch_threads": torch.get_num_threads(),  # float sums (and fine-tuning) depend on it
                        # over the whole run (a resumed run counts what its log held), and in this process
                        "evaluations": ctx.evaluator.evaluations + ctx.evaluator.primed,
@@ -432,7 +447,8 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         if plot_trajectory(result.extra["trajectory"], ctx.target_ms, os.path.join(out, "trajectory.png"),
                            refined=result.extra.get("refined"),
                            chosen=(result.predicted_ms, result.acc, result.extra.get("picked", "end")),
-                           bound_ms=ctx.bound_ms, width_step=ctx.space.width_step, measured_ms=report["measured_ms"]):
+                           bound_ms=ctx.bound_ms, width_step=ctx.space.width_step, measured_ms=report["measured_ms"],
+                           own_metric=own):
             report["files"].append("trajectory.png")
     if "trial_rows" in result.extra:
         rows = result.extra["trial_rows"]
@@ -443,7 +459,7 @@ def write_run(out: str, ctx: SearchContext, result: SearchResult, run_args: Mapp
         atomic_write_text(os.path.join(out, "pareto.json"), json.dumps(pj, indent=1) + "\n")
         report["files"].append("pareto.json")
         if plot_pareto(rows, front, ctx.target_ms, result.extra["best_trial"], os.path.join(out, "pareto.png"),
-                       bound_ms=ctx.bound_ms, measured_ms=report["measured_ms"]):
+                       bound_ms=ctx.bound_ms, measured_ms=report["measured_ms"], own_metric=own):
             report["files"].append("pareto.png")
     atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1) + "\n")
     return report
@@ -462,6 +478,7 @@ def _save(fig, plt, path):
 
 
 ACC_LABEL = "held-out top-1 accuracy (fraction; supernet weights)"
+OWN_ACC_LABEL = "your evaluator's acc (supernet weights)"
 
 
 def _limits(ax, target_ms, bound_ms):
@@ -483,16 +500,21 @@ def _measured(ax, predicted_ms, acc, measured_ms, target_ms):
                label=f"returned, measured: {measured_ms:.4g} ms ({measured_ms / target_ms - 1:+.1%} vs target)")
 
 
-def _finish(ax, title, measured=False):
+def _metric(own_metric: bool) -> str:
+    """What the plots' y axis is, in a title: own_metric for a search scored by your own evaluator function."""
+    return "your evaluator's acc" if own_metric else "held-out accuracy"
+
+
+def _finish(ax, title, measured=False, own_metric=False):
     ax.set_xlabel("predicted latency (ms)" + ("; the open diamond: measured" if measured else ""))
-    ax.set_ylabel(ACC_LABEL)
+    ax.set_ylabel(OWN_ACC_LABEL if own_metric else ACC_LABEL)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # never over the data
 
 
 def plot_trajectory(traj, target_ms, path, refined=None, chosen=None, bound_ms=None, width_step=16,
-                    measured_ms=None) -> bool:
+                    measured_ms=None, own_metric=False) -> bool:
     """The slimming path (predicted ms, held-out accuracy per step) from its start network, refinement's
     evaluations and the network returned (`chosen`: (ms, acc, where it was picked)), which need not be the
     path's end, and where verification measured it (`measured_ms`); the target, and `bound_ms` when verification
@@ -518,14 +540,14 @@ def plot_trajectory(traj, target_ms, path, refined=None, chosen=None, bound_ms=N
         ax.annotate({"to_identity": "id", "meta3d_to_meta4d": "4D", "shrink": "w"}.get(t["action"], "?"),
                     (t["predicted_ms"], t["acc"]), fontsize=7, color="0.25", xytext=(2, 3), textcoords="offset points")
     _limits(ax, target_ms, bound_ms)
-    _finish(ax, "latency-driven slimming: held-out accuracy against predicted latency\n"
+    _finish(ax, f"latency-driven slimming: {_metric(own_metric)} against predicted latency\n"
                 f"step labels: id block to identity, 4D Meta3D to Meta4D, w stage width -{width_step} channels",
-            measured=measured_ms is not None and chosen is not None)
+            measured=measured_ms is not None and chosen is not None, own_metric=own_metric)
     _save(fig, plt, path)
     return True
 
 
-def plot_pareto(rows, front, target_ms, best, path, bound_ms=None, measured_ms=None) -> bool:
+def plot_pareto(rows, front, target_ms, best, path, bound_ms=None, measured_ms=None, own_metric=False) -> bool:
     """Optuna's trials (predicted ms, held-out accuracy), the Pareto front of those within the bound and the
     chosen one (and where verification measured it: `measured_ms`); the target, and `bound_ms` when verification
     tightened the search below it."""
@@ -548,7 +570,7 @@ def plot_pareto(rows, front, target_ms, best, path, bound_ms=None, measured_ms=N
                zorder=5, label=f"chosen: trial {best}, {b['ms']:.4g} ms, {b['acc']:.3f}")
     _measured(ax, b["ms"], b["acc"], measured_ms, target_ms)
     _limits(ax, target_ms, bound_ms)
-    _finish(ax, f"Optuna search ({len(rows)} trials): held-out accuracy against predicted latency",
-            measured=measured_ms is not None)
+    _finish(ax, f"Optuna search ({len(rows)} trials): {_metric(own_metric)} against predicted latency",
+            measured=measured_ms is not None, own_metric=own_metric)
     _save(fig, plt, path)
     return True

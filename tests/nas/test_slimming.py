@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import nas.run as nas_run
 import vitslim
 from nas.run import load_supernet_run, load_table, run_search
 from nas.slimming import ACTIONS
@@ -549,3 +550,53 @@ def test_slimming_a_supernet_of_ones_own_loop_with_ones_own_evaluator_function(s
             res.choice)
     with pytest.raises(SearchError, match="evaluator: got str, expected a nas.HeldoutEvaluator or a function"):
         SearchContext(net.space, net, table, compiled, "top2", 0.6 * start, progress=False)
+
+
+def test_a_search_with_ones_own_evaluator_function_writes_the_standard_run_folder(supernet_run, table_path, tmp_path,
+                                                                                   figures_of):
+    """write_run asked the context's evaluator for .model, .score_model, .n_images, .bn_batches (a HeldoutEvaluator's):
+    a search scored by one's own function could not write arch.yaml, model.pt, report.json and its plot. The model
+    is the supernet's extraction with its inherited weights; the report says the accuracy is the function's own
+    metric, and what only held-out top-1 knows (images, BatchNorm batches) is null."""
+    from latency_tables import LatencyTable
+    from nas import FunctionEvaluator, LatencySlimming, SearchContext, write_run
+    from supernet.supernet import MetaPathSupernet
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    figures = figures_of(nas_run)
+    torch.manual_seed(0)
+    net = MetaPathSupernet(load_supernet_run(supernet_run)[0].space).eval()
+    held = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def mean_logit(choice):  # one's own metric: anything higher-is-better
+        model, _ = net.extract(choice)
+        with torch.no_grad():
+            out = model.eval()(held)
+        return {"acc": float(out.mean()), "loss": float(out.std())}
+
+    table = LatencyTable.load(table_path)
+    compiled = table.compile(net.space)
+    start = float(compiled.score_choices([net.space.largest_choice()])[0])
+    ctx = SearchContext(net.space, net, table, compiled, mean_logit, 0.6 * start, progress=False)
+    assert isinstance(ctx.evaluator, FunctionEvaluator)
+    res = LatencySlimming().search(ctx)
+    out = tmp_path / "run"
+    rep = write_run(str(out), ctx, res, {"supernet": "mine"})
+    assert sorted(os.listdir(out)) == ["arch.yaml", "model.pt", "report.json"]
+    model, arch = vitslim.load_checkpoint(str(out / "model.pt"))
+    want, want_arch = net.extract(res.choice)
+    assert arch == want_arch == vitslim.load_arch(str(out / "arch.yaml"))
+    got_sd, want_sd = model.state_dict(), want.state_dict()
+    assert got_sd.keys() == want_sd.keys() and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
+    assert json.loads((out / "report.json").read_text()) == rep
+    assert rep["accuracy"] == rep["model_accuracy"] == res.acc == mean_logit(res.choice)["acc"]
+    assert rep["heldout_loss"] == res.loss
+    assert rep["accuracy_note"].startswith("your own evaluator's 'acc'") and "top-1 on the held-out" not in \
+        rep["accuracy_note"]
+    ev = rep["evaluation"]
+    assert ev["images"] is None and ev["bn_batches"] is None and ev["evaluator"] == "own function"
+    assert ev["evaluations"] == res.evaluations and rep["finetune"] is None
+    assert "trajectory.png" in rep["files"]
+    (fig, _), = figures
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "your evaluator's acc (supernet weights)" and "held-out" not in ax.get_title()
