@@ -1,6 +1,7 @@
 """The MetaPath supernet: extraction equals the supernet, hard mode runs one path, soft mode is
 the paper's mixture, elastic widths use weight prefixes, channel sorting keeps the function."""
 import copy
+import os
 import random
 
 import pytest
@@ -335,3 +336,23 @@ def test_extracted_model_is_in_the_supernets_mode():
         assert close(model(x), sn(x, mode="fixed", choice=FIXED_CHOICES[0]))
     model, _ = sn.train().extract(FIXED_CHOICES[0])
     assert model.training
+
+
+def test_the_package_exports_the_supernet_and_load_space_without_importing_them_up_front():
+    """A training loop of one's own imports MetaPathSupernet and load_space; they were only in submodules. They
+    are loaded on first use, so `import supernet` imports no more than before (no cycle, no slower start)."""
+    import subprocess
+    import sys
+    code = ("import sys, supernet; assert 'supernet.supernet' not in sys.modules, 'imported up front'; "
+            "from supernet import MetaPathSupernet, load_space; import supernet.supernet as s, supernet.space as sp; "
+            "assert MetaPathSupernet is s.MetaPathSupernet and load_space is sp.load_space; "
+            "assert {'MetaPathSupernet', 'load_space'} <= set(supernet.__all__); "
+            "assert load_space('tiny').name == 'tiny' and MetaPathSupernet(load_space('tiny')).space.name == 'tiny'; "
+            "print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    import supernet
+    with pytest.raises(AttributeError, match="module 'supernet' has no attribute 'MetaPathSuper'"):
+        supernet.MetaPathSuper
