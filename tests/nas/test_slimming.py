@@ -600,3 +600,13 @@ def test_a_search_with_ones_own_evaluator_function_writes_the_standard_run_folde
     (fig, _), = figures
     ax = fig.axes[0]
     assert ax.get_ylabel() == "your evaluator's acc (supernet weights)" and "held-out" not in ax.get_title()
+    g = torch.Generator().manual_seed(1)  # fine-tuned: your evaluator scores choices, not the fine-tuned model
+    train = torch.utils.data.TensorDataset(torch.randn(8, 3, 64, 64, generator=g),
+                                           torch.randint(0, net.space.num_classes, (8,), generator=g))
+    rep = write_run(str(tmp_path / "ft"), ctx, res, {}, finetune_steps=1, train_set=train, batch_size=4)
+    ft = rep["finetune"]
+    assert ft["steps"] == 1 and ft["acc_before"] is ft["acc_after"] is ft["loss_before"] is ft["loss_after"] is None
+    assert rep["model_accuracy"] is None and rep["accuracy"] == res.acc and "model_accuracy is null" in \
+        rep["accuracy_note"]
+    tuned, _ = vitslim.load_checkpoint(str(tmp_path / "ft" / "model.pt"))
+    assert any(not torch.equal(v, want_sd[k]) for k, v in tuned.state_dict().items())  # the fine-tuned weights
