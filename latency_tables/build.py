@@ -571,7 +571,7 @@ def build_table(out, backend="torch-cpu", space=None, archs: Sequence = (), prun
     built_for = {}
     if space_obj is not None:
         built_for.update({"space": space_obj.name})
-        if space_obj is not space:  # given as a file or a shipped name: where it is
+        if isinstance(space, (str, os.PathLike)):  # given as a file or a shipped name: where it is
             built_for["space_file"] = space_record(space)
         built_for["input_size"] = space_obj.input_size
     if archs:

@@ -144,3 +144,18 @@ def test_build_table_refuses_bad_settings_in_one_line_naming_them(tmp_path, tiny
         build_table(tmp_path / "t.yaml", **args)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert npu.prepared == 0 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("given", ["name", "object", "dict"])
+def test_build_table_takes_a_space_by_name_object_or_dict_and_records_its_file_only_when_it_has_one(tmp_path, npu,
+                                                                                                 given):
+    import yaml
+    from supernet.space import load_space
+    from lat_helpers import TINY
+    space = {"name": "tiny", "object": load_space("tiny"), "dict": yaml.safe_load(open(TINY, encoding="utf-8"))}[given]
+    t = build_table(tmp_path / "t.yaml", npu, space=space, dry_run=True)
+    assert len(t.missing(needed_keys(load_space("tiny")))) == len(needed_keys(load_space("tiny")))
+    want = {"space": "tiny", "input_size": 64}
+    if given == "name":
+        want["space_file"] = "supernet/spaces/tiny.yaml"
+    assert t.built_for == want
