@@ -218,6 +218,8 @@ def check_search_args(strategy: str = "slim", seed: int = 0, eval_images: int = 
         raise SearchError(f"--tolerance: got {tolerance!r}, expected a fraction in [0, 1) (0.05 = 5%)")
     positive("verify-seconds", verify_seconds, "seconds")
     whole("verify-rounds", verify_rounds, 1)
+    if not isinstance(interpolate, bool):  # a pipeline's `interpolate: "no"` would interpolate
+        raise SearchError(f"--interpolate: got {interpolate!r}, expected true or false")
     check_device(device)
     make_strategy(strategy, {}, trials=trials, sampler=sampler, storage=storage, budget=budget, band=band,
                   criterion=criterion, actions=actions, refine=refine)
@@ -254,7 +256,7 @@ def run_search(supernet: str, table: str, target_ms, out: str, strategy: str = "
                       eval_batch_size=eval_batch_size, finetune=finetune, finetune_lr=finetune_lr, trials=trials,
                       sampler=sampler, storage=storage, budget=budget, device=device, verify=verify,
                       tolerance=tolerance, verify_seconds=verify_seconds, verify_rounds=verify_rounds, band=band,
-                      criterion=criterion, actions=actions, refine=refine)
+                      criterion=criterion, actions=actions, refine=refine, interpolate=interpolate)
     model, cfg, obj = load_supernet_run(supernet)
     tab, compiled = load_table(table, model.space, interpolate)
     table = tab.path  # a shipped table given by name: its file, as the report records it

@@ -163,7 +163,10 @@ def load_pipeline(path: str) -> dict:
     try:  # every setting that needs neither the supernet nor the table, before anything is trained
         check_search_args(**{k: s[k] for k in SEARCH_KEYS if k in s})
         if "target_ms" in s:
-            check_target(s["target_ms"])
+            t = s["target_ms"]
+            if isinstance(t, bool) or not isinstance(t, (int, float)):  # as target_fraction: "1.0" is no number
+                raise _bad("search.target_ms", t, "a number of milliseconds > 0")
+            check_target(t)
     except SearchError as e:  # named as the pipeline's key: --eval-images -> search.eval_images
         msg = re.sub(r"^--([a-z-]+)", lambda m: "search." + m.group(1).replace("-", "_"), str(e))
         raise VitslimError(msg if msg.startswith("search.") else f"search: {msg}") from None
