@@ -41,7 +41,7 @@ def _args(p):
     p.add_argument("--iterative-steps", type=int, default=1, help="prune in K steps (default 1: one-shot)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="fine-tuning batches in all, spread over the steps (default 0)")
-    p.add_argument("--lr", type=finite_float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
+    p.add_argument("--lr", type=finite_float, default=None, help="fine-tuning learning rate (AdamW, cosine; default 1e-4)")
     p.add_argument("--kd", action="store_true", help="fine-tune with knowledge distillation from the unpruned model")
     p.add_argument("--min-keep", default="0.1", metavar="F|KIND=F,...",
                    help="per-block floor on unit moves: keep at least this fraction of each unit kind (default 0.1; "
@@ -67,7 +67,7 @@ def _args(p):
                    help="depth moves: a block's attention or FFN branch may go whole (its LayerNorm, residual add "
                         "and fixed work with it), competing with unit moves; default: on for latency targets, off "
                         "for params / MACs targets")
-    p.add_argument("--momentum", type=finite_float, default=0.9,
+    p.add_argument("--momentum", type=finite_float, default=None,
                    help="score smoothing across iterative steps (default 0.9; one-shot runs score once)")
     p.add_argument("--prune-embed", action="store_true",
                    help="also prune each stage's embedding (residual) width; unlike the other units this is not "
@@ -124,6 +124,11 @@ def _run(args):
         implied = Target("latency", macs.value, relative=True)
         targets.append(implied)
     target = ",".join(map(str, targets))
+    # settings of a stage that will not run are refused, as --kd without fine-tuning is, not silently dropped
+    if args.lr is not None and args.finetune_steps == 0:
+        raise PruneError("--lr: the fine-tuning learning rate, expected --finetune-steps N > 0 with it")
+    if args.momentum is not None and args.iterative_steps == 1:
+        raise PruneError("--momentum: smooths scores across iterative steps, expected --iterative-steps K > 1 with it")
     check_out_dir(args.out, args.overwrite)
     check_out_names(args.out, _state(args, None)[0])
     with prune_lock(args.out):
@@ -147,6 +152,8 @@ def _locked(args, targets, macs, implied, target):
         table = LatencyTable.load(args.table)
     model, arch = load_checkpoint(args.checkpoint, arch=args.arch)
     check_family(arch, depth=bool(args.depth))
+    args.lr = PruneConfig.lr if args.lr is None else args.lr  # left out (None): the config's defaults
+    args.momentum = PruneConfig.momentum if args.momentum is None else args.momentum
     cfg = PruneConfig(target=targets, criterion=args.criterion, selection=args.selection,
                       iterative_steps=args.iterative_steps, finetune_steps=args.finetune_steps, kd=args.kd,
                       lr=args.lr, min_keep=args.min_keep, keep=args.keep, round_to=args.round_to, prune_embed=args.prune_embed, depth=args.depth,

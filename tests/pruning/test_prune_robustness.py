@@ -119,6 +119,10 @@ def test_data_of_other_classes_is_said_and_the_report_keeps_paths_absolute(tmp_p
 @pytest.mark.parametrize("extra,pattern", [
     (["--lr", "-1", "--finetune-steps", "2"], "--lr: got -1.0, expected a learning rate > 0"),
     (["--kd"], "--kd: distillation happens during fine-tuning"),
+    (["--lr", "1e-3"], "--lr: the fine-tuning learning rate, expected --finetune-steps N > 0"),
+    (["--lr", "1e-3", "--iterative-steps", "2"], "--lr: the fine-tuning learning rate, expected --finetune-steps"),
+    (["--momentum", "0.5"], "--momentum: smooths scores across iterative steps, expected --iterative-steps K > 1"),
+    (["--momentum", "0.5", "--finetune-steps", "2"], "--momentum: smooths scores across iterative steps"),
 ])
 def test_bad_settings_are_refused_before_pruning(deit_ckpt, tmp_path, capsys, extra, pattern):
     one_line(capsys, ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5",
