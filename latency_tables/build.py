@@ -534,7 +534,7 @@ def build_table(out, backend="torch-cpu", space=None, archs: Sequence = (), prun
     say = log or (lambda msg: None)
     out = os.fspath(out)
     if space is None and not archs:
-        raise VitslimError("build: expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)"
+        raise VitslimError("expected --space SPACE.yaml and/or --arch ARCH (what to enumerate entries for)"
                            if _cli else "build_table: expected space and/or archs (what to enumerate entries for)")
     if procedure not in ("in-context", "isolated"):
         raise VitslimError(f"procedure: got {procedure!r}, expected in-context or isolated")

@@ -267,7 +267,7 @@ def _validate(args):
         archs.append(_arch_of(a))
         names.append(a)
     if not archs:
-        raise VitslimError("validate: no networks to measure (pass --space with --samples N, or --arch ARCH)")
+        raise VitslimError("no networks to measure (pass --space with --samples N, or --arch ARCH)")
     if not args.interpolate:
         for n, a in zip(names, archs):
             miss = table.missing(a)
@@ -377,7 +377,7 @@ def _export_coreml(args):
     from latency_tables.build import calibration_archs, grid_calibration_networks, needed_keys
     from latency_tables.coreml_io import export_coreml
     if not args.space and not args.arch:
-        raise VitslimError("export-coreml: expected --space SPACE.yaml and/or --arch ARCH")
+        raise VitslimError("expected --space SPACE.yaml and/or --arch ARCH")
     _positive("--networks", args.networks, 0)
     _positive("--batch", args.batch)
     check_writable(args.out, "--out", is_dir=True)
@@ -472,7 +472,7 @@ def _args(p):
 def _run(args):
     run = getattr(args, "_latency_run", None)
     if run is None:
-        raise VitslimError("latency: expected a subcommand: " + ", ".join(SUB))
+        raise VitslimError("expected a subcommand: " + ", ".join(SUB))
     return run(args)
 
 

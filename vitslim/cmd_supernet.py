@@ -66,7 +66,7 @@ def _run(args):
         return _show(args)
     if action == "extract":
         return _extract(args)
-    raise VitslimError("supernet: expected an action: train, show or extract (see vitslim supernet --help)")
+    raise VitslimError("expected an action: train, show or extract (see `vitslim supernet --help`)")
 
 
 def _train(args):

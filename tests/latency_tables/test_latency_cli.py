@@ -68,10 +68,10 @@ def test_validate_json_keys_are_fractions(capsys, table_file):
     (["predict", "--table", "{t}", "nosuchpreset"], "preset: got 'nosuchpreset'"),
     (["predict", "--table", "{bad}", "efficientformer_l1"], "entries[0]"),
     (["predict", "--table", "{t}.missing", "efficientformer_l1"], "no such file"),
-    (["build", "--out", "{t}"], "vitslim latency build: error: build: expected --space"),
+    (["build", "--out", "{t}"], "vitslim latency build: error: expected --space"),
     (["export-coreml", "--arch", "deit_tiny", "--out", "{t}"], "vitslim latency export-coreml: error: --out {t}: is a file"),
     (["build", "--space", TINY, "--out", "{t}", "--backend", "onnxruntime"], "would mix devices"),
-    (["export-coreml", "--out", "{t}.d"], "expected --space"),
+    (["export-coreml", "--out", "{t}.d"], "vitslim latency export-coreml: error: expected --space"),
     (["import", "--manifest", "{t}.json", "--csv", "{t}.csv", "--out", "{t}", "--device", "x"], "no such file"),
     (["build", "--space", TINY, "--out", "{t}/sub/t.yaml"], "cannot be created ("),
     (["validate", "--table", "{t}", "--samples", "1", "--report", "{t}/r.json", "--allow-device-mismatch"],
@@ -105,7 +105,7 @@ def test_bad_input_is_one_line_exit_2_and_the_table_is_untouched(capsys, table_f
 
 def test_latency_without_subcommand_is_a_clear_error(capsys):
     code, _, err = run(capsys, "latency")
-    assert code == 2 and "expected a subcommand" in err
+    assert code == 2 and err.startswith("vitslim latency: error: expected a subcommand"), err
 
 
 def test_coreml_backend_off_macos_is_one_line_pointing_to_export(capsys, tmp_path, monkeypatch):

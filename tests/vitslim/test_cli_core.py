@@ -119,6 +119,22 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["supernet"], "vitslim supernet: error: expected an action: train, show or extract"),
+    (["latency"], "vitslim latency: error: expected a subcommand: build, predict"),
+    (["latency", "build", "--out", "TMP/t.yaml"], "vitslim latency build: error: expected --space SPACE.yaml"),
+    (["latency", "export-coreml", "--out", "TMP/x"], "vitslim latency export-coreml: error: expected --space"),
+    (["latency", "validate", "--table", "cpu_torch_tiny", "--samples", "0", "--no-presets"],
+     "vitslim latency validate: error: no networks to measure"),
+])
+def test_a_command_is_named_once_in_its_error(capsys, tmp_path, argv, said):
+    """The CLI prefixes `vitslim <command>: error:`; a message that named its command again read
+    "vitslim supernet: error: supernet: expected an action"."""
+    code, out, err = run(capsys, *[a.replace("TMP", str(tmp_path)) for a in argv])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(said), err
+
+
 def test_info_at_another_input_size_shows_the_stages_at_it(capsys):
     code, out, _ = run(capsys, "info", "swin_tiny", "--input-size", "112")
     rows = [ln.split() for ln in out.splitlines()[3:]]
