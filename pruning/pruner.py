@@ -674,10 +674,12 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
     torch.manual_seed(cfg.seed)
     imp = importance or get_importance(cfg.criterion)
     if cfg.finetune_steps and data is None:
-        raise PruneError("--finetune-steps: fine-tuning needs training images (--data)")
+        raise PruneError(f"finetune_steps={cfg.finetune_steps}: fine-tuning needs training images, expected data= "
+                         "or train_batches= with it")
     if calibration is None:
         if data is None and imp.needs_data:
-            raise PruneError("calibration data: none given, expected --data synthetic or an ImageFolder directory")
+            raise PruneError("no calibration data: expected data=, calibration= or train_batches= (batches of "
+                             "images to score the units on)")
         calibration = data.calibration(cfg.calib_batches) if data is not None else []
     else:  # the first calib_batches of the caller's iterable: a DataLoader over a training set is not read whole
         calibration = list(itertools.islice(calibration, cfg.calib_batches))

@@ -166,6 +166,10 @@ def test_prune_model_fine_tunes_between_steps_on_the_users_own_loader():
     (dict(train_batches=[torch.zeros(4, 3, 32, 32)]), "expected (images, labels or None) pairs"),
     (dict(train_batches=[(torch.zeros(4, 3, 16, 16), None)]), "train_batches"),
     (dict(train_batches=[], finetune_steps=2, calibration="own"), "train_batches: gave no batch"),
+    # only Python reaches these (the CLI requires --data): they name the arguments a Python caller has
+    (dict(finetune_steps=2, calibration="own"), "finetune_steps=2: fine-tuning needs training images, expected data= "
+                                                 "or train_batches="),
+    (dict(), "no calibration data: expected data="),
 ])
 def test_prune_model_train_batches_errors_are_one_line(kw, needle):
     from pruning import PruneError
