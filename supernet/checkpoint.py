@@ -235,7 +235,10 @@ def load_checkpoint(path, arch: Optional[Mapping] = None) -> Tuple[nn.Module, di
                         # what the shapes cannot describe, the arch given does: a pruned network whose first block
                         # lost both branches has no key of it (vitslim's own layout, loaded as it is)
                         return _build_loaded(given, sd, f"{where} with the arch given"), given
-                    raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({e})") from None
+                    why = str(e)
+                    if isinstance(e, KeyError) and len(e.args) == 1:  # str(KeyError) quotes: ('head.fc.weight')
+                        why = str(e.args[0]) + ("" if " " in str(e.args[0]) else " missing")
+                    raise CheckpointError(f"{path}: looks like a {fam.name} checkpoint but its shapes do not describe one ({why})") from None
                 if given is not None:
                     if given["family"] != fam.name:
                         raise CheckpointError(f"{path}: a {fam.name} state dict, but the arch given is a "

@@ -127,6 +127,24 @@ def test_block_numbers_with_a_gap_are_refused_at_once(tmp_path):
         vitslim.load_checkpoint(tmp_path / "gap.pth")
 
 
+@pytest.mark.parametrize("drop,said", [("layers.1.downsample.reduction.weight", "(layers.1.downsample.reduction.weight "
+                                                                            "missing)"),
+                                       ("blocks", "(blocks numbered up to 5 but 2 present (no block 1))")])
+def test_a_key_the_layout_lacks_is_said_missing_without_a_keyerrors_quotes(tmp_path, drop, said):
+    if drop == "blocks":
+        sd = {k.replace("blocks.1.", "blocks.5."): v for k, v in vitslim.build_model(_tiny_deit()).state_dict().items()}
+    else:
+        a = vitslim.get_preset("swin_tiny")
+        for st in a["stages"]:
+            st["blocks"] = st["blocks"][:1]
+        sd = vitslim.build_model(a).state_dict()
+        del sd[drop]
+    torch.save(sd, tmp_path / "x.pth")
+    with pytest.raises(vitslim.CheckpointError) as e:
+        vitslim.load_checkpoint(tmp_path / "x.pth")
+    assert str(e.value).endswith("its shapes do not describe one " + said), str(e.value)
+
+
 def test_a_timm_swin_with_window_12_loads_at_the_input_its_windows_need(tmp_path):
     a = {**vitslim.get_preset("swin_tiny"), "input_size": 384, "num_classes": 10}
     for st in a["stages"]:
