@@ -187,9 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _innermost(parser, args):
+    """The (sub)parser of the command line's deepest command: `vitslim latency build`'s for its arguments."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) and getattr(args, a.dest, None) in a.choices:
+            return _innermost(a.choices[getattr(args, a.dest)], args)
+    return parser
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse says so from the top parser ("vitslim: error: ... see `vitslim --help`"): the command's
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

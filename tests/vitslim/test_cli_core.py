@@ -135,6 +135,21 @@ def test_a_command_is_named_once_in_its_error(capsys, tmp_path, argv, said):
     assert code == 2 and len(lines) == 1 and lines[0].startswith(said), err
 
 
+@pytest.mark.parametrize("argv,prog,extra", [
+    (["info", "deit_tiny", "--batch", "2"], "vitslim info", "--batch 2"),
+    (["latency", "list", "extra"], "vitslim latency list", "extra"),
+    (["supernet", "show", "TMP", "--bogus"], "vitslim supernet show", "--bogus"),
+    (["--bogus"], "vitslim", "--bogus"),
+])
+def test_an_unknown_argument_is_refused_by_its_command(capsys, tmp_path, argv, prog, extra):
+    """argparse reported it from the top parser ("vitslim: error: ... see `vitslim --help`"), whose help does
+    not list the command's options."""
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("TMP", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"{prog}: error: unrecognized arguments: {extra} (see `{prog} --help`)", err
+
+
 def test_info_at_another_input_size_shows_the_stages_at_it(capsys):
     code, out, _ = run(capsys, "info", "swin_tiny", "--input-size", "112")
     rows = [ln.split() for ln in out.splitlines()[3:]]
