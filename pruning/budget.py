@@ -334,7 +334,7 @@ def parse_targets(s) -> List[Target]:
     string, a Target, or a list of either; each kind at most once."""
     if isinstance(s, Target):
         items = [s]
-    elif isinstance(s, str):
+    elif isinstance(s, str) and s.strip():  # an empty --target is no target, not one "between commas"
         items = [x for x in s.split(",")]
     elif isinstance(s, (list, tuple)) and s:
         items = list(s)

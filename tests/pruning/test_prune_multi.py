@@ -25,7 +25,8 @@ def test_parse_targets():
     assert parse_targets([Target("params", 0.4), "latency=2"]) == [Target("params", 0.4), Target("latency", 2.0)]
     for bad, pattern in [("macs=0.5,macs=0.4", "macs given twice"), ("latency=1.5x", "(0, 1]"),
                          ("latency=fastx", "not a number"), ("macs=0.5,", "empty target"),
-                         ("latency=0x", "(0, 1]")]:
+                         ("latency=0x", "(0, 1]"), ("", "--target: got '', expected params=F"),
+                         (" ", "--target: got ' ', expected params=F")]:
         with pytest.raises(PruneError, match=pattern.replace("(", r"\(").replace("]", r"\]")):
             parse_targets(bad)
 
