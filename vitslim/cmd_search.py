@@ -168,7 +168,9 @@ def load_pipeline(path: str) -> dict:
                 raise _bad("search.target_ms", t, "a number of milliseconds > 0")
             check_target(t)
     except SearchError as e:  # named as the pipeline's key: --eval-images -> search.eval_images
-        msg = re.sub(r"^--([a-z-]+)", lambda m: "search." + m.group(1).replace("-", "_"), str(e))
+        keys = SEARCH_KEYS + ("target_ms",)  # every flag the message names, not only its first: --strategy too
+        msg = re.sub(r"(?<![\w-])--([a-z-]+)", lambda m: "search." + m.group(1).replace("-", "_")
+                     if m.group(1).replace("-", "_") in keys else m.group(0), str(e))
         raise VitslimError(msg if msg.startswith("search.") else f"search: {msg}") from None
     if ("target_ms" in s) == ("target_fraction" in s):
         raise VitslimError("search: expected exactly one of target_ms (milliseconds) or target_fraction "
