@@ -162,11 +162,17 @@ def _load_extra_commands():
         importlib.import_module(mod)
 
 
+def one_line(text) -> str:
+    """`text` as one line: a line break inside it (a path or name read from a YAML block scalar `|`, which ends in
+    one) shown as \\n, so an error stays the one line the CLI promises and shows where the break is."""
+    return str(text).replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (exit 2) that points at --help, instead of the whole usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except VitslimError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vitslim ... | head`: the reader left; not an error of ours
         try:
@@ -232,7 +238,8 @@ def main(argv=None) -> int:
             raise
         # the machine's, not the input's: a full disk, a read-only or forbidden place, a name too long
         where = f" ({e.filename})" if e.filename else ""
-        print(f"{name}: error: cannot write: {e.strerror or e}{where}; {_kept(args)}", file=sys.stderr)
+        print(f"{name}: error: cannot write: {one_line(e.strerror or e)}{one_line(where)}; {_kept(args)}",
+              file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
         what = _out_of_memory(e)

@@ -150,6 +150,22 @@ def test_an_unknown_argument_is_refused_by_its_command(capsys, tmp_path, argv, p
     assert e.value.code == 2 and err == f"{prog}: error: unrecognized arguments: {extra} (see `{prog} --help`)", err
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["supernet", "train", "--config", "TMP/sn.yaml", "--out", "TMP/r"], "TMP/tiny\\n: no such file, expected a search space"),
+    (["info", "deit_tiny", "x\ny"], "unrecognized arguments: x\\ny (see `vitslim info --help`)"),
+])
+def test_a_line_break_in_a_value_keeps_the_error_on_one_line(capsys, tmp_path, argv, said):
+    """A YAML block scalar (`space: |`) ends its value in a line break; the error naming that value printed it
+    raw, on two lines."""
+    (tmp_path / "sn.yaml").write_text("version: 1\nspace: |\n  tiny\nsteps: 2\n")
+    try:
+        code = main([a.replace("TMP", str(tmp_path)) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and said.replace("TMP", str(tmp_path)) in err, err
+
+
 def test_info_at_another_input_size_shows_the_stages_at_it(capsys):
     code, out, _ = run(capsys, "info", "swin_tiny", "--input-size", "112")
     rows = [ln.split() for ln in out.splitlines()[3:]]
