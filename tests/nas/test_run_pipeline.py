@@ -153,26 +153,13 @@ def test_bad_search_settings_in_a_pipeline_are_refused_before_training(tmp_path,
     (lambda d: d["table"].update(reuse="nothere.yaml"), "nothere.yaml: no such file, expected a latency table"),
     (lambda d: d["table"].update(min_samples=0), "table.min_samples: got 0, expected an integer >= 1"),
     (lambda d: d["table"].update(colour="red"), "table.colour: unknown key"),
-])
-def test_bad_table_and_export_sections_are_refused_before_training(tmp_path, capsys, edit, msg):
-    pipe = write_pipeline(tmp_path)
-    d = yaml.safe_load(open(pipe))
-    edit(d)
-    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(d))
-    rc = main(["run", pipe, "--out", str(tmp_path / "run"), "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
-    assert not os.path.exists(tmp_path / "run")
-
-
-@pytest.mark.parametrize("edit,msg", [
-    (lambda d: d.update(search=5), "search: got 5, expected a mapping"),
+    (lambda d: d.update(search=5), "search: got 5, expected a mapping"),  # sections of the wrong type
     (lambda d: d.update(search="slim"), "search: got 'slim', expected a mapping"),
     (lambda d: d.update(supernet=5), "supernet: got 5, expected a mapping"),
     (lambda d: d.update(supernet=["sn.yaml"]), "supernet: got ['sn.yaml'], expected a mapping"),
     (lambda d: d["supernet"].update(config=3), "supernet.config: got 3, expected a path"),
 ])
-def test_sections_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, edit, msg):
+def test_bad_table_export_and_wrongly_typed_sections_are_refused_before_training(tmp_path, capsys, edit, msg):
     pipe = write_pipeline(tmp_path)
     d = yaml.safe_load(open(pipe))
     edit(d)

@@ -1,5 +1,5 @@
 """Run with PYTHONPATH=<old worktree>: writes the compat fixtures into OUT (argv[1]) with that commit's code."""
-import json, os, shutil, subprocess, sys
+import json, os, shutil, sys
 import torch, yaml
 import vitslim
 from supernet.train import TrainConfig, train
