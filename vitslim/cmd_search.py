@@ -381,8 +381,15 @@ def _run(args):
     base = os.path.dirname(os.path.abspath(pipeline))
     progress = not args.no_progress
     check_writable(args.out, "--out", is_dir=True)
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
-    run, cfg = _supernet_stage(d, base, args.out, progress)
+    try:
+        run, cfg = _supernet_stage(d, base, args.out, progress)
+    except BaseException:
+        if created:  # refused before anything was written (a missing supernet.config, say): no empty --out left
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)
+        raise
     if cfg.threads:  # the whole pipeline, also when the supernet stage was reused (a resumed run)
         import torch
         torch.set_num_threads(cfg.threads)

@@ -158,6 +158,7 @@ def test_bad_search_settings_in_a_pipeline_are_refused_before_training(tmp_path,
     (lambda d: d.update(supernet=5), "supernet: got 5, expected a mapping"),
     (lambda d: d.update(supernet=["sn.yaml"]), "supernet: got ['sn.yaml'], expected a mapping"),
     (lambda d: d["supernet"].update(config=3), "supernet.config: got 3, expected a path"),
+    (lambda d: d["supernet"].update(config="nothere.yaml"), "nothere.yaml"),  # read after --out is made: removed
 ])
 def test_bad_table_export_and_wrongly_typed_sections_are_refused_before_training(tmp_path, capsys, edit, msg):
     pipe = write_pipeline(tmp_path)
