@@ -84,6 +84,8 @@ class SearchStrategy:
 # ---------------------------------------------------------------- shared helpers
 def check_target(target_ms) -> float:
     try:
+        if isinstance(target_ms, bool):  # float(True) is 1.0: a flag where a number belongs, not 1 ms
+            raise TypeError
         t = float(target_ms)
     except (TypeError, ValueError):
         raise SearchError(f"--target-ms: got {target_ms!r}, expected a number of milliseconds > 0") from None

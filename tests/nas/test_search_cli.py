@@ -134,3 +134,12 @@ def test_search_takes_a_shipped_table_by_name(tmp_path, monkeypatch):
     with pytest.raises(SearchError, match=r"^--table cpu_torch_tni: no such file, expected a latency table \.yaml or a "
                                           r"shipped table name \(.*cpu_torch_tiny\) \(or build one with"):
         load_table("cpu_torch_tni", load_space("tiny"))
+
+
+@pytest.mark.parametrize("target", [True, "fast", float("nan"), 0, -1.0])
+def test_a_target_that_is_not_a_positive_number_is_refused_from_python(target):
+    """run_search / check_target from Python: True is a flag, not 1 ms (float(True) == 1.0 was searched)."""
+    from nas.strategy import SearchError, check_target
+    with pytest.raises(SearchError, match=r"--target-ms: got .*, expected a number of milliseconds > 0"):
+        check_target(target)
+    assert check_target("1.5") == 1.5 and check_target(2) == 2.0
