@@ -902,6 +902,7 @@ def _prune(model: nn.Module, arch: Mapping, config: PruneConfig, data: Optional[
 
 
 STATE_FORMAT = "vitslim-prune-state"
+STATE_VERSION = 1  # raise it when a change to selection, surgery or fine-tuning would make a resumed prune mix two rules
 
 
 class _Missing:
@@ -923,6 +924,12 @@ def _read_state(path: str, key: Mapping) -> Optional[dict]:
     if not isinstance(st, Mapping) or st.get("format") != STATE_FORMAT:
         raise PruneError(f"{path}: not a prune state (format {st.get('format') if isinstance(st, Mapping) else None!r}); "
                          "delete it to start over")
+    version = st.get("version", 1)  # the states of before the field were version 1
+    if version != STATE_VERSION:  # its steps were taken under another vitslim's rules: resuming would mix the two
+        raise PruneError(f"{path}: a prune state of version {version!r}, expected {STATE_VERSION} (written by "
+                         f"{'a newer' if isinstance(version, int) and version > STATE_VERSION else 'another'} vitslim, "
+                         "whose steps followed other rules): resume it with that vitslim, or pass --overwrite to start "
+                         "this one")
     if st.get("key") != json.dumps(key, sort_keys=True):
         try:
             old = json.loads(st.get("key") or "{}")
@@ -951,7 +958,7 @@ def _write_state(path: str, state: dict) -> None:
     folder, base = os.path.split(os.path.abspath(path))
     remove_stale_temps(folder, base=base)  # a killed writer's .tmp.PID
     with atomic_file(path, "wb") as f:
-        torch.save({"format": STATE_FORMAT, **state}, f)
+        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, f)
 
 
 def stage_widths_of(infos, arch_after: Mapping) -> List[int]:

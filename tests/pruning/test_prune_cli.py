@@ -533,3 +533,39 @@ def test_a_tampered_prune_state_is_refused_in_one_line(deit_ckpt, tmp_path, caps
     rc, _, err = run(args + ["--out", str(out)], capsys)
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert "delete it to start over" in err and not out.exists()
+
+
+@pytest.mark.parametrize("version", [None, 1, 2, "1"])
+def test_a_prune_state_of_another_version_is_refused_and_one_without_resumes(deit_ckpt, tmp_path, capsys,
+                                                                             monkeypatch, version):
+    """The resume state carries the version of the rules its steps followed (like a slimming log): a state of another
+    version is refused in one line naming both versions (resuming it would mix two rules), and one of before the
+    field (None: no "version" key; the rules then are version 1's) resumes as it did."""
+    import pruning.pruner as pp
+    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5"] + FAST
+    real_eval = pp.evaluate
+
+    def interrupted(model, batches, reference=None, *a, **k):
+        if model is reference:
+            raise KeyboardInterrupt
+        return real_eval(model, batches, reference, *a, **k)
+
+    monkeypatch.setattr(pp, "evaluate", interrupted)
+    out, state_path = tmp_path / "p", tmp_path / ".p.resume.pt"
+    assert run(args + ["--out", str(out)], capsys)[0] == 130
+    monkeypatch.setattr(pp, "evaluate", real_eval)
+    state = torch.load(state_path, weights_only=True)
+    assert state["version"] == pp.STATE_VERSION == 1
+    if version is None:
+        del state["version"]
+    else:
+        state["version"] = version
+    torch.save(state, state_path)
+    rc, _, err = run(args + ["--out", str(out)], capsys)
+    if version in (None, 1):
+        assert rc == 0 and (out / "report.json").exists() and not state_path.exists(), err
+        return
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"a prune state of version {version!r}, expected 1" in err and "--overwrite" in err and not out.exists()
+    assert ("a newer vitslim" in err) == (version == 2)
+    assert run(args + ["--out", str(out), "--overwrite"], capsys)[0] == 0 and not state_path.exists()
