@@ -27,7 +27,7 @@ import numpy as np
 from supernet.runlock import pid_alive
 
 from .evaluator import choice_key
-from .slimming import args_diff
+from .slimming import resume_args_diff
 from .strategy import SearchContext, SearchError, SearchResult, SearchStrategy, require_reachable
 
 STUDY_NAME = "vitslim-search"
@@ -215,7 +215,7 @@ class OptunaSearch(SearchStrategy):
             study.set_user_attr("vitslim_args", args)
             study.set_user_attr("vitslim_study", STUDY_VERSION)
         else:
-            diff = args_diff(old, args)
+            diff = resume_args_diff(old, args)
             if diff:
                 raise SearchError(f"cannot resume the study in {ctx.log_dir}: the arguments differ from its: "
                                   f"{'; '.join(diff[:3])} (use the same arguments, another --out, or --overwrite)")

@@ -37,7 +37,7 @@ class RandomSearch(SearchStrategy):
 
     def _open_log(self, ctx: SearchContext):
         """The log (header written, or checked and its evaluations primed), and the keys it already holds."""
-        from .slimming import TrajectoryLog, args_diff
+        from .slimming import TrajectoryLog, resume_args_diff
         log = TrajectoryLog(os.path.join(ctx.log_dir, self.log_file) if ctx.log_dir else None)
         args = json.loads(json.dumps({**self.args(), "target_ms": ctx.target_ms, "seed": ctx.seed}))
         recs = log.read()
@@ -48,7 +48,7 @@ class RandomSearch(SearchStrategy):
         if head.get("type") != "header" or head.get("version") != LOG_VERSION:
             raise SearchError(f"cannot resume {log.path}: not a random search log of version {LOG_VERSION} (use "
                               "another --out, or --overwrite)")
-        diff = args_diff(head.get("args", {}), args)
+        diff = resume_args_diff(head.get("args", {}), args)
         if diff:
             raise SearchError(f"cannot resume {log.path}: the arguments differ from the logged run's: "
                               f"{'; '.join(diff[:3])} (use the same arguments, another --out, or --overwrite)")

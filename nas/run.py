@@ -67,6 +67,27 @@ def load_supernet_run(run_dir: str):
     return model.eval(), cfg, obj
 
 
+def weights_digest(state_dict: Mapping) -> str:
+    """sha256 of a network's tensors (names, dtypes, shapes, bytes): what a search's log is keyed on, so a resumed
+    search refuses a supernet trained anew and resumes one whose folder moved."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def table_digest(table) -> str:
+    """sha256 of what a search reads from a LatencyTable: its device, entries and overhead (not where or when it was
+    saved)."""
+    import hashlib
+    d = table.to_dict()
+    d = {k: d[k] for k in ("device", "overhead", "entries")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def load_table(path: str, space, interpolate: bool = False):
     """(LatencyTable, CompiledTable for `space`); names what the table lacks for the space."""
     from latency_tables.table import resolve_table_path
@@ -314,7 +335,8 @@ def _run(model, cfg, obj, tab, compiled, target, out, strategy, seed, eval_image
     t_setup = time.perf_counter()
     evaluator, train_set = make_evaluator(model, cfg, eval_images, bn_batches, eval_batch_size, seed, device)
     run_args = {"supernet": os.path.abspath(supernet), "supernet_step": int(obj["step"]),
-                "table": os.path.abspath(table), "eval_images": evaluator.n_images, "bn_batches": evaluator.bn_batches}
+                "supernet_digest": weights_digest(model.state_dict()), "table": os.path.abspath(table),
+                "table_digest": table_digest(tab), "eval_images": evaluator.n_images, "bn_batches": evaluator.bn_batches}
     strat = make_strategy(strategy, run_args, trials=trials, sampler=sampler, storage=storage, budget=budget,
                           band=band, criterion=criterion, actions=actions, refine=refine)
     ctx = SearchContext(space=model.space, supernet=model, table=tab, compiled=compiled, evaluator=evaluator,

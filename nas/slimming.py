@@ -130,6 +130,20 @@ def args_diff(old: Mapping, new: Mapping, prefix: str = "") -> List[str]:
     return out
 
 
+def resume_args_diff(old: Mapping, new: Mapping) -> List[str]:
+    """args_diff of a logged search's arguments and a resuming one's: the supernet and the table are compared by
+    content (their digests: a run folder that moved resumes, a supernet trained anew is refused) where the log holds
+    digests, by path where an earlier vitslim's log does not."""
+    old, new = dict(old), dict(new)
+    for k in ("supernet", "table"):
+        if f"{k}_digest" in old:
+            old.pop(k, None)
+            new.pop(k, None)
+        else:
+            new.pop(f"{k}_digest", None)
+    return args_diff(old, new)
+
+
 class LatencySlimming(SearchStrategy):
     name = "slim"
     log_file = "trajectory.jsonl"
@@ -376,7 +390,7 @@ class LatencySlimming(SearchStrategy):
                 raise SearchError(f"cannot resume {log.path}: a slimming log of version {head.get('version')!r}, "
                                   f"expected {LOG_VERSION} (another vitslim's, whose steps followed other rules: "
                                   "delete it to search again)")
-            diff = args_diff(head.get("args", {}), json.loads(json.dumps(args)))
+            diff = resume_args_diff(head.get("args", {}), json.loads(json.dumps(args)))
             if diff:
                 raise SearchError(f"cannot resume {log.path}: the arguments differ from the logged run's: "
                                   f"{'; '.join(diff[:3])} (use the same arguments, another --out, or --overwrite)")

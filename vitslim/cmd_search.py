@@ -478,11 +478,9 @@ def _sha256(path: str) -> str:
 
 def _table_digest(path: str) -> str:
     """What a search read from a table: its device, entries and overhead (not when it was saved)."""
-    import hashlib
     from latency_tables import LatencyTable
-    d = LatencyTable.load(path).to_dict()
-    d = {k: d[k] for k in ("device", "overhead", "entries")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    from nas.run import table_digest
+    return table_digest(LatencyTable.load(path))
 
 
 def _short(v) -> str:

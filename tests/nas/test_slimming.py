@@ -109,6 +109,61 @@ def test_resume_with_other_arguments_is_refused(slim_run, supernet_run, table_pa
         run_search(supernet_run, table_path, target, str(part), eval_images=8, progress=False)
 
 
+def test_a_moved_search_resumes_and_a_retrained_supernet_is_refused(slim_run, supernet_run, table_path, tmp_path):
+    """The log is keyed on what the supernet and the table hold, not where they are: a search whose supernet, table
+    and --out moved together (a cluster job resumed on another node's scratch path) continues, and a supernet
+    trained anew in the same folder (same step, other weights) is refused instead of mixing two networks' numbers."""
+    out, rep, target = slim_run
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(supernet_run, moved / "supernet")
+    shutil.copy(table_path, moved / "table.yaml")
+    part = moved / "search"
+    part.mkdir()
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        lines = f.readlines()
+    steps_at = [k for k, line in enumerate(lines) if json.loads(line)["type"] == "step"]
+    (part / "trajectory.jsonl").write_text("".join(lines[:steps_at[0] + 1]))
+    head = json.loads(lines[0])["args"]
+    assert head["supernet"] == os.path.abspath(supernet_run) and len(head["supernet_digest"]) == 64
+    rep2 = run_search(str(moved / "supernet"), str(moved / "table.yaml"), target, str(part), eval_images=16,
+                      progress=False)
+    assert (rep2["choice"], rep2["accuracy"]) == (rep["choice"], rep["accuracy"])
+    assert rep2["supernet"] == str(moved / "supernet") and read_log(str(part))[2:] == read_log(out)[2:]
+    ck = moved / "supernet" / "checkpoint.pt"
+    obj = torch.load(ck, weights_only=True)
+    name = sorted(obj["model"])[0]
+    obj["model"][name] = obj["model"][name] + 0.01
+    torch.save(obj, ck)
+    again = moved / "again"
+    again.mkdir()
+    (again / "trajectory.jsonl").write_text("".join(lines[:steps_at[0] + 1]))
+    with pytest.raises(SearchError, match="cannot resume .*the arguments differ .*supernet_digest: was '[0-9a-f]{64}'"):
+        run_search(str(moved / "supernet"), str(moved / "table.yaml"), target, str(again), eval_images=16,
+                   progress=False)
+
+
+def test_a_log_of_before_the_digests_resumes_by_path(slim_run, supernet_run, table_path, tmp_path):
+    """A log an earlier vitslim wrote has the paths and no digests: it is still compared by path (resumes where it
+    was, refused elsewhere)."""
+    out, rep, target = slim_run
+    with open(os.path.join(out, "trajectory.jsonl")) as f:
+        lines = f.readlines()
+    head = json.loads(lines[0])
+    del head["args"]["supernet_digest"], head["args"]["table_digest"]
+    steps_at = [k for k, line in enumerate(lines) if json.loads(line)["type"] == "step"]
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "trajectory.jsonl").write_text(json.dumps(head) + "\n" + "".join(lines[1:steps_at[0] + 1]))
+    rep2 = run_search(supernet_run, table_path, target, str(part), eval_images=16, progress=False)
+    assert (rep2["choice"], rep2["accuracy"]) == (rep["choice"], rep["accuracy"])
+    shutil.copy(table_path, tmp_path / "t.yaml")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "trajectory.jsonl").write_text(json.dumps(head) + "\n" + "".join(lines[1:steps_at[0] + 1]))
+    with pytest.raises(SearchError, match="the arguments differ .*table: was"):
+        run_search(supernet_run, str(tmp_path / "t.yaml"), target, str(other), eval_images=16, progress=False)
+
+
 @pytest.mark.parametrize("version", [None, 1, 3])
 def test_resume_of_a_log_of_another_version_is_refused(slim_run, supernet_run, table_path, tmp_path, version):
     """A log whose steps another version's rules chose (or one without a version) is not continued under these."""
