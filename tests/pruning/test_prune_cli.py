@@ -502,18 +502,9 @@ def test_a_shipped_table_is_taken_by_name(tmp_path, capsys, monkeypatch, quick_t
                    "no_such_table: no such file, expected a latency table .yaml or a shipped table name (my_deit_cpu)")
 
 
-@pytest.mark.parametrize("tamper, needle", [
-    (lambda st: st.update(key=5), "not a prune state (key 5)"),
-    (lambda st: st.update(key="[1]"), "not a prune state (key '[1]')"),
-    (lambda st: st.pop("steps_report"), "a damaged prune state ('steps_report')"),
-    (lambda st: st.update(step=-1), "a damaged prune state (step -1, expected 0 to 1)"),
-    (lambda st: st.update(arch={**st["arch"], "family": 7}), "a damaged prune state (family: got 7"),
-    (lambda st: st["arch"]["stages"][0].update(width=st["arch"]["stages"][0]["width"] + 8),
-     "a damaged prune state (its network: does not fit the architecture"),
-])
-def test_a_tampered_prune_state_is_refused_in_one_line(deit_ckpt, tmp_path, capsys, monkeypatch, tamper, needle):
-    """The resume state beside --out is read back as it is: an edited or damaged one (a key, a step, an arch whose
-    widths its tensors do not have, which was built before a tensor was compared) stopped with a traceback."""
+def interrupted_prune(deit_ckpt, tmp_path, capsys, monkeypatch):
+    """A macs=0.5 prune interrupted at its last evaluation: (its arguments without --out, --out, the resume state's
+    path, the state as saved)."""
     import pruning.pruner as pp
     args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5"] + FAST
     real_eval = pp.evaluate
@@ -527,7 +518,22 @@ def test_a_tampered_prune_state_is_refused_in_one_line(deit_ckpt, tmp_path, caps
     out, state_path = tmp_path / "p", tmp_path / ".p.resume.pt"
     assert run(args + ["--out", str(out)], capsys)[0] == 130
     monkeypatch.setattr(pp, "evaluate", real_eval)
-    state = torch.load(state_path, weights_only=True)
+    return args, out, state_path, torch.load(state_path, weights_only=True)
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (lambda st: st.update(key=5), "not a prune state (key 5)"),
+    (lambda st: st.update(key="[1]"), "not a prune state (key '[1]')"),
+    (lambda st: st.pop("steps_report"), "a damaged prune state ('steps_report')"),
+    (lambda st: st.update(step=-1), "a damaged prune state (step -1, expected 0 to 1)"),
+    (lambda st: st.update(arch={**st["arch"], "family": 7}), "a damaged prune state (family: got 7"),
+    (lambda st: st["arch"]["stages"][0].update(width=st["arch"]["stages"][0]["width"] + 8),
+     "a damaged prune state (its network: does not fit the architecture"),
+])
+def test_a_tampered_prune_state_is_refused_in_one_line(deit_ckpt, tmp_path, capsys, monkeypatch, tamper, needle):
+    """The resume state beside --out is read back as it is: an edited or damaged one (a key, a step, an arch whose
+    widths its tensors do not have, which was built before a tensor was compared) stopped with a traceback."""
+    args, out, state_path, state = interrupted_prune(deit_ckpt, tmp_path, capsys, monkeypatch)
     tamper(state)
     torch.save(state, state_path)
     rc, _, err = run(args + ["--out", str(out)], capsys)
@@ -541,20 +547,8 @@ def test_a_prune_state_of_another_version_is_refused_and_one_without_resumes(dei
     """The resume state carries the version of the rules its steps followed (like a slimming log): a state of another
     version is refused in one line naming both versions (resuming it would mix two rules), and one of before the
     field (None: no "version" key; the rules then are version 1's) resumes as it did."""
+    args, out, state_path, state = interrupted_prune(deit_ckpt, tmp_path, capsys, monkeypatch)
     import pruning.pruner as pp
-    args = ["prune", "--checkpoint", deit_ckpt, "--data", "synthetic", "--target", "macs=0.5"] + FAST
-    real_eval = pp.evaluate
-
-    def interrupted(model, batches, reference=None, *a, **k):
-        if model is reference:
-            raise KeyboardInterrupt
-        return real_eval(model, batches, reference, *a, **k)
-
-    monkeypatch.setattr(pp, "evaluate", interrupted)
-    out, state_path = tmp_path / "p", tmp_path / ".p.resume.pt"
-    assert run(args + ["--out", str(out)], capsys)[0] == 130
-    monkeypatch.setattr(pp, "evaluate", real_eval)
-    state = torch.load(state_path, weights_only=True)
     assert state["version"] == pp.STATE_VERSION == 1
     if version is None:
         del state["version"]
