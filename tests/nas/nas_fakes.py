@@ -15,10 +15,16 @@ def four_stage_space() -> SearchSpace:
                                   "stages": [STAGE] * 4})
 
 
-def fake_ctx(ms, score, target, importance=(1.0, 2.0, 3.0, 4.0), log_dir=None, supernet=True) -> SearchContext:
+def fake_ctx(ms, score, target, importance=(1.0, 2.0, 3.0, 4.0), log_dir=None, supernet=True, space=None,
+             probabilities=None) -> SearchContext:
     """`ms(choice)`: its predicted latency; `score(choice)`: {"acc", "loss"}; `importance`: each stage's (and its one
-    position's) importance, for the paper's actions; `supernet=False`: none (Optuna, random search need none)."""
-    space = four_stage_space()
+    position's) importance, for the paper's actions, or the supernet's whole importance record ({"metapath",
+    "stage"}); `supernet=False`: none (Optuna, random search need none). `space` (default: four one-block stages)
+    and `probabilities` (its architecture weights' softmax; default: 0.9 for the first candidate) for other spaces."""
+    space = space or four_stage_space()
+    record = importance if isinstance(importance, dict) else {"metapath": [[float(v)] for v in importance],
+                                                              "stage": [float(v) for v in importance]}
+    probs = probabilities if probabilities is not None else [torch.tensor([[0.9, 0.1]])] * len(space.stages)
 
     class Compiled:
         def score_choices(self, cs):
@@ -26,10 +32,10 @@ def fake_ctx(ms, score, target, importance=(1.0, 2.0, 3.0, 4.0), log_dir=None, s
 
     class Supernet:
         def probabilities(self):
-            return [torch.tensor([[0.9, 0.1]])] * 4
+            return probs
 
         def importance(self):
-            return {"metapath": [[float(v)] for v in importance], "stage": [float(v) for v in importance]}
+            return record
     Supernet.space = space
 
     class Evaluator:

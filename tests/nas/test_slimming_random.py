@@ -8,13 +8,13 @@ import hashlib
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
 from nas.slimming import LatencySlimming
-from nas.strategy import SearchContext, SearchError
+from nas.strategy import SearchError
 from supernet.space import SearchSpace
+from nas_fakes import fake_ctx
 
 KINDS = ("meta4d", "meta3d", "identity")
 
@@ -52,27 +52,6 @@ def _ctx(r, space, target_frac):
         return {"acc": h[0] % 4 / 4, "loss": h[1] / 255 + 0.5}
     mp = [[None if r.random() < 0.1 else r.uniform(0, 1) for _ in range(st.max_depth)] for st in space.stages]
 
-    class Compiled:
-        def score_choices(self, cs):
-            return np.array([ms(c) for c in cs])
-
-    class Supernet:
-        def probabilities(self):
-            return [torch.full((st.max_depth, len(st.candidates)), 1.0 / len(st.candidates)) for st in space.stages]
-
-        def importance(self):
-            return {"metapath": mp, "stage": [0.0] * len(space.stages)}
-    Supernet.space = space
-
-    class Evaluator:
-        evaluations = 0
-
-        def __call__(self, c):
-            self.evaluations += 1
-            return score(c)
-
-        def prime(self, *a):
-            pass
     largest = {"widths": [st.max_width for st in space.stages],
                "blocks": [[next(t for t in st.candidates if t != "identity")] * st.max_depth for st in space.stages]}
     lo = ms({"widths": [st.min_width for st in space.stages],
@@ -80,8 +59,9 @@ def _ctx(r, space, target_frac):
                                                                          "meta3d")] * st.max_depth
                         for st in space.stages]})
     target = lo + target_frac * (ms(largest) - lo)
-    ctx = SearchContext(space=space, supernet=Supernet(), table=None, compiled=Compiled(), evaluator=Evaluator(),
-                        target_ms=target, progress=False)
+    ctx = fake_ctx(ms, score, target, importance={"metapath": mp, "stage": [0.0] * len(space.stages)}, space=space,
+                   probabilities=[torch.full((st.max_depth, len(st.candidates)), 1.0 / len(st.candidates))
+                                  for st in space.stages])
     return ctx, ms, score, mp
 
 
